@@ -1,0 +1,206 @@
+"""A minimal Qwen2-family decoder (Qwen2/2.5 and Llama-family configs) in raw PyTorch.
+
+Reads top to bottom: RMSNorm -> rotary embedding -> attention (GQA through SDPA) -> SwiGLU MLP ->
+decoder layer -> model -> LM head. Parameter names are Hugging Face's, so a checkpoint's
+state dict maps 1:1 (`model.layers.0.self_attn.q_proj.weight`, ...).
+
+Shapes: B batch, T new tokens, S cached + new tokens, H query heads, Hkv key/value heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as Hugging Face does (bit-for-bit in bf16).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions, in the rotate-half convention of Hugging Face checkpoints."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (B, T, D) broadcast over heads
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values of one layer. Slots are shared across the batch; rows that were
+    left-padded simply mask their pad slots out (see `Qwen2Model.forward`)."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, Hkv, T, D) at slots start..start+T and return all slots filled so far."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, kv_cache: KVCache | None, cache_start: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(cache_start, k, v)  # (B, Hkv, S, D)
+        # No mask means a plain causal sequence starting at slot 0: SDPA's fused causal path.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv_cache, cache_start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor | None = None,  # (B, T); default 0..T-1 (+cache_start)
+        attention_mask: torch.Tensor | None = None,  # (B, S) bool, True = real token in that slot
+        kv_caches: list[KVCache] | None = None,
+        cache_start: int = 0,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        if position_ids is None:
+            position_ids = torch.arange(cache_start, cache_start + T, device=x.device).expand(B, T)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        mask = None
+        if attention_mask is not None or cache_start > 0:
+            mask = self.build_mask(attention_mask, B, T, cache_start, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, kv_caches[i] if kv_caches is not None else None, cache_start)
+        return self.norm(x)  # (B, T, C)
+
+    @staticmethod
+    def build_mask(attention_mask: torch.Tensor | None, B: int, T: int, cache_start: int, device) -> torch.Tensor:
+        """(B, 1, T, S) bool: query at slot cache_start+i sees key slot j if j <= cache_start+i and j is real."""
+        S = cache_start + T
+        query_slots = torch.arange(cache_start, S, device=device)[:, None]  # (T, 1)
+        key_slots = torch.arange(S, device=device)[None, :]  # (1, S)
+        mask = (key_slots <= query_slots)[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :S]
+            # A pad query (left padding) would see no key at all and SDPA would give NaN, which then
+            # leaks into later layers through that slot's keys/values. Let every query see itself;
+            # pad slots stay masked as keys for every real query, so real rows are unaffected.
+            mask = mask | (key_slots == query_slots)[None, None]
+        return mask.expand(B, 1, T, S)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, kv_caches=None, cache_start=0):
+        """Logits (B, T, vocab). Training code should use `model.model(...)` and a chunked loss instead."""
+        return self.lm_head(self.model(input_ids, position_ids, attention_mask, kv_caches, cache_start))
+
+    def new_kv_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
+        cfg, p = self.config, self.lm_head.weight
+        return [
+            KVCache(batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim, p.dtype, p.device)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init for tests and benchmarks (speed does not depend on the values)."""
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=std, generator=generator)
