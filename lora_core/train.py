@@ -1,0 +1,208 @@
+"""The LoRA training loop: AdamW on the adapter only, warm-up then cosine decay, clipping, accumulation.
+
+The loss never materialises full-vocabulary logits for every position: `chunked_lm_loss` computes
+the cross-entropy and its gradient with respect to the final hidden states chunk by chunk
+(the LM head is frozen, so that gradient is all backward needs).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lora_core.inject import lora_parameters
+
+IGNORE_INDEX = -100
+
+
+class ChunkedLMHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight^T` against `targets`, computed in row chunks.
+
+    Forward computes, per chunk c: logits_c = h_c W^T (fp32), loss_c = sum(lse(logits_c) - logits_c[target]),
+    and already the gradient dL/dh_c = (softmax(logits_c) - onehot(target)) W / n, since W is frozen.
+    Only dL/dh (same size as h) is kept for backward, never a (tokens x vocab) tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        # hidden: (N, C), weight: (V, C), targets: (N,) with IGNORE_INDEX for unsupervised positions
+        n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size]
+            t = targets[start:start + chunk_size]
+            valid = t != IGNORE_INDEX
+            if not bool(valid.any()):
+                continue
+            logits = (h @ weight.T).float()  # (n, V)
+            safe_t = t.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
+            if grad_hidden is not None:
+                grad_logits = torch.softmax(logits, dim=-1)  # reuse: d loss / d logits
+                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+                grad_logits *= valid[:, None] / n_valid
+                grad_hidden[start:start + chunk_size] = (grad_logits.to(h.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024):
+    """Mean next-token cross-entropy over positions whose target is not IGNORE_INDEX."""
+    return ChunkedLMHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_size)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 4  # windows per optimizer step = batch_size * grad_accum
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    loss_chunk_size: int = 1024
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    lrs: list[float] = field(default_factory=list)
+    epochs_loss: list[float] = field(default_factory=list)  # mean loss of each epoch
+    tokens: int = 0  # supervised + context tokens processed (all positions of all windows, every epoch)
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens_per_second"] = self.tokens_per_second
+        return d
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio."""
+    warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def train_lora(
+    model,
+    input_ids: torch.Tensor,  # (N, L) windows
+    labels: torch.Tensor,  # (N, L) next-token targets aligned with input_ids, IGNORE_INDEX where unsupervised
+    cfg: TrainConfig,
+    progress: bool = False,
+    desc: str = "training",
+) -> TrainResult:
+    """Train the model's LoRA parameters in place. A non-finite loss stops training and is recorded
+    in `result.error` (the caller decides what to do with the run)."""
+    device = model.lm_head.weight.device
+    params = lora_parameters(model)
+    if not params:
+        raise ValueError("the model has no LoRA parameters to train (inject_lora first)")
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = input_ids.shape[0]
+    micro_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    result = TrainResult()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, desc=desc, unit="step", leave=False)
+    model.train()
+    t0 = time.perf_counter()
+    step = 0
+    try:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen)
+            epoch_losses = []
+            for s in range(steps_per_epoch):
+                lr = lr_at(step, total_steps, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro = [order[(s * cfg.grad_accum + k) * cfg.batch_size:(s * cfg.grad_accum + k + 1) * cfg.batch_size]
+                         for k in range(cfg.grad_accum)]
+                micro = [m for m in micro if len(m)]
+                step_loss = 0.0
+                for idx in micro:
+                    x = input_ids[idx].to(device)
+                    y = labels[idx].to(device)
+                    with autocast:
+                        hidden = model.model(x)  # (b, L, C)
+                        loss = chunked_lm_loss(hidden, model.lm_head.weight, y, cfg.loss_chunk_size)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
+                    (loss / len(micro)).backward()
+                    step_loss += loss.item() / len(micro)
+                    result.tokens += x.numel()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.losses.append(step_loss)
+                result.lrs.append(lr)
+                epoch_losses.append(step_loss)
+                step += 1
+                if bar:
+                    bar.set_postfix(loss=f"{step_loss:.3f}", epoch=epoch)
+                    bar.update()
+            result.epochs_loss.append(sum(epoch_losses) / len(epoch_losses))
+    except NonFiniteLoss as e:
+        result.error = str(e)
+    finally:
+        if bar:
+            bar.close()
+        model.eval()
+        for p in params:
+            p.grad = None
+        result.seconds = time.perf_counter() - t0
+    return result
+
+
+def make_lm_windows(token_ids: list[int], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive windows of seq_len tokens over one long text; each window predicts its own next
+    tokens (the first token of a window has no target from the previous window). The last window is
+    right-padded with IGNORE_INDEX targets."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    windows = [token_ids[i:i + seq_len] for i in range(0, max(1, len(token_ids) - 1), seq_len - 1)]
+    # Overlap of one token so that every token of the text is a target exactly once.
+    windows = [w for w in windows if len(w) >= 2]
+    ids = torch.full((len(windows), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(windows), seq_len), IGNORE_INDEX, dtype=torch.long)
+    for i, w in enumerate(windows):
+        ids[i, :len(w)] = torch.tensor(w)
+        labels[i, :len(w) - 1] = torch.tensor(w[1:])
+    return ids, labels
