@@ -6,16 +6,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-VOCAB = 128
+VOCAB = 320  # 256 byte-level symbols, ChatML specials and a few merges
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+CORPUS = [
+    "Caroline: I went to the LGBTQ support group yesterday. Melanie: That is great, Caroline!",
+    "Answer the question in a few words. Question: When did Caroline go to the support group?",
+    "system user assistant You are a helpful assistant. 0123456789 May June 2023",
+]
 
 
 def tiny_tokenizer() -> Tokenizer:
-    """A word-level tokenizer over a tiny vocabulary with ChatML specials, enough for load_model."""
-    words = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"w{i}" for i in range(VOCAB - 4)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    """A byte-level BPE trained on a few lines, with ChatML specials: real chat prompts tokenise."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
     return tok
 
 
@@ -26,7 +35,7 @@ def make_tiny_checkpoint(out_dir: Path, kind: str, seed: int = 0):
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  eos_token_id=1, bos_token_id=1)
+                  eos_token_id=2, bos_token_id=0)
     if kind == "qwen2":
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6)
         model = transformers.Qwen2ForCausalLM(cfg)

@@ -1,0 +1,142 @@
+"""bench.locomo end to end on a tiny LoCoMo-format fixture and a tiny model: base and lora runs,
+the files they write, resuming after an interruption, and input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import bench.locomo as locomo
+from bench.common import read_jsonl
+from tests.tiny_models import make_tiny_checkpoint
+
+FIXTURE = Path(__file__).parent / "fixtures" / "locomo_tiny.json"
+N_QUESTIONS_1_TO_4 = 7 + 7  # tiny-1 and tiny-2, category 5 left out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_checkpoint(d, "llama")
+    return d
+
+
+def run(ckpt, out, *extra):
+    return locomo.main(["--model", str(ckpt), "--data", str(FIXTURE), "--out", str(out), "--quiet",
+                        "--epochs", "2", "--seq-len", "64", "--batch-size", "2", "--max-new-tokens", "6",
+                        "--rank", "4", *extra])
+
+
+def test_lora_run_writes_table_and_files(ckpt, tmp_path, capsys):
+    out = tmp_path / "lora"
+    results = run(ckpt, out)
+    printed = capsys.readouterr().out
+    assert "| Method | SingleHop | MultiHop | OpenDom | Temporal | Avg F1 |" in printed
+    assert "| LoRA-Mem (r=4) |" in printed
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["scores"]["n"] == N_QUESTIONS_1_TO_4
+    assert saved["settings"]["rank"] == 4 and saved["settings"]["alpha"] == 8.0
+    assert saved["train_tokens_per_second"] > 0 and saved["answer_questions_per_second"] > 0
+    assert saved["versions"]["torch"] and saved["device"]
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert len(rows) == N_QUESTIONS_1_TO_4
+    assert set(rows[0]) == {"sample_id", "question", "answer", "category", "prediction", "f1"}
+    assert {r["category"] for r in rows} == {1, 2, 3, 4}
+    for sid in ("tiny-1", "tiny-2"):
+        adapter = out / "adapters" / sid
+        assert (adapter / "adapter_model.safetensors").is_file()
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+        train = json.loads((out / "conversations" / sid / "train.json").read_text())
+        assert len(train["losses"]) == 2 * -(-train["windows"] // 2)  # epochs x ceil(windows / batch)
+        assert train["error"] is None
+    assert (out / "table.md").read_text().startswith("| Method |")
+    assert results["scores"] == saved["scores"]
+
+
+def test_base_run_and_adversarial(ckpt, tmp_path):
+    out = tmp_path / "base"
+    results = run(ckpt, out, "--method", "base", "--with-adversarial")
+    assert not (out / "adapters").exists()
+    assert results["method"] == "Base (no context)"
+    assert results["scores"]["adversarial_n"] == 2
+    assert len(read_jsonl(out / "predictions.jsonl")) == N_QUESTIONS_1_TO_4 + 2
+
+
+def test_resume_after_interruption_gives_identical_results(ckpt, tmp_path, monkeypatch):
+    full = run(ckpt, tmp_path / "full")
+
+    out = tmp_path / "interrupted"
+    real_answer = locomo.answer_questions
+    calls = {"answer": 0, "train": 0}
+
+    def crash_on_second(lm, questions, args):
+        calls["answer"] += 1
+        if calls["answer"] == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_answer(lm, questions, args)
+
+    monkeypatch.setattr(locomo, "answer_questions", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt, out)
+    assert (out / "conversations" / "tiny-1" / "result.json").is_file()
+    assert not (out / "conversations" / "tiny-2" / "result.json").exists()
+    assert not (out / "results.json").exists()
+
+    monkeypatch.setattr(locomo, "answer_questions", real_answer)
+    real_train = locomo.train_lora
+
+    def counting_train(*a, **k):
+        calls["train"] += 1
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(locomo, "train_lora", counting_train)
+    resumed = run(ckpt, out)
+    assert calls["train"] == 1  # only the unfinished conversation was trained again
+    assert read_jsonl(out / "predictions.jsonl") == read_jsonl(tmp_path / "full" / "predictions.jsonl")
+    assert resumed["scores"] == full["scores"]
+
+
+def test_resume_with_other_settings_is_refused(ckpt, tmp_path):
+    out = tmp_path / "run"
+    run(ckpt, out, "--conversations", "tiny-1", "--max-questions", "1")
+    with pytest.raises(locomo.RunConfigMismatch, match="rank: saved 4 vs now 8"):
+        run(ckpt, out, "--conversations", "tiny-1", "--max-questions", "1", "--rank", "8")
+
+
+def test_training_text_comes_from_the_conversation_only(ckpt, tmp_path, monkeypatch):
+    seen = []
+    real = locomo.make_lm_windows
+
+    def capture(token_ids, seq_len, pad_id):
+        seen.append(token_ids)
+        return real(token_ids, seq_len, pad_id)
+
+    monkeypatch.setattr(locomo, "make_lm_windows", capture)
+    run(ckpt, tmp_path / "run", "--epochs", "1")
+    from model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(ckpt)
+    texts = [tok.decode(ids) for ids in seen]
+    data = json.loads(FIXTURE.read_text())
+    assert len(texts) == 2
+    for text, sample in zip(texts, data):
+        assert "LEAK" not in text  # observation, session_summary, event_summary
+        for qa in sample["qa"]:
+            assert qa["question"] not in text
+        first_turn = sample["conversation"]["session_1"][0]
+        assert f"{first_turn['speaker']}: {first_turn['text'][:20]}" in text
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{\"sample_id\": \"x\"")
+    with pytest.raises(SystemExit) as e:
+        import sys
+
+        sys.argv = ["bench.locomo", "--data", str(bad), "--out", str(tmp_path / "o")]
+        locomo.cli()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(bad) in err
