@@ -221,7 +221,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     g.add_argument("--epochs", type=int, default=2)
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    g.add_argument("--batch-size", type=int, default=4, help="windows per micro-batch")
+    g.add_argument("--batch-size", type=int, default=2, help="windows per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--warmup-ratio", type=float, default=0.1)
     g.add_argument("--seq-len", type=int, default=512, help="tokens per training window")

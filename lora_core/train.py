@@ -67,7 +67,7 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 class TrainConfig:
     epochs: int = 3
     lr: float = 1e-3
-    batch_size: int = 4  # windows per optimizer step = batch_size * grad_accum
+    batch_size: int = 2  # windows per optimizer step = batch_size * grad_accum
     grad_accum: int = 1
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
