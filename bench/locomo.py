@@ -16,7 +16,9 @@ Each conversation's outputs land under `--out` as they finish (atomically); a re
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -238,13 +240,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+# ---------------------------------------------------------------------------------------------
+# Scale-out: under torchrun each rank takes every world_size-th conversation; rank 0 gathers.
+# Conversations are independent (each adapter starts from the same seeded init), so the files
+# are identical to a single-process run.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(args) -> Dist:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    else:
+        args.device = "cpu"
+        # CPU ranks share the machine's cores instead of each taking all of them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    # A rank may wait at the final barrier while another trains for a long time.
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=24))
+    return Dist(rank, world_size)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     t_start = time.perf_counter()
+    dist = init_distributed(args)
+    try:
+        return run(args, dist, t_start)
+    finally:
+        if dist.world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def run(args, dist: Dist, t_start: float) -> dict | None:
     data_path = resolve_data_path(args.data)
     samples = load_locomo(data_path)
     if args.conversations:
         samples = iter_samples(samples, [s.strip() for s in args.conversations.split(",") if s.strip()])
+    if args.out is None and dist.world_size > 1:
+        raise RunConfigMismatch("--out is required under torchrun (all ranks must write one run directory)")
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in RESULT_SETTINGS} | {
@@ -255,19 +302,24 @@ def main(argv: list[str] | None = None) -> dict:
         for k in ("rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size", "grad_accum",
                   "warmup_ratio", "seq_len", "timestamps"):
             settings[k] = None
-    check_or_write_run_config(out, settings)
+    if dist.rank == 0:
+        check_or_write_run_config(out, settings)
+    dist.barrier()
+    if dist.rank != 0:
+        check_or_write_run_config(out, settings)
 
     lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
     lora_cfg = None
     if args.method == "lora":
         lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, use_rslora=args.use_rslora)
         inject_lora(lm.model, lora_cfg)
-        print(trainable_summary(lm.model), file=sys.stderr)
+        if dist.rank == 0:
+            print(trainable_summary(lm.model), file=sys.stderr)
     info = run_info(lm.model.lm_head.weight.device)
     info["dtype"] = str(lm.model.lm_head.weight.dtype).replace("torch.", "")
 
-    todo = [s for s in samples if not finished(out, s.sample_id)]
-    if len(todo) < len(samples):
+    todo = [s for s in samples[dist.rank::dist.world_size] if not finished(out, s.sample_id)]
+    if len(todo) < len(samples) and dist.world_size == 1:
         print(f"resuming {out}: {len(samples) - len(todo)} of {len(samples)} conversations already finished",
               file=sys.stderr)
     for s in todo:
@@ -275,6 +327,10 @@ def main(argv: list[str] | None = None) -> dict:
         status = f"error: {r['error']}" if r["error"] else f"avg F1 {r['f1']['avg_f1'] or 0:.2f}"
         print(f"[{s.sample_id}] {r['n_questions']} questions, {status}", file=sys.stderr)
 
+    dist.barrier()
+    if dist.rank != 0:
+        return None
+    info["world_size"] = dist.world_size
     results = summarise(out, samples, lm, args, settings, time.perf_counter() - t_start, info)
     print(format_table([(results["method"], results["scores"])]))
     print(f"\nresults: {out / 'results.json'}  (wall {results['wall_seconds_this_invocation']:.0f}s)")

@@ -140,3 +140,24 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(bad) in err
+
+
+def test_torchrun_two_cpu_processes_match_single_process(ckpt, tmp_path):
+    """Conversations sharded over 2 gloo ranks give the files of a single-process run."""
+    import os
+    import subprocess
+    import sys
+
+    single = run(ckpt, tmp_path / "single")
+    out = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "bench.locomo", "--model", str(ckpt), "--data", str(FIXTURE), "--out", str(out), "--quiet",
+           "--epochs", "2", "--seq-len", "64", "--batch-size", "2", "--max-new-tokens", "6", "--rank", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_jsonl(out / "predictions.jsonl") == read_jsonl(tmp_path / "single" / "predictions.jsonl")
+    dist = json.loads((out / "results.json").read_text())
+    assert dist["scores"] == single["scores"] and dist["world_size"] == 2
+    for sid in ("tiny-1", "tiny-2"):
+        assert (out / "adapters" / sid / "adapter_model.safetensors").is_file()
