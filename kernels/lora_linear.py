@@ -240,14 +240,31 @@ if HAS_TRITON:
         triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128}, num_stages=3, num_warps=8),
         triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128}, num_stages=4, num_warps=4),
     ]
+    def _prune_fused_configs(configs, named_args, **kwargs):
+        """Drop tiles far larger than the problem (few tokens, the 256-wide k/v projections): they only add masked
+        work and compile time. Keeps at least one config; with one left the autotuner measures nothing."""
+        m_cap = max(named_args["M_BUCKET"], 64)
+        n_cap = max(triton.next_power_of_2(named_args["N"]), 64)
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    def _prune_thin_configs(configs, named_args, **kwargs):
+        """As above for the thin kernel's row and reduction blocks."""
+        p_cap = max(named_args["P_BUCKET"], 32)
+        q_cap = max(named_args["Q_BUCKET"], 64)
+        kept = [c for c in configs if c.kwargs["BLOCK_P"] <= p_cap and c.kwargs["BLOCK_Q"] <= q_cap]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"])]
+
     # Layout strides are in the keys because the same kernel reads its operands row-major or transposed (fused: W^T in
     # forward, W for dX, which have the same sizes for square layers; thin: x/dY for t, dt, their transposes for dA,
     # dB), and those want different tiles. BLOCK_R: the rank changes the tiles' register and shared-memory footprint.
     _fused_lora_matmul_autotuned = triton.autotune(
-        configs=_FUSED_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_KEEP", "stride_bk"]
+        configs=_FUSED_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_KEEP", "stride_bk"],
+        prune_configs_by={"early_config_prune": _prune_fused_configs},
     )(_fused_lora_matmul_kernel)
     _thin_matmul_autotuned = triton.autotune(
-        configs=_THIN_CONFIGS, key=["P_BUCKET", "Q_BUCKET", "BLOCK_R", "stride_xq", "HAS_KEEP"]
+        configs=_THIN_CONFIGS, key=["P_BUCKET", "Q_BUCKET", "BLOCK_R", "stride_xq", "HAS_KEEP"],
+        prune_configs_by={"early_config_prune": _prune_thin_configs},
     )(_thin_matmul_kernel)
 
 # Under the interpreter autotuning measures nothing, so one small fixed config (blocks of 16 are tl.dot's minimum;
