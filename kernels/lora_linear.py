@@ -23,7 +23,6 @@ runs the kernels on CPU through Triton's interpreter (how the tests cover them).
 forces the reference everywhere. Without triton installed this module still imports and uses the reference.
 """
 
-import math
 import os
 
 import torch

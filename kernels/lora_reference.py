@@ -21,11 +21,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_scaling", "dropout_keep_mask", "apply_dropout", "lora_linear_reference"]
+__all__ = ["lora_scaling", "dropout_keep_mask", "dropout_keep_scale", "apply_dropout", "lora_linear_reference"]
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
-    """The factor s multiplying the LoRA branch: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023)."""
+    """The factor s multiplying the LoRA branch: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski,
+    2023)."""
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
