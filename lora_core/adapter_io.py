@@ -141,13 +141,24 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def remove_lora(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put plain nn.Linear layers (sharing the frozen weight and bias) back in place of `modules`."""
+    for name, m in modules.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear.weight, linear.bias = m.weight, m.bias
+        setattr(parent, child, linear)
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, generator=None) -> LoRAConfig:
     """Load a PEFT-format LoRA adapter into `model`, injecting LoRA layers first if it has none."""
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir)
     modules = lora_modules(model)
-    if not modules:
+    injected = not modules
+    if injected:
         inject_lora(model, cfg, generator)
         modules = lora_modules(model)
     problems = []
@@ -168,6 +179,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, generator=None) -> L
                 problems.append(f"{name}.{part}: file {list(t.shape)} vs model {list(param.shape)} "
                                 f"(rank r={cfg.rank} in config; other base model?)")
     if problems:
+        if injected:  # leave the model as it was: the wrapped layers go back to plain nn.Linear
+            remove_lora(model, modules)
         raise AdapterError(f"{adapter_dir}: adapter does not fit the model: " + "; ".join(problems))
     with torch.no_grad():
         for name, m in modules.items():

@@ -32,7 +32,8 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
         # hidden: (N, C), weight: (V, C), targets: (N,) with IGNORE_INDEX for unsupervised positions
         n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for 16-bit input, fp64 stays fp64
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
@@ -40,14 +41,14 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             valid = t != IGNORE_INDEX
             if not bool(valid.any()):
                 continue
-            logits = (h @ weight.T).float()  # (n, V)
+            logits = (h @ weight.T).to(acc_dtype)  # (n, V)
             safe_t = t.clamp(min=0)
             lse = torch.logsumexp(logits, dim=-1)
             total += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
             if grad_hidden is not None:
                 grad_logits = torch.softmax(logits, dim=-1)  # reuse: d loss / d logits
                 grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-                grad_logits *= valid[:, None] / n_valid
+                grad_logits *= valid[:, None].to(acc_dtype) / n_valid
                 grad_hidden[start:start + chunk_size] = (grad_logits.to(h.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
         return total / n_valid
@@ -73,7 +74,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    seed: int = 0
+    seed: int = 0  # window order and dropout masks (train_lora seeds torch's global generator with it)
     loss_chunk_size: int = 1024
 
     def to_dict(self) -> dict:
@@ -129,6 +130,7 @@ def train_lora(
         raise ValueError("the model has no LoRA parameters to train (inject_lora first)")
     for p in params:
         p.requires_grad_(True)
+    torch.manual_seed(cfg.seed)  # the LoRA dropout masks come from the default generator(s)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(cfg.seed)
     n = input_ids.shape[0]

@@ -1,0 +1,319 @@
+"""The training loop: chunked LM-head loss against F.cross_entropy, the LR schedule, LM windows, and `train_lora` on a
+tiny random model (loss falls, determinism, frozen base, non-finite loss, gradient accumulation)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+# See tests/test_lora.py: without CUDA the Triton interpreter must be on before lora_core imports triton, or
+# tests/test_lora_kernels.py, collected later in the same process, cannot run its kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import lora_core.train as train_module  # noqa: E402
+from lora_core.inject import LoRAConfig, inject_lora, lora_modules, lora_parameters  # noqa: E402
+from lora_core.train import (  # noqa: E402
+    IGNORE_INDEX,
+    TrainConfig,
+    chunked_lm_loss,
+    lr_at,
+    make_lm_windows,
+    train_lora,
+)
+from model.loader import load_model  # noqa: E402
+from tests.tiny_models import VOCAB, make_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    monkeypatch.setenv("LORA_MEM_KERNELS", "reference")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# chunked_lm_loss
+# ---------------------------------------------------------------------------------------------------------------------
+
+DTYPES = [
+    pytest.param(torch.float64, 1e-12, 1e-10, id="fp64"),
+    pytest.param(torch.float32, 1e-6, 1e-5, id="fp32"),
+]
+
+
+def loss_inputs(dtype, batch=3, length=7, channels=16, vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, channels, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(vocab, channels, generator=g, dtype=torch.float64) / 2).to(dtype)
+    targets = torch.randint(0, vocab, (batch, length), generator=g)
+    targets[torch.rand(batch, length, generator=g) < 0.3] = IGNORE_INDEX
+    targets.view(-1)[4:8] = IGNORE_INDEX  # a whole chunk of 4 with nothing to predict
+    return hidden, weight, targets
+
+
+def reference_loss(hidden, weight, targets):
+    return F.cross_entropy(hidden.reshape(-1, hidden.shape[-1]) @ weight.T, targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 21, 1024])  # N = 21 rows: 5 does not divide it
+def test_chunked_loss_matches_cross_entropy(dtype, atol, rtol, chunk_size):
+    hidden, weight, targets = loss_inputs(dtype)
+    assert (targets != IGNORE_INDEX).sum() < targets.numel()
+    h_ours = hidden.clone().requires_grad_(True)
+    h_ref = hidden.clone().requires_grad_(True)
+    ours = chunked_lm_loss(h_ours, weight, targets, chunk_size=chunk_size)
+    ref = reference_loss(h_ref, weight, targets)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, ref, atol=atol, rtol=rtol)
+    (ours * 3.7).backward()  # an upstream gradient other than 1
+    (ref * 3.7).backward()
+    assert h_ours.grad.dtype == dtype and h_ours.grad.shape == hidden.shape
+    assert h_ours.grad.abs().max() > 1e-3
+    torch.testing.assert_close(h_ours.grad, h_ref.grad, atol=atol, rtol=rtol)
+    # rows with an ignored target get no gradient
+    assert torch.count_nonzero(h_ours.grad[targets == IGNORE_INDEX]) == 0
+
+
+def test_chunked_loss_gradcheck_float64():
+    hidden, weight, targets = loss_inputs(torch.float64, batch=2, length=5, channels=6, vocab=9)
+    hidden.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda h: chunked_lm_loss(h, weight, targets, chunk_size=3), (hidden,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_loss_all_ignored(dtype):
+    hidden, weight, targets = loss_inputs(dtype)
+    targets.fill_(IGNORE_INDEX)
+    hidden.requires_grad_(True)
+    loss = chunked_lm_loss(hidden, weight, targets, chunk_size=4)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(hidden.grad).all() and torch.count_nonzero(hidden.grad) == 0
+
+
+def test_chunked_loss_without_grad():
+    hidden, weight, targets = loss_inputs(torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_lm_loss(hidden, weight, targets, 4), reference_loss(hidden, weight, targets))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_lr_warmup_then_cosine():
+    cfg = TrainConfig(lr=2e-3, warmup_ratio=0.1, min_lr_ratio=0.1)
+    total = 100
+    lrs = [lr_at(s, total, cfg) for s in range(total)]
+    warmup = 10
+    # linear rise: lr * (s + 1) / warmup, reaching the peak at the last warm-up step
+    for s in range(warmup):
+        assert lrs[s] == pytest.approx(cfg.lr * (s + 1) / warmup, rel=1e-12)
+    assert max(lrs) == pytest.approx(cfg.lr, rel=1e-12) and lrs[warmup - 1] == pytest.approx(cfg.lr, rel=1e-12)
+    # cosine: non-increasing, half-way between peak and floor at half the decay, at the floor at the end
+    decay = lrs[warmup:]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    mid = warmup + (total - warmup) // 2
+    assert lrs[mid] == pytest.approx(cfg.lr * (0.1 + 0.9 * 0.5), rel=1e-12)
+    assert lr_at(total, total, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-12)
+    assert cfg.lr * cfg.min_lr_ratio < lrs[-1] < cfg.lr * cfg.min_lr_ratio * 1.01
+    assert lr_at(total + 50, total, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-12)
+    assert min(lrs) >= cfg.lr * cfg.min_lr_ratio
+
+
+def test_lr_without_warmup_starts_at_peak():
+    cfg = TrainConfig(lr=1e-3, warmup_ratio=0.0, min_lr_ratio=0.0)
+    assert lr_at(0, 10, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, 10, cfg) == pytest.approx(0.0, abs=1e-15)
+    # a warm-up ratio that rounds to less than a step still warms up for one step
+    assert lr_at(0, 3, TrainConfig(lr=1e-3, warmup_ratio=0.01)) == pytest.approx(1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LM windows
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_tokens", [0, 1, 2, 5, 23, 24, 25, 47, 48, 49, 100])
+def test_lm_windows_cover_every_target_once(n_tokens):
+    seq_len, pad = 24, 0
+    tokens = list(range(1, n_tokens + 1))  # distinct values: a target's value is its position
+    ids, labels = make_lm_windows(tokens, seq_len, pad)
+    n_windows = math.ceil((n_tokens - 1) / (seq_len - 1)) if n_tokens >= 2 else 0
+    assert ids.shape == labels.shape == (n_windows, seq_len)
+    assert ids.dtype == labels.dtype == torch.long
+    supervised = labels[labels != IGNORE_INDEX]
+    assert sorted(supervised.tolist()) == tokens[1:]  # every token after the first, exactly once
+    for i in range(n_windows):
+        valid = labels[i] != IGNORE_INDEX
+        n_valid = int(valid.sum())
+        assert valid[:n_valid].all() and not valid[n_valid:].any()  # targets first, then padding
+        assert labels[i, -1] == IGNORE_INDEX  # the last position has no next token inside the window
+        # each target is the next input token: labels are the inputs shifted by one
+        assert torch.equal(labels[i, :n_valid], ids[i, 1:n_valid + 1])
+        if i < n_windows - 1:
+            assert n_valid == seq_len - 1
+            assert ids[i + 1, 0] == ids[i, -1]  # one token of overlap
+        else:
+            assert (ids[i, n_valid + 1:] == pad).all()  # the last window is right-padded
+    if n_windows:
+        assert ids[0, 0] == tokens[0]
+
+
+def test_lm_windows_rejects_short_seq_len():
+    with pytest.raises(ValueError, match="seq_len must be >= 2"):
+        make_lm_windows([1, 2, 3], 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train_lora on a tiny model
+# ---------------------------------------------------------------------------------------------------------------------
+
+SEQ_LEN = 24
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen2")
+    make_tiny_checkpoint(d, "qwen2")
+    return d
+
+
+def tiny_lora_model(ckpt_dir, rank=8, dropout=0.0, init_seed=0):
+    """The tiny Qwen2 with LoRA. Its LM head is scaled up: with an init std of 0.02 and RMS-normalised hidden states
+    the logits of the random checkpoint cannot move by more than about one, so no adapter could make the loss fall.
+    """
+    model = load_model(str(ckpt_dir)).model
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    inject_lora(model, LoRAConfig(rank=rank, dropout=dropout), generator=torch.Generator().manual_seed(init_seed))
+    return model
+
+
+def repeated_text(n_tokens, period=12, seed=0):
+    phrase = torch.randint(4, VOCAB, (period,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return (phrase * (n_tokens // period + 1))[:n_tokens]
+
+
+def lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def base_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
+def test_train_loss_falls_and_base_is_frozen(qwen_dir):
+    model = tiny_lora_model(qwen_dir)
+    ids, labels = make_lm_windows(repeated_text(100), SEQ_LEN, pad_id=0)
+    assert ids.shape[0] == 5
+    before = base_state(model)
+    cfg = TrainConfig(epochs=6, lr=1e-2, batch_size=3)
+    r = train_lora(model, ids, labels, cfg)
+    assert r.error is None
+    steps = math.ceil(5 / 3) * cfg.epochs
+    assert len(r.losses) == len(r.lrs) == steps and len(r.epochs_loss) == cfg.epochs
+    assert r.tokens == ids.numel() * cfg.epochs and r.seconds > 0
+    assert all(math.isfinite(x) for x in r.losses)
+    assert r.losses[-1] < 0.2 * r.losses[0], r.losses
+    assert r.epochs_loss[-1] < r.epochs_loss[0]
+    after = base_state(model)
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+    assert any(torch.count_nonzero(m.lora_B) for m in lora_modules(model).values())
+
+
+def test_train_is_deterministic_for_a_seed(qwen_dir):
+    ids, labels = make_lm_windows(repeated_text(100), SEQ_LEN, pad_id=0)
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=2, seed=3)
+    runs = []
+    for seed in (3, 3, 4):
+        model = tiny_lora_model(qwen_dir, dropout=0.1)  # dropout draws random masks: the seed must cover them too
+        torch.manual_seed(1000 + len(runs))  # whatever state the caller left the global generator in
+        r = train_lora(model, ids, labels, TrainConfig(**{**cfg.to_dict(), "seed": seed}))
+        assert r.error is None
+        runs.append((r.losses, lora_state(model)))
+    (l1, w1), (l2, w2), (l3, _) = runs
+    assert l1 == l2
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert l1 != l3  # another seed, another order: the comparison above could fail
+
+
+def test_nan_weight_stops_training_without_raising(qwen_dir):
+    model = tiny_lora_model(qwen_dir)
+    with torch.no_grad():
+        next(iter(lora_modules(model).values())).lora_A[0, 0] = float("nan")
+    ids, labels = make_lm_windows(repeated_text(60), SEQ_LEN, pad_id=0)
+    r = train_lora(model, ids, labels, TrainConfig(epochs=2, lr=1e-2, batch_size=1))
+    assert r.error is not None and "non-finite loss" in r.error and "step 0" in r.error
+    assert r.losses == []
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_nan_loss_mid_training_stops_at_that_step(qwen_dir, monkeypatch):
+    model = tiny_lora_model(qwen_dir)
+    ids, labels = make_lm_windows(repeated_text(100), SEQ_LEN, pad_id=0)
+    calls = []
+    real = train_module.chunked_lm_loss
+
+    def nan_on_third_call(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_module, "chunked_lm_loss", nan_on_third_call)
+    r = train_lora(model, ids, labels, TrainConfig(epochs=3, lr=1e-2, batch_size=5))  # one micro-batch per step
+    assert r.error is not None and "step 2" in r.error and "epoch" in r.error
+    assert len(r.losses) == 2 and all(math.isfinite(x) for x in r.losses)
+    assert len(calls) == 3
+
+
+def test_grad_accumulation_matches_a_larger_batch(qwen_dir, monkeypatch):
+    """batch 2 x accumulation 1 and batch 1 x accumulation 2 see the same two windows in the first step (same seed,
+    same order) and, with full windows and no dropout, must form the same gradient and the same update."""
+    ids, labels = make_lm_windows(repeated_text(1 + 2 * (SEQ_LEN - 1)), SEQ_LEN, pad_id=0)
+    assert ids.shape[0] == 2 and (labels[:, :-1] != IGNORE_INDEX).all()  # equal token counts per window
+
+    captured = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def capturing_clip(params, *args, **kwargs):
+        params = list(params)
+        captured.append([p.grad.clone() for p in params])
+        return real_clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capturing_clip)
+    results = []
+    for batch_size, grad_accum in ((2, 1), (1, 2)):
+        model = tiny_lora_model(qwen_dir)
+        with torch.no_grad():  # a non-zero B, so that A gets a gradient in the first step too
+            for p in lora_parameters(model)[1::2]:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(p.numel()))
+        r = train_lora(model, ids, labels, TrainConfig(epochs=1, lr=1e-2, batch_size=batch_size,
+                                                       grad_accum=grad_accum))
+        assert r.error is None and len(r.losses) == 1
+        results.append((r.losses[0], captured[-1], lora_state(model)))
+    assert len(captured) == 2
+    (loss_a, grads_a, w_a), (loss_b, grads_b, w_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for ga, gb in zip(grads_a, grads_b):
+        assert ga.abs().max() > 1e-6
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-4 * ga.abs().max().item())
+    for k in w_a:
+        torch.testing.assert_close(w_b[k], w_a[k], rtol=0, atol=1e-5)  # Adam moves each by ~lr = 1e-2
+
+
+def test_train_without_lora_layers_is_an_error(qwen_dir):
+    model = load_model(str(qwen_dir)).model
+    ids, labels = make_lm_windows(repeated_text(30), SEQ_LEN, pad_id=0)
+    with pytest.raises(ValueError, match="no LoRA parameters"):
+        train_lora(model, ids, labels, TrainConfig(epochs=1))
