@@ -39,7 +39,7 @@ from bench.locomo_data import (
 )
 from bench.locomo_score import aggregate, format_table, score_qa
 from lora_core.adapter_io import save_adapter
-from lora_core.inject import LoRAConfig, inject_lora, lora_modules, reset_lora, trainable_summary
+from lora_core.inject import LoRAConfig, inject_lora, reset_lora, trainable_summary
 from lora_core.train import TrainConfig, make_lm_windows, train_lora
 from model.generate import generate
 from model.loader import LoadedModel, load_model
@@ -115,8 +115,8 @@ def run_conversation(sample: Sample, lm: LoadedModel, lora_cfg: LoRAConfig | Non
             atomic_write_json(conv_dir / "result.json", result)
             return result
         save_adapter(lm.model, out / "adapters" / sample.sample_id, lora_cfg, base_model=lm.name)
-        for m in lora_modules(lm.model).values():
-            m.merge()  # answer at plain-linear speed; reset_lora unmerges before the next conversation
+        # Answer through the unmerged LoRA path: merge/unmerge round trips drift the base weights by
+        # rounding (visibly in bf16), and every conversation must start from the exact base model.
     answers, seconds = answer_questions(lm, questions, args)
     rows = []
     for qa, pred in zip(questions, answers):
