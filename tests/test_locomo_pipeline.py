@@ -54,6 +54,15 @@ def test_lora_run_writes_table_and_files(ckpt, tmp_path, capsys):
     assert (out / "table.md").read_text().startswith("| Method |")
     assert results["scores"] == saved["scores"]
 
+    from bench import report
+
+    md = report.main([str(out), "--published", "--out", str(tmp_path / "report")])
+    assert "| LoRA-Mem (r=4) (" in md and "| Published: LoRA-Mem (r=8), Qwen2.5-1.5B | 10.44 |" in md
+    assert (tmp_path / "report.md").read_text() == md
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "report_f1.png").stat().st_size > 1000
+    assert (tmp_path / "report_loss.png").stat().st_size > 1000
+
 
 def test_base_run_and_adversarial(ckpt, tmp_path):
     out = tmp_path / "base"
