@@ -94,6 +94,16 @@ def build_peft(model_name: str, dtype: torch.dtype, device: torch.device, rank: 
     return params, step
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM rather than ru_maxrss, which Linux carries over
+    execve from the parent that spawned us."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def model_config(model_name: str):
     from model.config import PRESETS, ModelConfig
     from model.loader import resolve_checkpoint
@@ -137,8 +147,7 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
             times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
     return {"side": side, "batch": batch, "seq_len": seq_len, "step_seconds_median": median,
             "steps_per_second": 1 / median, "tokens_per_second": batch * seq_len / median,
             "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
