@@ -10,6 +10,7 @@ CLI:  python -m model.generate --model smollm2-135m-instruct --prompt "What is t
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -112,9 +113,11 @@ def generate(
 def main(argv: list[str] | None = None) -> None:
     from model.loader import load_model
 
-    ap = argparse.ArgumentParser(description="Greedy chat answers from a Qwen2-family model (optionally with LoRA adapters).")
+    ap = argparse.ArgumentParser(description="Greedy chat answers from a Qwen2-family model, optionally with LoRA adapters.")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, local checkpoint dir or hub id")
     ap.add_argument("--prompt", action="append", required=True, help="a user message; repeat for a batch")
+    ap.add_argument("--adapter", action="append", default=[],
+                    help="a LoRA adapter directory in PEFT format; repeat to answer with each adapter in turn")
     ap.add_argument("--system", default=None, help="system prompt (default: the model family's own)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -124,14 +127,35 @@ def main(argv: list[str] | None = None) -> None:
     lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
     tok = lm.tokenizer
     prompts = [tok.encode_chat([{"role": "user", "content": p}], system_prompt=args.system) for p in args.prompt]
-    t0 = time.perf_counter()
-    outs = generate(lm.model, prompts, args.max_new_tokens, tok.stop_ids, tok.pad_id)
-    dt = time.perf_counter() - t0
-    for p, o in zip(args.prompt, outs):
-        print(f"> {p}\n{tok.decode(o)}\n")
-    n_tokens = sum(len(o) for o in outs)
-    print(f"[{n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:.1f} tokens/s, {len(outs)} prompt(s), {lm.name}]")
+    for adapter in args.adapter or [None]:
+        if adapter is not None:
+            from lora_core.adapter_io import load_adapter  # runtime LoRA support lives in lora_core
+
+            cfg = load_adapter(lm.model, adapter)
+            print(f"[adapter {adapter}: r={cfg.rank}, alpha={cfg.alpha:g}]")
+        t0 = time.perf_counter()
+        outs = generate(lm.model, prompts, args.max_new_tokens, tok.stop_ids, tok.pad_id)
+        dt = time.perf_counter() - t0
+        for p, o in zip(args.prompt, outs):
+            print(f"> {p}\n{tok.decode(o)}\n")
+        n_tokens = sum(len(o) for o in outs)
+        print(f"[{n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:.1f} tokens/s, {len(outs)} prompt(s), {lm.name}]")
+
+
+def cli() -> None:
+    """main() with bad input (model, checkpoint, adapter) reported in one line instead of a traceback."""
+    from lora_core.adapter_io import AdapterError
+    from model.config import ConfigError
+    from model.loader import CheckpointError
+    from model.packaged import PackagedModelError
+    from model.tokenizer import TokenizerError
+
+    try:
+        main()
+    except (ConfigError, CheckpointError, PackagedModelError, AdapterError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    cli()
