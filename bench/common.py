@@ -47,8 +47,24 @@ def versions() -> dict:
     return out
 
 
+def git_commit() -> str | None:
+    """The code a result came from (with '-dirty' when the work tree had changes)."""
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("-dirty" if dirty else "")) or None
+
+
 def run_info(device: torch.device) -> dict:
     return {
+        "git_commit": git_commit(),
         "device": device_name(device),
         "device_type": device.type,
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),

@@ -29,14 +29,41 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
-def prefill(model: Qwen2ForCausalLM, ids, mask, kv_caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the prompts through the model, filling the caches; logits of the last slot and positions."""
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
-    # A batch without padding needs no mask: SDPA's causal fast path.
-    attention_mask = None if bool(mask.all()) else mask
-    hidden = model.model(ids, position_ids, attention_mask, kv_caches, cache_start=0)  # (B, T, C)
+def common_prefix_len(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with (the system prompt and instruction of chat questions), keeping
+    at least one token of each prompt outside it."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def prefill(model: Qwen2ForCausalLM, prompts: list[list[int]], pad_id: int, kv_caches: list[KVCache]):
+    """Fill the caches with the prompts; return last-slot logits (B, V), positions (B,), slot mask (B, T).
+
+    Slot layout: [shared prefix | left-padded suffixes]. The prefix is computed once (batch 1) and
+    broadcast into every row's cache; pad slots sit between prefix and suffix, masked out, and
+    rotary positions count real tokens only, so each row sees exactly its own prompt."""
+    device = model.lm_head.weight.device
+    P = common_prefix_len(prompts) if len(prompts) > 1 else 0
+    ids, suffix_mask = left_pad([p[P:] for p in prompts], pad_id, device)  # (B, S)
+    B = ids.shape[0]
+    if P:
+        prefix_caches = model.new_kv_caches(1, P)
+        model.model(torch.tensor([prompts[0][:P]], device=device), kv_caches=prefix_caches)
+        for cache, prefix_cache in zip(kv_caches, prefix_caches):
+            cache.update(0, prefix_cache.k.expand(B, -1, -1, -1), prefix_cache.v.expand(B, -1, -1, -1))
+    mask = torch.cat([torch.ones((B, P), dtype=torch.bool, device=device), suffix_mask], dim=1)  # (B, T)
+    position_ids = P + (suffix_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+    # No prefix and no padding: no mask, SDPA's causal fast path.
+    attention_mask = None if P == 0 and bool(suffix_mask.all()) else mask
+    hidden = model.model(ids, position_ids, attention_mask, kv_caches, cache_start=P)  # (B, S, C)
     logits = model.lm_head(hidden[:, -1])  # (B, V): only the last slot is needed
-    return logits, position_ids[:, -1]
+    return logits, position_ids[:, -1], mask
 
 
 def decode_step(model, token, positions, mask, kv_caches, cache_start: int) -> torch.Tensor:
@@ -49,29 +76,33 @@ def decode_step(model, token, positions, mask, kv_caches, cache_start: int) -> t
 def generate_batch(
     model: Qwen2ForCausalLM, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int
 ) -> list[list[int]]:
-    """Greedy continuation of each prompt (without the stop token), stopping per row."""
+    """Greedy continuation of each prompt (without the stop token), stopping per row.
+    Rows that have stopped are dropped from the batch once a quarter of it has (so a batch does not
+    keep computing for answers that are already complete; the copy is amortised)."""
     device = model.lm_head.weight.device
-    ids, mask = left_pad(prompts, pad_id, device)
-    B, T = ids.shape
+    B, T = len(prompts), max(len(p) for p in prompts)
     kv_caches = model.new_kv_caches(B, T + max_new_tokens)
-    logits, positions = prefill(model, ids, mask, kv_caches)
-    stop = torch.tensor(stop_ids, device=device)
-    out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
+    logits, positions, mask = prefill(model, prompts, pad_id, kv_caches)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)  # original row of each batch slot still decoding
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    n = 0
     for step in range(max_new_tokens):
-        token = logits.argmax(-1)  # (B,)
-        token = torch.where(done, pad_id, token)
-        out[:, step] = token
-        n = step + 1
+        token = torch.where(done, pad_id, logits.argmax(-1))  # (b,)
+        out[rows, step] = token
         done = done | torch.isin(token, stop)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
+        if 4 * int(done.sum()) >= len(done):
+            keep = (~done).nonzero().squeeze(1)
+            rows, token, positions, mask, done = rows[keep], token[keep], positions[keep], mask[keep], done[keep]
+            for cache in kv_caches:
+                cache.keep_rows(keep)
         positions = positions + 1
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.bool, device=device)], dim=1)
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.bool, device=device)], dim=1)
         logits = decode_step(model, token, positions, mask, kv_caches, cache_start=T + step)
     results = []
-    for row in out[:, :n].tolist():
+    for row in out.tolist():
         kept = []
         for t in row:
             if t in stop_ids:

@@ -77,6 +77,10 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (finished sequences leave the batch)."""
+        self.k, self.v = self.k[rows], self.v[rows]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):

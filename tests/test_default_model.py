@@ -78,3 +78,14 @@ def test_loading_peak_memory_under_1_5x_model_size(lm):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ratio = float(proc.stdout.strip().splitlines()[-1])
     assert 0.9 < ratio < 1.5, f"loading took {ratio:.2f}x the model's size in resident memory"
+
+
+def test_batched_chat_questions_equal_one_at_a_time(lm):
+    """Real chat prompts share their system prompt (computed once) and differ in length."""
+    tok = lm.tokenizer
+    questions = ["When did Caroline go to the LGBTQ support group?", "What is 2+2?",
+                 "Where did Melanie camp with her kids last summer, and what did they see there?",
+                 "Who painted the sunrise?", "Name three colours.", "What did Jon lose?"]
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    alone = [generate(lm.model, [p], 12, tok.stop_ids, tok.pad_id)[0] for p in prompts]
+    assert generate(lm.model, prompts, 12, tok.stop_ids, tok.pad_id) == alone

@@ -71,6 +71,23 @@ def test_batched_greedy_equals_one_at_a_time(tiny):
     assert all(len(a) > 0 for a in alone)
 
 
+def test_shared_prefix_and_early_stopping_rows_match_one_at_a_time(tiny):
+    """Prompts with a common prefix (computed once, broadcast) and rows that stop early (dropped
+    from the batch) still decode exactly as each prompt alone."""
+    from model.generate import common_prefix_len
+
+    kind, d, ref, lm = tiny
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(4, VOCAB, (9,), generator=g).tolist()
+    prompts = [prefix + torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in (1, 6, 3, 12, 2, 8, 5, 1)]
+    assert common_prefix_len(prompts) >= 9 and common_prefix_len([prefix, prefix]) == 8
+    free = [generate_batch(lm.model, [p], 10, [], pad_id=0)[0] for p in prompts]
+    stop = sorted({free[0][1], free[3][0], free[5][2]})  # several rows stop early, at different steps
+    alone = [generate_batch(lm.model, [p], 10, stop, pad_id=0)[0] for p in prompts]
+    assert sum(len(a) < 10 for a in alone) >= 3
+    assert generate_batch(lm.model, prompts, 10, stop, pad_id=0) == alone
+
+
 def test_greedy_matches_transformers_generate(tiny):
     kind, d, ref, lm = tiny
     prompt = torch.randint(4, VOCAB, (9,), generator=torch.Generator().manual_seed(4)).tolist()
