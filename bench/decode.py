@@ -36,20 +36,16 @@ transformers is a bench/test-only reference: it is imported here, never from mod
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from bench.common import atomic_write_json, cpu_name, device_slug, git_commit, versions
 from model.generate import generate
 from model.loader import LoadedModel, load_model
 
@@ -108,54 +104,11 @@ def batched_questions(n: int) -> list[str]:
 # Machine and run metadata
 # ---------------------------------------------------------------------------------------------
 
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    return device.type
-
-
-def git_info() -> dict:
-    def run(*cmd: str) -> str:
-        return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-
-    try:
-        return {"commit": run("git", "rev-parse", "HEAD") or None,
-                "dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no"))}
-    except Exception:
-        return {"commit": None, "dirty": None}
-
-
 def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,8 +384,6 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import transformers
-
     args = parse_args(argv)
     default_threads = torch.get_num_threads()
     if args.threads is not None:
@@ -468,17 +419,16 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "checkpoint": str(lm.path),
         "device": slug,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "dtype": str(dtype).removeprefix("torch."),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": versions(),
         "transformers_attn_implementation": getattr(ref.config, "_attn_implementation", None),
-        "cpu": {"model_name": cpu_model_name(), "os_cpu_count": os.cpu_count(),
+        "cpu": {"model_name": cpu_name(), "os_cpu_count": os.cpu_count(),
                 "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                 "torch_num_threads": torch.get_num_threads(),
                 "torch_default_num_threads": default_threads,
                 "torch_num_interop_threads": torch.get_num_interop_threads()},
-        "git": git_info(),
+        "git_commit": git_commit(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "loadavg_start": load_start,
         "loadavg_end": loadavg(),

@@ -13,7 +13,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from lora_core.inject import lora_parameters
 
