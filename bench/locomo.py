@@ -132,7 +132,8 @@ def run_conversation(sample: Sample, lm: LoadedModel, lora_cfg: LoRAConfig | Non
 
 def train_config(args) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       warmup_ratio=args.warmup_ratio, seed=args.seed)
+                       warmup_ratio=args.warmup_ratio, seed=args.seed,
+                       gradient_checkpointing=args.grad_checkpointing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--warmup-ratio", type=float, default=0.1)
     g.add_argument("--seq-len", type=int, default=512, help="tokens per training window")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute decoder layers in backward: less memory, ~1/3 more compute")
     g = ap.add_argument_group("answering and runtime")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--answer-batch-size", type=int, default=64)

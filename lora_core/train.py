@@ -75,6 +75,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0  # window order and dropout masks (train_lora seeds torch's global generator with it)
     loss_chunk_size: int = 1024
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (saves memory)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,6 +145,7 @@ def train_lora(
 
         bar = tqdm(total=total_steps, desc=desc, unit="step", leave=False)
     model.train()
+    model.model.gradient_checkpointing = cfg.gradient_checkpointing
     t0 = time.perf_counter()
     step = 0
     try:

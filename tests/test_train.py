@@ -317,3 +317,20 @@ def test_train_without_lora_layers_is_an_error(qwen_dir):
     ids, labels = make_lm_windows(repeated_text(30), SEQ_LEN, pad_id=0)
     with pytest.raises(ValueError, match="no LoRA parameters"):
         train_lora(model, ids, labels, TrainConfig(epochs=1))
+
+
+def test_gradient_checkpointing_gives_the_same_training(qwen_dir):
+    """Recomputing layers in backward changes memory, not the numbers."""
+    ids, labels = make_lm_windows(repeated_text(100), SEQ_LEN, pad_id=0)
+    runs = []
+    for checkpointing in (False, True):
+        model = tiny_lora_model(qwen_dir)
+        r = train_lora(model, ids, labels, TrainConfig(epochs=1, lr=1e-2, batch_size=2,
+                                                       gradient_checkpointing=checkpointing))
+        assert r.error is None and model.model.gradient_checkpointing == checkpointing
+        runs.append((r.losses, lora_state(model)))
+    (l1, w1), (l2, w2) = runs
+    assert len(l1) > 1
+    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-6)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=1e-6)
