@@ -27,20 +27,12 @@ from pathlib import Path
 import torch
 
 from bench.common import atomic_write_json, atomic_write_text, read_jsonl, run_info, write_jsonl
-from bench.locomo_data import (
-    CATEGORY_NAMES,
-    Sample,
-    conversation_text,
-    iter_samples,
-    load_locomo,
-    resolve_data_path,
-    select_questions,
-    training_source,
-)
+from bench.internalize import TRAIN_FORMATS, training_data
+from bench.locomo_data import CATEGORY_NAMES, Sample, iter_samples, load_locomo, resolve_data_path, select_questions
 from bench.locomo_score import aggregate, format_table, score_qa
 from lora_core.adapter_io import save_adapter
 from lora_core.inject import LoRAConfig, inject_lora, reset_lora, trainable_summary
-from lora_core.train import TrainConfig, make_lm_windows, train_lora
+from lora_core.train import TrainConfig, train_lora
 from model.generate import generate
 from model.loader import LoadedModel, load_model
 
@@ -51,7 +43,7 @@ QUESTION_TEMPLATE = "Answer the question in a few words.\nQuestion: {question}"
 RESULT_SETTINGS = (
     "method", "model", "dtype", "rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size",
     "grad_accum", "warmup_ratio", "seq_len", "seed", "max_new_tokens", "max_questions", "with_adversarial",
-    "timestamps",
+    "timestamps", "train_format",
 )
 
 
@@ -62,7 +54,8 @@ class RunConfigMismatch(ValueError):
 def method_label(args) -> str:
     if args.method == "base":
         return "Base (no context)"
-    extras = "".join([", timestamps" if args.timestamps else ""])
+    extras = "".join([", timestamps" if args.timestamps else "",
+                      f", {args.train_format}" if args.train_format != "text" else ""])
     return f"LoRA-Mem (r={args.rank}{extras})"
 
 
@@ -71,10 +64,9 @@ def method_label(args) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def training_windows(sample: Sample, lm: LoadedModel, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token windows over the conversation text. Built from `training_source(sample)`, which
-    carries only the conversation: no QA annotations, observations or summaries."""
-    text = conversation_text(training_source(sample), timestamps=args.timestamps)
-    return make_lm_windows(lm.tokenizer.encode(text), args.seq_len, lm.tokenizer.pad_id)
+    """Training windows of one conversation (bench.internalize): built from the conversation alone,
+    never from QA annotations, observations or summaries."""
+    return training_data(sample, lm.tokenizer, args.train_format, args.seq_len, args.timestamps, QUESTION_TEMPLATE)
 
 
 def answer_questions(lm: LoadedModel, questions: list, args) -> tuple[list[str], float]:
@@ -218,6 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timestamps", action="store_true",
                     help="session dates in the training text (the experiment had none)")
     g = ap.add_argument_group("LoRA and training")
+    g.add_argument("--train-format", choices=TRAIN_FORMATS, default="text",
+                   help="text: next-token loss on the conversation (the experiment); qa: template questions about "
+                        "the turns (who said what, when) in the chat format, loss on answers; text+qa: both")
     g.add_argument("--rank", type=int, default=8)
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch")
@@ -303,7 +298,7 @@ def run(args, dist: Dist, t_start: float) -> dict | None:
     }
     if args.method == "base":  # these do not apply; keep them out of the resume check
         for k in ("rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size", "grad_accum",
-                  "warmup_ratio", "seq_len", "timestamps"):
+                  "warmup_ratio", "seq_len", "timestamps", "train_format"):
             settings[k] = None
     if dist.rank == 0:
         check_or_write_run_config(out, settings)

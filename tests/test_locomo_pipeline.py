@@ -116,13 +116,15 @@ def test_resume_with_other_settings_is_refused(ckpt, tmp_path):
 
 def test_training_text_comes_from_the_conversation_only(ckpt, tmp_path, monkeypatch):
     seen = []
-    real = locomo.make_lm_windows
+    import bench.internalize as internalize
+
+    real = internalize.make_lm_windows
 
     def capture(token_ids, seq_len, pad_id):
         seen.append(token_ids)
         return real(token_ids, seq_len, pad_id)
 
-    monkeypatch.setattr(locomo, "make_lm_windows", capture)
+    monkeypatch.setattr(internalize, "make_lm_windows", capture)
     run(ckpt, tmp_path / "run", "--epochs", "1")
     from model.tokenizer import Tokenizer
 
@@ -170,3 +172,12 @@ def test_torchrun_two_cpu_processes_match_single_process(ckpt, tmp_path):
     assert dist["scores"] == single["scores"] and dist["world_size"] == 2
     for sid in ("tiny-1", "tiny-2"):
         assert (out / "adapters" / sid / "adapter_model.safetensors").is_file()
+
+
+def test_qa_train_format_runs(ckpt, tmp_path):
+    results = run(ckpt, tmp_path / "qa", "--train-format", "text+qa", "--seq-len", "256", "--epochs", "1",
+                  "--conversations", "tiny-1", "--max-questions", "2", "--timestamps")
+    assert results["method"] == "LoRA-Mem (r=4, timestamps, text+qa)"
+    train = json.loads((tmp_path / "qa" / "conversations" / "tiny-1" / "train.json").read_text())
+    assert train["windows"] >= 2 and train["error"] is None
+    assert results["settings"]["train_format"] == "text+qa"
