@@ -32,7 +32,7 @@ from bench.locomo_data import CATEGORY_NAMES, Sample, iter_samples, load_locomo,
 from bench.locomo_score import aggregate, format_table, score_qa
 from lora_core.adapter_io import save_adapter
 from lora_core.inject import LoRAConfig, inject_lora, reset_lora, trainable_summary
-from lora_core.train import TrainConfig, train_lora
+from lora_core.train import IGNORE_INDEX, TrainConfig, train_lora
 from model.generate import generate
 from model.loader import LoadedModel, load_model
 
@@ -98,7 +98,7 @@ def run_conversation(sample: Sample, lm: LoadedModel, lora_cfg: LoRAConfig | Non
         train = train_lora(lm.model, ids, labels, tcfg, progress=not args.quiet, desc=f"train {sample.sample_id}")
         atomic_write_json(conv_dir / "train.json", {
             "sample_id": sample.sample_id, "windows": ids.shape[0], "seq_len": args.seq_len,
-            "text_tokens": int((labels != -100).sum()) + ids.shape[0], **train.to_dict(),
+            "target_tokens": int((labels != IGNORE_INDEX).sum()), **train.to_dict(),
         })
         result.update(train_tokens=train.tokens, train_seconds=train.seconds,
                       final_loss=train.losses[-1] if train.losses else None, epochs_loss=train.epochs_loss)
