@@ -10,20 +10,36 @@ observations or summaries: every function here takes `training_source(sample)`, 
     Who said "I went to a LGBTQ support group yesterday and it was so powerful"?               -> Caroline
     What did Caroline say on 8 May 2023?                                                        -> I went to ...
     What did Melanie share a photo of on 8 May 2023?                                            -> a photo of ...
+
+Options (all off by default, which gives exactly the data of the original recipes):
+- `resolve_dates`: the text is the "timestamped+dates" format ("yesterday (7 May 2023)", from the session
+  date alone, see `bench.locomo_data.resolve_relative_dates`), and template quotes/answers read the same way.
+- `qa_per_turn`: at most that many template pairs per turn, the kind rotating over who/when/what/photo, so
+  that a CPU run can afford the qa format (10 conversations, default model's tokenizer, seq 512: all pairs
+  ~1.0M non-padding tokens per epoch, `qa_per_turn=1` ~0.31M, the timestamped text ~0.28M).
+- `abstention`: questions about subjects the conversation never mentions ("When did Caroline travel to
+  Iceland?"), answered "Not mentioned in the conversation." (what LoCoMo scores as abstention on category 5),
+  mixed into the QA pairs; built from a fixed vocabulary checked against the conversation text only.
 """
 
 from __future__ import annotations
 
+import random
+import re
 from dataclasses import dataclass
+from datetime import datetime
 
 import torch
+from nltk.stem import PorterStemmer
 
 from bench.locomo_data import (
     LocomoDataError,
     Sample,
+    Turn,
     conversation_text,
     parse_session_datetime,
     photo_note,
+    resolve_relative_dates,
     training_source,
 )
 from lora_core.train import IGNORE_INDEX, make_lm_windows
@@ -32,6 +48,7 @@ from model.tokenizer import Tokenizer
 TRAIN_FORMATS = ("text", "qa", "text+qa")
 SNIPPET_WORDS = 12  # a quote long enough to identify a turn, short enough to be a question
 ANSWER_WORDS = 40  # long turns are cut: answers are meant to be short
+ABSTENTION_ANSWER = "Not mentioned in the conversation."  # LoCoMo scores category 5 on "not mentioned"
 
 
 @dataclass(frozen=True)
@@ -45,34 +62,202 @@ def _words(text: str, n: int) -> str:
     return " ".join(words[:n]) + (" ..." if len(words) > n else "")
 
 
-def _date(date_time: str | None) -> str | None:
+def _parsed(date_time: str | None) -> datetime | None:
     if not date_time:
         return None
     try:
-        dt = parse_session_datetime(date_time)
+        return parse_session_datetime(date_time)
     except LocomoDataError:
+        return None
+
+
+def _date(date_time: str | None) -> str | None:
+    dt = _parsed(date_time)
+    if dt is None:
         return None
     return f"{dt.day} {dt.strftime('%B')} {dt.year}"  # LoCoMo's gold answers read like "7 May 2023"
 
 
-def template_qa(sample: Sample) -> list[QAPair]:
-    """Who said what, and when, for every turn of the conversation (session dates where known)."""
+# ----------------------------------------------------------------------------------------------------------------
+# Template QA over the turns
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _turn_pairs(turn: Turn, date: str | None, resolve_at: datetime | None) -> list[QAPair]:
+    """A turn's template pairs, in the order who, when, what, photo (those that apply)."""
+    pairs = []
+    text = " ".join(turn.text.split())
+    if len(text.split()) >= 4:
+        if resolve_at is not None:
+            text = resolve_relative_dates(text, resolve_at)
+        quote = _words(text, SNIPPET_WORDS)
+        pairs.append(QAPair(f'Who said "{quote}"?', turn.speaker))
+        if date:
+            pairs.append(QAPair(f'When did {turn.speaker} say "{quote}"?', date))
+            pairs.append(QAPair(f"What did {turn.speaker} say on {date}?", _words(text, ANSWER_WORDS)))
+    if turn.blip_caption and date:
+        shared = photo_note(turn.blip_caption)[len("[shares "):-1]
+        pairs.append(QAPair(f"What did {turn.speaker} share a photo of on {date}?", shared))
+    return pairs
+
+
+def template_qa(sample: Sample, *, qa_per_turn: int | None = None, resolve_dates: bool = False) -> list[QAPair]:
+    """Who said what, and when, for every turn of the conversation (session dates where known).
+
+    ``qa_per_turn=None``: every pair of every turn. ``qa_per_turn=k``: k pairs per turn (all if it has no more),
+    taken in rotation: the j-th turn that has pairs starts at its pair ``j mod (its number of pairs)`` in the
+    order who, when, what, photo, so a run of ordinary turns cycles who -> when -> what and a photo turn gives
+    its photo pair one time in four. ``resolve_dates``: quotes and answers carry resolved relative dates
+    ("yesterday (7 May 2023)"), as the "timestamped+dates" text does.
+    """
+    if qa_per_turn is not None and qa_per_turn < 1:
+        raise ValueError(f"qa_per_turn must be None or at least 1, got {qa_per_turn!r}")
     source = training_source(sample)  # the conversation only: no qa, observations or summaries
     pairs: list[QAPair] = []
+    rotation = 0
     for session in source.sessions:
         date = _date(session.date_time)
+        resolve_at = _parsed(session.date_time) if resolve_dates else None
         for turn in session.turns:
-            text = " ".join(turn.text.split())
-            if len(text.split()) >= 4:
-                quote = _words(text, SNIPPET_WORDS)
-                pairs.append(QAPair(f'Who said "{quote}"?', turn.speaker))
-                if date:
-                    pairs.append(QAPair(f'When did {turn.speaker} say "{quote}"?', date))
-                    pairs.append(QAPair(f"What did {turn.speaker} say on {date}?", _words(text, ANSWER_WORDS)))
-            if turn.blip_caption and date:
-                shared = photo_note(turn.blip_caption)[len("[shares "):-1]
-                pairs.append(QAPair(f"What did {turn.speaker} share a photo of on {date}?", shared))
+            options = _turn_pairs(turn, date, resolve_at)
+            if not options:
+                continue
+            if qa_per_turn is None or len(options) <= qa_per_turn:
+                pairs += options
+            else:
+                pairs += [options[(rotation + i) % len(options)] for i in range(qa_per_turn)]
+            rotation += 1
     return pairs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Abstention: questions about what the conversation never mentions
+# ----------------------------------------------------------------------------------------------------------------
+
+# Subjects by kind, with question forms like LoCoMo's. "{s}" is a speaker, "{x}" the subject, "{a_x}" it with
+# "a"/"an". A subject is only used if none of its words (or their stems) occurs anywhere in the conversation.
+ABSTENTION_VOCABULARY: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "place": (
+        ("Iceland", "Peru", "Morocco", "Norway", "Vietnam", "Kenya", "Argentina", "Egypt", "Finland", "Chile",
+         "Croatia", "Mongolia", "Nepal", "Cuba", "Scotland", "Sweden", "Portugal", "Tanzania", "Madagascar",
+         "Bolivia", "Estonia", "Jamaica", "Uruguay", "Slovenia", "Bhutan", "Namibia", "Ecuador", "Latvia",
+         "Malta", "Cambodia", "Greenland", "Fiji", "Tasmania", "Patagonia"),
+        ("When did {s} travel to {x}?", "What did {s} do on the trip to {x}?", "Why did {s} go to {x}?",
+         "Who went to {x} with {s}?", "What did {s} say about the trip to {x}?"),
+    ),
+    "pet": (
+        ("parrot", "hamster", "iguana", "ferret", "tortoise", "goldfish", "chinchilla", "hedgehog", "cockatoo",
+         "pony", "alpaca", "gecko", "parakeet", "guinea pig", "axolotl", "tarantula", "canary", "donkey",
+         "llama", "rooster"),
+        ("What is the name of {s}'s {x}?", "When did {s} get {a_x}?", "How old is {s}'s {x}?",
+         "What color is {s}'s {x}?"),
+    ),
+    "object": (
+        ("motorcycle", "sailboat", "telescope", "harp", "trampoline", "drone", "accordion", "microscope",
+         "saxophone", "treadmill", "typewriter", "chainsaw", "snowmobile", "jukebox", "harmonica", "unicycle",
+         "hammock", "tractor", "canoe", "banjo", "tuba", "greenhouse", "metronome", "sewing machine"),
+        ("When did {s} buy {a_x}?", "Why did {s} buy {a_x}?", "Where did {s} get the {x}?",
+         "What color is {s}'s {x}?"),
+    ),
+    "activity": (
+        ("archery", "fencing", "falconry", "beekeeping", "skydiving", "curling", "origami", "calligraphy",
+         "taxidermy", "juggling", "knitting", "woodworking", "birdwatching", "sumo wrestling", "karate", "judo",
+         "lacrosse", "rugby", "polo", "badminton", "snowboarding", "paragliding", "windsurfing", "embroidery",
+         "crochet", "ventriloquism", "parkour", "fly fishing"),
+        ("When did {s} take up {x}?", "How long has {s} been doing {x}?", "What got {s} into {x}?",
+         "How often does {s} practice {x}?"),
+    ),
+    "language": (
+        ("Icelandic", "Swahili", "Finnish", "Tagalog", "Hungarian", "Norwegian", "Korean", "Mandarin", "Polish",
+         "Dutch", "Czech", "Welsh", "Latin", "Esperanto", "Hebrew", "Thai"),
+        ("When did {s} start learning {x}?", "Why is {s} learning {x}?", "Who teaches {s} {x}?"),
+    ),
+    "person": (
+        ("Thaddeus", "Bartholomew", "Ignatius", "Winifred", "Percival", "Ottoline", "Cornelius", "Evangeline",
+         "Leopold", "Rosalind", "Barnaby", "Clementine", "Ezekiel", "Philippa", "Augustin", "Gwendolyn",
+         "Horatio", "Marisol", "Desmond", "Imogen"),
+        ("How did {s} meet {x}?", "What did {x} give {s}?", "What does {s} think of {x}?",
+         "When did {s} last see {x}?"),
+    ),
+}
+
+_stemmer = PorterStemmer()
+
+
+def _conversation_words(source: Sample) -> tuple[set[str], set[str]]:
+    """Every lowercase word of the conversation (text, photo notes, speaker names) and their Porter stems."""
+    text = conversation_text(source) + f"\n{source.speaker_a} {source.speaker_b}"
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    return words, {_stemmer.stem(w) for w in words}
+
+
+def mentions(source: Sample, subject: str, words: tuple[set[str], set[str]] | None = None) -> bool:
+    """Whether any word of ``subject`` occurs in the conversation: as a word, with the same Porter stem
+    ("kayak" ~ "kayaking"), or as the start of a longer word ("Iceland" ~ "Icelandic"). Case-insensitive."""
+    conv_words, conv_stems = words if words is not None else _conversation_words(source)
+    for w in re.findall(r"[a-z]+", subject.lower()):
+        if w in conv_words or _stemmer.stem(w) in conv_stems or any(c.startswith(w) for c in conv_words):
+            return True
+    return False
+
+
+def _with_article(x: str) -> str:
+    return ("an " if x[0].lower() in "aeiou" else "a ") + x
+
+
+def abstention_pairs(sample: Sample, n: int, seed: int) -> list[QAPair]:
+    """``n`` questions about subjects the conversation never mentions, each answered ``ABSTENTION_ANSWER``.
+
+    Built from the conversation alone (``training_source``): a subject of :data:`ABSTENTION_VOCABULARY` is used
+    only if :func:`mentions` finds none of its words in the conversation text. Each question pairs a subject with
+    one of its kind's question forms and one of the two speakers (alternating, so both are asked about about
+    equally). Deterministic given ``seed``; distinct subjects come first (a subject repeats, in another form or for
+    the other speaker, only when every usable subject has been asked once). Fewer than ``n`` only if the
+    vocabulary runs out.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n!r}")
+    source = training_source(sample)  # the conversation only
+    words = _conversation_words(source)
+    rng = random.Random(seed)
+    subjects = [(kind, x) for kind, (xs, _) in ABSTENTION_VOCABULARY.items() for x in xs
+                if not mentions(source, x, words)]
+    rng.shuffle(subjects)
+    speakers = (source.speaker_a, source.speaker_b)
+    per_subject = []
+    for i, (kind, x) in enumerate(subjects):
+        forms = list(ABSTENTION_VOCABULARY[kind][1])
+        rng.shuffle(forms)
+        first, second = speakers if i % 2 == 0 else speakers[::-1]  # subjects alternate who is asked about first
+        combos = [(f, first if j % 2 == 0 else second) for j, f in enumerate(forms)]
+        combos += [(f, second if j % 2 == 0 else first) for j, f in enumerate(forms)]
+        per_subject.append([QAPair(form.format(s=s, x=x, a_x=_with_article(x)), ABSTENTION_ANSWER)
+                            for form, s in combos])
+    out: list[QAPair] = []
+    for r in range(max((len(c) for c in per_subject), default=0)):  # round r: the r-th form of every subject
+        for combos in per_subject:
+            if len(out) == n:
+                return out
+            if r < len(combos):
+                out.append(combos[r])
+    return out
+
+
+def _interleave(positives: list[QAPair], negatives: list[QAPair]) -> list[QAPair]:
+    """The negatives spread evenly among the positives (the j-th after ((j+1) * P) // (N+1) positives)."""
+    slots = [(j + 1) * len(positives) // (len(negatives) + 1) for j in range(len(negatives))]
+    out, j = [], 0
+    for i, pair in enumerate(positives):
+        while j < len(negatives) and slots[j] == i:
+            out.append(negatives[j])
+            j += 1
+        out.append(pair)
+    return out + negatives[j:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Windows
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def chat_qa_windows(pairs: list[QAPair], tok: Tokenizer, seq_len: int, question_template: str):
@@ -108,16 +293,52 @@ def chat_qa_windows(pairs: list[QAPair], tok: Tokenizer, seq_len: int, question_
     return input_ids, targets
 
 
-def training_data(sample: Sample, tok: Tokenizer, train_format: str, seq_len: int, timestamps: bool,
-                  question_template: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, targets) windows of one conversation for `train_format` in TRAIN_FORMATS."""
+def training_qa_pairs(sample: Sample, train_format: str, *, resolve_dates: bool = False,
+                      qa_per_turn: int | None = None, abstention: bool = False, abstention_ratio: float = 0.1,
+                      seed: int = 0) -> list[QAPair]:
+    """The chat-QA pairs that :func:`training_data` trains on for ``train_format`` ([] for plain "text").
+
+    With ``abstention``, ``max(1, round(abstention_ratio * P))`` negatives (:func:`abstention_pairs`), where P is
+    the number of template pairs (:func:`template_qa` with ``qa_per_turn``/``resolve_dates``): formats with qa mix
+    them evenly into those P pairs; "text" trains them with as many template pairs, evenly spaced over the
+    conversation, so that the model keeps answering rather than always abstaining.
+    """
     if train_format not in TRAIN_FORMATS:
         raise ValueError(f"unknown train format {train_format!r} (choose from {', '.join(TRAIN_FORMATS)})")
+    if abstention and not abstention_ratio > 0:
+        raise ValueError(f"abstention_ratio must be > 0, got {abstention_ratio!r}")
+    source = training_source(sample)
+    if train_format == "text" and not abstention:
+        return []
+    pairs = template_qa(source, qa_per_turn=qa_per_turn, resolve_dates=resolve_dates)
+    if not abstention:
+        return pairs
+    negatives = abstention_pairs(source, max(1, round(abstention_ratio * len(pairs))), seed)
+    if train_format == "text":  # as many positives as negatives, spread over the conversation
+        k = min(len(negatives), len(pairs))
+        pairs = [pairs[i * len(pairs) // k] for i in range(k)] if k else []
+    return _interleave(pairs, negatives)
+
+
+def training_data(sample: Sample, tok: Tokenizer, train_format: str, seq_len: int, timestamps: bool,
+                  question_template: str, *, resolve_dates: bool = False, qa_per_turn: int | None = None,
+                  abstention: bool = False, abstention_ratio: float = 0.1,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, targets) windows of one conversation for `train_format` in TRAIN_FORMATS.
+
+    The text part is ``conversation_text`` in the "raw" format, "timestamped" with ``timestamps``, and
+    "timestamped+dates" with ``resolve_dates`` (which includes the timestamps, whatever ``timestamps`` says).
+    The chat-QA part is :func:`training_qa_pairs` (options documented there; ``seed`` picks the abstention
+    questions). All options off: exactly the original data.
+    """
+    pairs = training_qa_pairs(sample, train_format, resolve_dates=resolve_dates, qa_per_turn=qa_per_turn,
+                              abstention=abstention, abstention_ratio=abstention_ratio, seed=seed)
     source = training_source(sample)
     parts = []
     if train_format in ("text", "text+qa"):
-        text = conversation_text(source, timestamps=timestamps)
+        fmt = "timestamped+dates" if resolve_dates else ("timestamped" if timestamps else "raw")
+        text = conversation_text(source, format=fmt)
         parts.append(make_lm_windows(tok.encode(text), seq_len, tok.pad_id))
-    if train_format in ("qa", "text+qa"):
-        parts.append(chat_qa_windows(template_qa(source), tok, seq_len, question_template))
+    if pairs:
+        parts.append(chat_qa_windows(pairs, tok, seq_len, question_template))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

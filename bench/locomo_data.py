@@ -19,7 +19,7 @@ import re
 import tempfile
 import urllib.request
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -41,6 +41,7 @@ __all__ = [
     "photo_note",
     "session_texts",
     "conversation_text",
+    "resolve_relative_dates",
     "FORMATS",
     "iter_samples",
 ]
@@ -368,6 +369,295 @@ def _day_month_year(dt: datetime) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Relative dates, resolved the way a reader would from the session's date alone
+# ----------------------------------------------------------------------------------------------------------------
+#
+# "I went to a support group yesterday" said on 8 May 2023 -> "... yesterday (7 May 2023)". The annotation is
+# computed from the session date and the words of the turn only (never from the QA annotations). Each rule below
+# is one row: a pattern and a function (match, session day, the sentence around the match) -> the text to put in
+# brackets after the expression, or None to leave it untouched. Conventions (documented per row):
+#   - a week runs Monday-Sunday; a weekend is named by its Saturday ("the weekend of 6 May 2023");
+#   - seasons are the northern meteorological ones (spring Mar-May, summer Jun-Aug, fall Sep-Nov, winter Dec-Feb);
+#   - "last <weekday>" is the most recent such day strictly before the session date, "next <weekday>" the first
+#     strictly after it; "on/this <weekday>" and "this weekend" look at the tense of their sentence (below);
+#   - vague amounts ("a few days ago", "the other day") get a vague but anchored annotation
+#     ("a few days before 8 May 2023"); "a couple of" counts as two.
+# Left untouched: "the/my/his/... last week" (a final week, not a date), "today's" (often generic: "today's
+# world"), bare weekdays, "recently"/"lately", "last time"/"last talked" (not a unit of time), hours and minutes.
+
+_MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+                "November", "December")
+
+# Weekday spellings -> date.weekday() (Monday = 0). The abbreviations "mon", "wed", "sat" and "sun" are left out:
+# "when I last sat down", "the last sun of summer" read as words, not days.
+_WEEKDAY_NUMBERS = {"monday": 0, "tuesday": 1, "tues": 1, "tue": 1, "wednesday": 2, "thursday": 3, "thurs": 3,
+                    "thur": 3, "thu": 3, "friday": 4, "fri": 4, "saturday": 5, "sunday": 6}
+
+# Amounts before "... ago": None = vague ("a few"), resolved to "a few <unit>s before <anchor>".
+_AMOUNTS: dict[str, int | None] = {
+    "a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
+    "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "a couple of": 2, "a couple": 2, "couple of": 2,
+    "a few": None, "few": None, "several": None,
+}
+
+_SEASON_FIRST_MONTH = {"spring": 3, "summer": 6, "fall": 9, "autumn": 9, "winter": 12}
+
+# Words before "last/next/past ..." that make it an adjective, not a date: "my last week at work", "the next month".
+# ("her", "that" and "one" are not here: "I saw her last week", "I told you that last week", "I tried one last
+# week" are dates.)
+_DETERMINERS = {"the", "a", "an", "my", "your", "his", "its", "our", "their", "these", "those", "every", "each",
+                "whose"}
+
+# Tense of the sentence around "on Friday" / "this Friday" / "this weekend": "I won on Friday" is the Friday
+# before the session, "on Sunday I am going on a picnic" the Sunday after. A cue list, not a parser: when the
+# sentence has cues of one tense only, that tense decides; otherwise the rule's default applies.
+_FUTURE_CUES = re.compile(
+    r"\b(?:will|won't|shall|gonna|wanna|going to|plan(?:s|ning)? to|planning|can't wait|cannot wait|"
+    r"looking forward|hope to|let's|let`s)\b|['’]ll\b|"
+    r"\b(?:i'm|i am|we're|we are|you're|you are|he's|he is|she's|she is|they're|they are)\s+(?:\w+\s+)?\w+ing\b",
+    re.IGNORECASE,
+)
+_PAST_CUES = re.compile(
+    r"\b(?:was|were|had|did|went|got|took|made|saw|ran|won|found|came|met|bought|spent|felt|gave|told|began|"
+    r"left|heard|thought|\w{3,}ed)\b",
+    re.IGNORECASE,
+)
+_NOT_PAST = {"excited", "interested", "tired", "pleased", "thrilled", "stressed", "scared", "bored", "worried",
+             "amazed", "inspired", "motivated", "blessed", "stoked", "pumped", "prepared", "determined", "exceed",
+             "proceed", "succeed"}
+
+
+def _dmy(d: date) -> str:
+    return f"{d.day} {_MONTH_NAMES[d.month - 1]} {d.year}"  # "7 May 2023", as LoCoMo's gold answers read
+
+
+def _month_year(year: int, month: int) -> str:
+    return f"{_MONTH_NAMES[month - 1]} {year}"
+
+
+def _add_months(d: date, k: int) -> tuple[int, int]:
+    """(year, month) k months after d's month (k may be negative)."""
+    n = d.year * 12 + (d.month - 1) + k
+    return n // 12, n % 12 + 1
+
+
+def _weekday_before(d: date, wd: int) -> date:
+    """The most recent weekday ``wd`` strictly before d (a week back if d is that weekday)."""
+    return d - timedelta(days=(d.weekday() - wd - 1) % 7 + 1)
+
+
+def _weekday_after(d: date, wd: int) -> date:
+    """The first weekday ``wd`` strictly after d."""
+    return d + timedelta(days=(wd - d.weekday() - 1) % 7 + 1)
+
+
+def _weekend_before(d: date) -> date:
+    """Saturday of the last whole weekend before d (said on a Saturday or Sunday: the one before that)."""
+    saturday = d - timedelta(days=(d.weekday() - 5) % 7)  # the most recent Saturday, d itself included
+    return saturday - timedelta(weeks=1) if d.weekday() >= 5 else saturday
+
+
+def _weekend_after(d: date) -> date:
+    """Saturday of the first weekend starting after d."""
+    return _weekday_after(d, 5)
+
+
+def _tense(sentence: str) -> str | None:
+    """'past' or 'future' when the sentence has cues of that tense only, else None."""
+    future = bool(_FUTURE_CUES.search(sentence))
+    past = any(m.group(0).lower() not in _NOT_PAST for m in _PAST_CUES.finditer(sentence))
+    if future != past:
+        return "future" if future else "past"
+    return None
+
+
+def _season(name: str, first_year: int) -> str:
+    return f"winter {first_year}-{first_year + 1}" if name == "winter" else f"{name} {first_year}"
+
+
+def _season_span(name: str, first_year: int) -> tuple[date, date]:
+    """[start, end) of the season that begins in ``first_year`` (winter 2022 = Dec 2022 - Feb 2023)."""
+    start = date(first_year, _SEASON_FIRST_MONTH[name], 1)
+    end_year, end_month = _add_months(start, 3)
+    return start, date(end_year, end_month, 1)
+
+
+def _resolve_season(which: str, name: str, d: date) -> str:
+    """last: the latest season of that name that ended by d; this: the one containing d, else the coming one;
+    next: the first one starting after d."""
+    years = range(d.year - 2, d.year + 2)
+    spans = [(y, *_season_span(name, y)) for y in years]
+    if which == "last":
+        y = max(y for y, _, end in spans if end <= d)
+    elif which == "this":
+        y = next((y for y, start, end in spans if start <= d < end), None)
+        if y is None:
+            y = min(y for y, start, _ in spans if start > d)
+    else:
+        y = min(y for y, start, _ in spans if start > d)
+    return _season(name, y)
+
+
+def _ago(m: re.Match, d: date, sentence: str) -> str | None:
+    """"two days ago" -> the date; "3 weeks ago" -> the week; "a few months ago" -> "a few months before May 2023"."""
+    amount = " ".join(m.group("n").lower().split())
+    n = int(amount) if amount.isdigit() else _AMOUNTS[amount]
+    unit = m.group("unit").lower()
+    if n is None:  # vague: anchor it at the session's day, month or year
+        anchor = {"month": _month_year(d.year, d.month), "year": str(d.year)}.get(unit, _dmy(d))
+        amount = "a few" if amount == "few" else amount
+        return f"{amount} {unit}s before {anchor}"
+    if n == 0:
+        return None
+    if unit == "day":
+        return _dmy(d - timedelta(days=n))
+    if unit == "week":
+        return f"the week of {_dmy(d - timedelta(weeks=n))}"
+    if unit == "weekend":
+        return f"the weekend of {_dmy(_weekend_before(d) - timedelta(weeks=n - 1))}"
+    if unit == "month":
+        return _month_year(*_add_months(d, -n))
+    return str(d.year - n)
+
+
+def _on_or_this_weekday(m: re.Match, d: date, sentence: str) -> str:
+    """"on Friday" (default: the past one) / "this Friday" (default: the coming one), by the sentence's tense."""
+    wd = _WEEKDAY_NUMBERS[m.group("wd").lower()]
+    which = m.group("which").lower()
+    if which == "this" and wd == d.weekday():
+        return _dmy(d)
+    tense = _tense(sentence) or ("past" if which == "on" else "future")
+    return _dmy(_weekday_before(d, wd) if tense == "past" else _weekday_after(d, wd))
+
+
+def _this_weekend(m: re.Match, d: date, sentence: str) -> str:
+    """Said on a Saturday or Sunday: that weekend. Otherwise the coming one, or the one just gone if the sentence
+    is in the past tense ("we tried snowshoeing this weekend", said on a Wednesday)."""
+    if d.weekday() >= 5:
+        saturday = d - timedelta(days=d.weekday() - 5)
+    else:
+        saturday = _weekend_before(d) if _tense(sentence) == "past" else _weekend_after(d)
+    return f"the weekend of {_dmy(saturday)}"
+
+
+def _last_month_name(m: re.Match, d: date, sentence: str) -> str:
+    """"last August": the most recent August before the session's month."""
+    month = _MONTH_NAMES.index(m.group("month")) + 1
+    return _month_year(d.year if month < d.month else d.year - 1, month)
+
+
+def _next_month_name(m: re.Match, d: date, sentence: str) -> str:
+    """"next August": the first August after the session's month."""
+    month = _MONTH_NAMES.index(m.group("month")) + 1
+    return _month_year(d.year if month > d.month else d.year + 1, month)
+
+
+def _shift(days: int) -> Callable[[re.Match, date, str], str]:
+    return lambda m, d, s: _dmy(d + timedelta(days=days))
+
+
+def _weekday(after: bool) -> Callable[[re.Match, date, str], str]:
+    def resolve(m: re.Match, d: date, s: str) -> str:
+        wd = _WEEKDAY_NUMBERS[m.group("wd").lower()]
+        return _dmy(_weekday_after(d, wd) if after else _weekday_before(d, wd))
+    return resolve
+
+
+_WD = r"(?P<wd>" + "|".join(sorted(_WEEKDAY_NUMBERS, key=len, reverse=True)) + r")"
+_PART = r"(?:\s+(?:morning|afternoon|evening|night))?"  # "yesterday morning (7 May 2023)": the note goes after it
+_AMOUNT = r"(?P<n>\d{1,3}|" + "|".join(a.replace(" ", r"\s+") for a in sorted(_AMOUNTS, key=len, reverse=True)) + r")"
+_SEASON_NAMES = "|".join(_SEASON_FIRST_MONTH)
+_MONTH = r"(?P<month>(?-i:" + "|".join(_MONTH_NAMES) + r"))"  # capitalised only: "last may" is not a month
+
+# (pattern, resolver). Patterns are case-insensitive, match whole words, and may take a possessive "'s"
+# ("last week's game (the week before ...)"). Where two matches overlap, the one starting first wins, then the
+# longer ("the day before yesterday" over "yesterday").
+_DATE_RULES: list[tuple[str, Callable[[re.Match, date, str], str | None]]] = [
+    # days
+    (rf"the\s+day\s+before\s+yesterday{_PART}", _shift(-2)),
+    (rf"the\s+day\s+after\s+tomorrow{_PART}", _shift(+2)),
+    (rf"yesterday{_PART}", _shift(-1)),
+    (r"last\s+night", _shift(-1)),
+    (r"today", _shift(0)),  # "today's" is skipped in _annotation (generic: "today's world")
+    (r"tonight", _shift(0)),
+    (r"this\s+(?:morning|afternoon|evening)", _shift(0)),
+    (rf"tomorrow{_PART}", _shift(+1)),
+    (rf"last\s+{_WD}{_PART}", _weekday(after=False)),
+    (rf"next\s+{_WD}{_PART}", _weekday(after=True)),
+    (rf"(?P<which>on|this)\s+{_WD}{_PART}", _on_or_this_weekday),
+    (r"the\s+other\s+day", lambda m, d, s: f"a few days before {_dmy(d)}"),
+    # "two days ago", "3 weeks ago", "a few years back" (not "two weeks back home")
+    (rf"{_AMOUNT}\s+(?P<unit>day|weekend|week|month|year)s?\s+(?:ago|back(?!\s+(?:home|to|from|in|into|at|on|up|"
+     r"down|out|over|then)\b))", _ago),
+    # weeks and weekends
+    (r"(?:last|this\s+past)\s+week", lambda m, d, s: f"the week before {_dmy(d)}"),
+    (r"this\s+week", lambda m, d, s: f"the week of {_dmy(d)}"),
+    (r"next\s+week", lambda m, d, s: f"the week after {_dmy(d)}"),
+    (r"(?:last|this\s+past)\s+weekend", lambda m, d, s: f"the weekend of {_dmy(_weekend_before(d))}"),
+    (r"this\s+weekend", _this_weekend),
+    (r"next\s+weekend", lambda m, d, s: f"the weekend of {_dmy(_weekend_after(d))}"),
+    # months, years, seasons
+    (r"last\s+month", lambda m, d, s: _month_year(*_add_months(d, -1))),
+    (r"this\s+month", lambda m, d, s: _month_year(d.year, d.month)),
+    (r"next\s+month", lambda m, d, s: _month_year(*_add_months(d, +1))),
+    (rf"last\s+{_MONTH}", _last_month_name),
+    (rf"next\s+{_MONTH}", _next_month_name),
+    (r"last\s+year", lambda m, d, s: str(d.year - 1)),
+    (r"this\s+year", lambda m, d, s: str(d.year)),
+    (r"next\s+year", lambda m, d, s: str(d.year + 1)),
+    (rf"(?P<which>last|this|next)\s+(?P<season>{_SEASON_NAMES})",
+     lambda m, d, s: _resolve_season(m.group("which").lower(), m.group("season").lower(), d)),
+]
+_DATE_RES = [(re.compile(rf"(?<![\w-])(?:{p})(?P<poss>['’]s)?(?![\w-])(?!['’]\w)", re.IGNORECASE), f)
+             for p, f in _DATE_RULES]
+
+
+def _sentence_around(text: str, start: int, end: int) -> str:
+    """The sentence (between . ! ? marks) that holds text[start:end]."""
+    left = max(text.rfind(c, 0, start) for c in ".!?") + 1
+    right = min((i for i in (text.find(c, end) for c in ".!?") if i >= 0), default=len(text))
+    return text[left:right]
+
+
+def _annotation(text: str, m: re.Match, resolve, day: date) -> str | None:
+    phrase = m.group(0).lower()
+    if phrase.split()[0] in ("last", "next", "past"):
+        before = re.search(r"(\w+)\s+$", text[: m.start()])
+        if before and before.group(1).lower() in _DETERMINERS:
+            return None  # "my last week at work", "the next month or so"
+    if m.group("poss") and phrase.startswith("today"):
+        return None
+    return resolve(m, day, _sentence_around(text, m.start(), m.end()))
+
+
+def resolve_relative_dates(text: str, session_date: datetime | date) -> str:
+    """Follow each relative time expression in ``text`` by the absolute date it denotes, from ``session_date``.
+
+    ``"I went to a support group yesterday."`` on 8 May 2023 -> ``"I went to a support group yesterday (7 May
+    2023)."``; ``"last week"`` -> ``"last week (the week before 8 May 2023)"``; ``"last month"`` ->
+    ``"last month (April 2023)"``; ``"two days ago"`` -> ``"two days ago (6 May 2023)"``. The rules and their
+    conventions are the table ``_DATE_RULES`` above. Only the session date is used; text without a relative
+    expression comes back unchanged.
+    """
+    day = session_date.date() if isinstance(session_date, datetime) else session_date
+    found: list[tuple[int, int, str]] = []
+    for regex, resolve in _DATE_RES:
+        for m in regex.finditer(text):
+            note = _annotation(text, m, resolve, day)
+            if note:
+                found.append((m.start(), m.end(), note))
+    found.sort(key=lambda f: (f[0], -f[1]))  # leftmost first, then longest
+    out, pos = [], 0
+    for start, end, note in found:
+        if start < pos:
+            continue  # overlaps a match already annotated
+        out += [text[pos:end], f" ({note})"]
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training text -- THE one place it is formatted
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -388,8 +678,11 @@ def photo_note(caption: str) -> str:
     return f"[shares {cap}]"
 
 
-def _turn_body(turn: Turn) -> str:
+def _turn_body(turn: Turn, resolve_at: datetime | None = None) -> str:
+    """The turn's text on one line, relative dates resolved against ``resolve_at`` if given, then the photo note."""
     text = _clean(turn.text)
+    if resolve_at is not None:
+        text = resolve_relative_dates(text, resolve_at)
     if turn.blip_caption:
         note = photo_note(turn.blip_caption)
         text = f"{text} {note}" if text else note
@@ -409,19 +702,35 @@ def _ts_header(sample: Sample, session: Session) -> str | None:
     return f"Session {session.index} — {session.date_time}" if session.date_time else f"Session {session.index}"
 
 
-def _ts_turn(sample: Sample, session: Session, turn: Turn) -> str:
+def _session_datetime(sample: Sample, session: Session) -> datetime | None:
+    """The session's parsed date (None if it has none); an unparseable one names sample and field."""
     if not session.date_time:
-        return f"{turn.speaker} said: {_turn_body(turn)}"
+        return None
     try:
-        dt = parse_session_datetime(session.date_time)
+        return parse_session_datetime(session.date_time)
     except LocomoDataError as e:
         raise LocomoDataError(f"sample {sample.sample_id!r} session_{session.index}_date_time: {e}") from None
+
+
+def _ts_turn(sample: Sample, session: Session, turn: Turn) -> str:
+    dt = _session_datetime(sample, session)
+    if dt is None:
+        return f"{turn.speaker} said: {_turn_body(turn)}"
     return f"On {_day_month_year(dt)}, {turn.speaker} said: {_turn_body(turn)}"
+
+
+def _ts_dates_turn(sample: Sample, session: Session, turn: Turn) -> str:
+    dt = _session_datetime(sample, session)
+    if dt is None:  # nothing to resolve against
+        return f"{turn.speaker} said: {_turn_body(turn)}"
+    return f"On {_day_month_year(dt)}, {turn.speaker} said: {_turn_body(turn, resolve_at=dt)}"
 
 
 FORMATS: dict[str, tuple[Callable[[Sample, Session], str | None], Callable[[Sample, Session, Turn], str]]] = {
     "raw": (_raw_header, _raw_turn),  # the original experiment: "Speaker: text", no dates
     "timestamped": (_ts_header, _ts_turn),  # session header with date + "On 8 May 2023, X said: text"
+    # as "timestamped", and "yesterday" -> "yesterday (7 May 2023)" from the session date (resolve_relative_dates)
+    "timestamped+dates": (_ts_header, _ts_dates_turn),
 }
 
 
@@ -448,7 +757,9 @@ def conversation_text(sample: Sample, timestamps: bool = False, *, format: str |
     Default (``"raw"``, faithful to the original experiment): ``Speaker: text`` one turn per line, sessions in
     order separated by a blank line, no dates; a shared photo adds ``[shares a photo of ...]`` from its BLIP
     caption. ``timestamps=True`` (``"timestamped"``): each session opens with ``Session 3 — 1:56 pm on 8 May, 2023``
-    and each turn reads ``On 8 May 2023, Caroline said: text``.
+    and each turn reads ``On 8 May 2023, Caroline said: text``. ``format="timestamped+dates"``: the timestamped
+    text with relative dates resolved from the session date (:func:`resolve_relative_dates`), e.g. ``On 8 May
+    2023, Caroline said: I went to a LGBTQ support group yesterday (7 May 2023) and it was so powerful.``
     """
     return "\n\n".join(session_texts(sample, timestamps, format=format))
 

@@ -1,10 +1,12 @@
 """LoCoMo loading, validation, data-path resolution and training-text formatting (bench/locomo_data.py)."""
 
 import copy
+import hashlib
 import json
 import os
+import re
 import urllib.error
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from bench.locomo_data import (
     load_locomo,
     parse_session_datetime,
     resolve_data_path,
+    resolve_relative_dates,
     select_questions,
     session_texts,
     training_source,
@@ -151,12 +154,47 @@ def test_conversation_text_timestamps(tiny):
     assert "On 14 February 2024, Tom said: You should sell them at the spring market in April." in ts2
 
 
+# "timestamped+dates": the timestamped text, relative dates resolved from the session date. 8 May 2023 is a
+# Monday, 27 June 2023 a Tuesday ("ran ... on Sunday" is past tense: 25 June), 14 February 2024 a Wednesday.
+TINY1_TSD = """\
+Session 1 — 1:56 pm on 8 May, 2023
+On 8 May 2023, Alice said: Hi Bob! I adopted a puppy named Biscuit yesterday (7 May 2023).
+On 8 May 2023, Bob said: Congrats Alice! I started learning the violin last week (the week before 8 May 2023).
+On 8 May 2023, Alice said: Here he is at the beach. [shares a photo of a dog running on a beach]
+
+Session 2 — 10:37 am on 27 June, 2023
+On 27 June 2023, Bob said: I moved to Lisbon in 2022, and I love it.
+On 27 June 2023, Alice said: Biscuit and I ran a 5k charity race on Sunday (25 June 2023).
+On 27 June 2023, Bob said: Amazing! I performed at my first violin recital."""
+
+
+def test_conversation_text_timestamped_dates(tiny):
+    assert conversation_text(tiny[0], format="timestamped+dates") == TINY1_TSD
+    tsd2 = conversation_text(tiny[1], format="timestamped+dates").splitlines()
+    ts2 = conversation_text(tiny[1], timestamps=True).splitlines()
+    changed = [(a, b) for a, b in zip(ts2, tsd2) if a != b]
+    assert changed == [("On 14 February 2024, Tom said: I ran 30 kilometers this morning, a new personal best.",
+                        "On 14 February 2024, Tom said: I ran 30 kilometers this morning (14 February 2024), a new "
+                        "personal best.")]  # "in September", "in April", "Happy new year" are not relative
+    # the photo note is never resolved, only the turn's words
+    assert "On 3 January 2024, Maya said: [shares a photo of a clay bowl on a wheel]" in tsd2
+
+
+def test_timestamped_dates_without_session_date(tmp_path, raw):
+    del raw[0]["conversation"]["session_1_date_time"]
+    a = load_locomo(_write(tmp_path, raw))[0]
+    lines = conversation_text(a, format="timestamped+dates").splitlines()
+    assert lines[:2] == ["Session 1", "Alice said: Hi Bob! I adopted a puppy named Biscuit yesterday."]
+
+
 def test_session_texts_join_to_conversation_text(tiny):
     for s in tiny:
         for ts in (False, True):
             parts = session_texts(s, ts)
             assert len(parts) == 2
             assert "\n\n".join(parts) == conversation_text(s, ts)
+        parts = session_texts(s, format="timestamped+dates")
+        assert "\n\n".join(parts) == conversation_text(s, format="timestamped+dates")
 
 
 def test_unknown_format(tiny):
@@ -168,9 +206,9 @@ def test_no_leakage_into_training_text(tiny):
     for s in tiny:
         src = training_source(s)
         assert src.qa == [] and s.qa  # the original keeps its QA
-        for ts in (False, True):
-            text = conversation_text(s, ts)
-            assert conversation_text(src, ts) == text
+        for fmt in ("raw", "timestamped", "timestamped+dates"):
+            text = conversation_text(s, format=fmt)
+            assert conversation_text(src, format=fmt) == text
             assert "LEAK" not in text  # observation / session_summary / event_summary never loaded
             for q in s.qa:
                 assert q.question not in text
@@ -416,3 +454,195 @@ def test_real_data_text():
         "Session 1 — 1:56 pm on 8 May, 2023",
         "On 8 May 2023, Caroline said: Hey Mel! Good to see you! How have you been?",
     ]
+
+
+def test_real_data_raw_and_timestamped_text_pinned():
+    """The "raw" and "timestamped" formats are frozen: runs made with them must stay reproducible."""
+    samples = load_locomo(_real_path())
+    digests = {fmt: hashlib.sha256("\n\n\n".join(conversation_text(s, format=fmt) for s in samples).encode()).hexdigest()
+               for fmt in ("raw", "timestamped")}
+    assert digests == {
+        "raw": "f6f631d7071ee51f3ffa8ad9a07d264c68cf052bf23f6af03713b22cabe97881",
+        "timestamped": "a1915071c728b50af898bd5b4f8c464dfd90afbc531a5604fda6cb125dc00210",
+    }
+    raw_lines = conversation_text(samples[0]).splitlines()
+    ts_lines = conversation_text(samples[0], timestamps=True).splitlines()
+    assert raw_lines[2] == "Caroline: I went to a LGBTQ support group yesterday and it was so powerful."
+    assert raw_lines[13] == "Melanie: Yeah, I painted that lake sunrise last year! It's special to me."
+    assert raw_lines[11].endswith("By the way, take a look at this. [shares a photo of a painting of a sunset over a lake]")
+    assert ts_lines[3] == "On 8 May 2023, Caroline said: I went to a LGBTQ support group yesterday and it was so powerful."
+    assert ts_lines[14] == "On 8 May 2023, Melanie said: Yeah, I painted that lake sunrise last year! It's special to me."
+    tsd_lines = conversation_text(samples[0], format="timestamped+dates").splitlines()
+    assert tsd_lines[3] == ("On 8 May 2023, Caroline said: I went to a LGBTQ support group yesterday (7 May 2023) and "
+                            "it was so powerful.")
+    assert tsd_lines[14] == ("On 8 May 2023, Melanie said: Yeah, I painted that lake sunrise last year (2022)! It's "
+                             "special to me.")
+
+
+# Every note the resolver writes, to strip them again: "(7 May 2023)", "(the week before 8 May 2023)", "(2022)",
+# "(April 2023)", "(summer 2022)", "(winter 2022-2023)", "(a few days before 8 May 2023)", ...
+_NOTE = re.compile(r" \((?:the week (?:before|of|after) |the weekend of |(?:a few|several|a couple of|a couple|couple of)"
+                   r" \w+ before |(?:spring|summer|fall|autumn|winter) )?(?:\d{1,2} )?(?:[A-Z][a-z]+ )?\d{4}(?:-\d{4})?\)")
+
+
+def test_real_data_timestamped_dates_only_inserts_notes():
+    samples = load_locomo(_real_path())
+    changed = 0
+    for s in samples:
+        ts = conversation_text(s, format="timestamped").splitlines()
+        tsd = conversation_text(s, format="timestamped+dates").splitlines()
+        assert len(ts) == len(tsd)
+        for a, b in zip(ts, tsd):
+            if a != b:
+                changed += 1
+                assert _NOTE.sub("", b) == _NOTE.sub("", a), (a, b)  # the same words, notes added
+                assert len(_NOTE.findall(b)) > len(_NOTE.findall(a))
+    assert 450 < changed < 600  # 513 turns (of 5,882) carry a relative date on this data
+
+
+# ---------------------------------------------------------------------------- relative dates
+
+MON = datetime(2023, 5, 8, 13, 56)  # Monday 8 May 2023, 1:56 pm
+
+
+@pytest.mark.parametrize(
+    "text, when, expected",
+    [
+        # days
+        ("I went to a support group yesterday.", MON, "I went to a support group yesterday (7 May 2023)."),
+        ("Yesterday, I ran.", MON, "Yesterday (7 May 2023), I ran."),
+        ("YESTERDAY!", MON, "YESTERDAY (7 May 2023)!"),
+        ("I spent yesterday morning on a hike", MON, "I spent yesterday morning (7 May 2023) on a hike"),
+        ("I bought it the day before yesterday.", MON, "I bought it the day before yesterday (6 May 2023)."),
+        ("I leave the day after tomorrow evening.", MON, "I leave the day after tomorrow evening (10 May 2023)."),
+        ("I did it today", MON, "I did it today (8 May 2023)"),
+        ("What's cooking tonight?", MON, "What's cooking tonight (8 May 2023)?"),
+        ("I ran 5k this morning, then yoga this evening.", MON,
+         "I ran 5k this morning (8 May 2023), then yoga this evening (8 May 2023)."),
+        ("See you tomorrow!", MON, "See you tomorrow (9 May 2023)!"),
+        ("Last night was amazing", MON, "Last night (7 May 2023) was amazing"),
+        ("It was two days ago.", MON, "It was two days ago (6 May 2023)."),
+        ("It was 3 days ago.", MON, "It was 3 days ago (5 May 2023)."),
+        ("a couple of days ago", MON, "a couple of days ago (6 May 2023)"),
+        ("I started a few days ago.", MON, "I started a few days ago (a few days before 8 May 2023)."),
+        ("I started few days ago.", MON, "I started few days ago (a few days before 8 May 2023)."),
+        ("I saw it the other day.", MON, "I saw it the other day (a few days before 8 May 2023)."),
+        # weekdays: "last" strictly before, "next" strictly after; 8 May 2023 is a Monday
+        ("Last Friday, I went to a meeting.", MON, "Last Friday (5 May 2023), I went to a meeting."),
+        ("I did it last Monday", MON, "I did it last Monday (1 May 2023)"),
+        ("I did it last Sunday night", MON, "I did it last Sunday night (7 May 2023)"),
+        ("last Fri and last tues", MON, "last Fri (5 May 2023) and last tues (2 May 2023)"),
+        ("Wanna see my moves next Fri?", MON, "Wanna see my moves next Fri (12 May 2023)?"),
+        ("Let's meet next Monday.", MON, "Let's meet next Monday (15 May 2023)."),
+        ("I won my tournament on Friday!", MON, "I won my tournament on Friday (5 May 2023)!"),
+        ("On Sunday I am going on a picnic.", datetime(2023, 10, 28), "On Sunday (29 October 2023) I am going on a picnic."),
+        ("I will call you on Friday.", MON, "I will call you on Friday (12 May 2023)."),
+        ("I had a great accomplishment this Tuesday!", datetime(2022, 11, 5),
+         "I had a great accomplishment this Tuesday (1 November 2022)!"),
+        ("Are you free this Friday?", MON, "Are you free this Friday (12 May 2023)?"),
+        # weeks and weekends (a weekend is named by its Saturday)
+        ("I started learning the violin last week.", MON,
+         "I started learning the violin last week (the week before 8 May 2023)."),
+        ("this past week was wild", MON, "this past week (the week before 8 May 2023) was wild"),
+        ("This week has been busy", MON, "This week (the week of 8 May 2023) has been busy"),
+        ("Our opener is next week", MON, "Our opener is next week (the week after 8 May 2023)"),
+        ("It happened two weeks ago.", MON, "It happened two weeks ago (the week of 24 April 2023)."),
+        ("I had a blast last weekend.", MON, "I had a blast last weekend (the weekend of 6 May 2023)."),
+        ("I had a blast last weekend.", datetime(2023, 5, 7), "I had a blast last weekend (the weekend of 29 April 2023)."),
+        ("that roadtrip this past weekend", MON, "that roadtrip this past weekend (the weekend of 6 May 2023)"),
+        ("I'm hiking this weekend.", datetime(2023, 5, 10), "I'm hiking this weekend (the weekend of 13 May 2023)."),
+        ("We tried snowshoeing this weekend.", datetime(2024, 1, 10),
+         "We tried snowshoeing this weekend (the weekend of 6 January 2024)."),
+        ("This weekend I'm heading out.", datetime(2023, 8, 19), "This weekend (the weekend of 19 August 2023) I'm heading out."),
+        ("Let's go next weekend", MON, "Let's go next weekend (the weekend of 13 May 2023)"),
+        ("camping two weekends ago", datetime(2023, 7, 17), "camping two weekends ago (the weekend of 8 July 2023)"),
+        # months, years, seasons
+        ("We had a blast last month.", MON, "We had a blast last month (April 2023)."),
+        ("We're going camping next month.", MON, "We're going camping next month (June 2023)."),
+        ("a conference this month", MON, "a conference this month (May 2023)"),
+        ("I moved three months ago", MON, "I moved three months ago (February 2023)"),
+        ("I painted that last year!", MON, "I painted that last year (2022)!"),
+        ("It was ten years ago, and a year ago, and 3 years ago.", MON,
+         "It was ten years ago (2013), and a year ago (2022), and 3 years ago (2020)."),
+        ("Let's go next year", MON, "Let's go next year (2024)"),
+        ("I did a bit of coding a few years back.", MON, "I did a bit of coding a few years back (a few years before 2023)."),
+        ("several months ago", MON, "several months ago (several months before May 2023)"),
+        ("camping last summer", datetime(2023, 8, 11), "camping last summer (summer 2022)"),
+        ("camping last summer", datetime(2023, 10, 17), "camping last summer (summer 2023)"),
+        ("a snowy one last winter", datetime(2023, 10, 13), "a snowy one last winter (winter 2022-2023)"),
+        ("a snowy one last winter", datetime(2024, 1, 15), "a snowy one last winter (winter 2022-2023)"),
+        ("a family outing this summer?", datetime(2023, 8, 17), "a family outing this summer (summer 2023)?"),
+        ("a reunion next summer", datetime(2023, 12, 9), "a reunion next summer (summer 2024)"),
+        ("last autumn", MON, "last autumn (autumn 2022)"),
+        ("Last August I told you", datetime(2023, 12, 8), "Last August (August 2023) I told you"),
+        ("Last August I told you", datetime(2023, 8, 8), "Last August (August 2022) I told you"),
+        ("next March", MON, "next March (March 2024)"),
+        # possessives: annotated after the "'s", except the often generic "today's"
+        ("Can't wait for tomorrow's grand opening!", MON, "Can't wait for tomorrow's (9 May 2023) grand opening!"),
+        ("during last week's scrimmage", MON, "during last week's (the week before 8 May 2023) scrimmage"),
+        ("in today's world", MON, "in today's world"),
+        # several in one text, in brackets and quotes
+        ("Yesterday I ran; tomorrow I rest.", MON, "Yesterday (7 May 2023) I ran; tomorrow (9 May 2023) I rest."),
+        ('(yesterday) and "last week"', MON, '(yesterday (7 May 2023)) and "last week (the week before 8 May 2023)"'),
+    ],
+)
+def test_resolve_relative_dates(text, when, expected):
+    assert resolve_relative_dates(text, when) == expected
+
+
+@pytest.mark.parametrize(
+    "text, when, expected",
+    [
+        ("yesterday", datetime(2023, 1, 1), "yesterday (31 December 2022)"),
+        ("tomorrow", datetime(2023, 12, 31), "tomorrow (1 January 2024)"),
+        ("last month", datetime(2023, 1, 15), "last month (December 2022)"),
+        ("next month", datetime(2023, 12, 20), "next month (January 2024)"),
+        ("last month", datetime(2024, 3, 31), "last month (February 2024)"),  # no day overflow into March
+        ("last week", datetime(2023, 1, 1), "last week (the week before 1 January 2023)"),
+        ("last Friday", datetime(2023, 5, 2), "last Friday (28 April 2023)"),
+        ("next Saturday", datetime(2023, 12, 30), "next Saturday (6 January 2024)"),
+        ("two weeks ago", datetime(2023, 1, 3), "two weeks ago (the week of 20 December 2022)"),
+        ("three months ago", datetime(2023, 2, 10), "three months ago (November 2022)"),
+        ("last December", datetime(2024, 1, 5), "last December (December 2023)"),
+        ("next January", datetime(2023, 12, 5), "next January (January 2024)"),
+        # leap years
+        ("yesterday", datetime(2024, 3, 1), "yesterday (29 February 2024)"),
+        ("yesterday", datetime(2023, 3, 1), "yesterday (28 February 2023)"),
+        ("tomorrow", datetime(2024, 2, 28), "tomorrow (29 February 2024)"),
+        ("two days ago", datetime(2024, 3, 1), "two days ago (28 February 2024)"),
+        ("a year ago", datetime(2024, 2, 29), "a year ago (2023)"),
+        ("last weekend", datetime(2024, 3, 1), "last weekend (the weekend of 24 February 2024)"),
+    ],
+)
+def test_resolve_relative_dates_boundaries(text, when, expected):
+    assert resolve_relative_dates(text, when) == expected
+    assert resolve_relative_dates(text, when.date()) == expected  # a date works as well as a datetime
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hey Mel! Good to see you! How have you been?",
+        "My last week at the old job was hard.",  # "final", not a date
+        "I loved the last weekend of June.",
+        "Over the next month or so I'll paint.",
+        "It's been a while since we last talked, and the last time was fun.",
+        "When I last sat down, the last sun of summer was out.",
+        "I go every Friday; on Fridays I swim. Friday night was fun.",
+        "Lately I've been busy; recently I moved.",
+        "I spent two weeks back home.",
+        "The yesterdays and Tomorrowland, non-yesterday, todays.",
+        "What next, maybe a trip next to the lake? This may be fine: last may be first.",
+        "I moved to Lisbon in 2022 and will go in September.",
+        "",
+    ],
+)
+def test_resolve_relative_dates_leaves_other_text_alone(text):
+    assert resolve_relative_dates(text, MON) == text
+
+
+def test_resolve_relative_dates_uses_only_the_date():
+    a = resolve_relative_dates("yesterday and next month", datetime(2023, 5, 8, 0, 1))
+    b = resolve_relative_dates("yesterday and next month", datetime(2023, 5, 8, 23, 59))
+    assert a == b == "yesterday (7 May 2023) and next month (June 2023)"
+    assert resolve_relative_dates("yesterday", date(2023, 5, 8)) == "yesterday (7 May 2023)"
