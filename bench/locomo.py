@@ -1,8 +1,12 @@
 """The LoRA-Mem experiment on LoCoMo, end to end: one adapter per conversation, questions answered
-with no context, scored as LoCoMo scores them.
+with no context, scored as LoCoMo scores them; and the context baselines it is placed against.
 
     python -m bench.locomo --rank 8                 # LoRA-Mem, r=8 (the experiment's main row)
     python -m bench.locomo --method base            # the base model, no adapter, no context
+    python -m bench.locomo --method icl             # the latest sessions that fit the context window
+    python -m bench.locomo --method rag --top-k 10  # BM25 top-10 turns per question, with their dates
+    python -m bench.locomo --method lora+rag --adapters-from runs/locomo-r8   # reuse a run's adapters
+    python -m bench.locomo --rank 8 --shared-batches                          # all adapters in one batch
 
 Each conversation's outputs land under `--out` as they finish (atomically); a rerun with the same
 `--out` skips finished conversations, so an interrupted run loses at most the one in progress.
@@ -27,11 +31,13 @@ from pathlib import Path
 import torch
 
 from bench.common import atomic_write_json, atomic_write_text, read_jsonl, run_info, write_jsonl
+from bench.context import CONTEXT_TEMPLATE, RAG_TEMPLATE, RAG_UNITS, BM25Retriever, context_prompt, icl_context
 from bench.internalize import TRAIN_FORMATS, training_data
 from bench.locomo_data import CATEGORY_NAMES, Sample, iter_samples, load_locomo, resolve_data_path, select_questions
 from bench.locomo_score import aggregate, format_table, score_qa
-from lora_core.adapter_io import save_adapter
+from lora_core.adapter_io import AdapterError, load_adapter, save_adapter
 from lora_core.inject import LoRAConfig, inject_lora, reset_lora, trainable_summary
+from lora_core.multi_adapter import stack_adapters, unstack_adapters
 from lora_core.train import IGNORE_INDEX, TrainConfig, train_lora
 from model.generate import generate
 from model.loader import LoadedModel, load_model
@@ -43,8 +49,21 @@ QUESTION_TEMPLATE = "Answer the question in a few words.\nQuestion: {question}"
 RESULT_SETTINGS = (
     "method", "model", "dtype", "rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size",
     "grad_accum", "warmup_ratio", "seq_len", "seed", "max_new_tokens", "max_questions", "with_adversarial",
-    "timestamps", "train_format",
+    "timestamps", "train_format", "context_tokens", "top_k", "rag_unit", "adapters_from",
 )
+METHODS = ("lora", "base", "icl", "rag", "lora+rag")
+TRAINING_SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size", "grad_accum",
+                     "warmup_ratio", "seq_len", "timestamps", "train_format")
+# Room left in the context window for the chat markup, the question and the answer (ICL).
+ICL_RESERVE_TOKENS = 256
+
+
+def uses_adapter(method: str) -> bool:
+    return method in ("lora", "lora+rag")
+
+
+def uses_rag(method: str) -> bool:
+    return method in ("rag", "lora+rag")
 
 
 class RunConfigMismatch(ValueError):
@@ -52,11 +71,17 @@ class RunConfigMismatch(ValueError):
 
 
 def method_label(args) -> str:
+    rag = f"RAG (BM25 top-{args.top_k} {args.rag_unit}s)" if uses_rag(args.method) else ""
     if args.method == "base":
         return "Base (no context)"
+    if args.method == "icl":
+        return f"ICL (latest {args.context_tokens} tokens)"
+    if args.method == "rag":
+        return rag
     extras = "".join([", timestamps" if args.timestamps else "",
                       f", {args.train_format}" if args.train_format != "text" else ""])
-    return f"LoRA-Mem (r={args.rank}{extras})"
+    lora = f"LoRA-Mem (r={args.rank}{extras})"
+    return f"{lora} + {rag}" if args.method == "lora+rag" else lora
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,13 +94,45 @@ def training_windows(sample: Sample, lm: LoadedModel, args) -> tuple[torch.Tenso
     return training_data(sample, lm.tokenizer, args.train_format, args.seq_len, args.timestamps, QUESTION_TEMPLATE)
 
 
-def answer_questions(lm: LoadedModel, questions: list, args) -> tuple[list[str], float]:
+def question_prompts(sample: Sample, questions: list, lm: LoadedModel, args) -> tuple[list[list[int]], dict]:
+    """The chat prompt of each question for the method (token ids), and what context went in.
+
+    Every method asks the same instruction; icl and rag put the conversation (or retrieved turns)
+    ahead of it in the same user turn."""
     tok = lm.tokenizer
-    prompts = [tok.encode_chat([{"role": "user", "content": QUESTION_TEMPLATE.format(question=q.question)}])
-               for q in questions]
+    asks = [QUESTION_TEMPLATE.format(question=q.question) for q in questions]
+    info: dict = {}
+    if args.method == "icl":
+        ctx = icl_context(sample, tok, args.context_tokens)
+        users = [context_prompt(CONTEXT_TEMPLATE, sample, ctx.text, a) for a in asks]
+        info = {"context_tokens": ctx.tokens, "sessions_kept": ctx.sessions_kept, "sessions_total": ctx.sessions_total,
+                "turns_kept": ctx.turns_kept, "turns_total": ctx.turns_total}
+    elif uses_rag(args.method):
+        retriever = BM25Retriever(sample, args.rag_unit)
+        hits = retriever.retrieve([q.question for q in questions], args.top_k)
+        users = [context_prompt(RAG_TEMPLATE, sample, retriever.context(h), a) for h, a in zip(hits, asks)]
+        info = {"retrieved": hits, "documents": len(retriever.docs)}
+    else:
+        users = asks
+    prompts = [tok.encode_chat([{"role": "user", "content": u}]) for u in users]
+    limit = lm.config.max_position_embeddings
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + args.max_new_tokens > limit:
+        raise ContextTooLong(f"{sample.sample_id}: a prompt of {longest} tokens + {args.max_new_tokens} new tokens "
+                             f"exceeds the model's context of {limit} positions (lower --top-k or --context-tokens)")
+    return prompts, info
+
+
+class ContextTooLong(ValueError):
+    pass
+
+
+def answer_prompts(lm: LoadedModel, prompts: list[list[int]], args,
+                   adapter_ids: list[int] | None = None) -> tuple[list[str], float]:
+    tok = lm.tokenizer
     t0 = time.perf_counter()
     outs = generate(lm.model, prompts, args.max_new_tokens, tok.stop_ids, tok.pad_id,
-                    batch_size=args.answer_batch_size, progress=not args.quiet)
+                    batch_size=args.answer_batch_size, progress=not args.quiet, adapter_ids=adapter_ids)
     return [tok.decode(o).strip() for o in outs], time.perf_counter() - t0
 
 
@@ -87,39 +144,108 @@ def gold_answer(qa) -> str:
 # One conversation
 # ---------------------------------------------------------------------------------------------
 
-def run_conversation(sample: Sample, lm: LoadedModel, lora_cfg: LoRAConfig | None, args, out: Path) -> dict:
+def adapter_dir(out: Path, args, sample_id: str) -> Path:
+    return (Path(args.adapters_from) if args.adapters_from else out) / "adapters" / sample_id
+
+
+def prepare_adapter(sample: Sample, lm: LoadedModel, lora_cfg: LoRAConfig, args, out: Path) -> dict:
+    """Put this conversation's adapter into the model: trained here (and saved), taken from an earlier
+    invocation of this run (resume), or from another run (--adapters-from). Returns result fields."""
     conv_dir = out / "conversations" / sample.sample_id
+    path = adapter_dir(out, args, sample.sample_id)
+    if args.adapters_from:
+        load_adapter(lm.model, path)
+        return {"adapter": str(path)}
+    if (conv_dir / "train.json").is_file() and path.is_dir():  # trained by an earlier invocation
+        load_adapter(lm.model, path)
+        train = json.loads((conv_dir / "train.json").read_text())
+    else:
+        reset_lora(lm.model, torch.Generator().manual_seed(args.seed))  # a fresh adapter, same init every time
+        ids, labels = training_windows(sample, lm, args)
+        result = train_lora(lm.model, ids, labels, train_config(args), progress=not args.quiet,
+                            desc=f"train {sample.sample_id}")
+        train = {"sample_id": sample.sample_id, "windows": ids.shape[0], "seq_len": args.seq_len,
+                 "target_tokens": int((labels != IGNORE_INDEX).sum()), **result.to_dict()}
+        if not result.error:
+            save_adapter(lm.model, path, lora_cfg, base_model=lm.name)
+        atomic_write_json(conv_dir / "train.json", train)  # after the adapter: marks it complete
+        # Answers go through the unmerged LoRA path: merge/unmerge round trips drift the base weights
+        # by rounding (visibly in bf16), and every conversation must start from the exact base model.
+    fields = {"train_tokens": train["tokens"], "train_seconds": train["seconds"],
+              "final_loss": train["losses"][-1] if train["losses"] else None, "epochs_loss": train["epochs_loss"]}
+    if train.get("error"):
+        fields["error"] = f"training stopped: {train['error']}"
+    return fields
+
+
+def finish_conversation(sample: Sample, questions: list, answers: list[str], prompts: list[list[int]],
+                        context: dict, result: dict, seconds: float, out: Path) -> dict:
+    """Score and write one conversation's predictions; result.json last, as the 'finished' mark."""
+    conv_dir = out / "conversations" / sample.sample_id
+    retrieved = context.pop("retrieved", None)
+    rows = []
+    for i, (qa, pred) in enumerate(zip(questions, answers)):
+        gold = gold_answer(qa)
+        row = {"sample_id": sample.sample_id, "question": qa.question, "answer": gold,
+               "category": qa.category, "prediction": pred, "f1": score_qa(pred, gold, qa.category),
+               "prompt_tokens": len(prompts[i])}
+        if retrieved is not None:
+            row["retrieved"] = retrieved[i]
+        rows.append(row)
+    write_jsonl(conv_dir / "predictions.jsonl", rows)
+    result.update(answer_seconds=seconds, f1=aggregate(rows), context=context or None,
+                  prompt_tokens_mean=sum(len(p) for p in prompts) / max(len(prompts), 1))
+    atomic_write_json(conv_dir / "result.json", result)
+    return result
+
+
+def run_conversation(sample: Sample, lm: LoadedModel, lora_cfg: LoRAConfig | None, args, out: Path) -> dict:
     questions = select_questions(sample, args.with_adversarial, args.max_questions)
     result: dict = {"sample_id": sample.sample_id, "n_questions": len(questions), "error": None}
     if lora_cfg is not None:
-        reset_lora(lm.model, torch.Generator().manual_seed(args.seed))  # a fresh adapter, same init every time
-        ids, labels = training_windows(sample, lm, args)
-        tcfg = train_config(args)
-        train = train_lora(lm.model, ids, labels, tcfg, progress=not args.quiet, desc=f"train {sample.sample_id}")
-        atomic_write_json(conv_dir / "train.json", {
-            "sample_id": sample.sample_id, "windows": ids.shape[0], "seq_len": args.seq_len,
-            "target_tokens": int((labels != IGNORE_INDEX).sum()), **train.to_dict(),
-        })
-        result.update(train_tokens=train.tokens, train_seconds=train.seconds,
-                      final_loss=train.losses[-1] if train.losses else None, epochs_loss=train.epochs_loss)
-        if train.error:
-            result["error"] = f"training stopped: {train.error}"
-            atomic_write_json(conv_dir / "result.json", result)
+        result.update(prepare_adapter(sample, lm, lora_cfg, args, out))
+        if result["error"]:
+            atomic_write_json(out / "conversations" / sample.sample_id / "result.json", result)
             return result
-        save_adapter(lm.model, out / "adapters" / sample.sample_id, lora_cfg, base_model=lm.name)
-        # Answer through the unmerged LoRA path: merge/unmerge round trips drift the base weights by
-        # rounding (visibly in bf16), and every conversation must start from the exact base model.
-    answers, seconds = answer_questions(lm, questions, args)
-    rows = []
-    for qa, pred in zip(questions, answers):
-        gold = gold_answer(qa)
-        rows.append({"sample_id": sample.sample_id, "question": qa.question, "answer": gold,
-                     "category": qa.category, "prediction": pred,
-                     "f1": score_qa(pred, gold, qa.category)})
-    write_jsonl(conv_dir / "predictions.jsonl", rows)
-    result.update(answer_seconds=seconds, f1=aggregate(rows))
-    atomic_write_json(conv_dir / "result.json", result)  # written last: marks the conversation finished
-    return result
+    prompts, context = question_prompts(sample, questions, lm, args)
+    answers, seconds = answer_prompts(lm, prompts, args)
+    return finish_conversation(sample, questions, answers, prompts, context, result, seconds, out)
+
+
+def run_shared_batches(samples: list[Sample], lm: LoadedModel, lora_cfg: LoRAConfig, args, out: Path) -> list[dict]:
+    """Every conversation's adapter first, then all their questions in shared batches, each question
+    answered by its own conversation's adapter (stacked; kernels/multi_lora_linear.py)."""
+    results, ready = [], []
+    for s in samples:
+        questions = select_questions(s, args.with_adversarial, args.max_questions)
+        result = {"sample_id": s.sample_id, "n_questions": len(questions), "error": None,
+                  **prepare_adapter(s, lm, lora_cfg, args, out)}
+        if result["error"]:
+            atomic_write_json(out / "conversations" / s.sample_id / "result.json", result)
+            results.append(result)
+        else:
+            ready.append((s, questions, result))
+    if not ready:
+        return results
+    stack_adapters(lm.model, [adapter_dir(out, args, s.sample_id) for s, _, _ in ready])
+    try:
+        prompts, owners, contexts = [], [], []
+        for i, (s, questions, _) in enumerate(ready):
+            p, ctx = question_prompts(s, questions, lm, args)
+            prompts += p
+            owners += [i] * len(p)
+            contexts.append(ctx)
+        answers, seconds = answer_prompts(lm, prompts, args, adapter_ids=owners)
+    finally:
+        unstack_adapters(lm.model)
+    start = 0
+    for (s, questions, result), ctx in zip(ready, contexts):
+        n = len(questions)
+        result["answered_in_shared_batches"] = True  # answer_seconds: this conversation's share of the time
+        results.append(finish_conversation(s, questions, answers[start:start + n], prompts[start:start + n], ctx,
+                                           result, seconds * n / max(len(prompts), 1), out))
+        start += n
+    return results
 
 
 def train_config(args) -> TrainConfig:
@@ -184,6 +310,8 @@ def summarise(out: Path, samples: list[Sample], lm: LoadedModel, args, settings:
         "train_tokens_per_second": train_tokens / train_seconds if train_seconds else None,
         "answer_seconds": answer_seconds,
         "answer_questions_per_second": len(rows) / answer_seconds if answer_seconds else None,
+        "prompt_tokens_mean": sum(r["prompt_tokens"] for r in rows) / len(rows) if rows else None,
+        "prompt_tokens_max": max((r["prompt_tokens"] for r in rows), default=None),
         "compute_seconds": train_seconds + answer_seconds,
         "conversations": conv_results,
     }
@@ -199,8 +327,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench.locomo",
         description="LoRA-Mem on LoCoMo: one LoRA adapter per conversation, questions answered without context.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--method", choices=["lora", "base"], default="lora",
-                    help="lora: train an adapter per conversation; base: the model alone")
+    ap.add_argument("--method", choices=METHODS, default="lora",
+                    help="lora: train an adapter per conversation, ask without context; base: the model alone; "
+                         "icl: the latest sessions that fit the context window; rag: BM25-retrieved turns; "
+                         "lora+rag: both adapter and retrieval")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, local checkpoint dir or hub id")
     ap.add_argument("--data", default=None, help="locomo10.json (else $LOCOMO_DATA, the cache, or a download)")
     ap.add_argument("--out", default=None, help="run directory (default runs/<time>); reuse it to resume")
@@ -209,7 +339,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--with-adversarial", action="store_true", help="also ask category 5 (adversarial) questions")
     ap.add_argument("--timestamps", action="store_true",
                     help="session dates in the training text (the experiment had none)")
+    g = ap.add_argument_group("context baselines (icl, rag, lora+rag)")
+    g.add_argument("--context-tokens", type=int, default=None,
+                   help=f"icl: tokens of conversation in the prompt (default: the model's context window "
+                        f"- {ICL_RESERVE_TOKENS})")
+    g.add_argument("--top-k", type=int, default=10, help="rag: turns (or sessions) retrieved per question")
+    g.add_argument("--rag-unit", choices=RAG_UNITS, default="turn", help="rag: what is retrieved")
     g = ap.add_argument_group("LoRA and training")
+    g.add_argument("--adapters-from", default=None, metavar="RUN_DIR",
+                   help="use the adapters a finished lora run saved (RUN_DIR/adapters/<sample_id>) instead of "
+                        "training; its training settings are taken over")
+    g.add_argument("--shared-batches", action="store_true",
+                   help="answer all conversations' questions in shared batches, each with its own adapter "
+                        "(multi-adapter LoRA); predictions equal one adapter at a time")
     g.add_argument("--train-format", choices=TRAIN_FORMATS, default="text",
                    help="text: next-token loss on the conversation (the experiment); qa: template questions about "
                         "the turns (who said what, when) in the chat format, loss on answers; text+qa: both")
@@ -235,7 +377,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
+    if args.top_k < 1:
+        ap.error(f"--top-k must be at least 1, got {args.top_k}")
+    if args.context_tokens is not None and args.context_tokens < 1:
+        ap.error(f"--context-tokens must be at least 1, got {args.context_tokens}")
+    if (args.adapters_from or args.shared_batches) and not uses_adapter(args.method):
+        ap.error(f"--adapters-from and --shared-batches need an adapter method (lora, lora+rag), not {args.method}")
     return args
+
+
+def take_over_training_settings(args) -> None:
+    """--adapters-from: the adapters were trained with the source run's settings; record those."""
+    path = Path(args.adapters_from) / "run_config.json"
+    if not path.is_file():
+        raise RunConfigMismatch(f"--adapters-from {args.adapters_from}: no run_config.json (not a bench.locomo run)")
+    source = json.loads(path.read_text())
+    if not uses_adapter(source.get("method", "")):
+        raise RunConfigMismatch(f"--adapters-from {args.adapters_from}: a {source.get('method')!r} run has no adapters")
+    if source.get("model") != args.model:
+        raise RunConfigMismatch(f"--adapters-from {args.adapters_from}: adapters of model {source.get('model')!r}, "
+                                f"this run uses {args.model!r}")
+    for k in TRAINING_SETTINGS + ("seed",):
+        setattr(args, k, source.get(k))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,23 +455,37 @@ def run(args, dist: Dist, t_start: float) -> dict | None:
         raise RunConfigMismatch("--out is required under torchrun (all ranks must write one run directory)")
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.adapters_from:
+        take_over_training_settings(args)
+        args.adapters_from = str(Path(args.adapters_from))
+        missing = [s.sample_id for s in samples if not adapter_dir(out, args, s.sample_id).is_dir()]
+        if missing:
+            raise RunConfigMismatch(f"--adapters-from {args.adapters_from}: no adapter for {', '.join(missing)}")
+
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    if args.method == "icl" and args.context_tokens is None:
+        args.context_tokens = lm.config.max_position_embeddings - ICL_RESERVE_TOKENS
     settings = {k: getattr(args, k) for k in RESULT_SETTINGS} | {
         "answer_batch_size": args.answer_batch_size, "data": str(data_path),
-        "conversations": [s.sample_id for s in samples],
+        "conversations": [s.sample_id for s in samples], "shared_batches": args.shared_batches,
     }
-    if args.method == "base":  # these do not apply; keep them out of the resume check
-        for k in ("rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size", "grad_accum",
-                  "warmup_ratio", "seq_len", "timestamps", "train_format"):
-            settings[k] = None
+    not_applicable = ()
+    if not uses_adapter(args.method):  # these do not apply; keep them out of the resume check
+        not_applicable += TRAINING_SETTINGS + ("adapters_from",)
+    if args.method != "icl":
+        not_applicable += ("context_tokens",)
+    if not uses_rag(args.method):
+        not_applicable += ("top_k", "rag_unit")
+    for k in not_applicable:
+        settings[k] = None
     if dist.rank == 0:
         check_or_write_run_config(out, settings)
     dist.barrier()
     if dist.rank != 0:
         check_or_write_run_config(out, settings)
 
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
     lora_cfg = None
-    if args.method == "lora":
+    if uses_adapter(args.method):
         lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, use_rslora=args.use_rslora)
         inject_lora(lm.model, lora_cfg)
         if dist.rank == 0:
@@ -320,10 +497,13 @@ def run(args, dist: Dist, t_start: float) -> dict | None:
     if len(todo) < len(samples) and dist.world_size == 1:
         print(f"resuming {out}: {len(samples) - len(todo)} of {len(samples)} conversations already finished",
               file=sys.stderr)
-    for s in todo:
-        r = run_conversation(s, lm, lora_cfg, args, out)
+    if args.shared_batches:
+        done = run_shared_batches(todo, lm, lora_cfg, args, out)
+    else:
+        done = (run_conversation(s, lm, lora_cfg, args, out) for s in todo)
+    for r in done:
         status = f"error: {r['error']}" if r["error"] else f"avg F1 {r['f1']['avg_f1'] or 0:.2f}"
-        print(f"[{s.sample_id}] {r['n_questions']} questions, {status}", file=sys.stderr)
+        print(f"[{r['sample_id']}] {r['n_questions']} questions, {status}", file=sys.stderr)
 
     dist.barrier()
     if dist.rank != 0:
@@ -338,14 +518,14 @@ def run(args, dist: Dist, t_start: float) -> dict | None:
 def cli() -> None:
     """main() with the project's input errors as one clear line, not a traceback."""
     from bench.locomo_data import LocomoDataError
-    from lora_core.adapter_io import AdapterError
     from model.config import ConfigError
     from model.loader import CheckpointError
     from model.packaged import PackagedModelError
 
     try:
         main()
-    except (LocomoDataError, ConfigError, CheckpointError, PackagedModelError, AdapterError, RunConfigMismatch) as e:
+    except (LocomoDataError, ConfigError, CheckpointError, PackagedModelError, AdapterError, RunConfigMismatch,
+            ContextTooLong) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -181,7 +181,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, generator=None) -> L
     if problems:
         if injected:  # leave the model as it was: the wrapped layers go back to plain nn.Linear
             remove_lora(model, modules)
-        raise AdapterError(f"{adapter_dir}: adapter does not fit the model: " + "; ".join(problems))
+        more = f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else ""
+        raise AdapterError(f"{adapter_dir}: adapter does not fit the model: " + "; ".join(problems[:6]) + more)
     with torch.no_grad():
         for name, m in modules.items():
             m.unmerge()

@@ -16,6 +16,7 @@ from torch import nn
 
 from kernels.lora_linear import lora_linear
 from kernels.lora_reference import lora_scaling
+from kernels.multi_lora_linear import multi_lora_linear
 
 
 class LoRALinear(nn.Module):
@@ -36,6 +37,12 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=base.weight.device))
         self.merged = False
+        # Serving many adapters in one batch (lora_core.multi_adapter): stacked adapters and the
+        # adapter of each batch row; while `row_adapter_ids` is set, forward uses them instead.
+        self.lora_A_stack: torch.Tensor | None = None  # (n, r, in)
+        self.lora_B_stack: torch.Tensor | None = None  # (n, out, r)
+        self.lora_scalings: torch.Tensor | None = None  # (n,)
+        self.row_adapter_ids: torch.Tensor | None = None  # (batch,), -1 = base only
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -46,6 +53,12 @@ class LoRALinear(nn.Module):
             self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_adapter_ids is not None:
+            if self.lora_A_stack is None or self.merged:
+                raise RuntimeError("per-row adapters need stacked adapters (lora_core.multi_adapter.stack_adapters) "
+                                   "and an unmerged layer")
+            return multi_lora_linear(x, self.weight, self.bias, self.lora_A_stack, self.lora_B_stack,
+                                     self.lora_scalings, self.row_adapter_ids)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         return lora_linear(

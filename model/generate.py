@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -42,28 +43,88 @@ def common_prefix_len(prompts: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def prefill(model: Qwen2ForCausalLM, prompts: list[list[int]], pad_id: int, kv_caches: list[KVCache]):
-    """Fill the caches with the prompts; return last-slot logits (B, V), positions (B,), slot mask (B, T).
+@dataclass
+class Prefix:
+    """Keys/values of the prompt head that every prompt of a `generate` call starts with, computed once.
 
-    Slot layout: [shared prefix | left-padded suffixes]. The prefix is computed once (batch 1) and
-    broadcast into every row's cache; pad slots sit between prefix and suffix, masked out, and
+    One row per adapter the prompts use (LoRA changes keys and values, so a prefix is per adapter),
+    `adapter_ids[i]` being row i's adapter (None: the model as it is). A long prefix under one
+    adapter is attended in place by every row (`cascade`, see `KVCache.set_prefix`); otherwise each
+    row gets its copy in its first slots."""
+
+    tokens: list[int]
+    caches: list[KVCache]  # per layer: (n, Hkv, P, D)
+    adapter_ids: list[int] | None = None
+    cascade: bool = False
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def rows_for(self, adapter_ids: list[int] | None) -> torch.Tensor:
+        """Index of the prefix row each batch row (with these adapters) starts from."""
+        if self.adapter_ids is None:
+            return torch.zeros(len(adapter_ids or [0]), dtype=torch.long)
+        where = {a: i for i, a in enumerate(self.adapter_ids)}
+        return torch.tensor([where[a] for a in adapter_ids], dtype=torch.long)
+
+
+# Prefixes at least this long are attended in place (cascade) rather than copied into every row:
+# below it the copy is cheaper than the extra attention kernel launches.
+CASCADE_MIN_TOKENS = 256
+
+
+def set_row_adapters(model: torch.nn.Module, adapter_ids: torch.Tensor | None) -> None:
+    """Tell every module that serves one adapter per batch row (a `row_adapter_ids` attribute, as
+    lora_core's LoRALinear has once adapters are stacked) which adapter each row uses; None: off."""
+    for m in model.modules():
+        if hasattr(m, "row_adapter_ids"):
+            m.row_adapter_ids = adapter_ids
+
+
+def compute_prefix(model: Qwen2ForCausalLM, tokens: list[int], adapter_ids: list[int] | None = None,
+                   cascade_min_tokens: int = CASCADE_MIN_TOKENS) -> Prefix:
+    """Run the shared prompt head once per adapter (batch = distinct adapters) and keep its KV."""
+    device = model.lm_head.weight.device
+    distinct = sorted(set(adapter_ids)) if adapter_ids is not None else None
+    n = len(distinct) if distinct is not None else 1
+    caches = model.new_kv_caches(n, len(tokens))
+    if distinct is not None:
+        set_row_adapters(model, torch.tensor(distinct, device=device))
+    model.model(torch.tensor([tokens] * n, device=device), kv_caches=caches)
+    return Prefix(tokens, caches, distinct, cascade=n == 1 and len(tokens) >= cascade_min_tokens)
+
+
+def prefill(model: Qwen2ForCausalLM, prompts: list[list[int]], pad_id: int, kv_caches: list[KVCache],
+            prefix: Prefix | None = None, adapter_ids: list[int] | None = None):
+    """Fill the caches with the prompts; return last-slot logits (B, V), positions (B,), slot mask (B, S),
+    and the next free slot.
+
+    Slot layout: [prefix copy | left-padded suffixes], or with a cascade prefix just the suffixes
+    (the prefix is shared, outside the rows). Pad slots sit before each suffix, masked out, and
     rotary positions count real tokens only, so each row sees exactly its own prompt."""
     device = model.lm_head.weight.device
-    P = common_prefix_len(prompts) if len(prompts) > 1 else 0
+    P = len(prefix) if prefix is not None else 0
     ids, suffix_mask = left_pad([p[P:] for p in prompts], pad_id, device)  # (B, S)
     B = ids.shape[0]
-    if P:
-        prefix_caches = model.new_kv_caches(1, P)
-        model.model(torch.tensor([prompts[0][:P]], device=device), kv_caches=prefix_caches)
-        for cache, prefix_cache in zip(kv_caches, prefix_caches):
-            cache.update(0, prefix_cache.k.expand(B, -1, -1, -1), prefix_cache.v.expand(B, -1, -1, -1))
-    mask = torch.cat([torch.ones((B, P), dtype=torch.bool, device=device), suffix_mask], dim=1)  # (B, T)
     position_ids = P + (suffix_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+    if adapter_ids is not None:
+        set_row_adapters(model, torch.tensor(adapter_ids, device=device))
+    if prefix is not None and prefix.cascade:
+        for cache, prefix_cache in zip(kv_caches, prefix.caches):
+            cache.set_prefix(prefix_cache.k, prefix_cache.v)
+        mask, cache_start = suffix_mask, 0
+    else:
+        if P:
+            rows = prefix.rows_for(adapter_ids).to(device)
+            for cache, prefix_cache in zip(kv_caches, prefix.caches):
+                cache.update(0, prefix_cache.k[rows], prefix_cache.v[rows])
+        mask = torch.cat([torch.ones((B, P), dtype=torch.bool, device=device), suffix_mask], dim=1)  # (B, P+S)
+        cache_start = P
     # No prefix and no padding: no mask, SDPA's causal fast path.
-    attention_mask = None if P == 0 and bool(suffix_mask.all()) else mask
-    hidden = model.model(ids, position_ids, attention_mask, kv_caches, cache_start=P)  # (B, S, C)
+    attention_mask = None if cache_start == 0 and bool(suffix_mask.all()) else mask
+    hidden = model.model(ids, position_ids, attention_mask, kv_caches, cache_start=cache_start)  # (B, S, C)
     logits = model.lm_head(hidden[:, -1])  # (B, V): only the last slot is needed
-    return logits, position_ids[:, -1], mask
+    return logits, position_ids[:, -1], mask, cache_start + ids.shape[1]
 
 
 def decode_step(model, token, positions, mask, kv_caches, cache_start: int) -> torch.Tensor:
@@ -72,35 +133,54 @@ def decode_step(model, token, positions, mask, kv_caches, cache_start: int) -> t
     return model.lm_head(hidden[:, -1])
 
 
+def batch_prefix(model, prompts: list[list[int]], adapter_ids: list[int] | None) -> Prefix | None:
+    P = common_prefix_len(prompts) if len(prompts) > 1 else 0
+    return compute_prefix(model, prompts[0][:P], adapter_ids) if P else None
+
+
 @torch.no_grad()
 def generate_batch(
-    model: Qwen2ForCausalLM, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int
+    model: Qwen2ForCausalLM, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
+    adapter_ids: list[int] | None = None, prefix: Prefix | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of each prompt (without the stop token), stopping per row.
+
+    `adapter_ids`: the adapter of each prompt, for a model whose adapters are stacked (lora_core.
+    multi_adapter); None answers with the model as it is. `prefix`: a precomputed shared head of
+    all prompts (default: computed here from the prompts' common head).
     Rows that have stopped are dropped from the batch once a quarter of it has (so a batch does not
     keep computing for answers that are already complete; the copy is amortised)."""
     device = model.lm_head.weight.device
-    B, T = len(prompts), max(len(p) for p in prompts)
-    kv_caches = model.new_kv_caches(B, T + max_new_tokens)
-    logits, positions, mask = prefill(model, prompts, pad_id, kv_caches)
-    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    rows = torch.arange(B, device=device)  # original row of each batch slot still decoding
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        token = torch.where(done, pad_id, logits.argmax(-1))  # (b,)
-        out[rows, step] = token
-        done = done | torch.isin(token, stop)
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
-        if 4 * int(done.sum()) >= len(done):
-            keep = (~done).nonzero().squeeze(1)
-            rows, token, positions, mask, done = rows[keep], token[keep], positions[keep], mask[keep], done[keep]
-            for cache in kv_caches:
-                cache.keep_rows(keep)
-        positions = positions + 1
-        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.bool, device=device)], dim=1)
-        logits = decode_step(model, token, positions, mask, kv_caches, cache_start=T + step)
+    if prefix is None:
+        prefix = batch_prefix(model, prompts, adapter_ids)
+    P = len(prefix) if prefix is not None else 0
+    B, S = len(prompts), max(len(p) for p in prompts) - P
+    kv_caches = model.new_kv_caches(B, (S if prefix is not None and prefix.cascade else P + S) + max_new_tokens)
+    try:
+        logits, positions, mask, next_slot = prefill(model, prompts, pad_id, kv_caches, prefix, adapter_ids)
+        stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        rows = torch.arange(B, device=device)  # original row of each batch slot still decoding
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token = torch.where(done, pad_id, logits.argmax(-1))  # (b,)
+            out[rows, step] = token
+            done = done | torch.isin(token, stop)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            if 4 * int(done.sum()) >= len(done):
+                keep = (~done).nonzero().squeeze(1)
+                rows, token, positions, mask, done = rows[keep], token[keep], positions[keep], mask[keep], done[keep]
+                for cache in kv_caches:
+                    cache.keep_rows(keep)
+                if adapter_ids is not None:  # the adapters follow their rows
+                    set_row_adapters(model, torch.tensor(adapter_ids, device=device)[rows])
+            positions = positions + 1
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.bool, device=device)], dim=1)
+            logits = decode_step(model, token, positions, mask, kv_caches, cache_start=next_slot + step)
+    finally:
+        if adapter_ids is not None:
+            set_row_adapters(model, None)
     results = []
     for row in out.tolist():
         kept = []
@@ -112,6 +192,7 @@ def generate_batch(
     return results
 
 
+@torch.no_grad()
 def generate(
     model: Qwen2ForCausalLM,
     prompts: list[list[int]],
@@ -120,10 +201,22 @@ def generate(
     pad_id: int = 0,
     batch_size: int = 64,
     progress: bool = False,
+    adapter_ids: list[int] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations of many prompts, batched by similar length (less padding), in input order."""
+    """Greedy continuations of many prompts, batched by similar length (less padding), in input order.
+
+    The head all prompts share (system prompt, instruction; for in-context answering the whole
+    context) is computed once for the call and reused by every batch. `adapter_ids` (one per
+    prompt) answers each prompt with its own adapter from a stacked set, in shared batches."""
+    if adapter_ids is not None and len(adapter_ids) != len(prompts):
+        raise ValueError(f"{len(adapter_ids)} adapter ids for {len(prompts)} prompts")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int] | None] = [None] * len(prompts)
+    try:
+        prefix = batch_prefix(model, prompts, adapter_ids)
+    finally:
+        if adapter_ids is not None:
+            set_row_adapters(model, None)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -131,7 +224,9 @@ def generate(
         bar = tqdm(total=len(prompts), desc="answering", unit="q", leave=False)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        outs = generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, stop_ids or [], pad_id)
+        chunk_adapters = [adapter_ids[i] for i in chunk] if adapter_ids is not None else None
+        outs = generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, stop_ids or [], pad_id,
+                              chunk_adapters, prefix)
         for i, o in zip(chunk, outs):
             results[i] = o
         if bar:

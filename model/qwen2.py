@@ -63,13 +63,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class KVCache(nn.Module):
     """Preallocated keys/values of one layer. Slots are shared across the batch; rows that were
-    left-padded simply mask their pad slots out (see `Qwen2Model.forward`)."""
+    left-padded simply mask their pad slots out (see `Qwen2Model.forward`).
+
+    Optionally a shared prefix (`set_prefix`): keys/values of a prompt head that every row starts
+    with, stored once (1, Hkv, P, D) instead of once per row, and attended by all rows before their
+    own slots (cascade attention). A long context asked many questions (in-context learning) then
+    costs its memory and memory traffic once per batch, not once per row."""
 
     def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.prefix_k: torch.Tensor | None = None  # (1, Hkv, P, D)
+        self.prefix_v: torch.Tensor | None = None
+
+    def set_prefix(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Share keys/values (1, Hkv, P, D) of a prefix: slot 0 of this cache then follows prefix position P-1."""
+        if k.shape[0] != 1 or k.shape != v.shape:
+            raise ValueError(f"a shared prefix is (1, Hkv, P, D) keys and values, got {tuple(k.shape)}, {tuple(v.shape)}")
+        self.prefix_k, self.prefix_v = k, v
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, Hkv, T, D) at slots start..start+T and return all slots filled so far."""
@@ -81,6 +94,36 @@ class KVCache(nn.Module):
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished sequences leave the batch)."""
         self.k, self.v = self.k[rows], self.v[rows]
+
+
+def cascade_attention(q, prefix_k, prefix_v, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of every row over a shared prefix (1, Hkv, P, D) and then its own slots (B, Hkv, S, D).
+
+    The prefix is read once for the whole batch: the batch folds into the query axis of one product
+    per KV head, so no row ever holds a copy. One softmax runs over [prefix | own slots] (the
+    prefix is visible to every query; own slots follow `mask` (B, 1, T, S), or are causal when it
+    is None), so the result equals plain attention over the concatenated keys.
+    q: (B, H, T, D) -> (B, H, T, D)."""
+    B, H, T, D = q.shape
+    Hkv, P, S = prefix_k.shape[1], prefix_k.shape[2], k.shape[2]
+    g = H // Hkv  # query heads per KV head (GQA)
+    scale = D ** -0.5
+
+    def fold(t):  # (B, H, T, X) -> grouped by KV head: (Hkv, B*g*T, X)
+        return t.reshape(B, Hkv, g, T, -1).transpose(0, 1).reshape(Hkv, B * g * T, -1)
+
+    def unfold(t):  # inverse of fold
+        return t.reshape(Hkv, B, g, T, -1).transpose(0, 1).reshape(B, H, T, -1)
+
+    scores_prefix = unfold(torch.bmm(fold(q), prefix_k[0].transpose(1, 2)))  # (B, H, T, P)
+    k_rows, v_rows = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, H, S, D)
+    scores_own = q @ k_rows.transpose(-1, -2)  # (B, H, T, S)
+    if mask is None:  # own slots hold exactly this step's tokens: causal
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores_own = scores_own.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(torch.cat([scores_prefix, scores_own], dim=-1).float() * scale, dim=-1).to(q.dtype)
+    probs_prefix, probs_own = probs.split([P, S], dim=-1)
+    return unfold(torch.bmm(fold(probs_prefix), prefix_v[0])) + probs_own @ v_rows
 
 
 class Attention(nn.Module):
@@ -102,6 +145,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(cache_start, k, v)  # (B, Hkv, S, D)
+            if kv_cache.prefix_k is not None:
+                y = cascade_attention(q, kv_cache.prefix_k, kv_cache.prefix_v, k, v, mask)
+                return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         # No mask means a plain causal sequence starting at slot 0: SDPA's fused causal path.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads

@@ -42,7 +42,7 @@ def test_lora_run_writes_table_and_files(ckpt, tmp_path, capsys):
     assert saved["versions"]["torch"] and saved["device"]
     rows = read_jsonl(out / "predictions.jsonl")
     assert len(rows) == N_QUESTIONS_1_TO_4
-    assert set(rows[0]) == {"sample_id", "question", "answer", "category", "prediction", "f1"}
+    assert set(rows[0]) == {"sample_id", "question", "answer", "category", "prediction", "f1", "prompt_tokens"}
     assert {r["category"] for r in rows} == {1, 2, 3, 4}
     for sid in ("tiny-1", "tiny-2"):
         adapter = out / "adapters" / sid
@@ -77,23 +77,23 @@ def test_resume_after_interruption_gives_identical_results(ckpt, tmp_path, monke
     full = run(ckpt, tmp_path / "full")
 
     out = tmp_path / "interrupted"
-    real_answer = locomo.answer_questions
+    real_answer = locomo.answer_prompts
     calls = {"answer": 0, "train": 0}
 
-    def crash_on_second(lm, questions, args):
+    def crash_on_second(lm, prompts, args, adapter_ids=None):
         calls["answer"] += 1
         if calls["answer"] == 2:
             raise KeyboardInterrupt("simulated interruption")
-        return real_answer(lm, questions, args)
+        return real_answer(lm, prompts, args, adapter_ids)
 
-    monkeypatch.setattr(locomo, "answer_questions", crash_on_second)
+    monkeypatch.setattr(locomo, "answer_prompts", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         run(ckpt, out)
     assert (out / "conversations" / "tiny-1" / "result.json").is_file()
     assert not (out / "conversations" / "tiny-2" / "result.json").exists()
     assert not (out / "results.json").exists()
 
-    monkeypatch.setattr(locomo, "answer_questions", real_answer)
+    monkeypatch.setattr(locomo, "answer_prompts", real_answer)
     real_train = locomo.train_lora
 
     def counting_train(*a, **k):
@@ -102,7 +102,9 @@ def test_resume_after_interruption_gives_identical_results(ckpt, tmp_path, monke
 
     monkeypatch.setattr(locomo, "train_lora", counting_train)
     resumed = run(ckpt, out)
-    assert calls["train"] == 1  # only the unfinished conversation was trained again
+    # tiny-2's adapter was trained and saved before the interruption (in answering): it is loaded, not retrained
+    assert (out / "conversations" / "tiny-2" / "train.json").is_file()
+    assert calls["train"] == 0
     assert read_jsonl(out / "predictions.jsonl") == read_jsonl(tmp_path / "full" / "predictions.jsonl")
     assert resumed["scores"] == full["scores"]
 
@@ -181,3 +183,101 @@ def test_qa_train_format_runs(ckpt, tmp_path):
     train = json.loads((tmp_path / "qa" / "conversations" / "tiny-1" / "train.json").read_text())
     assert train["windows"] >= 2 and train["error"] is None
     assert results["settings"]["train_format"] == "text+qa"
+
+
+# ---------------------------------------------------------------------------------------------
+# Context baselines, adapters reused from a run, shared multi-adapter batches
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def long_ckpt(ckpt, tmp_path_factory):
+    """The tiny model with a 2048-position window (rotary positions extend; the byte-level tiny
+    tokenizer needs room for a context)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("tiny-llama-long")
+    shutil.copytree(ckpt, d, dirs_exist_ok=True)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 2048}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def lora_run(long_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora-run")
+    run(long_ckpt, out)
+    return out
+
+
+def prompts_seen(monkeypatch):
+    """Capture the decoded user turns the model is asked (icl/rag put their context there)."""
+    seen = []
+    real = locomo.answer_prompts
+
+    def capture(lm, prompts, args, adapter_ids=None):
+        seen.extend(lm.tokenizer.decode(p) for p in prompts)
+        return real(lm, prompts, args, adapter_ids)
+
+    monkeypatch.setattr(locomo, "answer_prompts", capture)
+    return seen
+
+
+def test_icl_keeps_the_latest_sessions_that_fit(long_ckpt, tmp_path, monkeypatch):
+    seen = prompts_seen(monkeypatch)
+    data = json.loads(FIXTURE.read_text())
+    results = run(long_ckpt, tmp_path / "icl", "--method", "icl", "--context-tokens", "300",
+                  "--conversations", "tiny-1")
+    assert results["method"] == "ICL (latest 300 tokens)" and results["settings"]["context_tokens"] == 300
+    assert results["settings"]["rank"] is None  # training settings do not apply
+    conv = data[0]["conversation"]
+    last_turn, first_turn = conv["session_2"][-1]["text"], conv["session_1"][0]["text"]
+    assert seen and all(last_turn in p and first_turn not in p for p in seen)
+    assert all(conv["session_2_date_time"] in p for p in seen)  # the session's date comes with it
+    for qa in data[0]["qa"]:  # never the annotations
+        assert all(str(qa.get("answer", "@@")) not in p.split("Question:")[0] or str(qa.get("answer")) in
+                   " ".join(t["text"] for k, v in conv.items() if k.startswith("session_") and isinstance(v, list)
+                            for t in v) for p in seen)
+    context = results["conversations"][0]["context"]
+    assert 0 < context["context_tokens"] <= 300 and context["turns_kept"] < context["turns_total"]
+    assert results["prompt_tokens_mean"] > context["context_tokens"]
+    # the default budget is the model's window less a reserve for the question and answer
+    default = run(long_ckpt, tmp_path / "icl-default", "--method", "icl", "--conversations", "tiny-1",
+                  "--max-questions", "1")
+    assert default["settings"]["context_tokens"] == 2048 - locomo.ICL_RESERVE_TOKENS
+    assert default["conversations"][0]["context"]["turns_kept"] == context["turns_total"]  # all of it fits
+
+
+def test_rag_puts_the_retrieved_turns_with_dates_into_the_prompt(ckpt, long_ckpt, tmp_path, monkeypatch):
+    seen = prompts_seen(monkeypatch)
+    results = run(long_ckpt, tmp_path / "rag", "--method", "rag", "--top-k", "2", "--conversations", "tiny-1")
+    assert results["method"] == "RAG (BM25 top-2 turns)"
+    rows = read_jsonl(tmp_path / "rag" / "predictions.jsonl")
+    assert all(len(r["retrieved"]) == 2 and r["retrieved"] == sorted(r["retrieved"]) for r in rows)
+    data = json.loads(FIXTURE.read_text())
+    puppy = next(i for i, r in enumerate(rows) if r["question"] == "What is the name of Alice's puppy?")
+    assert "Biscuit" in seen[puppy] and "On " in seen[puppy]  # the turn that names the puppy, dated
+    assert all(r["prompt_tokens"] > 0 for r in rows)
+    with pytest.raises(locomo.ContextTooLong, match="exceeds the model's context"):
+        run(ckpt, tmp_path / "rag-long", "--method", "rag", "--top-k", "2", "--conversations", "tiny-1")
+    assert data  # fixture read
+
+
+def test_lora_rag_reuses_a_runs_adapters_without_training(long_ckpt, lora_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(locomo, "train_lora", lambda *a, **k: pytest.fail("must not train"))
+    results = run(long_ckpt, tmp_path / "lr", "--method", "lora+rag", "--top-k", "2", "--adapters-from", str(lora_run),
+                  "--rank", "8")  # the rank comes from the source run, not the command line
+    assert results["method"] == "LoRA-Mem (r=4) + RAG (BM25 top-2 turns)"
+    assert results["settings"]["adapters_from"] == str(lora_run) and results["settings"]["rank"] == 4
+    with pytest.raises(locomo.RunConfigMismatch, match="no run_config.json"):
+        run(long_ckpt, tmp_path / "x", "--method", "lora+rag", "--adapters-from", str(tmp_path))
+
+
+def test_shared_batches_give_the_predictions_of_one_adapter_at_a_time(long_ckpt, lora_run, tmp_path):
+    one_at_a_time = read_jsonl(lora_run / "predictions.jsonl")
+    reused = run(long_ckpt, tmp_path / "shared", "--shared-batches", "--adapters-from", str(lora_run),
+                 "--answer-batch-size", "5")
+    assert read_jsonl(tmp_path / "shared" / "predictions.jsonl") == one_at_a_time
+    assert all(c["answered_in_shared_batches"] for c in reused["conversations"])
+    # training in the same invocation, then answering all conversations together
+    run(long_ckpt, tmp_path / "shared-train", "--shared-batches")
+    assert read_jsonl(tmp_path / "shared-train" / "predictions.jsonl") == one_at_a_time

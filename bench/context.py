@@ -1,0 +1,127 @@
+"""Context baselines: what mainstream memory does instead of LoRA, to place LoRA memory against it.
+
+    icl: as much of the conversation as fits the model's context, most recent sessions kept, with dates
+    rag: the top-k turns (or sessions) for each question by BM25, in conversation order, with dates
+
+Both read the conversation only (`training_source`: no QA annotations, observations or summaries), with
+dates: ICL context has each session's date in its header, and a retrieved turn carries its own
+("On 8 May 2023, Caroline said: ...").
+The context goes into the user turn ahead of the same question instruction the no-context methods
+use, so every method is asked the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.locomo_data import FORMATS, Sample, session_texts, training_source
+from model.tokenizer import Tokenizer
+
+CONTEXT_TEMPLATE = "Here is a conversation between {a} and {b}, with the date of each message:\n\n{context}\n\n"
+RAG_TEMPLATE = "Here are messages from a conversation between {a} and {b}, with their dates:\n\n{context}\n\n"
+RAG_UNITS = ("turn", "session")
+
+
+def context_prompt(template: str, sample: Sample, context: str, question_text: str) -> str:
+    return template.format(a=sample.speaker_a, b=sample.speaker_b, context=context) + question_text
+
+
+# ---------------------------------------------------------------------------------------------
+# In-context learning: the most recent part of the conversation that fits
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ICLContext:
+    text: str
+    tokens: int  # of `text` alone
+    sessions_kept: int  # whole sessions (the oldest kept one may be cut at a turn boundary)
+    sessions_total: int
+    turns_kept: int
+    turns_total: int
+
+
+def icl_context(sample: Sample, tok: Tokenizer, budget_tokens: int) -> ICLContext:
+    """The latest turns of the conversation that fit `budget_tokens`, whole sessions first, then the
+    most recent turns of the session before (with its date header), in conversation order."""
+    if budget_tokens < 1:
+        raise ValueError(f"context budget must be at least 1 token, got {budget_tokens}")
+    source = training_source(sample)
+    # Session headers carry the date ("Session 3 — 1:56 pm on 8 May, 2023"); turns stay "Speaker: text",
+    # which fits about a third more of the conversation than dating every turn.
+    header, line = FORMATS["timestamped"][0], FORMATS["raw"][1]
+    kept_sessions: list[str] = []  # newest first
+    used, turns_kept, partial = 0, 0, False
+    n_turns = sum(len(s.turns) for s in source.sessions)
+    for session in reversed(source.sessions):
+        h = header(source, session)
+        text = "\n".join(([h] if h else []) + [line(source, session, t) for t in session.turns])
+        cost = len(tok.encode(text + "\n\n"))
+        if used + cost <= budget_tokens:
+            kept_sessions.append(text)
+            used += cost
+            turns_kept += len(session.turns)
+            continue
+        # Cut this session at a turn boundary: its header and its most recent turns that still fit.
+        lines = []
+        budget_left = budget_tokens - used - len(tok.encode((h or "") + "\n\n"))
+        for turn in reversed(session.turns):
+            t = line(source, session, turn)
+            c = len(tok.encode(t + "\n"))
+            if c > budget_left:
+                break
+            lines.insert(0, t)
+            budget_left -= c
+        if lines:
+            kept_sessions.append("\n".join(([h] if h else []) + lines))
+            turns_kept += len(lines)
+            partial = True
+        break
+    text = "\n\n".join(reversed(kept_sessions))
+    return ICLContext(text=text, tokens=len(tok.encode(text)), sessions_kept=len(kept_sessions) - int(partial),
+                      sessions_total=len(source.sessions), turns_kept=turns_kept, turns_total=n_turns)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval: BM25 over turns or sessions
+# ---------------------------------------------------------------------------------------------
+
+class BM25Retriever:
+    """BM25 (bm25s, Porter-stemmed, English stop words) over one conversation's turns or sessions."""
+
+    def __init__(self, sample: Sample, unit: str = "turn"):
+        if unit not in RAG_UNITS:
+            raise ValueError(f"unknown retrieval unit {unit!r} (choose from {', '.join(RAG_UNITS)})")
+        try:
+            import bm25s
+        except ImportError as e:
+            raise ImportError("retrieval needs bm25s: pip install 'lora-mem[rag]' (or pip install bm25s)") from e
+        from nltk.stem import PorterStemmer
+
+        self._bm25s = bm25s
+        stemmer = PorterStemmer()
+        self._stem = lambda words: [stemmer.stem(w) for w in words]
+        source = training_source(sample)
+        if unit == "session":
+            self.docs = session_texts(source, timestamps=True)
+        else:
+            _, line = FORMATS["timestamped"]
+            self.docs = [line(source, s, t) for s in source.sessions for t in s.turns]
+        if not self.docs:
+            raise ValueError(f"sample {sample.sample_id!r} has no {unit}s to retrieve from")
+        self.index = bm25s.BM25()
+        self.index.index(bm25s.tokenize(self.docs, stopwords="en", stemmer=self._stem, show_progress=False),
+                         show_progress=False)
+
+    def retrieve(self, questions: list[str], k: int) -> list[list[int]]:
+        """Indices of the top-k documents of each question, in conversation order (not score order:
+        a reader follows a story forwards)."""
+        if k < 1:
+            raise ValueError(f"top-k must be at least 1, got {k}")
+        k = min(k, len(self.docs))
+        queries = self._bm25s.tokenize(questions, stopwords="en", stemmer=self._stem, return_ids=False,
+                                       show_progress=False)
+        docs, _scores = self.index.retrieve(queries, k=k, show_progress=False, n_threads=1)
+        return [sorted(int(i) for i in row) for row in docs]
+
+    def context(self, doc_ids: list[int]) -> str:
+        return "\n".join(self.docs[i] for i in doc_ids)
