@@ -50,10 +50,16 @@ RESULT_SETTINGS = (
     "method", "model", "dtype", "rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size",
     "grad_accum", "warmup_ratio", "seq_len", "seed", "max_new_tokens", "max_questions", "with_adversarial",
     "timestamps", "train_format", "context_tokens", "top_k", "rag_unit", "adapters_from",
+    "resolve_dates", "qa_per_turn", "train_abstention", "abstention_ratio",
 )
+# Settings newer than the first runs, with the value an older run_config.json implies.
+SETTINGS_ADDED_LATER = {"train_format": "text", "context_tokens": None, "top_k": None, "rag_unit": None,
+                        "adapters_from": None, "resolve_dates": False, "qa_per_turn": None,
+                        "train_abstention": False, "abstention_ratio": None}
 METHODS = ("lora", "base", "icl", "rag", "lora+rag")
 TRAINING_SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size", "grad_accum",
-                     "warmup_ratio", "seq_len", "timestamps", "train_format")
+                     "warmup_ratio", "seq_len", "timestamps", "train_format", "resolve_dates", "qa_per_turn",
+                     "train_abstention", "abstention_ratio")
 # Room left in the context window for the chat markup, the question and the answer (ICL).
 ICL_RESERVE_TOKENS = 256
 
@@ -78,8 +84,11 @@ def method_label(args) -> str:
         return f"ICL (latest {args.context_tokens} tokens)"
     if args.method == "rag":
         return rag
-    extras = "".join([", timestamps" if args.timestamps else "",
-                      f", {args.train_format}" if args.train_format != "text" else ""])
+    extras = "".join([", timestamps" if args.timestamps and not args.resolve_dates else "",
+                      ", timestamps+dates" if args.resolve_dates else "",
+                      f", {args.train_format}" if args.train_format != "text" else "",
+                      f" ({args.qa_per_turn}/turn)" if args.qa_per_turn and args.train_format != "text" else "",
+                      f", abstention {args.abstention_ratio:g}" if args.train_abstention else ""])
     lora = f"LoRA-Mem (r={args.rank}{extras})"
     return f"{lora} + {rag}" if args.method == "lora+rag" else lora
 
@@ -91,7 +100,9 @@ def method_label(args) -> str:
 def training_windows(sample: Sample, lm: LoadedModel, args) -> tuple[torch.Tensor, torch.Tensor]:
     """Training windows of one conversation (bench.internalize): built from the conversation alone,
     never from QA annotations, observations or summaries."""
-    return training_data(sample, lm.tokenizer, args.train_format, args.seq_len, args.timestamps, QUESTION_TEMPLATE)
+    return training_data(sample, lm.tokenizer, args.train_format, args.seq_len, args.timestamps, QUESTION_TEMPLATE,
+                         resolve_dates=args.resolve_dates, qa_per_turn=args.qa_per_turn,
+                         abstention=args.train_abstention, abstention_ratio=args.abstention_ratio, seed=args.seed)
 
 
 def question_prompts(sample: Sample, questions: list, lm: LoadedModel, args) -> tuple[list[list[int]], dict]:
@@ -262,8 +273,13 @@ def check_or_write_run_config(out: Path, settings: dict) -> None:
     path = out / "run_config.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        diffs = [f"{k}: saved {old.get(k)!r} vs now {settings.get(k)!r}"
-                 for k in RESULT_SETTINGS if old.get(k) != settings.get(k)]
+        # A setting added after that run was made was off there: it matches "off" or "not applicable".
+        def agrees(k):
+            if k not in old and k in SETTINGS_ADDED_LATER:
+                return settings.get(k) in (None, SETTINGS_ADDED_LATER[k])
+            return old.get(k) == settings.get(k)
+
+        diffs = [f"{k}: saved {old.get(k)!r} vs now {settings.get(k)!r}" for k in RESULT_SETTINGS if not agrees(k)]
         if diffs:
             raise RunConfigMismatch(f"{out} holds a run with other settings ({'; '.join(diffs)}): "
                                     "use another --out, or the same settings to resume")
@@ -355,6 +371,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--train-format", choices=TRAIN_FORMATS, default="text",
                    help="text: next-token loss on the conversation (the experiment); qa: template questions about "
                         "the turns (who said what, when) in the chat format, loss on answers; text+qa: both")
+    g.add_argument("--resolve-dates", action="store_true",
+                   help="timestamps, and relative dates in turns resolved from the session date "
+                        "('yesterday (7 May 2023)')")
+    g.add_argument("--qa-per-turn", type=int, default=None,
+                   help="qa formats: template questions per turn (default: all, about 3); 1 cuts qa data ~3x")
+    g.add_argument("--train-abstention", action="store_true",
+                   help="also train 'Not mentioned in the conversation.' for questions about subjects the "
+                        "conversation never mentions (generated from the conversation alone)")
+    g.add_argument("--abstention-ratio", type=float, default=0.1,
+                   help="abstention questions per template question")
     g.add_argument("--rank", type=int, default=8)
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch")
@@ -377,6 +403,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.alpha is None:
         args.alpha = 2.0 * args.rank
+    if args.qa_per_turn is not None and args.qa_per_turn < 1:
+        ap.error(f"--qa-per-turn must be at least 1, got {args.qa_per_turn}")
+    if not 0 < args.abstention_ratio <= 1:
+        ap.error(f"--abstention-ratio must be in (0, 1], got {args.abstention_ratio}")
     if args.top_k < 1:
         ap.error(f"--top-k must be at least 1, got {args.top_k}")
     if args.context_tokens is not None and args.context_tokens < 1:
@@ -476,6 +506,8 @@ def run(args, dist: Dist, t_start: float) -> dict | None:
         not_applicable += ("context_tokens",)
     if not uses_rag(args.method):
         not_applicable += ("top_k", "rag_unit")
+    if not args.train_abstention:
+        not_applicable += ("abstention_ratio",)
     for k in not_applicable:
         settings[k] = None
     if dist.rank == 0:

@@ -281,3 +281,34 @@ def test_shared_batches_give_the_predictions_of_one_adapter_at_a_time(long_ckpt,
     # training in the same invocation, then answering all conversations together
     run(long_ckpt, tmp_path / "shared-train", "--shared-batches")
     assert read_jsonl(tmp_path / "shared-train" / "predictions.jsonl") == one_at_a_time
+
+
+def test_runs_made_before_newer_settings_still_resume(ckpt, tmp_path):
+    """A run_config.json without settings added later (they were off) resumes; a real change is refused."""
+    out = tmp_path / "old"
+    run(ckpt, out, "--conversations", "tiny-1", "--max-questions", "1")
+    cfg = json.loads((out / "run_config.json").read_text())
+    for k in locomo.SETTINGS_ADDED_LATER:
+        cfg.pop(k, None)
+    (out / "run_config.json").write_text(json.dumps(cfg))
+    run(ckpt, out, "--conversations", "tiny-1", "--max-questions", "1")
+    with pytest.raises(locomo.RunConfigMismatch, match="resolve_dates"):
+        run(ckpt, out, "--conversations", "tiny-1", "--max-questions", "1", "--resolve-dates")
+
+
+def test_internalisation_options_reach_the_training_data(ckpt, tmp_path, monkeypatch):
+    seen = {}
+    real = locomo.training_data
+
+    def capture(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(locomo, "training_data", capture)
+    results = run(ckpt, tmp_path / "opts", "--train-format", "qa", "--qa-per-turn", "1", "--resolve-dates",
+                  "--train-abstention", "--abstention-ratio", "0.5", "--seq-len", "256", "--epochs", "1",
+                  "--conversations", "tiny-1", "--max-questions", "1")
+    assert seen == {"resolve_dates": True, "qa_per_turn": 1, "abstention": True, "abstention_ratio": 0.5, "seed": 0}
+    assert results["method"] == "LoRA-Mem (r=4, timestamps+dates, qa (1/turn), abstention 0.5)"
+    with pytest.raises(SystemExit):
+        run(ckpt, tmp_path / "bad", "--qa-per-turn", "0")
