@@ -3,7 +3,7 @@
 Same checkpoint, same machine, same dtype, same prompt token ids on both sides (the prompts are
 tokenised once, by lora-mem's tokenizer, and fed to transformers as tensors).
 
-Workloads
+Workloads (`--workloads`, comma-separated; default `single_stream,batched`; `all` adds `locomo`)
 ---------
 single_stream
     Batch 1, a few chat prompts, exactly `--max-new-tokens` new tokens on both sides: EOS is
@@ -15,30 +15,57 @@ batched
     at EOS / `<|im_end|>`, `--batched-max-new-tokens` at most. lora-mem `generate(batch_size=B)`
     against transformers at batch 1 (the usual loop) and transformers at batch B with left padding
     and an attention mask. Reports questions/s, tokens/s and the ratios.
+locomo
+    The LoCoMo answering workload with an adapter: the real questions of categories 1-4
+    (`bench.locomo_data.select_questions`, all 10 conversations = 1,540; `--locomo-questions N`
+    takes the first N), asked as bench.locomo asks them (`QUESTION_TEMPLATE` in a chat turn,
+    `tokenizer.encode_chat`), answered with ONE LoRA adapter (`--adapter DIR`, PEFT format, e.g.
+    runs/locomo-r8/adapters/conv-26; without it a seeded random rank-`--random-adapter-rank`
+    adapter with non-zero B, saved to a temporary directory, so it runs on any machine).
+    lora-mem: `load_model` + `load_adapter` (the unmerged LoRA path bench.locomo answers with) +
+    `generate(batch_size=--locomo-batch-size)`. transformers: `AutoModelForCausalLM` from the
+    same checkpoint directory + `peft.PeftModel.from_pretrained` on the same adapter files,
+    `generate` greedy with the same `--locomo-max-new-tokens` and stop ids, at batch 1 and at
+    batch B (left padding + attention mask, in the same length-sorted batches lora-mem forms, so
+    both pad alike). transformers at batch 1 is slow on a CPU: it answers an evenly spaced subset
+    of `--hf-bs1-questions` questions and its rate is extrapolated to all of them (recorded:
+    `measured_questions`, `extrapolated`). Reports questions/s of each, the ratios beside the
+    goals (>= 10x transformers batch 1, >= 2x transformers at the same batch) and how many
+    answers are identical token for token. Runs after the other workloads: it puts the adapter
+    into both models.
 
 Timing: one warm-up generate per side before each workload (excluded), then the median of
-`--repeats` (single-stream) / `--batched-repeats` (batched) timed runs; the sides take turns
-within each repeat, so a shared machine's changing load hits them alike. transformers runs under
-`torch.inference_mode()`; lora-mem is called exactly as the engine calls it. `torch` threads are
-left at their default and recorded, as are the CPU model, the load average at start and end
-(the machine may be shared), versions, git commit and the command line.
+`--repeats` (single-stream) / `--batched-repeats` (batched) timed runs, one timed run for locomo;
+the sides take turns within each repeat, so a shared machine's changing load hits them alike.
+transformers runs under `torch.inference_mode()`; lora-mem is called exactly as the engine calls
+it. `torch` threads are left at their default and recorded, as are the CPU model, the load
+average at start and end (the machine may be shared), versions, git commit and the command line.
 
-Output: `bench/results/decode_<device>.json` (`decode_<device>_quick.json` with `--quick`), written
+`--profile`: one more lora-mem call of the batched workload (and one batch of the locomo workload)
+under torch.profiler; the workload gets a `profile` section (top ops, self time by group: see
+bench.train_throughput.profile_ops).
+
+Output: `bench/results/decode_<device>.json` for the default workloads, `decode_<device>_<workloads>.json`
+for any other selection (e.g. `decode_cpu_locomo.json`), `_quick` added with `--quick`; written
 atomically, plus a small table on stdout.
 
-    python -m bench.decode                 # the full run (CPU fp32 by default; bf16 on CUDA)
+    python -m bench.decode                 # single_stream + batched (CPU fp32 by default; bf16 on CUDA)
     python -m bench.decode --quick         # a fast smoke run
     python -m bench.decode --device cuda --batch-size 64 --num-prompts 256
+    LOCOMO_DATA=../shared/data/locomo/locomo10.json python -m bench.decode --workloads locomo \\
+        --adapter runs/locomo-r8/adapters/conv-26       # -> bench/results/decode_cpu_locomo.json
 
-transformers is a bench/test-only reference: it is imported here, never from model/ or kernels/.
+transformers and peft are bench/test-only references: imported here, never from model/ or kernels/.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +75,11 @@ import torch
 from bench.common import atomic_write_json, cpu_name, device_slug, git_commit, versions
 from model.generate import generate
 from model.loader import LoadedModel, load_model
+
+WORKLOADS = ("single_stream", "batched", "locomo")
+DEFAULT_WORKLOADS = "single_stream,batched"
+# The issue's goals for the LoCoMo answering workload, printed beside the measured ratios.
+LOCOMO_GOALS = {"vs_transformers_batch1": 10.0, "vs_transformers_batched": 2.0}
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -310,6 +342,196 @@ def run_batched(lm: LoadedModel, ref, args, device: torch.device, log) -> dict:
     q = {k: row[k]["questions_per_s"] for k in ("lora_mem_batched", "transformers_batch1", "transformers_batched")}
     row["ratio_questions_per_s_vs_transformers_batch1"] = ratio(q["lora_mem_batched"], q["transformers_batch1"])
     row["ratio_questions_per_s_vs_transformers_batched"] = ratio(q["lora_mem_batched"], q["transformers_batched"])
+    if args.profile:
+        from bench.train_throughput import profile_ops
+
+        row["profile"] = {"what": "one more lora-mem call of this workload", **profile_ops(ours, 1, device, label="generate")}
+    return row
+
+
+def random_adapter(lm: LoadedModel, rank: int, out_dir: Path, seed: int = 0, b_std: float = 0.02) -> Path:
+    """A seeded random LoRA adapter of `rank` on every linear layer, saved in PEFT format to `out_dir`.
+
+    A ~ N(0, 1/in), B ~ N(0, b_std^2): B is not zero (as a freshly initialised adapter's would be),
+    so the adapter changes the answers and a side that ignored it would disagree with the other.
+    The default is about the size of trained adapters (runs/locomo-r8: A std 0.026, B std 0.010)."""
+    from lora_core.adapter_io import save_adapter
+    from lora_core.inject import LoRAConfig, inject_lora, lora_modules
+
+    cfg = LoRAConfig(rank=rank)
+    if not lora_modules(lm.model):
+        inject_lora(lm.model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(lm.model).values():
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) / math.sqrt(m.in_features))
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * b_std)
+    return save_adapter(lm.model, out_dir, cfg, base_model=lm.name)
+
+
+def locomo_questions(data: str | None, limit: int | None) -> tuple[Path, list]:
+    """(data file, questions): categories 1-4 of every conversation in file order, the first `limit`."""
+    from bench.locomo_data import load_locomo, resolve_data_path, select_questions
+
+    path = resolve_data_path(data)
+    qs = [q for sample in load_locomo(path) for q in select_questions(sample)]
+    return path, qs if limit is None else qs[:limit]
+
+
+def spread(n: int, k: int) -> list[int]:
+    """`k` evenly spaced indices out of `n` (all of them when k >= n)."""
+    if k >= n:
+        return list(range(n))
+    return [(i * n) // k for i in range(k)]
+
+
+def load_peft_reference(ref, adapter: Path, device: torch.device):
+    """transformers model + the adapter files through peft (eval, no grad)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(ref, str(adapter))
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+def check_locomo_inputs(args) -> tuple[Path, list]:
+    """The LoCoMo questions and a look at --adapter, before any model is loaded: bad input stops with
+    one line instead of after the other workloads have run."""
+    from bench.locomo_data import LocomoDataError
+    from lora_core.adapter_io import AdapterError, read_adapter_config
+
+    try:
+        data_path, questions = locomo_questions(args.data, args.locomo_questions)
+        if args.adapter:
+            read_adapter_config(Path(args.adapter))
+    except (LocomoDataError, AdapterError) as e:
+        raise SystemExit(f"error: {e}") from e
+    if not questions:
+        raise SystemExit(f"error: no LoCoMo questions of categories 1-4 in {data_path}")
+    return data_path, questions
+
+
+def run_locomo(lm: LoadedModel, ref, args, device: torch.device, log,
+               inputs: tuple[Path, list] | None = None) -> dict:
+    """The LoCoMo answering workload with one adapter (see the module docstring). Leaves the adapter
+    in `lm.model` (lora_core LoRA layers) and `ref` (peft layers): run it last."""
+    from bench.locomo import QUESTION_TEMPLATE
+    from lora_core.adapter_io import load_adapter
+
+    tok, model = lm.tokenizer, lm.model
+    data_path, questions = inputs or check_locomo_inputs(args)
+    prompts = [tok.encode_chat([{"role": "user", "content": QUESTION_TEMPLATE.format(question=q.question)}])
+               for q in questions]
+    B, n_new, stop, pad = args.locomo_batch_size, args.locomo_max_new_tokens, tok.stop_ids, tok.pad_id
+    n = len(prompts)
+    limit = lm.config.max_position_embeddings
+    if max(map(len, prompts)) + n_new > limit:
+        raise SystemExit(f"error: a LoCoMo prompt of {max(map(len, prompts))} tokens + {n_new} new tokens exceeds "
+                         f"the model's {limit} positions")
+
+    with tempfile.TemporaryDirectory(prefix="decode-adapter-") as tmp:
+        if args.adapter:
+            adapter_dir, source = Path(args.adapter), "given"
+        else:
+            adapter_dir = random_adapter(lm, args.random_adapter_rank, Path(tmp) / "adapter",
+                                         b_std=args.random_adapter_b_std)
+            source = "random"
+        cfg = load_adapter(model, adapter_dir)  # unmerged LoRALinear layers, as bench.locomo answers
+        peft_ref = load_peft_reference(ref, adapter_dir, device)
+    log(f"locomo: {n} questions from {data_path}, adapter {adapter_dir if source == 'given' else 'random'} "
+        f"(r={cfg.rank}, alpha={cfg.alpha:g}), batch {B}, max_new_tokens {n_new}, stop at {stop}")
+
+    # transformers at batch B gets the batches lora-mem forms: prompts sorted by length (stable), in chunks of B.
+    order = sorted(range(n), key=lambda i: len(prompts[i]))
+    subset = spread(n, args.hf_bs1_questions or n)
+
+    def ours():
+        return generate(model, prompts, n_new, stop_ids=stop, pad_id=pad, batch_size=B)
+
+    def hf1():
+        return hf_generate(peft_ref, [prompts[i] for i in subset], n_new, stop, pad, 1, device)
+
+    def hfb():
+        outs = hf_generate(peft_ref, [prompts[i] for i in order], n_new, stop, pad, B, device)
+        back: list = [None] * n
+        for i, o in zip(order, outs):
+            back[i] = o
+        return back
+
+    load_before = loadavg()
+    warm = prompts[:B]
+    generate(model, warm, min(4, n_new), stop_ids=stop, pad_id=pad, batch_size=B)  # warm-ups
+    hf_generate(peft_ref, warm[:1], min(4, n_new), stop, pad, 1, device)
+    hf_generate(peft_ref, warm, min(4, n_new), stop, pad, B, device)
+    sides = {}
+    for name, fn in (("lora_mem", ours), ("transformers_peft_batch1", hf1), ("transformers_peft_batched", hfb)):
+        log(f"  {name} ...")
+        ((t, out),) = timed([fn], 1, device)
+        sides[name] = (t, out)
+        log(f"  {name:<28}{t[0]:8.2f} s")
+
+    (ours_t, ours_out), (hf1_t, hf1_out), (hfb_t, hfb_out) = (sides[k] for k in sides)
+
+    def count(outs):
+        return sum(len(o) for o in outs)
+
+    k = len(subset)
+    ours_sub = [ours_out[i] for i in subset]
+    hf1_row = side_row(hf1_t, count(hf1_out), k)
+    hf1_row.update({"measured_questions": k, "extrapolated": k < n,
+                    "subset": "all questions" if k == n else f"{k} evenly spaced questions of {n} (index i*{n}//{k})",
+                    "seconds_all_questions_extrapolated": round(hf1_row["seconds_median"] * n / k, 2)})
+    row = {
+        "workload": "locomo",
+        "data": str(data_path),
+        "questions": n,
+        "categories": {str(c): sum(q.category == c for q in questions) for c in sorted({q.category for q in questions})},
+        "question_template": QUESTION_TEMPLATE,
+        "adapter": {"source": source, "path": str(adapter_dir) if source == "given" else None,
+                    "rank": cfg.rank, "alpha": cfg.alpha, "use_rslora": cfg.use_rslora,
+                    "target_modules": cfg.target_modules,
+                    **({"seed": 0, "init": f"A ~ N(0, 1/in), B ~ N(0, {args.random_adapter_b_std:g}^2)"}
+                       if source == "random" else {})},
+        "batch_size": B,
+        "prompt_tokens": {"min": min(map(len, prompts)), "max": max(map(len, prompts)),
+                          "mean": round(sum(map(len, prompts)) / n, 1)},
+        "max_new_tokens": n_new,
+        "stop_ids": list(stop),
+        "repeats": 1,
+        "lora_mem_path": "load_model + lora_core load_adapter (unmerged LoRALinear) + generate(batch_size=B)",
+        "transformers_path": "AutoModelForCausalLM + peft PeftModel.from_pretrained(same adapter files); generate "
+                             "greedy; batch 1 on the subset; batch B left-padded with an attention mask, in "
+                             "lora-mem's length-sorted batches",
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "lora_mem": side_row(ours_t, count(ours_out), n),
+        "transformers_peft_batch1": hf1_row,
+        "transformers_peft_batched": side_row(hfb_t, count(hfb_out), n),
+        # Greedy answers should agree; padded batches may flip near-ties (different matmul shapes).
+        "answers_identical_transformers_batch1": sum(a == b for a, b in zip(ours_sub, hf1_out)),
+        "answers_compared_transformers_batch1": k,
+        "answers_identical_transformers_batched": sum(a == b for a, b in zip(ours_out, hfb_out)),
+        "answers_compared_transformers_batched": n,
+        "sample_answers": [{"question": q.question, "answer": tok.decode(o).strip()}
+                           for q, o in list(zip(questions, ours_out))[:3]],
+    }
+    differing = [i for i in range(n) if ours_out[i] != hfb_out[i]]
+    row["differing_answers_batched"] = [
+        {"question": questions[i].question, "lora_mem": tok.decode(ours_out[i]).strip(),
+         "transformers_peft_batched": tok.decode(hfb_out[i]).strip()} for i in differing[:5]]
+    q = row["lora_mem"]["questions_per_s"]
+    row["ratio_vs_transformers_batch1"] = ratio(q, hf1_row["questions_per_s"])
+    row["ratio_vs_transformers_batched"] = ratio(q, row["transformers_peft_batched"]["questions_per_s"])
+    row["goals"] = dict(LOCOMO_GOALS)
+    for peer, goal in LOCOMO_GOALS.items():
+        row[f"meets_goal_{peer}"] = (row[f"ratio_{peer}"] or 0) >= goal
+    if args.profile:
+        from bench.train_throughput import profile_ops
+
+        first = [prompts[i] for i in order[:B]]
+        row["profile"] = {"what": f"lora-mem generate of the {len(first)} shortest questions (one batch)",
+                          **profile_ops(lambda: generate(model, first, n_new, stop_ids=stop, pad_id=pad, batch_size=B),
+                                        1, device, label="generate")}
     return row
 
 
@@ -325,7 +547,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, checkpoint dir or hub id")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
-    ap.add_argument("--workload", choices=["all", "single", "batched"], default="all", help="what to run (default: all)")
+    ap.add_argument("--workloads", default=None,
+                    help=f"comma-separated, of {', '.join(WORKLOADS)}; 'all' is all three "
+                         f"(default: {DEFAULT_WORKLOADS}; locomo needs the LoCoMo data)")
+    ap.add_argument("--workload", choices=["all", "single", "batched"], default=None,
+                    help="older spelling: all = single_stream,batched; single = single_stream")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="single-stream new tokens, EOS disabled (default 64; quick 16)")
     ap.add_argument("--single-prompts", type=int, default=None,
                     help=f"single-stream prompts, at most {len(SINGLE_STREAM_QUESTIONS)} (default all; quick 1)")
@@ -334,25 +560,90 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None, help="batched: lora-mem and transformers batch size (default 64; quick 8)")
     ap.add_argument("--batched-max-new-tokens", type=int, default=None, help="batched: max new tokens per answer (default 32; quick 8)")
     ap.add_argument("--batched-repeats", type=int, default=None, help="timed batched runs, median reported (default 1)")
+    ap.add_argument("--data", default=None,
+                    help="locomo: locomo10.json (default: $LOCOMO_DATA, the cache, or a download)")
+    ap.add_argument("--adapter", default=None,
+                    help="locomo: a LoRA adapter directory in PEFT format, e.g. runs/locomo-r8/adapters/conv-26 "
+                         "(default: a seeded random adapter of --random-adapter-rank, saved to a temp dir)")
+    ap.add_argument("--random-adapter-rank", type=int, default=8, help="locomo: rank of the random adapter (default 8)")
+    ap.add_argument("--random-adapter-b-std", type=float, default=0.02,
+                    help="locomo: std of the random adapter's B (A ~ N(0, 1/in)); default 0.02, about the size of "
+                         "trained adapters")
+    ap.add_argument("--locomo-questions", type=int, default=None,
+                    help="locomo: the first N questions of categories 1-4 (default all: 1,540 in locomo10.json; quick 16)")
+    ap.add_argument("--locomo-batch-size", type=int, default=None,
+                    help="locomo: batch size of lora-mem and of transformers' batched run (default 64, as "
+                         "bench.locomo --answer-batch-size; quick 8)")
+    ap.add_argument("--locomo-max-new-tokens", type=int, default=None,
+                    help="locomo: max new tokens per answer (default 32, as bench.locomo; quick 8)")
+    ap.add_argument("--hf-bs1-questions", type=int, default=None,
+                    help="locomo: transformers at batch 1 answers this many evenly spaced questions and its rate is "
+                         "extrapolated (default 256; 0 or a value >= the question count: all; quick: all)")
+    ap.add_argument("--profile", action="store_true",
+                    help="batched and locomo: profile one more lora-mem generate (one batch for locomo) with "
+                         "torch.profiler; top ops and grouped shares go into the workload's 'profile'")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for both sides (default: leave torch's default; recorded either way). "
                          "On a shared CPU, fewer threads than cores avoids OpenMP stalls when a core is taken")
     ap.add_argument("--quick", action="store_true", help="fewer prompts and tokens: a fast smoke run")
-    ap.add_argument("--out", default=None, help="output JSON (default bench/results/decode_<device>[_quick].json)")
+    ap.add_argument("--out", default=None,
+                    help="output JSON (default bench/results/decode_<device>[_<workloads>][_quick].json, the "
+                         "workloads named unless they are the default ones)")
     args = ap.parse_args(argv)
     defaults = dict(max_new_tokens=64, single_prompts=len(SINGLE_STREAM_QUESTIONS), repeats=3, num_prompts=64,
-                    batch_size=64, batched_max_new_tokens=32, batched_repeats=1)
+                    batch_size=64, batched_max_new_tokens=32, batched_repeats=1, locomo_batch_size=64,
+                    locomo_max_new_tokens=32, hf_bs1_questions=256)
     if args.quick:
         defaults.update(max_new_tokens=16, single_prompts=1, repeats=1, num_prompts=8, batch_size=8,
-                        batched_max_new_tokens=8)
+                        batched_max_new_tokens=8, locomo_questions=16, locomo_batch_size=8, locomo_max_new_tokens=8,
+                        hf_bs1_questions=0)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.single_prompts = max(1, min(args.single_prompts, len(SINGLE_STREAM_QUESTIONS)))
-    for k in ("max_new_tokens", "repeats", "num_prompts", "batch_size", "batched_max_new_tokens", "batched_repeats"):
+    for k in ("max_new_tokens", "repeats", "num_prompts", "batch_size", "batched_max_new_tokens", "batched_repeats",
+              "locomo_batch_size", "locomo_max_new_tokens", "random_adapter_rank"):
         if getattr(args, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1")
+    if args.locomo_questions is not None and args.locomo_questions < 1:
+        ap.error("--locomo-questions must be >= 1")
+    if args.hf_bs1_questions < 0:
+        ap.error("--hf-bs1-questions must be >= 0 (0: all)")
+    if args.workloads is not None and args.workload is not None:
+        ap.error("give --workloads or --workload, not both")
+    if args.workload is not None:
+        args.workloads = {"all": DEFAULT_WORKLOADS, "single": "single_stream", "batched": "batched"}[args.workload]
+    names = [w.strip() for w in (args.workloads or DEFAULT_WORKLOADS).split(",") if w.strip()]
+    if names == ["all"]:
+        names = list(WORKLOADS)
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown or not names:
+        ap.error(f"--workloads: unknown {unknown} (choose from {', '.join(WORKLOADS)} or all)")
+    args.workloads = [w for w in WORKLOADS if w in names]  # locomo last: it leaves the adapter in both models
+    del args.workload
     return args
+
+
+def print_locomo(w: dict) -> None:
+    B, n = w["batch_size"], w["questions"]
+    h1 = w["transformers_peft_batch1"]
+    a = w["adapter"]
+    print(f"locomo ({n} q, <= {w['max_new_tokens']} tok, adapter {a['source']} r={a['rank']})")
+    rows = [(f"lora-mem bs {B}", w["lora_mem"], None, None),
+            (f"transformers+peft bs 1{' *' if h1['extrapolated'] else ''}", h1, w["ratio_vs_transformers_batch1"],
+             w["goals"]["vs_transformers_batch1"]),
+            (f"transformers+peft bs {B}", w["transformers_peft_batched"], w["ratio_vs_transformers_batched"],
+             w["goals"]["vs_transformers_batched"])]
+    for name, s, r, goal in rows:
+        rs = f"{r:>8.2f}x" if r is not None else f"{'':>9}"
+        gs = f"  (goal >= {goal:g}x: {'met' if r is not None and r >= goal else 'not met'})" if goal else ""
+        print(f"  {name:<32}{s['seconds_median']:>10.2f}{s['tokens_per_s']:>12.1f}{s['questions_per_s']:>13.2f}{rs}{gs}")
+    if h1["extrapolated"]:
+        print(f"  * measured on {h1['measured_questions']} of {n} questions, rate extrapolated "
+              f"({h1['seconds_all_questions_extrapolated']:.0f} s for all)")
+    print(f"  answers identical to lora-mem: transformers bs 1 {w['answers_identical_transformers_batch1']}/"
+          f"{w['answers_compared_transformers_batch1']}, bs {B} {w['answers_identical_transformers_batched']}/"
+          f"{w['answers_compared_transformers_batched']}")
 
 
 def print_table(result: dict) -> None:
@@ -361,6 +652,9 @@ def print_table(result: dict) -> None:
           f"load {result['loadavg_start']} -> {result['loadavg_end']})")
     print(f"{'workload':<34}{'seconds':>10}{'tokens/s':>12}{'questions/s':>13}{'ratio':>9}")
     for w in result["workloads"]:
+        if w["workload"] == "locomo":
+            print_locomo(w)
+            continue
         if w["workload"] == "single_stream":
             sides = [("lora-mem", w["lora_mem"], None),
                      ("transformers", w["transformers"], w["ratio_tokens_per_s"])]
@@ -381,6 +675,18 @@ def print_table(result: dict) -> None:
             print(f"  answers equal to lora-mem: transformers bs 1 {w['answers_match_transformers_batch1']}/{w['num_prompts']}, "
                   f"bs {w['batch_size']} {w['answers_match_transformers_batched']}/{w['num_prompts']}")
     print("(ratio = lora-mem / that transformers row)")
+    for w in result["workloads"]:
+        if "profile" in w:
+            from bench.train_throughput import format_profile
+
+            print(f"profile of {w['workload']} ({w['profile']['what']}), self time by group:\n{format_profile(w['profile'])}")
+
+
+def default_out_name(slug: str, workloads: list[str], quick: bool) -> str:
+    """decode_<device>.json for the default workloads; other selections get their names in the file
+    name (decode_cpu_locomo.json), so a run of one workload never overwrites the default results."""
+    tag = "" if workloads == DEFAULT_WORKLOADS.split(",") else "_" + "_".join(workloads)
+    return f"decode_{slug}{tag}{'_quick' if quick else ''}.json"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -397,17 +703,16 @@ def main(argv: list[str] | None = None) -> dict:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    locomo_inputs = check_locomo_inputs(args) if "locomo" in args.workloads else None
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     device = lm.model.lm_head.weight.device
     dtype = lm.model.lm_head.weight.dtype
     ref = load_reference(lm.path, device, dtype)
     log(f"loaded {args.model} ({lm.path}) on {device} in {str(dtype).removeprefix('torch.')}")
 
-    workloads = []
-    if args.workload in ("all", "single"):
-        workloads.append(run_single_stream(lm, ref, args, device, log))
-    if args.workload in ("all", "batched"):
-        workloads.append(run_batched(lm, ref, args, device, log))
+    run = {"single_stream": run_single_stream, "batched": run_batched,
+           "locomo": lambda *a: run_locomo(*a, inputs=locomo_inputs)}
+    workloads = [run[w](lm, ref, args, device, log) for w in args.workloads]
 
     slug = device_slug(device)
     result = {
@@ -434,7 +739,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_end": loadavg(),
         "workloads": workloads,
     }
-    out = Path(args.out) if args.out else RESULTS_DIR / f"decode_{slug}{'_quick' if args.quick else ''}.json"
+    out = Path(args.out) if args.out else RESULTS_DIR / default_out_name(slug, args.workloads, args.quick)
     atomic_write_json(out, result)
     print_table(result)
     print(f"wrote {out}")

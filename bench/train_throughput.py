@@ -2,22 +2,36 @@
 
     python -m bench.train_throughput                 # CPU: default model, fp32, seq 512, batch 1, r=8
     python -m bench.train_throughput --setup gpu     # Qwen2.5-1.5B shapes, random init, bf16, seq 2048
+    python -m bench.train_throughput --profile       # and where the time goes (torch.profiler)
 
 Each side runs in a fresh subprocess, one after the other, so its peak memory (CUDA max allocated on
 GPU, peak RSS on CPU) is its own. Same LoRA targets (q,k,v,o,gate,up,down), rank, alpha, dropout 0,
 sequence length, batch, dtype, optimizer (AdamW) and token ids on both sides. Writes
 bench/results/train_<device>.json.
+
+`--profile`: after its timed steps (and after its peak memory is read), each side runs
+`--profile-steps` more training steps under torch.profiler (CPU activity; CUDA too on a GPU), and
+the results file gets a `profile` section per side and batch size: the top ops by self CPU (and
+CUDA) time with their share of the total, and the total split into groups (`profile_ops`,
+`classify_op`): GEMMs (matmul/linear, fused LoRA kernels), attention (SDPA), elementwise (norms,
+RoPE, SiLU, adds, casts and copies), optimizer (everything under `Optimizer.step`/`zero_grad`),
+loss (cross-entropy; lora-mem's chunked loss except its GEMMs) and other (embedding, views,
+autograd bookkeeping, Python time between ops). The profiled steps are not the timed ones: the
+profiler's own overhead is in them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -56,7 +70,8 @@ def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, ra
 
     def step(x, y):
         hidden = model.model(x)
-        loss = chunked_lm_loss(hidden, model.lm_head.weight, y)
+        with torch.profiler.record_function("chunked_lm_loss"):  # a label for the profile; free otherwise
+            loss = chunked_lm_loss(hidden, model.lm_head.weight, y)
         loss.backward()
         return loss
 
@@ -94,6 +109,162 @@ def build_peft(model_name: str, dtype: torch.dtype, device: torch.device, rank: 
     return params, step
 
 
+# ---------------------------------------------------------------------------------------------
+# Where the time goes: torch.profiler, ops grouped by kind
+# ---------------------------------------------------------------------------------------------
+
+PROFILE_GROUPS = ("gemm", "attention", "elementwise", "optimizer", "loss", "other")
+PROFILE_GROUP_NOTES = {
+    "gemm": "matmul / linear / addmm / bmm and their backward nodes, cuBLAS/CUTLASS kernels, fused LoRA (Triton) kernels",
+    "attention": "scaled_dot_product_attention (flash / efficient / math) forward and backward",
+    "elementwise": "norms (RMSNorm pow/mean/rsqrt or a fused kernel), RoPE (mul/cat/neg or fused), SiLU/SwiGLU, "
+                   "adds, casts, copies, cat",
+    "optimizer": "everything under Optimizer.step / Optimizer.zero_grad (AdamW)",
+    "loss": "cross-entropy: log_softmax/logsumexp/nll and lora-mem's chunked LM-head loss, except its GEMMs",
+    "other": "embedding, views, autograd bookkeeping (AccumulateGrad), allocation, Python time between ops",
+}
+_OPTIMIZER = re.compile(r"^optimizer\.|_foreach_|_fused_adam")
+_ATTENTION = re.compile(r"scaled_dot_product|flash|attention|fmha|sdpa")
+_GEMM = re.compile(r"^(mm|addmm|bmm|baddbmm|matmul|linear|_addmm_activation|addmv|mv|dot|einsum|_scaled_mm)$"
+                   r"|gemm|cublas|cutlass|xmma|matmul|loralinearfunction|_multi_shrink")
+_LOSS = re.compile(r"loss|cross_entropy|log_softmax|logsoftmax|logsumexp|nll")
+_ELEMENTWISE_OPS = {
+    "add", "sub", "rsub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "reciprocal", "exp", "log", "mean", "sum",
+    "silu", "gelu", "sigmoid", "tanh", "relu", "cos", "sin", "cat", "copy", "to", "tocopy", "_to_copy", "clone",
+    "contiguous", "fill", "zero", "zeros", "zeros_like", "ones", "ones_like", "full", "where", "masked_fill",
+    "clamp", "clamp_min", "addcmul", "addcdiv", "lerp", "maximum", "minimum", "abs", "type_as", "index",
+    "index_select", "gather", "scatter", "softmax", "_softmax", "threshold", "isin", "argmax", "cumsum",
+}
+_ELEMENTWISE = re.compile(r"norm|silu|swiglu|rope|rotary|elementwise|reduce_kernel|catarraybatchedcopy|triton_poi"
+                          r"|triton_red")
+
+
+def _normalise_op(name: str) -> str:
+    """'aten::mul_' -> 'mul'; 'autograd::engine::evaluate_function: MmBackward0' -> 'mm'."""
+    n = name.rsplit(": ", 1)[-1].strip().lower()
+    n = n.removeprefix("aten::").removeprefix("torch::autograd::")
+    n = re.sub(r"backward\d*$", "", n)
+    return n.rstrip("_") or n
+
+
+def classify_op(names: list[str]) -> str:
+    """The group of an op from its name and the names of the ops it ran inside (innermost first).
+
+    The enclosing ops decide in this order: optimizer (anything under Optimizer.step/zero_grad),
+    attention (anything under SDPA, so its math path's bmm/softmax count as attention), GEMM
+    (matmul/linear and what runs inside them), loss (labels or ops with 'loss', cross-entropy,
+    log-softmax), elementwise; whatever matches none is 'other'."""
+    norm = [_normalise_op(n) for n in names]
+    if any(_OPTIMIZER.search(n) for n in norm):
+        return "optimizer"
+    if any(_ATTENTION.search(n) for n in norm):
+        return "attention"
+    if any(_GEMM.search(n) for n in norm):
+        return "gemm"
+    if any(_LOSS.search(n) for n in norm):
+        return "loss"
+    if any(n in _ELEMENTWISE_OPS or _ELEMENTWISE.search(n) for n in norm):
+        return "elementwise"
+    return "other"
+
+
+def _chain(evt) -> list[str]:
+    names = []
+    while evt is not None:
+        names.append(evt.name)
+        evt = evt.cpu_parent
+    return names
+
+
+def _shares(totals: dict[str, float], total: float) -> dict:
+    return {g: {"ms": round(totals.get(g, 0.0) / 1e3, 3),
+                "percent": round(100 * totals.get(g, 0.0) / total, 2) if total > 0 else 0.0}
+            for g in PROFILE_GROUPS}
+
+
+def _top(per_op: dict, key: str, total: float, top: int) -> list[dict]:
+    rows = sorted(((k, d) for k, d in per_op.items() if d[key] > 0), key=lambda kv: -kv[1][key])[:top]
+    return [{"op": name, "group": group, "calls": d["calls"], "self_ms": round(d[key] / 1e3, 3),
+             "percent": round(100 * d[key] / total, 2) if total > 0 else 0.0} for (name, group), d in rows]
+
+
+def profile_ops(fn: Callable[[], object], steps: int, device: torch.device, top: int = 15,
+                label: str = "step") -> dict:
+    """Run `fn()` `steps` times under torch.profiler and say where the time went.
+
+    Self time of every op (time in the op itself, not in the ops it calls) is summed by op name
+    and group (`top_cpu`, and `top_cuda` on a GPU: device time of the kernels an op launched; the same
+    op name can appear under two groups, e.g. aten::mul in the model and in AdamW) and by group
+    (`groups_cpu` / `groups_cuda`, see `classify_op`; the groups add up to the total). Each call of
+    `fn` runs inside a `label` range, whose own self time (Python between ops) lands in 'other'."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            with record_function(label):
+                fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+
+    per_op: dict = defaultdict(lambda: {"calls": 0, "cpu_us": 0.0, "cuda_us": 0.0})  # (name, group) -> totals
+    cpu_groups: dict = defaultdict(float)
+    cuda_groups: dict = defaultdict(float)
+    events = list(prof.events())
+    for e in events:
+        if e.device_type != DeviceType.CPU or e.is_async:
+            continue
+        chain = _chain(e)
+        group = classify_op(chain)
+        d = per_op[(e.name, group)]
+        d["calls"] += 1
+        d["cpu_us"] += e.self_cpu_time_total
+        cpu_groups[group] += e.self_cpu_time_total
+        for k in getattr(e, "kernels", []):  # device kernels this op launched itself
+            kgroup = classify_op([k.name] + chain)
+            per_op[(e.name, kgroup)]["cuda_us"] += k.duration
+            cuda_groups[kgroup] += k.duration
+    cpu_total = sum(cpu_groups.values())
+    out = {
+        "steps": steps,
+        "label": label,
+        "wall_seconds": round(wall, 4),
+        "activities": ["cpu"] + (["cuda"] if cuda else []),
+        "self_cpu_total_ms": round(cpu_total / 1e3, 3),
+        "groups_cpu": _shares(cpu_groups, cpu_total),
+        "top_cpu": _top(per_op, "cpu_us", cpu_total, top),
+        "group_notes": PROFILE_GROUP_NOTES,
+    }
+    if cuda:
+        device_events = sum(e.time_range.elapsed_us() for e in events
+                            if e.device_type != DeviceType.CPU and not e.is_async)
+        attributed = sum(cuda_groups.values())
+        if device_events > attributed:  # kernels no profiled CPU op claimed (rare): counted, as 'other'
+            cuda_groups["other"] += device_events - attributed
+        cuda_total = sum(cuda_groups.values())
+        out.update({"self_cuda_total_ms": round(cuda_total / 1e3, 3),
+                    "cuda_unattributed_ms": round(max(0.0, device_events - attributed) / 1e3, 3),
+                    "groups_cuda": _shares(cuda_groups, cuda_total),
+                    "top_cuda": _top(per_op, "cuda_us", cuda_total, top)})
+    return out
+
+
+def format_profile(p: dict) -> str:
+    """One line per group: 'gemm 61.2% | attention 9.8% | ...' (CPU, and CUDA when there)."""
+    lines = []
+    for kind in ("cpu", "cuda"):
+        g = p.get(f"groups_{kind}")
+        if g:
+            lines.append(f"{kind}: " + " | ".join(f"{k} {v['percent']:.1f}%" for k, v in g.items()))
+    return "\n".join(lines)
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory. VmHWM rather than ru_maxrss, which Linux carries over
     execve from the parent that spawned us."""
@@ -114,7 +285,7 @@ def model_config(model_name: str):
 
 
 def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, seq_len: int, batch: int,
-                 rank: int, steps: int, warmup: int) -> dict:
+                 rank: int, steps: int, warmup: int, profile_steps: int = 0) -> dict:
     torch.manual_seed(0)
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name)
@@ -145,13 +316,17 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+        profile = profile_ops(one, profile_steps, device, label="train_step") if profile_steps > 0 else None
     times.sort()
     median = times[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
-    return {"side": side, "batch": batch, "seq_len": seq_len, "step_seconds_median": median,
-            "steps_per_second": 1 / median, "tokens_per_second": batch * seq_len / median,
-            "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
-            "trainable_params": sum(p.numel() for p in params), "losses": losses}
+    out = {"side": side, "batch": batch, "seq_len": seq_len, "step_seconds_median": median,
+           "steps_per_second": 1 / median, "tokens_per_second": batch * seq_len / median,
+           "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
+           "trainable_params": sum(p.numel() for p in params), "losses": losses}
+    if profile is not None:
+        out["profile"] = profile
+    return out
 
 
 def run_side_subprocess(argv: list[str]) -> dict:
@@ -172,6 +347,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per side (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--sides", default="lora-mem,peft")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run --profile-steps steps of each side under torch.profiler; the results file gets "
+                         "a 'profile' section (top ops and grouped shares of self CPU / CUDA time)")
+    ap.add_argument("--profile-steps", type=int, default=3, help="profiled steps per side (with --profile)")
     ap.add_argument("--out", default=None, help="results file (default bench/results/train_<device>.json)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
@@ -182,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     if args.worker:  # one side, one batch size: print one JSON line
         r = measure_side(args.side, args.model, args.dtype, args.device, args.seq_len, args.batch, args.rank,
-                         args.steps, args.warmup)
+                         args.steps, args.warmup, args.profile_steps if args.profile else 0)
         print(json.dumps(r))
         return r
 
@@ -192,7 +371,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     seq_len = args.seq_len or setup["seq_len"]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else setup["batch_sizes"]
     device = torch.device(setup["device"])
-    rows = []
+    if args.profile and args.profile_steps < 1:
+        ap.error("--profile-steps must be >= 1")
+    rows, profiles = [], []
     for batch in batch_sizes:
         row = {"batch": batch}
         for side in args.sides.split(","):
@@ -200,7 +381,11 @@ def main(argv: list[str] | None = None) -> dict | None:
             row[side] = run_side_subprocess([
                 "--side", side, "--model", model, "--dtype", setup["dtype"], "--device", setup["device"],
                 "--seq-len", str(seq_len), "--batch", str(batch), "--rank", str(args.rank),
-                "--steps", str(args.steps), "--warmup", str(args.warmup)])
+                "--steps", str(args.steps), "--warmup", str(args.warmup),
+                *(["--profile", "--profile-steps", str(args.profile_steps)] if args.profile else [])])
+            if "profile" in row[side]:
+                profiles.append({"side": side, "batch": batch, **row[side].pop("profile")})
+                print(f"[{side}] batch {batch} profile:\n{format_profile(profiles[-1])}", file=sys.stderr, flush=True)
         a, b = row.get("lora-mem", {}), row.get("peft", {})
         if "tokens_per_second" in a and "tokens_per_second" in b:
             row["speedup_tokens_per_second"] = a["tokens_per_second"] / b["tokens_per_second"]
@@ -214,6 +399,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                "model": model, "dtype": setup["dtype"], "seq_len": seq_len, "rank": args.rank,
                "alpha": 2 * args.rank, "targets": TARGETS, "optimizer": "AdamW(lr=1e-4)", "steps": args.steps,
                "warmup": args.warmup, **info, "rows": rows}
+    if args.profile:
+        results["profile"] = {
+            "method": "torch.profiler (CPU activity; CUDA too on a GPU) over --profile-steps extra training steps "
+                      "of each side, after its timed steps and its peak-memory reading; self time per op summed by "
+                      "name and by group (bench.train_throughput.classify_op); profiler overhead included",
+            "steps": args.profile_steps, "runs": profiles}
     out = Path(args.out or Path("bench/results") / f"train_{device_slug(device)}.json")
     atomic_write_json(out, results)
     print(f"{'batch':>5} {'lora-mem tok/s':>15} {'peft tok/s':>11} {'speed-up':>9} {'peak mem ratio':>15}")
@@ -222,6 +413,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(f"{r['batch']:>5} {a.get('tokens_per_second', float('nan')):>15.1f} "
               f"{b.get('tokens_per_second', float('nan')):>11.1f} {r.get('speedup_tokens_per_second', float('nan')):>8.2f}x "
               f"{r.get('peak_memory_ratio', float('nan')):>14.2f}x")
+    for p in profiles:
+        print(f"profile {p['side']} batch {p['batch']} ({p['steps']} steps, self time by group):\n{format_profile(p)}")
     print(f"results: {out}")
     return results
 

@@ -1,0 +1,95 @@
+"""bench.train_throughput's profile: ops grouped by kind, groups adding up to the total, on a tiny model;
+and the benchmark end to end (one side, --profile) writing its profile section."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.train_throughput import PROFILE_GROUPS, build_lora_mem, classify_op, main, profile_ops
+from tests.tiny_models import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_qwen2")
+    make_tiny_checkpoint(d, "qwen2")
+    return d
+
+
+@pytest.mark.parametrize("names, group", [
+    (["aten::mm", "aten::linear", "train_step"], "gemm"),
+    (["aten::t", "aten::linear"], "gemm"),  # what runs inside a linear counts as the linear
+    (["aten::mm", "MmBackward0", "autograd::engine::evaluate_function: MmBackward0"], "gemm"),
+    (["aten::mul_", "Optimizer.step#AdamW.step", "train_step"], "optimizer"),
+    (["aten::_foreach_addcdiv_"], "optimizer"),
+    (["aten::bmm", "aten::_scaled_dot_product_attention_math", "aten::scaled_dot_product_attention"], "attention"),
+    (["aten::_scaled_dot_product_flash_attention_for_cpu_backward"], "attention"),
+    (["aten::logsumexp", "chunked_lm_loss"], "loss"),
+    (["aten::sub", "chunked_lm_loss"], "loss"),
+    (["aten::mm", "chunked_lm_loss"], "gemm"),  # the LM head's matmul in the loss is a GEMM
+    (["autograd::engine::evaluate_function: NllLossBackward0"], "loss"),
+    (["aten::_log_softmax", "aten::log_softmax", "aten::cross_entropy_loss"], "loss"),
+    (["aten::rsqrt", "train_step"], "elementwise"),
+    (["autograd::engine::evaluate_function: SiluBackward0"], "elementwise"),
+    (["aten::copy_", "aten::_to_copy", "aten::to"], "elementwise"),
+    (["aten::embedding", "train_step"], "other"),
+    (["train_step"], "other"),
+    (["autograd::engine::evaluate_function: torch::autograd::AccumulateGrad"], "other"),
+    (["sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "aten::mm"], "gemm"),
+    (["_fused_lora_matmul_kernel", "train_step"], "gemm"),
+    (["_rms_norm_fwd_kernel", "train_step"], "elementwise"),  # fused Triton kernels of kernels/
+    (["_swiglu_bwd_kernel", "autograd::engine::evaluate_function: SwiGLUFunctionBackward"], "elementwise"),
+    (["autograd::engine::evaluate_function: RotaryFunctionBackward"], "elementwise"),
+    (["void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "aten::add"],
+     "elementwise"),
+])
+def test_classify_op(names, group):
+    assert classify_op(names) == group
+
+
+def test_profile_of_training_steps(ckpt):
+    torch.manual_seed(0)
+    params, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank=4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    x = torch.randint(0, 320, (1, 48))
+    y = torch.cat([x[:, 1:], torch.full((1, 1), -100)], dim=1)
+
+    def one():
+        step(x, y)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    one()  # warm-up
+    p = profile_ops(one, 2, torch.device("cpu"), top=15, label="train_step")
+    assert p["steps"] == 2 and p["activities"] == ["cpu"] and p["wall_seconds"] > 0
+    groups = p["groups_cpu"]
+    assert list(groups) == list(PROFILE_GROUPS)
+    assert sum(g["percent"] for g in groups.values()) == pytest.approx(100, abs=0.1)
+    assert sum(g["ms"] for g in groups.values()) == pytest.approx(p["self_cpu_total_ms"], rel=1e-3)
+    for g in PROFILE_GROUPS:  # a LoRA training step has every kind of work
+        assert groups[g]["ms"] > 0, g
+    top = p["top_cpu"]
+    assert len(top) == 15
+    assert [r["self_ms"] for r in top] == sorted((r["self_ms"] for r in top), reverse=True)
+    assert sum(r["percent"] for r in top) <= 100.01 and all(r["group"] in PROFILE_GROUPS for r in top)
+    assert "groups_cuda" not in p
+    assert any(r["op"] == "aten::mm" and r["group"] == "gemm" for r in top)
+
+
+def test_train_throughput_with_profile_end_to_end(ckpt, tmp_path):
+    out = tmp_path / "train.json"
+    r = main(["--setup", "cpu", "--model", str(ckpt), "--seq-len", "32", "--batch-sizes", "1", "--rank", "4",
+              "--steps", "1", "--warmup", "1", "--sides", "lora-mem", "--profile", "--profile-steps", "1",
+              "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(r))
+    row = saved["rows"][0]["lora-mem"]
+    assert "error" not in row, row
+    assert row["tokens_per_second"] > 0 and "profile" not in row  # moved to the top-level section
+    (run,) = saved["profile"]["runs"]
+    assert run["side"] == "lora-mem" and run["batch"] == 1 and run["steps"] == 1
+    assert sum(g["percent"] for g in run["groups_cpu"].values()) == pytest.approx(100, abs=0.1)
+    assert run["groups_cpu"]["optimizer"]["ms"] > 0 and run["groups_cpu"]["loss"]["ms"] > 0
