@@ -13,6 +13,13 @@ Per (layer shape, tokens, rank) and per phase (forward, backward, forward + back
 * ``fused`` (CUDA only): :func:`kernels.lora_linear.lora_linear_triton`.
 * ``reference`` (the CPU default): :func:`kernels.lora_reference.lora_linear_reference`, the production CPU path.
 
+Besides the LoRA linear it times the three fused row/elementwise ops at the same model's shapes (``--ops``):
+RMSNorm (hidden 1536), rotary embedding of q and k (12 + 2 heads of 128) and SwiGLU's silu(gate) * up (8960), each
+``reference`` (the PyTorch code the model runs on CPU) against ``triton`` (CUDA only: :mod:`kernels.rms_norm`,
+:mod:`kernels.rope`, :mod:`kernels.swiglu`), forward / backward / both, as ms and achieved GB/s of the minimal
+traffic (every input read once, every output written once). These rows go under the key ``fused_ops`` of the same
+JSON. The Triton kernels were written without a GPU at hand: this benchmark is their first timing.
+
 Timing: ``triton.testing.do_bench`` on CUDA (warm-up excluded, median and 20/80 % quantiles); on CPU
 ``time.perf_counter`` after warm-up runs, median of repeats. Backward alone is timed as ``y.backward(dY,
 retain_graph=True)`` on one stored forward. Reported per phase: milliseconds, TFLOP/s (useful flops: base GEMM +
@@ -52,6 +59,12 @@ DEFAULT_RANKS = [8, 16, 64]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PHASES = ("fwd", "bwd", "fwd_bwd")
 
+# The fused ops at Qwen2.5-1.5B-Instruct shapes (rows are tokens).
+OPS = ("rms_norm", "rope", "swiglu")
+OP_SHAPES = {"hidden": 1536, "heads": 12, "kv_heads": 2, "head_dim": 128, "intermediate": 8960, "eps": 1e-6}
+DEFAULT_OP_TOKENS = [2048, 8192, 16384]
+QUICK_OP_TOKENS = [128, 512]
+
 # Dense 16-bit tensor-core peaks from vendor data sheets (TFLOP/s, no sparsity), to put the measured rate in context.
 PEAK_16BIT_TFLOPS = {"h100 pcie": 756.0, "h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "l4": 121.0}
 
@@ -61,6 +74,20 @@ def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
         return None
     name = torch.cuda.get_device_name(device).lower()
     for key, peak in PEAK_16BIT_TFLOPS.items():  # most specific first ("h100 pcie" before "h100")
+        if key in name:
+            return peak
+    return None
+
+
+# HBM bandwidth from vendor data sheets (GB/s), for the memory-bound fused ops.
+PEAK_BANDWIDTH_GBPS = {"h100 pcie": 2000.0, "h100": 3350.0, "h200": 4800.0, "l40s": 864.0, "l4": 300.0}
+
+
+def peak_bandwidth_gbps(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for key, peak in PEAK_BANDWIDTH_GBPS.items():  # most specific first
         if key in name:
             return peak
     return None
@@ -161,6 +188,120 @@ def max_rel_error(fn, x, weight, bias, lora_A, lora_B, scaling) -> float:
         ref = lora_linear_reference(*(None if t is None else t.float() for t in (x, weight, bias, lora_A, lora_B)),
                                     scaling)
     return ((got - ref).abs().max() / ref.abs().max()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fused ops: RMSNorm, rotary embedding, SwiGLU
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def op_methods(op: str, device: torch.device) -> dict[str, Callable]:
+    """``reference`` everywhere, ``triton`` on CUDA (on CPU the kernels would run in Triton's interpreter)."""
+    if op == "rms_norm":
+        from kernels.rms_norm import rms_norm_reference as ref, rms_norm_triton as fused
+    elif op == "rope":
+        from kernels.rope import apply_rotary_qk_reference as ref, apply_rotary_qk_triton as fused
+    else:
+        from kernels.swiglu import swiglu_reference as ref, swiglu_triton as fused
+    return {"reference": ref, "triton": fused} if device.type == "cuda" else {"reference": ref}
+
+
+def op_case(op: str, tokens: int, device: torch.device, dtype: torch.dtype, g: torch.Generator):
+    """(leaves requiring grad, the call's other arguments, upstream gradients, minimal bytes per phase)."""
+    s = OP_SHAPES
+    size = torch.tensor([], dtype=dtype).element_size()
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device, dtype)
+
+    if op == "rms_norm":
+        C = s["hidden"]
+        leaves = [rand(tokens, C).requires_grad_(), rand(C, scale=0.1, shift=1.0).requires_grad_()]
+        extra, grads = (s["eps"],), (rand(tokens, C),)
+        fwd, bwd = 2 * tokens * C * size, 3 * tokens * C * size  # x -> y; dy, x -> dx (weight, dW: one row each)
+    elif op == "rope":
+        H, Hkv, D = s["heads"], s["kv_heads"], s["head_dim"]
+        q = rand(1, tokens, H, D).transpose(1, 2).requires_grad_()  # the model's layout: (B, H, T, D) views
+        k = rand(1, tokens, Hkv, D).transpose(1, 2).requires_grad_()
+        positions = torch.arange(tokens, device=device)[None].float()
+        inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=device).float() / D))
+        emb = torch.cat([positions[..., None] * inv_freq] * 2, dim=-1)  # (1, T, D)
+        leaves, extra = [q, k], (emb.cos().to(dtype), emb.sin().to(dtype))
+        grads = (rand(1, H, tokens, D), rand(1, Hkv, tokens, D))
+        fwd = bwd = (2 * tokens * (H + Hkv) * D + 2 * tokens * D) * size  # q, k in and out; cos, sin read
+    else:
+        inter = s["intermediate"]
+        leaves, extra = [rand(tokens, inter, scale=2.0).requires_grad_(), rand(tokens, inter).requires_grad_()], ()
+        grads = (rand(tokens, inter),)
+        fwd, bwd = 3 * tokens * inter * size, 5 * tokens * inter * size  # g, u -> y; dy, g, u -> dg, du
+    return leaves, extra, grads, {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}
+
+
+def bench_op(fn, leaves, extra, grads, device, warmup, repeats) -> dict[str, dict[str, float]]:
+    def forward():
+        out = fn(*leaves, *extra)
+        return out if isinstance(out, tuple) else (out,)
+
+    def forward_backward():
+        torch.autograd.backward(forward(), grads)
+
+    forward_backward()  # compile outside the timed region
+    out = {"fwd": time_ms(forward, device, leaves, warmup, repeats)}
+    outs = forward()
+    out["bwd"] = time_ms(lambda: torch.autograd.backward(outs, grads, retain_graph=True), device, leaves, warmup,
+                         repeats)
+    del outs
+    out["fwd_bwd"] = time_ms(forward_backward, device, leaves, warmup, repeats)
+    return out
+
+
+def op_max_rel_error(fn, reference, leaves, extra) -> float:
+    """Forward of ``fn`` against the reference in fp32, max |error| / max |reference|, over all outputs."""
+    with torch.no_grad():
+        got = fn(*leaves, *extra)
+        ref = reference(*(t.float() for t in leaves), *(t.float() if torch.is_tensor(t) else t for t in extra))
+    got, ref = (got, ref) if isinstance(got, tuple) else ((got,), (ref,))
+    return max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref))
+
+
+def run_op_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    peak = peak_bandwidth_gbps(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rows = []
+    for op in args.ops:
+        methods = op_methods(op, device)
+        for tokens in args.op_tokens:
+            leaves, extra, grads, nbytes = op_case(op, tokens, device, dtype, g)
+            timings = {name: bench_op(fn, leaves, extra, grads, device, args.warmup, args.repeats)
+                       for name, fn in methods.items()}
+            row = {"op": op, "tokens": tokens, "bytes": nbytes, "results": {}}
+            if "triton" in methods:
+                row["triton_max_rel_error"] = op_max_rel_error(methods["triton"], methods["reference"], leaves, extra)
+            for name, phases in timings.items():
+                res = {}
+                for phase in PHASES:
+                    entry = dict(phases[phase])
+                    entry["gb_per_s"] = nbytes[phase] / (entry["ms"] * 1e-3) / 1e9
+                    entry["tokens_per_s"] = tokens / (entry["ms"] * 1e-3)
+                    entry["speedup_vs_reference"] = timings["reference"][phase]["ms"] / entry["ms"]
+                    if peak is not None:
+                        entry["fraction_of_peak_bandwidth"] = entry["gb_per_s"] / peak
+                    res[phase] = entry
+                row["results"][name] = res
+            rows.append(row)
+            print_op_row(row, list(methods))
+            del leaves, extra, grads
+    return rows
+
+
+def print_op_row(row: dict, names: list[str]) -> None:
+    for phase in PHASES:
+        cols = [f"{row['op']:8} {row['tokens']:>6} {phase:7}"]
+        for name in names:
+            e = row["results"][name][phase]
+            cols.append(f"{name:>9} {e['ms']:>8.3f} ms {e['gb_per_s']:>7.1f} GB/s")
+        cols.append(f"x{row['results'][names[-1]][phase]['speedup_vs_reference']:.2f} vs reference")
+        print(" | ".join(cols), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -277,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "Default: unfused,fused on CUDA, unfused,reference on CPU")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="LoRA dropout probability, applied in training mode (default 0: PEFT's identity)")
+    p.add_argument("--ops", type=lambda s: [] if s.strip() == "none" else parse_list(str, s), default=list(OPS),
+                   help=f"fused ops to time after the LoRA linear, out of {', '.join(OPS)}, or 'none' "
+                        "(default: all)")
+    p.add_argument("--op-tokens", type=lambda s: parse_list(int, s), default=None,
+                   help=f"comma-separated token counts for the fused ops. Default {DEFAULT_OP_TOKENS}; "
+                        f"{QUICK_OP_TOKENS} with --quick or on CPU")
+    p.add_argument("--skip-lora", action="store_true",
+                   help="time only the fused ops (the JSON's LoRA rows are then empty)")
     p.add_argument("--warmup", type=int, default=1, help="CPU only: untimed runs before timing (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="CPU only: timed runs, the median is reported (default 5)")
     p.add_argument("--out", type=Path, default=None,
@@ -291,9 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.tokens is None:
         args.tokens = QUICK_TOKENS if (args.quick or device.type == "cpu") else DEFAULT_TOKENS
+    if args.op_tokens is None:
+        args.op_tokens = QUICK_OP_TOKENS if (args.quick or device.type == "cpu") else DEFAULT_OP_TOKENS
     unknown = [s for s in args.shapes if s not in QWEN25_1_5B_SHAPES]
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; choose from {list(QWEN25_1_5B_SHAPES)}")
+    unknown_ops = [o for o in args.ops if o not in OPS]
+    if unknown_ops:
+        raise SystemExit(f"unknown ops {unknown_ops}; choose from {list(OPS)} or 'none'")
     selected = args.methods or (["unfused", "fused"] if device.type == "cuda" else ["unfused", "reference"])
     available = lora_methods(device)
     if any(m not in available for m in selected):
@@ -305,9 +459,16 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_tflops(device, dtype)
     print(f"device: {info['device']}  dtype: {dtype}  peak 16-bit: {peak or 'unknown'} TFLOP/s  "
           f"torch {info['versions'].get('torch')}  triton {info['versions'].get('triton')}")
-    print_header(selected, device)
     started = time.time()
-    rows = run_benchmark(args, device, dtype, selected)
+    rows = []
+    if not args.skip_lora:
+        print_header(selected, device)
+        rows = run_benchmark(args, device, dtype, selected)
+    op_rows = []
+    if args.ops:
+        bandwidth = peak_bandwidth_gbps(device) or "unknown"
+        print(f"fused ops at Qwen2.5-1.5B shapes {OP_SHAPES}, peak bandwidth {bandwidth} GB/s")
+        op_rows = run_op_benchmark(args, device, dtype)
     result = {
         **info,
         "device_slug": device_slug(device),
@@ -324,6 +485,16 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": time.time() - started,
         "loadavg_end": os.getloadavg(),  # other work on the machine shows up here (and in loadavg_start)
         "rows": rows,
+        "fused_ops": {
+            "shapes": OP_SHAPES,
+            "settings": {"ops": args.ops, "tokens": args.op_tokens,
+                         "methods": ["reference", "triton"] if device.type == "cuda" else ["reference"]},
+            "peak_bandwidth_gbps": peak_bandwidth_gbps(device),
+            "notes": "bytes = minimal traffic per phase (inputs read once, outputs written once); gb_per_s = bytes / "
+                     "time; speedup_vs_reference = reference time / time; triton_max_rel_error = forward max |error| "
+                     "/ max |fp32 reference|. rope: B = 1, T = tokens, the model's (B, H, T, D) views of (B, T, H, D).",
+            "rows": op_rows,
+        },
     }
     atomic_write_json(out_path, result)
     print(f"wrote {out_path}")

@@ -4,6 +4,10 @@ Reads top to bottom: RMSNorm -> rotary embedding -> attention (GQA through SDPA)
 decoder layer -> model -> LM head. Parameter names are Hugging Face's, so a checkpoint's
 state dict maps 1:1 (`model.layers.0.self_attn.q_proj.weight`, ...).
 
+RMSNorm, the rotary embedding of q and k and SwiGLU's silu(gate) * up go through kernels/ (`rms_norm`,
+`apply_rotary_qk`, `swiglu`): fused Triton kernels on CUDA, on CPU the plain PyTorch references, which are this
+file's former code unchanged.
+
 Shapes: B batch, T new tokens, S cached + new tokens, H query heads, Hkv key/value heads, D head_dim.
 """
 
@@ -14,6 +18,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from kernels.rms_norm import rms_norm
+from kernels.rope import apply_rotary, apply_rotary_qk, rotate_half  # noqa: F401  (re-exported: the rope reference)
+from kernels.swiglu import swiglu
 from model.config import ModelConfig
 
 
@@ -25,10 +32,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 and cast back before the weight, as Hugging Face does (bit-for-bit in bf16).
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Fused Triton kernel on CUDA; on CPU kernels.rms_norm.rms_norm_reference, the same code as before.
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -48,17 +53,6 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); cos/sin: (B, T, D) broadcast over heads
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
 
 
 class KVCache(nn.Module):
@@ -142,7 +136,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_qk(q, k, cos, sin)  # rotate-half rope (kernels.rope: one fused launch on CUDA)
         if kv_cache is not None:
             k, v = kv_cache.update(cache_start, k, v)  # (B, Hkv, S, D)
             if kv_cache.prefix_k is not None:
@@ -163,7 +157,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
