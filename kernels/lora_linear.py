@@ -574,6 +574,17 @@ def use_triton(x: torch.Tensor) -> bool:
     return mode == "triton" and x.device.type == "cpu" and _interpreting()
 
 
+def use_fused_ops(x: torch.Tensor) -> bool:
+    """Whether the RMSNorm / RoPE / SwiGLU kernels (kernels/rms_norm.py, rope.py, swiglu.py) run for ``x``.
+
+    Opt-in, unlike the LoRA linear: they have not yet been timed on a GPU, and the issue asks for them only where
+    they pay off. ``LORA_MEM_KERNELS=triton`` (which on CPU also needs ``TRITON_INTERPRET=1``) or
+    ``LORA_MEM_FUSED_OPS=1`` turns them on wherever :func:`use_triton` would run kernels."""
+    wanted = (os.environ.get("LORA_MEM_FUSED_OPS", "0").strip() == "1"
+              or os.environ.get("LORA_MEM_KERNELS", "auto").strip().lower() == "triton")
+    return wanted and use_triton(x)
+
+
 def lora_linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -13,10 +13,10 @@ Kernels (one program per row in forward; a block of rows per program in backward
 
 Saved for backward: x (a view of the input, no copy) and 1/rms. Never y or n.
 
-Dispatch (:func:`rms_norm`): :func:`kernels.lora_linear.use_triton` decides, exactly as for the LoRA linear: CUDA
-tensors take the kernels, CPU tensors the reference, unless ``LORA_MEM_KERNELS=triton`` and ``TRITON_INTERPRET=1``.
-Shapes or dtypes the kernels do not cover (hidden size above 65536, fp64, tensors on different devices) take the
-reference too.
+Dispatch (:func:`rms_norm`): :func:`kernels.lora_linear.use_fused_ops` decides. Opt-in until
+timed on a GPU: ``LORA_MEM_KERNELS=triton`` or ``LORA_MEM_FUSED_OPS=1`` on CUDA (on CPU ``LORA_MEM_KERNELS=triton``
+with ``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover
+take the reference too.
 
 Status: tested against the reference under Triton's CPU interpreter only. Block sizes, masks and ``num_warps`` are
 written for CUDA, but the kernels have never been compiled or timed on a GPU (no GPU was available to the session
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.lora_linear import _SUPPORTED_DTYPES, HAS_TRITON, _interpreted, _interpreting, _sm_count, use_triton
+from kernels.lora_linear import _SUPPORTED_DTYPES, HAS_TRITON, _interpreted, _interpreting, _sm_count, use_fused_ops
 
 if HAS_TRITON:
     import triton
@@ -291,8 +291,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of the last dimension: the kernels where :func:`kernels.lora_linear.use_triton` says so and they cover
+    """RMSNorm of the last dimension: the kernels where :func:`kernels.lora_linear.use_fused_ops` says so and they cover
     the inputs, else :func:`rms_norm_reference` (the CPU default, identical to the pre-kernel model code)."""
-    if use_triton(x) and triton_supports(x, weight):
+    if use_fused_ops(x) and triton_supports(x, weight):
         return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)

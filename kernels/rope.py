@@ -13,8 +13,10 @@ Kernel: ``_rope_kernel``, one program per token (b, t): loads that token's cos/s
 (B, T, H, D) (returned as (B, H, T, D) views, the layout q_proj(x).view(...).transpose(1, 2) has). Never in place.
 Backward is the transposed rotation (the same kernel with BACKWARD=True); cos and sin get no gradient.
 
-Dispatch (:func:`apply_rotary_qk`): :func:`kernels.lora_linear.use_triton` decides, as for the LoRA linear; inputs the
-kernel does not cover (odd head_dim, fp64, mixed dtypes, cos/sin that require grad) take the reference.
+Dispatch (:func:`apply_rotary_qk`): :func:`kernels.lora_linear.use_fused_ops` decides. Opt-in until
+timed on a GPU: ``LORA_MEM_KERNELS=triton`` or ``LORA_MEM_FUSED_OPS=1`` on CUDA (on CPU ``LORA_MEM_KERNELS=triton``
+with ``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover
+take the reference too.
 
 Status: tested against the reference under Triton's CPU interpreter only; never compiled or timed on a GPU (no GPU
 was available to the session that wrote it).
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.lora_linear import _SUPPORTED_DTYPES, HAS_TRITON, _interpreted, _interpreting, use_triton
+from kernels.lora_linear import _SUPPORTED_DTYPES, HAS_TRITON, _interpreted, _interpreting, use_fused_ops
 
 if HAS_TRITON:
     import triton
@@ -244,8 +246,8 @@ def apply_rotary_qk_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, k) rotated: the kernel where :func:`kernels.lora_linear.use_triton` says so and it covers the inputs, else
+    """(q, k) rotated: the kernel where :func:`kernels.lora_linear.use_fused_ops` says so and it covers the inputs, else
     :func:`apply_rotary_qk_reference` (the CPU default, identical to the pre-kernel model code)."""
-    if use_triton(q) and triton_supports(q, k, cos, sin):
+    if use_fused_ops(q) and triton_supports(q, k, cos, sin):
         return apply_rotary_qk_triton(q, k, cos, sin)
     return apply_rotary_qk_reference(q, k, cos, sin)

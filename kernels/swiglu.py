@@ -9,8 +9,10 @@ recomputes sigmoid(g) from the saved g and u rather than saving silu(g).
 Kernels: ``_swiglu_fwd_kernel`` and ``_swiglu_bwd_kernel``, elementwise over the flattened (contiguous) tensors,
 BLOCK elements per program, int64 offsets. Never in place: dg and du are new tensors.
 
-Dispatch (:func:`swiglu`): :func:`kernels.lora_linear.use_triton` decides, as for the LoRA linear; inputs the kernel
-does not cover (fp64, mixed dtypes or shapes, different devices) take the reference.
+Dispatch (:func:`swiglu`): :func:`kernels.lora_linear.use_fused_ops` decides. Opt-in until
+timed on a GPU: ``LORA_MEM_KERNELS=triton`` or ``LORA_MEM_FUSED_OPS=1`` on CUDA (on CPU ``LORA_MEM_KERNELS=triton``
+with ``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover
+take the reference too.
 
 Status: tested against the reference under Triton's CPU interpreter only; never compiled or timed on a GPU (no GPU
 was available to the session that wrote it).
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.lora_linear import _SUPPORTED_DTYPES, HAS_TRITON, _interpreted, _interpreting, use_triton
+from kernels.lora_linear import _SUPPORTED_DTYPES, HAS_TRITON, _interpreted, _interpreting, use_fused_ops
 
 if HAS_TRITON:
     import triton
@@ -158,8 +160,8 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``: the kernels where :func:`kernels.lora_linear.use_triton` says so and they cover the
+    """``silu(gate) * up``: the kernels where :func:`kernels.lora_linear.use_fused_ops` says so and they cover the
     inputs, else :func:`swiglu_reference` (the CPU default, identical to the pre-kernel model code)."""
-    if use_triton(gate) and triton_supports(gate, up):
+    if use_fused_ops(gate) and triton_supports(gate, up):
         return swiglu_triton(gate, up)
     return swiglu_reference(gate, up)

@@ -536,3 +536,21 @@ def test_model_with_kernels_matches_reference_path(monkeypatch, tiny_dirs, kind,
         assert g.abs().max() > 1e-6, f"{name}: zero gradient, the comparison would check nothing"
         torch.testing.assert_close(got[1][name], g, atol=1e-5 * g.abs().max().item(), rtol=1e-4,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fused_ops_are_opt_in(monkeypatch):
+    """Until they are timed on a GPU, the default (`auto`) never routes norms/RoPE/SwiGLU to the kernels."""
+    from kernels.lora_linear import use_fused_ops
+
+    x = torch.randn(2, 8)
+    monkeypatch.delenv("LORA_MEM_KERNELS", raising=False)
+    monkeypatch.delenv("LORA_MEM_FUSED_OPS", raising=False)
+    assert not use_fused_ops(x)
+    monkeypatch.setenv("LORA_MEM_FUSED_OPS", "1")
+    assert not use_fused_ops(x)  # CPU tensors need the interpreter and LORA_MEM_KERNELS=triton
+    monkeypatch.setenv("LORA_MEM_KERNELS", "reference")
+    assert not use_fused_ops(x)
+    if HAS_TRITON:
+        monkeypatch.setenv("LORA_MEM_KERNELS", "triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert use_fused_ops(x)
