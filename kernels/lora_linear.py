@@ -23,26 +23,30 @@ runs the kernels on CPU through Triton's interpreter (how the tests cover them).
 forces the reference everywhere. Without triton installed this module still imports and uses the reference.
 """
 
-import os
-
 import torch
 
+from kernels._common import (
+    HAS_TRITON,
+    SUPPORTED_DTYPES,
+    dot_flags,
+    interpreted,
+    interpreting,
+    next_pow2,
+    rank_block,
+    sm_count,
+    use_fused_ops,
+    use_triton,
+)
 from kernels.lora_reference import dropout_keep_mask, dropout_keep_scale, lora_linear_reference
 
-try:  # guarded: a machine without triton still imports this module and takes the reference path
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is installed wherever the tests run
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-__all__ = ["HAS_TRITON", "use_triton", "lora_linear", "lora_linear_triton", "LoRALinearFunction", "MAX_RANK"]
+__all__ = ["HAS_TRITON", "use_triton", "use_fused_ops", "lora_linear", "lora_linear_triton", "LoRALinearFunction",
+           "MAX_RANK"]
 
 MAX_RANK = 128  # the whole rank fits one tile of at most 128 columns
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,64 +282,6 @@ _INTERPRET_Q_PER_SPLIT = 32  # small, so test shapes exercise the split reductio
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_INTERPRETED_KERNELS: dict = {}
-
-
-def _interpreted(kernel):
-    """The interpreter version of a ``@triton.jit`` kernel.
-
-    ``triton.jit`` picks compiled vs interpreted when the decorator runs, i.e. when this module is imported. If it was
-    imported before ``TRITON_INTERPRET=1`` was set (another test imported it first, or the variable is set per call),
-    wrap the kernel's Python function in the interpreter now. Only the kernels themselves are wrapped, so they call no
-    ``@triton.jit`` function: no helpers of ours, and none of triton's own (``tl.zeros``, ``tl.cdiv`` are
-    ``@triton.jit`` functions in ``triton.language.standard``; the kernels use ``tl.full`` and ``//`` instead).
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(kernel, InterpretedFunction):
-        return kernel
-    if kernel not in _INTERPRETED_KERNELS:
-        _INTERPRETED_KERNELS[kernel] = InterpretedFunction(kernel.fn)
-    return _INTERPRETED_KERNELS[kernel]
-
-
-def _rank_block(rank: int) -> int:
-    """The rank padded to a power of two, at least 16 (tl.dot's minimum tile side)."""
-    return max(16, triton.next_power_of_2(rank))
-
-
-def _dot_flags(dtype: torch.dtype, interpret: bool) -> tuple[bool, str]:
-    """(DOT_FP32, INPUT_PRECISION) for operands of ``dtype``.
-
-    DOT_FP32: Triton's interpreter (3.x) multiplies bf16 tiles as their raw uint16 bits, so under the interpreter bf16
-    operands are upcast first; a bf16 x bf16 product is exact in fp32, so this is the same sum the tensor cores form.
-    INPUT_PRECISION: fp32 follows torch's TF32 switch (off by default, so fp32 stays fp32-accurate like cuBLAS).
-    """
-    dot_fp32 = interpret and dtype == torch.bfloat16
-    precision = "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    if dtype != torch.float32:
-        precision = "tf32"  # ignored for 16-bit operands; the compiler's default
-    return dot_fp32, precision
-
-
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def _q_per_split(P: int, Q: int, device: torch.device, interpret: bool) -> int:
     """How much of the reduction one program of the thin kernel takes.
 
@@ -345,12 +291,8 @@ def _q_per_split(P: int, Q: int, device: torch.device, interpret: bool) -> int:
     if interpret:
         return _INTERPRET_Q_PER_SPLIT
     row_blocks = triton.cdiv(P, 64)
-    splits = min(max(triton.cdiv(2 * _sm_count(device), row_blocks), 1), max(triton.cdiv(Q, 512), 1))
+    splits = min(max(triton.cdiv(2 * sm_count(device), row_blocks), 1), max(triton.cdiv(Q, 512), 1))
     return triton.cdiv(triton.cdiv(Q, splits), 256) * 256
-
-
-def _next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
 
 
 def _thin_matmul(
@@ -380,7 +322,7 @@ def _thin_matmul(
     if P == 0 or Q == 0:
         return torch.zeros(out_shape, dtype=out_dtype, device=x.device)
 
-    interpret = _interpreting()
+    interpret = interpreting()
     q_per_split = _q_per_split(P, Q, x.device, interpret) if split_reduction else Q
     splits = triton.cdiv(Q, q_per_split)
     if splits > 1:  # fp32 partial sums, one slab per split, summed below
@@ -390,7 +332,7 @@ def _thin_matmul(
     stride_os = out.stride(0)
     stride_op, stride_or = (out.stride(2), out.stride(1)) if transpose_out else (out.stride(1), out.stride(2))
     keep_arg = keep if keep is not None else x  # dummy pointer, never read when HAS_KEEP is False
-    dot_fp32, precision = _dot_flags(x.dtype, interpret)
+    dot_fp32, precision = dot_flags(x.dtype, interpret)
 
     args = (
         x, keep_arg, y, out,
@@ -400,12 +342,12 @@ def _thin_matmul(
         y.stride(0), y.stride(1),
         stride_os, stride_op, stride_or,
         float(scale),
-        _next_pow2(P), _next_pow2(Q),
+        next_pow2(P), next_pow2(Q),
     )
-    meta = dict(HAS_KEEP=keep is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision, BLOCK_R=_rank_block(R))
+    meta = dict(HAS_KEEP=keep is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision, BLOCK_R=rank_block(R))
     if interpret:
         grid = (triton.cdiv(P, _INTERPRET_THIN_CONFIG["BLOCK_P"]), splits)
-        _interpreted(_thin_matmul_kernel)[grid](*args, **meta, **_INTERPRET_THIN_CONFIG)
+        interpreted(_thin_matmul_kernel)[grid](*args, **meta, **_INTERPRET_THIN_CONFIG)
     else:
         grid = lambda META: (triton.cdiv(P, META["BLOCK_P"]), splits)  # noqa: E731
         _thin_matmul_autotuned[grid](*args, **meta)
@@ -445,10 +387,10 @@ def _fused_lora_matmul(
     if M == 0 or N == 0:
         return out
 
-    interpret = _interpreting()
+    interpret = interpreting()
     keep_arg = keep if keep is not None else a  # dummy pointers, never read when the flag is False
     bias_arg = bias if bias is not None else a
-    dot_fp32, precision = _dot_flags(a.dtype, interpret)
+    dot_fp32, precision = dot_flags(a.dtype, interpret)
     args = (
         a, b, t, u, keep_arg, bias_arg, out,
         M, N, K, R,
@@ -459,19 +401,19 @@ def _fused_lora_matmul(
         keep_arg.stride(0), keep_arg.stride(1),
         out.stride(0), out.stride(1),
         float(keep_scale),
-        _next_pow2(M),
+        next_pow2(M),
     )
     meta = dict(
         HAS_BIAS=bias is not None,
         HAS_KEEP=keep is not None,
         DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
-        BLOCK_R=_rank_block(R),
+        BLOCK_R=rank_block(R),
     )
     if interpret:
         cfg = _INTERPRET_FUSED_CONFIG
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _interpreted(_fused_lora_matmul_kernel)[grid](*args, **meta, **cfg)
+        interpreted(_fused_lora_matmul_kernel)[grid](*args, **meta, **cfg)
     else:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         _fused_lora_matmul_autotuned[grid](*args, **meta)
@@ -557,34 +499,6 @@ class LoRALinearFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """Whether :func:`lora_linear` takes the Triton kernels for input ``x``.
-
-    ``LORA_MEM_KERNELS`` = ``auto`` (default): CUDA tensors -> Triton, CPU tensors -> reference;
-    ``triton``: also CPU tensors, but only through the interpreter (``TRITON_INTERPRET=1``);
-    ``reference``: the PyTorch reference everywhere.
-    """
-    mode = os.environ.get("LORA_MEM_KERNELS", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "triton", "reference"):
-        raise ValueError(f"LORA_MEM_KERNELS must be auto, triton or reference, got {mode!r}")
-    if mode == "reference" or not HAS_TRITON:
-        return False
-    if x.is_cuda:
-        return True
-    return mode == "triton" and x.device.type == "cpu" and _interpreting()
-
-
-def use_fused_ops(x: torch.Tensor) -> bool:
-    """Whether the RMSNorm / RoPE / SwiGLU kernels (kernels/rms_norm.py, rope.py, swiglu.py) run for ``x``.
-
-    Opt-in, unlike the LoRA linear: they have not yet been timed on a GPU, and the issue asks for them only where
-    they pay off. ``LORA_MEM_KERNELS=triton`` (which on CPU also needs ``TRITON_INTERPRET=1``) or
-    ``LORA_MEM_FUSED_OPS=1`` turns them on wherever :func:`use_triton` would run kernels."""
-    wanted = (os.environ.get("LORA_MEM_FUSED_OPS", "0").strip() == "1"
-              or os.environ.get("LORA_MEM_KERNELS", "auto").strip().lower() == "triton")
-    return wanted and use_triton(x)
-
-
 def lora_linear_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -606,8 +520,8 @@ def lora_linear_triton(
         raise RuntimeError("triton is not installed; use lora_linear() to fall back to the reference")
     in_features = x.shape[-1]
     out_features, rank = lora_B.shape
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"unsupported dtype {x.dtype}; expected one of {_SUPPORTED_DTYPES}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {x.dtype}; expected one of {SUPPORTED_DTYPES}")
     if weight.shape != (out_features, in_features) or weight.dtype != x.dtype:
         raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not fit x (..., {in_features}) {x.dtype} "
                          f"and lora_B {tuple(lora_B.shape)}")

@@ -49,17 +49,9 @@ from typing import NamedTuple
 import torch
 
 from kernels import lora_linear as _single
-from kernels.lora_linear import (
-    _SUPPORTED_DTYPES,
-    HAS_TRITON,
-    MAX_RANK,
-    _dot_flags,
-    _interpreted,
-    _interpreting,
-    _next_pow2,
-    _rank_block,
-    use_triton,
-)
+from kernels._common import (HAS_TRITON, SUPPORTED_DTYPES, dot_flags, interpreted, interpreting, next_pow2, rank_block,
+                             use_triton)
+from kernels.lora_linear import MAX_RANK
 from kernels.multi_lora_reference import check_multi_lora_args, multi_lora_linear_reference, token_adapter_ids
 
 if HAS_TRITON:
@@ -299,20 +291,20 @@ def _multi_shrink(x: torch.Tensor, plan: AdapterRowPlan, a_stack: torch.Tensor, 
     M, K = x.shape
     _, R, _ = a_stack.shape
     t = torch.empty((M, R), dtype=x.dtype, device=x.device)
-    interpret = _interpreting()
-    dot_fp32, precision = _dot_flags(x.dtype, interpret)
+    interpret = interpreting()
+    dot_fp32, precision = dot_flags(x.dtype, interpret)
     args = (
         x, plan.rows, plan.ids, plan.seg_end, a_stack, scalings, t,
         M, K, R,
         x.stride(0), x.stride(1),
         a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
         t.stride(0), t.stride(1),
-        _next_pow2(M),
+        next_pow2(M),
     )
-    meta = dict(DOT_FP32=dot_fp32, INPUT_PRECISION=precision, BLOCK_R=_rank_block(R))
+    meta = dict(DOT_FP32=dot_fp32, INPUT_PRECISION=precision, BLOCK_R=rank_block(R))
     if interpret:
         grid = (triton.cdiv(M, _INTERPRET_SHRINK_CONFIG["BLOCK_M"]),)
-        _interpreted(_multi_shrink_kernel)[grid](*args, **meta, **_INTERPRET_SHRINK_CONFIG)
+        interpreted(_multi_shrink_kernel)[grid](*args, **meta, **_INTERPRET_SHRINK_CONFIG)
     else:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
         _multi_shrink_autotuned[grid](*args, **meta)
@@ -329,8 +321,8 @@ def _multi_lora_matmul(x: torch.Tensor, w_t: torch.Tensor, t: torch.Tensor, b_st
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if N == 0:
         return out
-    interpret = _interpreting()
-    dot_fp32, precision = _dot_flags(x.dtype, interpret)
+    interpret = interpreting()
+    dot_fp32, precision = dot_flags(x.dtype, interpret)
     bias_arg = bias if bias is not None else x  # dummy pointer, never read when HAS_BIAS is False
     args = (
         x, w_t, t, b_stack, plan.rows, plan.ids, plan.seg_end, bias_arg, out,
@@ -340,13 +332,13 @@ def _multi_lora_matmul(x: torch.Tensor, w_t: torch.Tensor, t: torch.Tensor, b_st
         t.stride(0), t.stride(1),
         b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
         out.stride(0), out.stride(1),
-        _next_pow2(M),
+        next_pow2(M),
     )
-    meta = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision, BLOCK_R=_rank_block(R))
+    meta = dict(HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision, BLOCK_R=rank_block(R))
     if interpret:
         cfg = _INTERPRET_FUSED_CONFIG
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _interpreted(_multi_lora_matmul_kernel)[grid](*args, **meta, **cfg)
+        interpreted(_multi_lora_matmul_kernel)[grid](*args, **meta, **cfg)
     else:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         _multi_lora_matmul_autotuned[grid](*args, **meta)
@@ -386,8 +378,8 @@ def multi_lora_linear_triton(
         raise RuntimeError("triton is not installed; use multi_lora_linear() to fall back to the reference")
     _check_inference_only(x, weight, bias, lora_A_stack, lora_B_stack, scalings)
     check_multi_lora_args(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids)
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"unsupported dtype {x.dtype}; expected one of {_SUPPORTED_DTYPES}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {x.dtype}; expected one of {SUPPORTED_DTYPES}")
     if weight.dtype != x.dtype:
         raise ValueError(f"weight dtype {weight.dtype} != x dtype {x.dtype}")
     rank = lora_A_stack.shape[1]

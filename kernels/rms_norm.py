@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.lora_linear import _SUPPORTED_DTYPES, HAS_TRITON, _interpreted, _interpreting, _sm_count, use_fused_ops
+from kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting, sm_count, use_fused_ops
 
 if HAS_TRITON:
     import triton
@@ -166,13 +166,13 @@ def _kernel(kernel):
     These kernels call ``tl.sum`` (a ``@triton.jit`` function of triton's standard library), which only runs in the
     interpreter when triton itself was imported with ``TRITON_INTERPRET=1`` already set (tests/conftest.py does so).
     """
-    if not _interpreting():
+    if not interpreting():
         return kernel
-    interpreted = _interpreted(kernel)
-    if interpreted is not kernel:
+    interpreted_kernel = interpreted(kernel)
+    if interpreted_kernel is not kernel:
         raise RuntimeError("the RMSNorm kernels run in Triton's interpreter only when TRITON_INTERPRET=1 is set "
                            "before triton is first imported")
-    return interpreted
+    return interpreted_kernel
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -207,10 +207,10 @@ def _rms_norm_backward(
     M, N = x.shape
     if M == 0:
         return (torch.zeros_like(x) if need_dx else None), (torch.zeros_like(weight) if need_dw else None)
-    if _interpreting():
+    if interpreting():
         programs = min(M, _INTERPRET_PROGRAMS)
     else:  # about two programs per SM: each keeps one dW partial row, so fewer programs = less to sum afterwards
-        programs = min(M, 2 * _sm_count(x.device))
+        programs = min(M, 2 * sm_count(x.device))
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program)
 
@@ -275,7 +275,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 def triton_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernels cover these inputs (dtype, device, row length); the dispatcher's second condition."""
-    return (x.dtype in _SUPPORTED_DTYPES and weight.dtype in _SUPPORTED_DTYPES and weight.device == x.device
+    return (x.dtype in SUPPORTED_DTYPES and weight.dtype in SUPPORTED_DTYPES and weight.device == x.device
             and weight.dim() == 1 and weight.shape[0] == x.shape[-1] and 0 < x.shape[-1] <= MAX_HIDDEN)
 
 
@@ -286,7 +286,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     if not triton_supports(x, weight):
         raise ValueError(f"RMSNorm kernel: x {tuple(x.shape)} {x.dtype} on {x.device}, weight {tuple(weight.shape)} "
                          f"{weight.dtype} on {weight.device}: need matching sizes <= {MAX_HIDDEN}, one device, "
-                         f"dtypes {_SUPPORTED_DTYPES}")
+                         f"dtypes {SUPPORTED_DTYPES}")
     return RMSNormFunction.apply(x, weight, float(eps))
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.lora_linear import _SUPPORTED_DTYPES, HAS_TRITON, _interpreted, _interpreting, use_fused_ops
+from kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting, use_fused_ops
 
 if HAS_TRITON:
     import triton
@@ -164,7 +164,7 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     if B * T == 0:
         return q_out, k_out
     block_h, block_hkv, block_d = (triton.next_power_of_2(n) for n in (H, Hkv, D // 2))
-    kernel = _interpreted(_rope_kernel) if _interpreting() else _rope_kernel
+    kernel = interpreted(_rope_kernel) if interpreting() else _rope_kernel
     kernel[(B * T,)](
         q, k, cos, sin, q_out, k_out,
         T, H, Hkv, D // 2,
@@ -228,7 +228,7 @@ def triton_supports(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     if cos.dim() == 3 and cos.shape[0] not in (1, B):
         return False
     tensors = (q, k, cos, sin)
-    return (all(t.dtype == q.dtype for t in tensors) and q.dtype in _SUPPORTED_DTYPES
+    return (all(t.dtype == q.dtype for t in tensors) and q.dtype in SUPPORTED_DTYPES
             and all(t.device == q.device for t in tensors) and not (cos.requires_grad or sin.requires_grad))
 
 
@@ -240,7 +240,7 @@ def apply_rotary_qk_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     if not triton_supports(q, k, cos, sin):
         raise ValueError(f"rotary kernel: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, cos "
                          f"{tuple(cos.shape)} {cos.dtype}, sin {tuple(sin.shape)}: need q (B, H, T, D), k (B, Hkv, T, "
-                         f"D), cos/sin (B or 1, T, D) without grad, even D, one dtype out of {_SUPPORTED_DTYPES}")
+                         f"D), cos/sin (B or 1, T, D) without grad, even D, one dtype out of {SUPPORTED_DTYPES}")
     return RotaryFunction.apply(q, k, cos, sin)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.lora_linear import _SUPPORTED_DTYPES, HAS_TRITON, _interpreted, _interpreting, use_fused_ops
+from kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting, use_fused_ops
 
 if HAS_TRITON:
     import triton
@@ -94,9 +94,9 @@ _INTERPRET_BLOCK = 256  # smaller under the interpreter, so test-sized tensors s
 
 
 def _launch(kernel, n: int, *args) -> None:
-    interpret = _interpreting()
+    interpret = interpreting()
     block = _INTERPRET_BLOCK if interpret else _BLOCK
-    (_interpreted(kernel) if interpret else kernel)[(triton.cdiv(n, block),)](*args, n, BLOCK=block, num_warps=4)
+    (interpreted(kernel) if interpret else kernel)[(triton.cdiv(n, block),)](*args, n, BLOCK=block, num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
 def triton_supports(gate: torch.Tensor, up: torch.Tensor) -> bool:
     """Whether the kernels cover these inputs; the dispatcher's second condition."""
-    return (gate.shape == up.shape and gate.dtype == up.dtype and gate.dtype in _SUPPORTED_DTYPES
+    return (gate.shape == up.shape and gate.dtype == up.dtype and gate.dtype in SUPPORTED_DTYPES
             and gate.device == up.device)
 
 
@@ -155,7 +155,7 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if not triton_supports(gate, up):
         raise ValueError(f"SwiGLU kernel: gate {tuple(gate.shape)} {gate.dtype} on {gate.device}, up "
                          f"{tuple(up.shape)} {up.dtype} on {up.device}: need one shape, one device and one dtype "
-                         f"out of {_SUPPORTED_DTYPES}")
+                         f"out of {SUPPORTED_DTYPES}")
     return SwiGLUFunction.apply(gate, up)
 
 
