@@ -44,15 +44,16 @@ def loss_curves(run_dir: Path) -> dict[str, list[float]]:
 def render_markdown(runs: list[tuple[dict, Path]], published: bool) -> str:
     rows = [(r["method"] + f" ({r['model']['name']})", r["scores"]) for r, _ in runs]
     table = format_table(rows + (PUBLISHED if published else []))
-    lines = [table, "", "| Method | model | device | questions | overall F1 | train tok/s | answer q/s | compute s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [table, "", "| Method | model | device | questions | overall F1 | prompt tokens mean (max) | train tok/s "
+             "| answer q/s | compute s |", "|---|---|---|---|---|---|---|---|---|"]
     for r, _ in runs:
         tps = r.get("train_tokens_per_second")
         qps = r.get("answer_questions_per_second")
+        mean, top = r.get("prompt_tokens_mean"), r.get("prompt_tokens_max")  # absent in runs made before it was recorded
         lines.append(
             f"| {r['method']} | {r['model']['name']} | {r['device']} | {r['scores']['n']} | "
-            f"{r['scores']['overall_f1']:.2f} | {f'{tps:.0f}' if tps else '-'} | {f'{qps:.2f}' if qps else '-'} | "
-            f"{r['compute_seconds']:.0f} |")
+            f"{r['scores']['overall_f1']:.2f} | {f'{mean:.0f} ({top})' if mean is not None else '-'} | "
+            f"{f'{tps:.0f}' if tps else '-'} | {f'{qps:.2f}' if qps else '-'} | {r['compute_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

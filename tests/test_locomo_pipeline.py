@@ -58,6 +58,7 @@ def test_lora_run_writes_table_and_files(ckpt, tmp_path, capsys):
 
     md = report.main([str(out), "--published", "--out", str(tmp_path / "report")])
     assert "| LoRA-Mem (r=4) (" in md and "| Published: LoRA-Mem (r=8), Qwen2.5-1.5B | 10.44 |" in md
+    assert f"| {results['prompt_tokens_mean']:.0f} ({results['prompt_tokens_max']}) |" in md  # prompt size per method
     assert (tmp_path / "report.md").read_text() == md
     pytest.importorskip("matplotlib")
     assert (tmp_path / "report_f1.png").stat().st_size > 1000
