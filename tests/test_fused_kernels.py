@@ -25,10 +25,7 @@ from kernels.lora_linear import HAS_TRITON  # noqa: E402
 from kernels.rms_norm import rms_norm, rms_norm_reference, rms_norm_triton  # noqa: E402
 from kernels.rope import apply_rotary_qk, apply_rotary_qk_reference, apply_rotary_qk_triton  # noqa: E402
 from kernels.swiglu import swiglu, swiglu_reference, swiglu_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS_RUNNABLE = HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-requires_kernels = pytest.mark.skipif(not KERNELS_RUNNABLE, reason="needs triton with CUDA or TRITON_INTERPRET=1")
+from tests.kernel_testing import DEVICE, requires_kernels  # noqa: E402
 
 # (dtype, atol, rtol) against the reference evaluated in float64 on the same (already rounded) inputs, so only
 # rounding counts. atol is relative to each tensor's largest entry (for RMSNorm's reductions). The kernels compute in

@@ -24,10 +24,7 @@ from kernels.lora_linear import (  # noqa: E402
     use_triton,
 )
 from kernels.lora_reference import lora_linear_reference, lora_scaling  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS_RUNNABLE = HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-requires_kernels = pytest.mark.skipif(not KERNELS_RUNNABLE, reason="needs triton with CUDA or TRITON_INTERPRET=1")
+from tests.kernel_testing import DEVICE, assert_close_scaled, requires_kernels  # noqa: E402
 
 # (dtype, atol, rtol) against a float64 reference evaluated on the same (already rounded) inputs, so only the
 # kernel's own rounding counts (the thin s t and dt and every output are stored in the input dtype). atol is relative
@@ -83,8 +80,7 @@ def reference64(inputs, dtype, **kwargs):
 def assert_all_close(got, expected, atol, rtol):
     """Output and gradients close, atol taken relative to each expected tensor's largest entry."""
     for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
-        scale = e.abs().max().item()
-        torch.testing.assert_close(g, e, atol=atol * scale, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+        assert_close_scaled(g, e, atol, rtol, name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

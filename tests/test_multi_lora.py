@@ -27,10 +27,7 @@ from kernels.multi_lora_linear import (  # noqa: E402
     plan_adapter_rows,
 )
 from kernels.multi_lora_reference import multi_lora_linear_reference, token_adapter_ids  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS_RUNNABLE = HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-requires_kernels = pytest.mark.skipif(not KERNELS_RUNNABLE, reason="needs triton with CUDA or TRITON_INTERPRET=1")
+from tests.kernel_testing import DEVICE, KERNELS_RUNNABLE, assert_close_scaled, requires_kernels  # noqa: E402
 
 # (dtype, atol, rtol) against a float64 reference on the same rounded inputs, atol relative to the largest entry of
 # the expected output; the same reasoning and values as tests/test_lora_kernels.py (t = s x A^T is stored in the input
@@ -88,10 +85,6 @@ def reference64(inputs, ids, dtype, **overrides):
     """The reference in float64 on the inputs rounded to ``dtype`` first (the kernels see exactly these values)."""
     rounded = {k: None if v is None else (v if k == "scalings" else v.to(dtype)) for k, v in inputs.items()}
     return run(multi_lora_linear_reference, rounded, ids, torch.float64, device="cpu", **overrides)
-
-
-def assert_close_scaled(got, expected, atol, rtol):
-    torch.testing.assert_close(got, expected, atol=atol * expected.abs().max().item(), rtol=rtol)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
