@@ -35,9 +35,13 @@ def load_run(path: Path) -> tuple[dict, Path]:
 
 
 def loss_curves(run_dir: Path) -> dict[str, list[float]]:
+    """Per-conversation losses: a run directory's conversations/<id>/train.json, or loss/<id>.json where a run's
+    results were copied for committing (bench/results/locomo/<name>/)."""
     curves = {}
     for train in sorted((run_dir / "conversations").glob("*/train.json")):
         curves[train.parent.name] = json.loads(train.read_text())["losses"]
+    for train in sorted((run_dir / "loss").glob("*.json")):
+        curves.setdefault(train.stem, json.loads(train.read_text())["losses"])
     return curves
 
 
@@ -76,7 +80,7 @@ def plot(runs: list[tuple[dict, Path]], published: bool, out: Path) -> list[Path
         ax.bar(xs, ys, width, label=label, hatch="//" if label.startswith("Published") else None)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(CATEGORY_KEYS) + 1)], CATEGORY_KEYS + ["Avg F1"])
     ax.set_ylabel("token F1")
-    ax.set_title("LoCoMo, no context: F1 by category")
+    ax.set_title("LoCoMo: F1 by category and method")
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out.with_name(out.name + "_f1.png")

@@ -60,6 +60,12 @@ def test_lora_run_writes_table_and_files(ckpt, tmp_path, capsys):
     assert "| LoRA-Mem (r=4) (" in md and "| Published: LoRA-Mem (r=8), Qwen2.5-1.5B | 10.44 |" in md
     assert f"| {results['prompt_tokens_mean']:.0f} ({results['prompt_tokens_max']}) |" in md  # prompt size per method
     assert (tmp_path / "report.md").read_text() == md
+    # results copied for committing keep loss curves as loss/<sample_id>.json; the report reads both layouts
+    committed = tmp_path / "committed"
+    (committed / "loss").mkdir(parents=True)
+    for sid in ("tiny-1", "tiny-2"):
+        (committed / "loss" / f"{sid}.json").write_text((out / "conversations" / sid / "train.json").read_text())
+    assert report.loss_curves(committed) == report.loss_curves(out) and len(report.loss_curves(out)) == 2
     pytest.importorskip("matplotlib")
     assert (tmp_path / "report_f1.png").stat().st_size > 1000
     assert (tmp_path / "report_loss.png").stat().st_size > 1000
