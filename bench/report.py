@@ -72,7 +72,7 @@ def plot(runs: list[tuple[dict, Path]], published: bool, out: Path) -> list[Path
         return []
     written = []
     series = [(r["method"], r["scores"]) for r, _ in runs] + (PUBLISHED if published else [])
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(12, 4))
     width = 0.8 / len(series)
     for i, (label, scores) in enumerate(series):
         xs = [j + i * width for j in range(len(CATEGORY_KEYS) + 1)]
@@ -81,7 +81,7 @@ def plot(runs: list[tuple[dict, Path]], published: bool, out: Path) -> list[Path
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(CATEGORY_KEYS) + 1)], CATEGORY_KEYS + ["Avg F1"])
     ax.set_ylabel("token F1")
     ax.set_title("LoCoMo: F1 by category and method")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
     fig.tight_layout()
     path = out.with_name(out.name + "_f1.png")
     fig.savefig(path, dpi=120)
