@@ -22,14 +22,14 @@ the same questions there: the gain that the context brought where it held the an
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
 
-from bench.common import atomic_write_json, atomic_write_text
+from bench.common import atomic_write_json, atomic_write_text, read_jsonl
 from bench.context import icl_context
 from bench.locomo_data import load_locomo, resolve_data_path, select_questions, training_source
+from bench.report import load_run
 from model.loader import resolve_checkpoint
 from model.tokenizer import Tokenizer
 
@@ -52,20 +52,19 @@ def split_of(evidence: set[str], in_context: set[str]) -> str:
 
 def read_predictions(run_dir: Path) -> dict[str, list[dict]]:
     by_sample: dict[str, list[dict]] = defaultdict(list)
-    with open(run_dir / "predictions.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            by_sample[row["sample_id"]].append(row)
+    for row in read_jsonl(run_dir / "predictions.jsonl"):
+        by_sample[row["sample_id"]].append(row)
     return by_sample
 
 
-def contexts_of_run(run_dir: Path, results: dict, samples: dict) -> dict[str, list[set[str]]]:
+def contexts_of_run(run_dir: Path, results: dict, predictions: dict[str, list[dict]],
+                    samples: dict) -> dict[str, list[set[str]]]:
     """For each conversation of the run, the dia_ids its prompt held, per question (in the run's question order)."""
     settings = results["settings"]
     method = settings["method"]
     tokenizer = None  # ICL only: the budget is in the run's model's tokens
     out = {}
-    for sample_id, rows in read_predictions(run_dir).items():
+    for sample_id, rows in predictions.items():
         sample = samples[sample_id]
         turns = [t.dia_id for s in training_source(sample).sessions for t in s.turns]
         if method == "icl":
@@ -99,15 +98,17 @@ def question_keys(rows: list[dict]) -> list[tuple]:
     return keys
 
 
-def coverage(run_dir: Path, samples: dict, compare: list[tuple[str, Path]]) -> dict:
-    results = json.loads((run_dir / "results.json").read_text())
-    contexts = contexts_of_run(run_dir, results, samples)
+def f1_by_question(run_dir: Path) -> dict[tuple, float]:
+    """A run's F1 per (sample_id, question key), to look up the same questions in another run."""
+    return {(sid, k): r["f1"] for sid, rows in read_predictions(run_dir).items()
+            for k, r in zip(question_keys(rows), rows)}
+
+
+def coverage(run_dir: Path, samples: dict, compare_f1: dict[str, dict[tuple, float]]) -> dict:
+    results, _ = load_run(run_dir)
     predictions = read_predictions(run_dir)
-    compare_f1 = {}
-    for label, cdir in compare:
-        compare_f1[label] = {(sid, k): r["f1"] for sid, rows in read_predictions(cdir).items()
-                             for k, r in zip(question_keys(rows), rows)}
-    stats = {s: {"n": 0, "f1": 0.0, **{label: 0.0 for label, _ in compare}} for s in SPLITS}
+    contexts = contexts_of_run(run_dir, results, predictions, samples)
+    stats = {s: {"n": 0, "f1": 0.0, **{label: 0.0 for label in compare_f1}} for s in SPLITS}
     by_category = {s: defaultdict(int) for s in SPLITS}
     for sid, rows in predictions.items():
         qa = {(q.question, str(q.answer)): q for q in select_questions(samples[sid], with_adversarial=True)}
@@ -126,7 +127,7 @@ def coverage(run_dir: Path, samples: dict, compare: list[tuple[str, Path]]) -> d
                 stats[split][label] += compare_f1[label][(sid, key)]
     for split, s in stats.items():
         n = s["n"]
-        for k in ["f1"] + [label for label, _ in compare]:
+        for k in ["f1", *compare_f1]:
             s[k] = 100 * s[k] / n if n else None
         s["categories"] = dict(sorted(by_category[split].items()))
     total = sum(s["n"] for s in stats.values())
@@ -163,8 +164,9 @@ def main(argv: list[str] | None = None) -> str:
         if not (r / "results.json").is_file() or not (r / "predictions.jsonl").is_file():
             raise SystemExit(f"error: {r}: no results.json / predictions.jsonl (is the run finished?)")
     samples = {s.sample_id: s for s in load_locomo(resolve_data_path(args.data))}
-    compare = [(json.loads((Path(c) / "results.json").read_text())["method"], Path(c)) for c in args.compare]
-    reports = [coverage(r, samples, compare) for r in runs]
+    compare = [(load_run(Path(c))[0]["method"], Path(c)) for c in args.compare]
+    compare_f1 = {label: f1_by_question(cdir) for label, cdir in compare}  # read once, used for every run
+    reports = [coverage(r, samples, compare_f1) for r in runs]
     md = render(reports, compare)
     if args.out:
         out = Path(args.out)
