@@ -77,6 +77,11 @@ class RunConfigMismatch(ValueError):
 
 
 def method_label(args) -> str:
+    label = _method_label(args)
+    return label + " [+cat 5]" if args.with_adversarial else label  # also asked the adversarial questions
+
+
+def _method_label(args) -> str:
     rag = f"RAG (BM25 top-{args.top_k} {args.rag_unit}s)" if uses_rag(args.method) else ""
     if args.method == "base":
         return "Base (no context)"
@@ -310,6 +315,9 @@ def summarise(out: Path, samples: list[Sample], lm: LoadedModel, args, settings:
     train_seconds = sum(r.get("train_seconds", 0.0) for r in conv_results)
     answer_seconds = sum(r.get("answer_seconds", 0.0) for r in conv_results)
     label = method_label(args)
+    # A resumed run took the time of every invocation; a no-op resume (all finished) adds ~nothing.
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    wall_total = previous.get("wall_seconds_all_invocations", previous.get("wall_seconds_this_invocation", 0.0)) + wall
     results = {
         "method": label,
         "settings": settings,
@@ -321,6 +329,7 @@ def summarise(out: Path, samples: list[Sample], lm: LoadedModel, args, settings:
         "n_conversations": len(samples),
         "errors": {r["sample_id"]: r["error"] for r in conv_results if r.get("error")},
         "wall_seconds_this_invocation": wall,
+        "wall_seconds_all_invocations": wall_total,
         "train_tokens": train_tokens,
         "train_seconds": train_seconds,
         "train_tokens_per_second": train_tokens / train_seconds if train_seconds else None,

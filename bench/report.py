@@ -48,15 +48,19 @@ def loss_curves(run_dir: Path) -> dict[str, list[float]]:
 def render_markdown(runs: list[tuple[dict, Path]], published: bool) -> str:
     rows = [(r["method"] + f" ({r['model']['name']})", r["scores"]) for r, _ in runs]
     table = format_table(rows + (PUBLISHED if published else []))
-    lines = [table, "", "| Method | model | device | questions | overall F1 | prompt tokens mean (max) | train tok/s "
-             "| answer q/s | compute s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [table, "", "| Method | model | device | questions | overall F1 | adversarial acc (n) "
+             "| prompt tokens mean (max) | train tok/s | answer q/s | compute s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r, _ in runs:
         tps = r.get("train_tokens_per_second")
         qps = r.get("answer_questions_per_second")
         mean, top = r.get("prompt_tokens_mean"), r.get("prompt_tokens_max")  # absent in runs made before it was recorded
+        adv = r["scores"].get("adversarial_acc")  # category 5, only in runs asked with --with-adversarial
+        adv_cell = f"{adv:.2f} ({r['scores']['adversarial_n']})" if adv is not None else "-"
         lines.append(
             f"| {r['method']} | {r['model']['name']} | {r['device']} | {r['scores']['n']} | "
-            f"{r['scores']['overall_f1']:.2f} | {f'{mean:.0f} ({top})' if mean is not None else '-'} | "
+            f"{r['scores']['overall_f1']:.2f} | {adv_cell} | "
+            f"{f'{mean:.0f} ({top})' if mean is not None else '-'} | "
             f"{f'{tps:.0f}' if tps else '-'} | {f'{qps:.2f}' if qps else '-'} | {r['compute_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -91,13 +95,17 @@ def plot(runs: list[tuple[dict, Path]], published: bool, out: Path) -> list[Path
     curves = [(r["method"], loss_curves(d)) for r, d in runs]
     curves = [(m, c) for m, c in curves if c]
     if curves:
-        fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
-        for ax, (method, per_conv) in zip(axes[0], curves):
+        ncols = min(3, len(curves))  # a grid, so that many runs stay readable
+        nrows = -(-len(curves) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.5 * nrows), squeeze=False)
+        for ax in axes.flat[len(curves):]:
+            ax.set_visible(False)
+        for ax, (method, per_conv) in zip(axes.flat, curves):
             for sid, losses in per_conv.items():
                 ax.plot(range(1, len(losses) + 1), losses, label=sid, linewidth=1)
-            ax.set_title(f"{method}: training loss")
+            ax.set_title(f"{method}: training loss", fontsize=8)
             ax.set_xlabel("optimizer step")
-            ax.set_ylabel("next-token loss")
+            ax.set_ylabel("loss (mean over target tokens)")
             ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         path = out.with_name(out.name + "_loss.png")

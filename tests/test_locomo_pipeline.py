@@ -75,9 +75,20 @@ def test_base_run_and_adversarial(ckpt, tmp_path):
     out = tmp_path / "base"
     results = run(ckpt, out, "--method", "base", "--with-adversarial")
     assert not (out / "adapters").exists()
-    assert results["method"] == "Base (no context)"
+    assert results["method"] == "Base (no context) [+cat 5]"
     assert results["scores"]["adversarial_n"] == 2
     assert len(read_jsonl(out / "predictions.jsonl")) == N_QUESTIONS_1_TO_4 + 2
+
+    from bench import report
+
+    md = report.main([str(out)])
+    assert f"| {results['scores']['adversarial_acc']:.2f} (2) |" in md  # category 5 in its own column
+
+    # a no-op resume (everything finished) keeps the time the run took: all invocations are summed
+    again = run(ckpt, out, "--method", "base", "--with-adversarial")
+    assert again["wall_seconds_all_invocations"] == pytest.approx(
+        results["wall_seconds_all_invocations"] + again["wall_seconds_this_invocation"])
+    assert results["wall_seconds_all_invocations"] == results["wall_seconds_this_invocation"]
 
 
 def test_resume_after_interruption_gives_identical_results(ckpt, tmp_path, monkeypatch):
