@@ -17,6 +17,8 @@ Options (all off by default, which gives exactly the data of the original recipe
 - `qa_per_turn`: at most that many template pairs per turn, the kind rotating over who/when/what/photo, so
   that a CPU run can afford the qa format (10 conversations, default model's tokenizer, seq 512: all pairs
   ~1.0M non-padding tokens per epoch, `qa_per_turn=1` ~0.31M, the timestamped text ~0.28M).
+- `qa_source`: "templates" (above), "model" (pairs the base model writes about each turn, kept only if
+  grounded in it: `bench.generated_qa`, cached per conversation and model) or "both".
 - `abstention`: questions about subjects the conversation never mentions ("When did Caroline travel to
   Iceland?"), answered "Not mentioned in the conversation." (what LoCoMo scores as abstention on category 5),
   mixed into the QA pairs; built from a fixed vocabulary checked against the conversation text only.
@@ -46,6 +48,7 @@ from lora_core.train import IGNORE_INDEX, make_lm_windows
 from model.tokenizer import Tokenizer
 
 TRAIN_FORMATS = ("text", "qa", "text+qa")
+QA_SOURCES = ("templates", "model", "both")  # who writes the questions: templates, the base model, or both
 SNIPPET_WORDS = 12  # a quote long enough to identify a turn, short enough to be a question
 ANSWER_WORDS = 40  # long turns are cut: answers are meant to be short
 ABSTENTION_ANSWER = "Not mentioned in the conversation."  # LoCoMo scores category 5 on "not mentioned"
@@ -71,7 +74,7 @@ def _parsed(date_time: str | None) -> datetime | None:
         return None
 
 
-def _date(date_time: str | None) -> str | None:
+def session_date(date_time: str | None) -> str | None:
     dt = _parsed(date_time)
     if dt is None:
         return None
@@ -116,7 +119,7 @@ def template_qa(sample: Sample, *, qa_per_turn: int | None = None, resolve_dates
     pairs: list[QAPair] = []
     rotation = 0
     for session in source.sessions:
-        date = _date(session.date_time)
+        date = session_date(session.date_time)
         resolve_at = _parsed(session.date_time) if resolve_dates else None
         for turn in session.turns:
             options = _turn_pairs(turn, date, resolve_at)
@@ -295,8 +298,12 @@ def chat_qa_windows(pairs: list[QAPair], tok: Tokenizer, seq_len: int, question_
 
 def training_qa_pairs(sample: Sample, train_format: str, *, resolve_dates: bool = False,
                       qa_per_turn: int | None = None, abstention: bool = False, abstention_ratio: float = 0.1,
-                      seed: int = 0) -> list[QAPair]:
+                      seed: int = 0, qa_source: str = "templates",
+                      generated: list[QAPair] | None = None) -> list[QAPair]:
     """The chat-QA pairs that :func:`training_data` trains on for ``train_format`` ([] for plain "text").
+
+    ``qa_source``: "templates" (:func:`template_qa`), "model" (``generated``: the pairs the base model wrote,
+    `bench.generated_qa`) or "both" (the generated pairs spread evenly among the template pairs).
 
     With ``abstention``, ``max(1, round(abstention_ratio * P))`` negatives (:func:`abstention_pairs`), where P is
     the number of template pairs (:func:`template_qa` with ``qa_per_turn``/``resolve_dates``): formats with qa mix
@@ -307,10 +314,18 @@ def training_qa_pairs(sample: Sample, train_format: str, *, resolve_dates: bool 
         raise ValueError(f"unknown train format {train_format!r} (choose from {', '.join(TRAIN_FORMATS)})")
     if abstention and not abstention_ratio > 0:
         raise ValueError(f"abstention_ratio must be > 0, got {abstention_ratio!r}")
+    if qa_source not in QA_SOURCES:
+        raise ValueError(f"unknown qa source {qa_source!r} (choose from {', '.join(QA_SOURCES)})")
+    if qa_source != "templates" and generated is None:
+        raise ValueError(f"qa_source={qa_source!r} needs the generated pairs (bench.generated_qa.generate_qa)")
     source = training_source(sample)
     if train_format == "text" and not abstention:
         return []
     pairs = template_qa(source, qa_per_turn=qa_per_turn, resolve_dates=resolve_dates)
+    if qa_source == "model":
+        pairs = list(generated)
+    elif qa_source == "both":
+        pairs = _interleave(pairs, list(generated))
     if not abstention:
         return pairs
     negatives = abstention_pairs(source, max(1, round(abstention_ratio * len(pairs))), seed)
@@ -322,8 +337,9 @@ def training_qa_pairs(sample: Sample, train_format: str, *, resolve_dates: bool 
 
 def training_data(sample: Sample, tok: Tokenizer, train_format: str, seq_len: int, timestamps: bool,
                   question_template: str, *, resolve_dates: bool = False, qa_per_turn: int | None = None,
-                  abstention: bool = False, abstention_ratio: float = 0.1,
-                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  abstention: bool = False, abstention_ratio: float = 0.1, seed: int = 0,
+                  qa_source: str = "templates",
+                  generated: list[QAPair] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, targets) windows of one conversation for `train_format` in TRAIN_FORMATS.
 
     The text part is ``conversation_text`` in the "raw" format, "timestamped" with ``timestamps``, and
@@ -332,7 +348,8 @@ def training_data(sample: Sample, tok: Tokenizer, train_format: str, seq_len: in
     questions). All options off: exactly the original data.
     """
     pairs = training_qa_pairs(sample, train_format, resolve_dates=resolve_dates, qa_per_turn=qa_per_turn,
-                              abstention=abstention, abstention_ratio=abstention_ratio, seed=seed)
+                              abstention=abstention, abstention_ratio=abstention_ratio, seed=seed,
+                              qa_source=qa_source, generated=generated)
     source = training_source(sample)
     parts = []
     if train_format in ("text", "text+qa"):
@@ -341,4 +358,7 @@ def training_data(sample: Sample, tok: Tokenizer, train_format: str, seq_len: in
         parts.append(make_lm_windows(tok.encode(text), seq_len, tok.pad_id))
     if pairs:
         parts.append(chat_qa_windows(pairs, tok, seq_len, question_template))
+    if not parts:  # --qa-source model where the model wrote no grounded question
+        raise LocomoDataError(f"{sample.sample_id}: no training data for train_format={train_format!r}, "
+                              f"qa_source={qa_source!r}: no question-answer pairs")
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -32,7 +32,8 @@ import torch
 
 from bench.common import atomic_write_json, atomic_write_text, read_jsonl, run_info, write_jsonl
 from bench.context import CONTEXT_TEMPLATE, RAG_TEMPLATE, RAG_UNITS, BM25Retriever, context_prompt, icl_context
-from bench.internalize import TRAIN_FORMATS, training_data
+from bench.generated_qa import generate_qa
+from bench.internalize import QA_SOURCES, TRAIN_FORMATS, training_data
 from bench.locomo_data import CATEGORY_NAMES, Sample, iter_samples, load_locomo, resolve_data_path, select_questions
 from bench.locomo_score import aggregate, format_table, score_qa
 from lora_core.adapter_io import AdapterError, load_adapter, save_adapter
@@ -50,16 +51,17 @@ RESULT_SETTINGS = (
     "method", "model", "dtype", "rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size",
     "grad_accum", "warmup_ratio", "seq_len", "seed", "max_new_tokens", "max_questions", "with_adversarial",
     "timestamps", "train_format", "context_tokens", "top_k", "rag_unit", "adapters_from",
-    "resolve_dates", "qa_per_turn", "train_abstention", "abstention_ratio",
+    "resolve_dates", "qa_per_turn", "train_abstention", "abstention_ratio", "qa_source",
 )
 # Settings newer than the first runs, with the value an older run_config.json implies.
 SETTINGS_ADDED_LATER = {"train_format": "text", "context_tokens": None, "top_k": None, "rag_unit": None,
                         "adapters_from": None, "resolve_dates": False, "qa_per_turn": None,
-                        "train_abstention": False, "abstention_ratio": None}
+                        "train_abstention": False, "abstention_ratio": None, "qa_source": "templates"}
 METHODS = ("lora", "base", "icl", "rag", "lora+rag")
 TRAINING_SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size", "grad_accum",
                      "warmup_ratio", "seq_len", "timestamps", "train_format", "resolve_dates", "qa_per_turn",
-                     "train_abstention", "abstention_ratio")
+                     "train_abstention", "abstention_ratio", "qa_source")
+QA_SOURCE_LABELS = {"model": "the base model", "both": "templates + base model"}
 # Room left in the context window for the chat markup, the question and the answer (ICL).
 ICL_RESERVE_TOKENS = 256
 
@@ -93,6 +95,7 @@ def _method_label(args) -> str:
                       ", timestamps+dates" if args.resolve_dates else "",
                       f", {args.train_format}" if args.train_format != "text" else "",
                       f" ({args.qa_per_turn}/turn)" if args.qa_per_turn and args.train_format != "text" else "",
+                      f" by {QA_SOURCE_LABELS[args.qa_source]}" if args.qa_source != "templates" else "",
                       f", abstention {args.abstention_ratio:g}" if args.train_abstention else ""])
     lora = f"LoRA-Mem (r={args.rank}{extras})"
     return f"{lora} + {rag}" if args.method == "lora+rag" else lora
@@ -104,10 +107,15 @@ def _method_label(args) -> str:
 
 def training_windows(sample: Sample, lm: LoadedModel, args) -> tuple[torch.Tensor, torch.Tensor]:
     """Training windows of one conversation (bench.internalize): built from the conversation alone,
-    never from QA annotations, observations or summaries."""
+    never from QA annotations, observations or summaries. `--qa-source model|both`: the base model writes
+    questions about the turns first (bench.generated_qa, cached)."""
+    generated = None
+    if args.qa_source != "templates" and (args.train_format != "text" or args.train_abstention):
+        generated = generate_qa(sample, lm, progress=not args.quiet).pairs
     return training_data(sample, lm.tokenizer, args.train_format, args.seq_len, args.timestamps, QUESTION_TEMPLATE,
                          resolve_dates=args.resolve_dates, qa_per_turn=args.qa_per_turn,
-                         abstention=args.train_abstention, abstention_ratio=args.abstention_ratio, seed=args.seed)
+                         abstention=args.train_abstention, abstention_ratio=args.abstention_ratio, seed=args.seed,
+                         qa_source=args.qa_source, generated=generated)
 
 
 def question_prompts(sample: Sample, questions: list, lm: LoadedModel, args) -> tuple[list[list[int]], dict]:
@@ -385,6 +393,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "('yesterday (7 May 2023)')")
     g.add_argument("--qa-per-turn", type=int, default=None,
                    help="qa formats: template questions per turn (default: all, about 3); 1 cuts qa data ~3x")
+    g.add_argument("--qa-source", choices=QA_SOURCES, default="templates",
+                   help="qa formats: who writes the questions: templates over the turns, the base model (one "
+                        "question per turn, kept only if its answer is in the turn; bench.generated_qa), or both")
     g.add_argument("--train-abstention", action="store_true",
                    help="also train 'Not mentioned in the conversation.' for questions about subjects the "
                         "conversation never mentions (generated from the conversation alone)")
@@ -414,6 +425,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.alpha = 2.0 * args.rank
     if args.qa_per_turn is not None and args.qa_per_turn < 1:
         ap.error(f"--qa-per-turn must be at least 1, got {args.qa_per_turn}")
+    if args.qa_source != "templates" and args.train_format == "text" and not args.train_abstention:
+        ap.error(f"--qa-source {args.qa_source} applies to --train-format qa or text+qa (or --train-abstention)")
     if not 0 < args.abstention_ratio <= 1:
         ap.error(f"--abstention-ratio must be in (0, 1], got {args.abstention_ratio}")
     if args.top_k < 1:

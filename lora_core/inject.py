@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -69,6 +70,20 @@ def reset_lora(model: nn.Module, generator: torch.Generator | None = None) -> No
     for m in lora_modules(model).values():
         m.unmerge()
         m.reset_lora_parameters(generator)
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """The base model alone inside the block (e.g. to generate training data), whatever adapter is loaded."""
+    layers = list(lora_modules(model).values())
+    for m in layers:
+        m.unmerge()
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def trainable_summary(model: nn.Module) -> str:

@@ -37,6 +37,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=base.weight.device))
         self.merged = False
+        self.disabled = False  # True: the base layer alone (lora_core.inject.lora_disabled)
         # Serving many adapters in one batch (lora_core.multi_adapter): stacked adapters and the
         # adapter of each batch row; while `row_adapter_ids` is set, forward uses them instead.
         self.lora_A_stack: torch.Tensor | None = None  # (n, r, in)
@@ -53,6 +54,10 @@ class LoRALinear(nn.Module):
             self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            if self.merged:
+                raise RuntimeError("a merged LoRA layer cannot be disabled: unmerge it first")
+            return F.linear(x, self.weight, self.bias)
         if self.row_adapter_ids is not None:
             if self.lora_A_stack is None or self.merged:
                 raise RuntimeError("per-row adapters need stacked adapters (lora_core.multi_adapter.stack_adapters) "

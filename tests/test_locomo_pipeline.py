@@ -326,7 +326,20 @@ def test_internalisation_options_reach_the_training_data(ckpt, tmp_path, monkeyp
     results = run(ckpt, tmp_path / "opts", "--train-format", "qa", "--qa-per-turn", "1", "--resolve-dates",
                   "--train-abstention", "--abstention-ratio", "0.5", "--seq-len", "256", "--epochs", "1",
                   "--conversations", "tiny-1", "--max-questions", "1")
-    assert seen == {"resolve_dates": True, "qa_per_turn": 1, "abstention": True, "abstention_ratio": 0.5, "seed": 0}
+    assert seen == {"resolve_dates": True, "qa_per_turn": 1, "abstention": True, "abstention_ratio": 0.5, "seed": 0,
+                    "qa_source": "templates", "generated": None}
     assert results["method"] == "LoRA-Mem (r=4, timestamps+dates, qa (1/turn), abstention 0.5)"
     with pytest.raises(SystemExit):
         run(ckpt, tmp_path / "bad", "--qa-per-turn", "0")
+
+
+def test_qa_source_both_generates_with_the_base_model_and_caches(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_MEM_CACHE", str(tmp_path / "cache"))
+    results = run(ckpt, tmp_path / "both", "--train-format", "qa", "--qa-source", "both", "--epochs", "1",
+                  "--seq-len", "128", "--conversations", "tiny-1", "--max-questions", "2")
+    assert results["method"] == "LoRA-Mem (r=4, qa by templates + base model)"
+    assert results["settings"]["qa_source"] == "both" and not results["errors"]
+    cached = list((tmp_path / "cache" / "generated-qa").glob("*/tiny-1-*.json"))
+    assert len(cached) == 1 and len(json.loads(cached[0].read_text())["raw"]) > 0
+    with pytest.raises(SystemExit):  # templates are the only source for plain text training
+        run(ckpt, tmp_path / "bad", "--qa-source", "model")
