@@ -7,7 +7,8 @@
 Each side runs in a fresh subprocess, one after the other, so its peak memory (CUDA max allocated on
 GPU, peak RSS on CPU) is its own. Same LoRA targets (q,k,v,o,gate,up,down), rank, alpha, dropout 0,
 sequence length, batch, dtype, optimizer (AdamW) and token ids on both sides. Writes
-bench/results/train_<device>.json.
+bench/results/train_<device>.json. A third side, `lora-mem-full-logits`, is lora-mem before its chunked
+loss (every position's fp32 logits materialised, then cross-entropy): the "before" of the speed work.
 
 `--profile`: after its timed steps (and after its peak memory is read), each side runs
 `--profile-steps` more training steps under torch.profiler (CPU activity; CUDA too on a GPU), and
@@ -38,6 +39,7 @@ import torch
 from bench.common import atomic_write_json, device_slug, run_info
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SIDES = ("lora-mem", "lora-mem-full-logits", "peft")
 SETUPS = {
     "cpu": dict(model="smollm2-135m-instruct", dtype="float32", seq_len=512, batch_sizes=[1], device="cpu"),
     "gpu": dict(model="preset:qwen2.5-1.5b", dtype="bfloat16", seq_len=2048, batch_sizes=[1, 4, 8], device="cuda"),
@@ -48,7 +50,9 @@ SETUPS = {
 # One side, in its own process
 # ---------------------------------------------------------------------------------------------
 
-def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, rank: int):
+def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, rank: int, full_logits: bool = False):
+    """lora-mem's training step; `full_logits`: the step before the chunked loss (all positions' fp32 logits
+    materialised, then cross-entropy), kept as the "before" of the profile."""
     from lora_core.inject import LoRAConfig, inject_lora, lora_parameters
     from lora_core.train import chunked_lm_loss
     from model.config import PRESETS
@@ -70,8 +74,12 @@ def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, ra
 
     def step(x, y):
         hidden = model.model(x)
-        with torch.profiler.record_function("chunked_lm_loss"):  # a label for the profile; free otherwise
-            loss = chunked_lm_loss(hidden, model.lm_head.weight, y)
+        if full_logits:
+            logits = model.lm_head(hidden).float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        else:
+            with torch.profiler.record_function("chunked_lm_loss"):  # a label for the profile; free otherwise
+                loss = chunked_lm_loss(hidden, model.lm_head.weight, y)
         loss.backward()
         return loss
 
@@ -289,8 +297,12 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
     torch.manual_seed(0)
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name)
-    build = build_lora_mem if side == "lora-mem" else build_peft
-    params, step = build(model_name, dtype, device, rank)
+    if side not in SIDES:
+        raise ValueError(f"unknown side {side!r} (choose from {', '.join(SIDES)})")
+    if side == "peft":
+        params, step = build_peft(model_name, dtype, device, rank)
+    else:
+        params, step = build_lora_mem(model_name, dtype, device, rank, full_logits=side == "lora-mem-full-logits")
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     vocab = model_config(model_name).vocab_size
     x = torch.randint(0, vocab, (batch, seq_len), device=device)
@@ -346,7 +358,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per side (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--sides", default="lora-mem,peft")
+    ap.add_argument("--sides", default=",".join(SIDES),
+                    help="lora-mem; lora-mem-full-logits (lora-mem before the chunked loss: the profile's "
+                         "'before'); peft (transformers + peft)")
     ap.add_argument("--profile", action="store_true",
                     help="also run --profile-steps steps of each side under torch.profiler; the results file gets "
                          "a 'profile' section (top ops and grouped shares of self CPU / CUDA time)")
@@ -373,6 +387,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     device = torch.device(setup["device"])
     if args.profile and args.profile_steps < 1:
         ap.error("--profile-steps must be >= 1")
+    unknown = [side for side in args.sides.split(",") if side not in SIDES]
+    if unknown:
+        ap.error(f"unknown --sides {', '.join(unknown)} (choose from {', '.join(SIDES)})")
     rows, profiles = [], []
     for batch in batch_sizes:
         row = {"batch": batch}
@@ -390,6 +407,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         if "tokens_per_second" in a and "tokens_per_second" in b:
             row["speedup_tokens_per_second"] = a["tokens_per_second"] / b["tokens_per_second"]
             row["peak_memory_ratio"] = a["peak_memory_bytes"] / b["peak_memory_bytes"]
+        before = row.get("lora-mem-full-logits", {})
+        if "tokens_per_second" in a and "tokens_per_second" in before:  # what the chunked loss bought
+            row["speedup_vs_full_logits"] = a["tokens_per_second"] / before["tokens_per_second"]
+            row["peak_memory_ratio_vs_full_logits"] = a["peak_memory_bytes"] / before["peak_memory_bytes"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), file=sys.stderr)
 

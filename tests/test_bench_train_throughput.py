@@ -93,3 +93,29 @@ def test_train_throughput_with_profile_end_to_end(ckpt, tmp_path):
     assert run["side"] == "lora-mem" and run["batch"] == 1 and run["steps"] == 1
     assert sum(g["percent"] for g in run["groups_cpu"].values()) == pytest.approx(100, abs=0.1)
     assert run["groups_cpu"]["optimizer"]["ms"] > 0 and run["groups_cpu"]["loss"]["ms"] > 0
+
+
+def test_full_logits_side_computes_the_same_loss_and_gradients(ckpt):
+    """The profile's "before" side (all logits, then cross-entropy) trains exactly what the chunked loss does."""
+    x = torch.randint(0, 320, (2, 40))
+    y = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
+    results = []
+    for full in (False, True):
+        torch.manual_seed(0)
+        params, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank=4, full_logits=full)
+        for p in params:  # a non-zero B, so every LoRA gradient is non-zero
+            if p.shape[1] == 4:
+                torch.nn.init.normal_(p, std=0.1)
+        loss = step(x, y)
+        results.append((float(loss), [p.grad.clone() for p in params]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+        assert ga.abs().sum() > 0
+
+
+def test_unknown_side_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--sides", "lora-mem,pfet"])
+    assert "unknown --sides pfet" in capsys.readouterr().err
