@@ -61,11 +61,16 @@ def test_lora_run_writes_table_and_files(ckpt, tmp_path, capsys):
     assert f"| {results['prompt_tokens_mean']:.0f} ({results['prompt_tokens_max']}) |" in md  # prompt size per method
     assert (tmp_path / "report.md").read_text() == md
     # results copied for committing keep loss curves as loss/<sample_id>.json; the report reads both layouts
+    from bench import keep
+
     committed = tmp_path / "committed"
-    (committed / "loss").mkdir(parents=True)
-    for sid in ("tiny-1", "tiny-2"):
-        (committed / "loss" / f"{sid}.json").write_text((out / "conversations" / sid / "train.json").read_text())
+    written = keep.main([str(out), str(committed)])
+    assert sorted(p.relative_to(committed).as_posix() for p in written) == [
+        "loss/tiny-1.json", "loss/tiny-2.json", "predictions.jsonl", "results.json", "table.md"]
     assert report.loss_curves(committed) == report.loss_curves(out) and len(report.loss_curves(out)) == 2
+    assert report.load_run(committed)[0] == saved
+    with pytest.raises(SystemExit):  # not a finished run
+        keep.main([str(out / "conversations"), str(tmp_path / "nothing")])
     pytest.importorskip("matplotlib")
     assert (tmp_path / "report_f1.png").stat().st_size > 1000
     assert (tmp_path / "report_loss.png").stat().st_size > 1000
