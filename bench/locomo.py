@@ -96,7 +96,10 @@ def _method_label(args) -> str:
                       f", {args.train_format}" if args.train_format != "text" else "",
                       f" ({args.qa_per_turn}/turn)" if args.qa_per_turn and args.train_format != "text" else "",
                       f" by {QA_SOURCE_LABELS[args.qa_source]}" if args.qa_source != "templates" else "",
-                      f", abstention {args.abstention_ratio:g}" if args.train_abstention else ""])
+                      f", abstention {args.abstention_ratio:g}" if args.train_abstention else "",
+                      # text format: the template pool the abstention mix's positives come from
+                      f" ({args.qa_per_turn}/turn)" if args.qa_per_turn and args.train_format == "text"
+                      and args.train_abstention else ""])
     lora = f"LoRA-Mem (r={args.rank}{extras})"
     return f"{lora} + {rag}" if args.method == "lora+rag" else lora
 
