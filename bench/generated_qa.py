@@ -34,6 +34,7 @@ from bench.internalize import ANSWER_WORDS, QAPair, session_date
 from bench.locomo_data import Sample, Turn, photo_note, training_source
 from lora_core.inject import lora_disabled
 from model.generate import generate
+from model.packaged import default_cache_dir as lora_mem_cache_dir
 
 CACHE_VERSION = 1  # bump when what is generated changes (parsing and filtering are redone on every read)
 ONE_SHOT = (
@@ -132,9 +133,7 @@ def _key(model_id: str, settings: GenerationSettings, turns: list[tuple[str, Tur
 
 
 def default_cache_dir() -> Path:
-    from model.packaged import default_cache_dir as lora_mem_cache
-
-    return lora_mem_cache() / "generated-qa"
+    return lora_mem_cache_dir() / "generated-qa"
 
 
 def _safe(name: str) -> str:
