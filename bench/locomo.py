@@ -453,7 +453,8 @@ def take_over_training_settings(args) -> None:
         raise RunConfigMismatch(f"--adapters-from {args.adapters_from}: adapters of model {source.get('model')!r}, "
                                 f"this run uses {args.model!r}")
     for k in TRAINING_SETTINGS + ("seed",):
-        setattr(args, k, source.get(k))
+        # a setting added after the source run was made was off there
+        setattr(args, k, source[k] if k in source else SETTINGS_ADDED_LATER.get(k))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -317,6 +317,11 @@ def test_runs_made_before_newer_settings_still_resume(ckpt, tmp_path):
     run(ckpt, out, "--conversations", "tiny-1", "--max-questions", "1")
     with pytest.raises(locomo.RunConfigMismatch, match="resolve_dates"):
         run(ckpt, out, "--conversations", "tiny-1", "--max-questions", "1", "--resolve-dates")
+    # its adapters serve another run, which takes over its settings (those added later: off)
+    reused = run(ckpt, tmp_path / "reuse", "--conversations", "tiny-1", "--max-questions", "1",
+                 "--adapters-from", str(out), "--with-adversarial")
+    assert reused["method"] == "LoRA-Mem (r=4) [+cat 5]"
+    assert reused["settings"]["qa_source"] == "templates" and reused["settings"]["train_format"] == "text"
 
 
 def test_internalisation_options_reach_the_training_data(ckpt, tmp_path, monkeypatch):
