@@ -58,11 +58,17 @@ class GenerationSettings:
 
 @dataclass
 class GeneratedQA:
-    pairs: list[QAPair]
-    generated: int  # turns asked
-    kept: int  # grounded pairs
+    pairs: list[QAPair]  # the grounded ones
     cache_file: Path | None = None
-    records: list[dict] = field(default_factory=list)  # per turn: the prompt's turn, raw text, pair, kept
+    records: list[dict] = field(default_factory=list)  # per turn asked: the turn, raw text, pair, kept
+
+    @property
+    def generated(self) -> int:
+        return len(self.records)
+
+    @property
+    def kept(self) -> int:
+        return len(self.pairs)
 
 
 def _content_words(text: str) -> set[str]:
@@ -164,7 +170,7 @@ def generate_qa(sample: Sample, lm, settings: GenerationSettings = GenerationSet
                                  "assistant_start": ASSISTANT_START, "turns": len(turns), "raw": raws})
     records = _records(turns, raws, (source.speaker_a, source.speaker_b))
     kept = [QAPair(r["question"], r["answer"]) for r in records if r["kept"]]
-    return GeneratedQA(kept, len(records), len(kept), path, records)
+    return GeneratedQA(kept, path, records)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = resolve_data_path(args.data)
     samples = load_locomo(data)
     if args.conversations:
-        samples = iter_samples(samples, [s.strip() for s in args.conversations.split(",") if s.strip()])
+        samples = iter_samples(samples, args.conversations)
     lm = load_model(args.model, device=args.device, progress=False)
     settings = GenerationSettings(args.max_new_tokens, args.batch_size)
     per_conv = {}

@@ -506,7 +506,7 @@ def run(args, dist: Dist, t_start: float) -> dict | None:
     data_path = resolve_data_path(args.data)
     samples = load_locomo(data_path)
     if args.conversations:
-        samples = iter_samples(samples, [s.strip() for s in args.conversations.split(",") if s.strip()])
+        samples = iter_samples(samples, args.conversations)
     if args.out is None and dist.world_size > 1:
         raise RunConfigMismatch("--out is required under torchrun (all ranks must write one run directory)")
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))

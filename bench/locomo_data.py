@@ -764,12 +764,13 @@ def conversation_text(sample: Sample, timestamps: bool = False, *, format: str |
     return "\n\n".join(session_texts(sample, timestamps, format=format))
 
 
-def iter_samples(samples: Iterable[Sample], ids: Iterable[str] | None = None) -> list[Sample]:
-    """Samples whose ``sample_id`` is in ``ids`` (all if None), in file order; unknown ids are an error."""
+def iter_samples(samples: Iterable[Sample], ids: Iterable[str] | str | None = None) -> list[Sample]:
+    """Samples whose ``sample_id`` is in ``ids`` (all if None; a string is a comma-separated list, as the CLIs'
+    ``--conversations``), in file order; unknown ids are an error."""
     samples = list(samples)
     if ids is None:
         return samples
-    want = list(ids)
+    want = [i.strip() for i in ids.split(",") if i.strip()] if isinstance(ids, str) else list(ids)
     known = {s.sample_id for s in samples}
     missing = [i for i in want if i not in known]
     if missing:

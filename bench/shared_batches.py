@@ -27,7 +27,7 @@ import torch
 
 from bench.common import atomic_write_json, device_slug, run_info
 from bench.locomo import QUESTION_TEMPLATE
-from bench.locomo_data import load_locomo, resolve_data_path, select_questions
+from bench.locomo_data import iter_samples, load_locomo, resolve_data_path, select_questions
 from lora_core.adapter_io import load_adapter, save_adapter
 from lora_core.inject import LoRAConfig, inject_lora, lora_modules
 from lora_core.multi_adapter import stack_adapters, unstack_adapters
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     samples = load_locomo(resolve_data_path(args.data))
     if args.conversations:
-        wanted = [s.strip() for s in args.conversations.split(",") if s.strip()]
-        samples = [s for s in samples if s.sample_id in wanted]
+        samples = iter_samples(samples, args.conversations)
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     device = lm.model.lm_head.weight.device
     tok = lm.tokenizer
