@@ -22,33 +22,33 @@ IGNORE_INDEX = -100
 class ChunkedLMHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight^T` against `targets`, computed in row chunks.
 
-    Forward computes, per chunk c: logits_c = h_c W^T (fp32), loss_c = sum(lse(logits_c) - logits_c[target]),
-    and already the gradient dL/dh_c = (softmax(logits_c) - onehot(target)) W / n, since W is frozen.
-    Only dL/dh (same size as h) is kept for backward, never a (tokens x vocab) tensor.
+    Only the rows that have a target go through the LM head: in chat-QA windows most positions are
+    questions and chat markup (IGNORE_INDEX), and the head (vocab x hidden) is a fifth of a small model's
+    FLOPs, so their logits are never computed. Forward computes, per chunk c of those rows:
+    logits_c = h_c W^T (fp32), loss_c = sum(lse(logits_c) - logits_c[target]), and already the gradient
+    dL/dh_c = (softmax(logits_c) - onehot(target)) W / n, since W is frozen. Only dL/dh (same size as h)
+    is kept for backward, never a (tokens x vocab) tensor; unlabelled rows get a zero gradient.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
         # hidden: (N, C), weight: (V, C), targets: (N,) with IGNORE_INDEX for unsupervised positions
-        n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) the labelled positions
+        n_valid = max(len(rows), 1)
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for 16-bit input, fp64 stays fp64
         total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start:start + chunk_size]
-            t = targets[start:start + chunk_size]
-            valid = t != IGNORE_INDEX
-            if not bool(valid.any()):
-                continue
+        for start in range(0, len(rows), chunk_size):
+            r = rows[start:start + chunk_size]
+            h, t = hidden[r], targets[r]
             logits = (h @ weight.T).to(acc_dtype)  # (n, V)
-            safe_t = t.clamp(min=0)
             lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if grad_hidden is not None:
                 grad_logits = torch.softmax(logits, dim=-1)  # reuse: d loss / d logits
-                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-                grad_logits *= valid[:, None].to(acc_dtype) / n_valid
-                grad_hidden[start:start + chunk_size] = (grad_logits.to(h.dtype) @ weight).to(hidden.dtype)
+                grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad_logits /= n_valid
+                grad_hidden[r] = (grad_logits.to(h.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
         return total / n_valid
 
@@ -161,8 +161,8 @@ def train_lora(
                 micro = [m for m in micro if len(m)]
                 step_loss = 0.0
                 for idx in micro:
-                    x = input_ids[idx].to(device)
-                    y = labels[idx].to(device)
+                    x, y = trim_unlabelled_tail(input_ids[idx], labels[idx])
+                    x, y = x.to(device), y.to(device)
                     with autocast:
                         hidden = model.model(x)  # (b, L, C)
                         loss = chunked_lm_loss(hidden, model.lm_head.weight, y, cfg.loss_chunk_size)
@@ -192,6 +192,15 @@ def train_lora(
             p.grad = None
         result.seconds = time.perf_counter() - t0
     return result
+
+
+def trim_unlabelled_tail(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the positions after the last labelled one of a (b, L) micro-batch (the padding of a last text
+    window or of a part-filled chat window). Attention is causal, so nothing before them depends on them:
+    the loss and gradients are those of the full windows, for less compute."""
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    end = int(labelled[-1]) + 1 if len(labelled) else 1
+    return input_ids[:, :end], labels[:, :end]
 
 
 def make_lm_windows(token_ids: list[int], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
