@@ -22,6 +22,8 @@ Options (all off by default, which gives exactly the data of the original recipe
 - `abstention`: questions about subjects the conversation never mentions ("When did Caroline travel to
   Iceland?"), answered "Not mentioned in the conversation." (what LoCoMo scores as abstention on category 5),
   mixed into the QA pairs; built from a fixed vocabulary checked against the conversation text only.
+  `abstention_style="contrastive"`: the same question forms asked of the speaker who said a subject (answered) and
+  of the other one, who never used its word (not mentioned), as LoCoMo's adversarial questions swap speakers.
 """
 
 from __future__ import annotations
@@ -246,6 +248,146 @@ def abstention_pairs(sample: Sample, n: int, seed: int) -> list[QAPair]:
     return out
 
 
+# Contrastive abstention: the same questions, answerable or not depending on who said what
+# ----------------------------------------------------------------------------------------------------------------
+# LoCoMo's adversarial questions (category 5) are mostly about something the conversation does mention, asked of the
+# wrong speaker ("What did Melanie realize after the charity race?" when Caroline ran it). The "unmentioned" style
+# above asks about subjects nobody mentions, in forms the answerable templates never use, so an adapter can learn the
+# form instead of the memory (on the full set it answered "Not mentioned" to 95% of answerable questions). The
+# "contrastive" style asks every question form both ways: of the speaker who said the subject (answered from the
+# turn) and of the other speaker, who never used the word (answered "Not mentioned"), plus one question in four about
+# a subject the conversation never mentions. Only the words of the turns decide which is which.
+
+ABSTENTION_STYLES = ("unmentioned", "contrastive")
+CONTRASTIVE_FORMS = ("What did {s} say about {x}?", "When did {s} talk about {x}?")
+KEYWORD_MIN_LETTERS = 4
+# A subject is a noun; with no tagger at hand, the head of a determiner phrase stands for one: the last of the
+# (at most three) words after a determiner ("a local church" -> church, "my pottery class" -> class).
+_DETERMINERS = frozenset("a an the my our your his her their some this these those".split())
+_PHRASE_ENDS = frozenset("""
+and or but so to of in on at for with from by as is are was were be been am it that than then when if because
+about into like just very really too also not no who whom whose which what where how""".split())
+# Heads that are not subjects (time words, vague nouns, adjectives ending a phrase); months and weekdays are dates.
+_NOT_KEYWORDS = frozenset("""
+time times while thing things stuff kind sort part week weeks weekend month months year years today tonight moment
+bunch couple most more much many other others same whole best first last next great good nice cool amazing
+awesome beautiful wonderful lovely special important huge little big hard tough
+january february march april june july august september october november december monday tuesday wednesday
+thursday friday saturday sunday""".split())
+
+
+def _turn_words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z]+", text)
+
+
+def phrase_heads(text: str) -> list[str]:
+    """The heads of the text's determiner phrases (see above), as written, in order."""
+    tokens = re.findall(r"[A-Za-z]+|[^\sA-Za-z]", text)
+    heads = []
+    for i, t in enumerate(tokens):
+        if t.lower() not in _DETERMINERS:
+            continue
+        run = []
+        for u in tokens[i + 1:i + 4]:
+            if not u.isalpha() or u.lower() in _PHRASE_ENDS or u.lower() in _DETERMINERS:
+                break
+            run.append(u)
+        if run:
+            heads.append(run[-1])
+    return heads
+
+
+def turn_keyword(text: str, turn_counts: dict[str, int], exclude: set[str]) -> str | None:
+    """The turn's most distinctive subject: of its determiner-phrase heads (:func:`phrase_heads`) with at least
+    KEYWORD_MIN_LETTERS letters, not in ``exclude`` (speaker names) or :data:`_NOT_KEYWORDS`, the one the fewest
+    turns of the conversation use (``turn_counts``, lowercase word -> turns), the first such on a tie; as written in
+    the turn. None if the turn has none."""
+    best = None
+    for w in phrase_heads(text):
+        low = w.lower()
+        if len(low) < KEYWORD_MIN_LETTERS or low in exclude or low in _NOT_KEYWORDS:
+            continue
+        if best is None or turn_counts[low] < turn_counts[best.lower()]:
+            best = w
+    return best
+
+
+def _snippet_around(text: str, keyword: str, before: int = 4, words: int = SNIPPET_WORDS) -> str:
+    """About ``words`` words of ``text`` starting a few words before the keyword's first occurrence."""
+    tokens = text.split()
+    at = next((i for i, t in enumerate(tokens) if keyword in t), 0)
+    start = max(0, min(at - before, len(tokens) - words))
+    return " ".join(tokens[start:start + words])
+
+
+def contrastive_abstention_pairs(sample: Sample, n: int, seed: int,
+                                 resolve_dates: bool = False) -> tuple[list[QAPair], list[QAPair]]:
+    """``n`` answerable and ``n`` unanswerable questions in the same forms (:data:`CONTRASTIVE_FORMS`), built from
+    the conversation alone.
+
+    Each turn with a keyword (:func:`turn_keyword`) gives a subject x said by its speaker s: the positive asks s
+    ("What did s say about x?" -> the words around x in the turn; "When did s talk about x?" -> the session date).
+    Three negatives in four ask the other speaker about such an x when none of that speaker's turns uses x's word
+    (or its Porter stem); the fourth asks about a subject of :data:`ABSTENTION_VOCABULARY` the conversation never
+    mentions. Negatives answer ``ABSTENTION_ANSWER``. Turns are drawn in a ``seed``-shuffled order; fewer than ``n``
+    of each only if the conversation runs out of keywords (or of subjects), never more negatives than positives.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n!r}")
+    source = training_source(sample)  # the conversation only
+    speakers = (source.speaker_a, source.speaker_b)
+    names = {w.lower() for sp in speakers for w in _turn_words(sp)}
+    turn_counts: dict[str, int] = {}
+    spoken: dict[str, set[str]] = {sp: set() for sp in speakers}  # each speaker's words and their stems
+    for session in source.sessions:
+        for turn in session.turns:
+            words = {w.lower() for w in _turn_words(turn.text)}
+            for w in words:
+                turn_counts[w] = turn_counts.get(w, 0) + 1
+            spoken.setdefault(turn.speaker, set()).update(words | {_stemmer.stem(w) for w in words})
+    candidates = []  # (speaker, keyword, snippet, date)
+    for session in source.sessions:
+        date = session_date(session.date_time)
+        resolve_at = _parsed(session.date_time) if resolve_dates else None
+        for turn in session.turns:
+            text = " ".join(turn.text.split())
+            if resolve_at is not None:
+                text = resolve_relative_dates(text, resolve_at)
+            keyword = turn_keyword(text, turn_counts, names)
+            if keyword is not None:
+                candidates.append((turn.speaker, keyword, _snippet_around(text, keyword), date))
+    rng = random.Random(seed)
+    rng.shuffle(candidates)
+
+    def form(i: int, date: str | None) -> str:
+        return CONTRASTIVE_FORMS[i % len(CONTRASTIVE_FORMS)] if date else CONTRASTIVE_FORMS[0]
+
+    positives = []
+    for i, (speaker, x, snippet, date) in enumerate(candidates[:n]):
+        f = form(i, date)
+        positives.append(QAPair(f.format(s=speaker, x=x), snippet if f == CONTRASTIVE_FORMS[0] else date))
+    others = {speakers[0]: speakers[1], speakers[1]: speakers[0]}
+    swapped = [(others[sp], x) for sp, x, _, _ in candidates
+               if sp in others and x.lower() not in spoken[others[sp]]
+               and _stemmer.stem(x.lower()) not in spoken[others[sp]]]
+    conversation = _conversation_words(source)
+    unmentioned = [x for _, (xs, _) in sorted(ABSTENTION_VOCABULARY.items()) for x in xs
+                   if not mentions(source, x, conversation)]
+    rng.shuffle(unmentioned)
+    negatives: list[QAPair] = []
+    for i in range(len(positives)):  # as many as the positives: the mix stays balanced
+        if i % 4 == 3 and unmentioned:
+            s, x = speakers[(i // 4) % 2], unmentioned.pop()
+        elif swapped:
+            s, x = swapped.pop(0)
+        elif unmentioned:
+            s, x = speakers[i % 2], unmentioned.pop()
+        else:
+            break
+        negatives.append(QAPair(CONTRASTIVE_FORMS[i % len(CONTRASTIVE_FORMS)].format(s=s, x=x), ABSTENTION_ANSWER))
+    return positives, negatives
+
+
 def _interleave(positives: list[QAPair], negatives: list[QAPair]) -> list[QAPair]:
     """The negatives spread evenly among the positives (the j-th after ((j+1) * P) // (N+1) positives)."""
     slots = [(j + 1) * len(positives) // (len(negatives) + 1) for j in range(len(negatives))]
@@ -298,8 +440,8 @@ def chat_qa_windows(pairs: list[QAPair], tok: Tokenizer, seq_len: int, question_
 
 def training_qa_pairs(sample: Sample, train_format: str, *, resolve_dates: bool = False,
                       qa_per_turn: int | None = None, abstention: bool = False, abstention_ratio: float = 0.1,
-                      seed: int = 0, qa_source: str = "templates",
-                      generated: list[QAPair] | None = None) -> list[QAPair]:
+                      seed: int = 0, qa_source: str = "templates", generated: list[QAPair] | None = None,
+                      abstention_style: str = "unmentioned") -> list[QAPair]:
     """The chat-QA pairs that :func:`training_data` trains on for ``train_format`` ([] for plain "text").
 
     ``qa_source``: "templates" (:func:`template_qa`), "model" (``generated``: the pairs the base model wrote,
@@ -308,7 +450,9 @@ def training_qa_pairs(sample: Sample, train_format: str, *, resolve_dates: bool 
     With ``abstention``, ``max(1, round(abstention_ratio * P))`` negatives (:func:`abstention_pairs`), where P is
     the number of template pairs (:func:`template_qa` with ``qa_per_turn``/``resolve_dates``): formats with qa mix
     them evenly into those P pairs; "text" trains them with as many template pairs, evenly spaced over the
-    conversation, so that the model keeps answering rather than always abstaining.
+    conversation, so that the model keeps answering rather than always abstaining. ``abstention_style``:
+    "unmentioned" (:func:`abstention_pairs`) or "contrastive" (:func:`contrastive_abstention_pairs`: as many
+    answerable questions in the negatives' forms come with them, in place of the text format's template pairs).
     """
     if train_format not in TRAIN_FORMATS:
         raise ValueError(f"unknown train format {train_format!r} (choose from {', '.join(TRAIN_FORMATS)})")
@@ -316,6 +460,8 @@ def training_qa_pairs(sample: Sample, train_format: str, *, resolve_dates: bool 
         raise ValueError(f"abstention_ratio must be > 0, got {abstention_ratio!r}")
     if qa_source not in QA_SOURCES:
         raise ValueError(f"unknown qa source {qa_source!r} (choose from {', '.join(QA_SOURCES)})")
+    if abstention_style not in ABSTENTION_STYLES:
+        raise ValueError(f"unknown abstention style {abstention_style!r} (choose from {', '.join(ABSTENTION_STYLES)})")
     if qa_source != "templates" and generated is None:
         raise ValueError(f"qa_source={qa_source!r} needs the generated pairs (bench.generated_qa.generate_qa)")
     source = training_source(sample)
@@ -328,7 +474,12 @@ def training_qa_pairs(sample: Sample, train_format: str, *, resolve_dates: bool 
         pairs = _interleave(pairs, list(generated))
     if not abstention:
         return pairs
-    negatives = abstention_pairs(source, max(1, round(abstention_ratio * len(pairs))), seed)
+    n = max(1, round(abstention_ratio * len(pairs)))
+    if abstention_style == "contrastive":
+        positives, negatives = contrastive_abstention_pairs(source, n, seed, resolve_dates=resolve_dates)
+        mixed = _interleave(positives, negatives)
+        return mixed if train_format == "text" else _interleave(pairs, mixed)
+    negatives = abstention_pairs(source, n, seed)
     if train_format == "text":  # as many positives as negatives, spread over the conversation
         k = min(len(negatives), len(pairs))
         pairs = [pairs[i * len(pairs) // k] for i in range(k)] if k else []
@@ -338,8 +489,8 @@ def training_qa_pairs(sample: Sample, train_format: str, *, resolve_dates: bool 
 def training_data(sample: Sample, tok: Tokenizer, train_format: str, seq_len: int, timestamps: bool,
                   question_template: str, *, resolve_dates: bool = False, qa_per_turn: int | None = None,
                   abstention: bool = False, abstention_ratio: float = 0.1, seed: int = 0,
-                  qa_source: str = "templates",
-                  generated: list[QAPair] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  qa_source: str = "templates", generated: list[QAPair] | None = None,
+                  abstention_style: str = "unmentioned") -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, targets) windows of one conversation for `train_format` in TRAIN_FORMATS.
 
     The text part is ``conversation_text`` in the "raw" format, "timestamped" with ``timestamps``, and
@@ -349,7 +500,7 @@ def training_data(sample: Sample, tok: Tokenizer, train_format: str, seq_len: in
     """
     pairs = training_qa_pairs(sample, train_format, resolve_dates=resolve_dates, qa_per_turn=qa_per_turn,
                               abstention=abstention, abstention_ratio=abstention_ratio, seed=seed,
-                              qa_source=qa_source, generated=generated)
+                              qa_source=qa_source, generated=generated, abstention_style=abstention_style)
     source = training_source(sample)
     parts = []
     if train_format in ("text", "text+qa"):

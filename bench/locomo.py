@@ -33,7 +33,7 @@ import torch
 from bench.common import atomic_write_json, atomic_write_text, read_jsonl, run_info, write_jsonl
 from bench.context import CONTEXT_TEMPLATE, RAG_TEMPLATE, RAG_UNITS, BM25Retriever, context_prompt, icl_context
 from bench.generated_qa import generate_qa
-from bench.internalize import QA_SOURCES, TRAIN_FORMATS, training_data
+from bench.internalize import ABSTENTION_STYLES, QA_SOURCES, TRAIN_FORMATS, training_data
 from bench.locomo_data import CATEGORY_NAMES, Sample, iter_samples, load_locomo, resolve_data_path, select_questions
 from bench.locomo_score import aggregate, format_table, score_qa
 from lora_core.adapter_io import AdapterError, load_adapter, save_adapter
@@ -51,16 +51,17 @@ RESULT_SETTINGS = (
     "method", "model", "dtype", "rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size",
     "grad_accum", "warmup_ratio", "seq_len", "seed", "max_new_tokens", "max_questions", "with_adversarial",
     "timestamps", "train_format", "context_tokens", "top_k", "rag_unit", "adapters_from",
-    "resolve_dates", "qa_per_turn", "train_abstention", "abstention_ratio", "qa_source",
+    "resolve_dates", "qa_per_turn", "train_abstention", "abstention_ratio", "qa_source", "abstention_style",
 )
 # Settings newer than the first runs, with the value an older run_config.json implies.
 SETTINGS_ADDED_LATER = {"train_format": "text", "context_tokens": None, "top_k": None, "rag_unit": None,
                         "adapters_from": None, "resolve_dates": False, "qa_per_turn": None,
-                        "train_abstention": False, "abstention_ratio": None, "qa_source": "templates"}
+                        "train_abstention": False, "abstention_ratio": None, "qa_source": "templates",
+                        "abstention_style": "unmentioned"}
 METHODS = ("lora", "base", "icl", "rag", "lora+rag")
 TRAINING_SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size", "grad_accum",
                      "warmup_ratio", "seq_len", "timestamps", "train_format", "resolve_dates", "qa_per_turn",
-                     "train_abstention", "abstention_ratio", "qa_source")
+                     "train_abstention", "abstention_ratio", "qa_source", "abstention_style")
 QA_SOURCE_LABELS = {"model": "the base model", "both": "templates + base model"}
 # Room left in the context window for the chat markup, the question and the answer (ICL).
 ICL_RESERVE_TOKENS = 256
@@ -96,10 +97,11 @@ def _method_label(args) -> str:
                       f", {args.train_format}" if args.train_format != "text" else "",
                       f" ({args.qa_per_turn}/turn)" if args.qa_per_turn and args.train_format != "text" else "",
                       f" by {QA_SOURCE_LABELS[args.qa_source]}" if args.qa_source != "templates" else "",
-                      f", abstention {args.abstention_ratio:g}" if args.train_abstention else "",
+                      f", {'contrastive ' if args.abstention_style == 'contrastive' else ''}abstention "
+                      f"{args.abstention_ratio:g}" if args.train_abstention else "",
                       # text format: the template pool the abstention mix's positives come from
                       f" ({args.qa_per_turn}/turn)" if args.qa_per_turn and args.train_format == "text"
-                      and args.train_abstention else ""])
+                      and args.train_abstention and args.abstention_style != "contrastive" else ""])
     lora = f"LoRA-Mem (r={args.rank}{extras})"
     return f"{lora} + {rag}" if args.method == "lora+rag" else lora
 
@@ -118,7 +120,8 @@ def training_windows(sample: Sample, lm: LoadedModel, args) -> tuple[torch.Tenso
     return training_data(sample, lm.tokenizer, args.train_format, args.seq_len, args.timestamps, QUESTION_TEMPLATE,
                          resolve_dates=args.resolve_dates, qa_per_turn=args.qa_per_turn,
                          abstention=args.train_abstention, abstention_ratio=args.abstention_ratio, seed=args.seed,
-                         qa_source=args.qa_source, generated=generated)
+                         qa_source=args.qa_source, generated=generated,
+                         abstention_style=args.abstention_style or "unmentioned")
 
 
 def question_prompts(sample: Sample, questions: list, lm: LoadedModel, args) -> tuple[list[list[int]], dict]:
@@ -404,6 +407,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "conversation never mentions (generated from the conversation alone)")
     g.add_argument("--abstention-ratio", type=float, default=0.1,
                    help="abstention questions per template question")
+    g.add_argument("--abstention-style", choices=ABSTENTION_STYLES, default="unmentioned",
+                   help="unmentioned: questions about subjects the conversation never mentions, beside template "
+                        "questions; contrastive: each question form asked of the speaker who said a subject "
+                        "(answered from the turn) and of the other one, who never did (not mentioned), as "
+                        "LoCoMo's adversarial questions swap speakers")
     g.add_argument("--rank", type=int, default=8)
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch")
@@ -533,7 +541,7 @@ def run(args, dist: Dist, t_start: float) -> dict | None:
     if not uses_rag(args.method):
         not_applicable += ("top_k", "rag_unit")
     if not args.train_abstention:
-        not_applicable += ("abstention_ratio",)
+        not_applicable += ("abstention_ratio", "abstention_style")
     for k in not_applicable:
         settings[k] = None
     if dist.rank == 0:

@@ -17,8 +17,12 @@ from bench.internalize import (
     ABSTENTION_VOCABULARY,
     TRAIN_FORMATS,
     QAPair,
+    CONTRASTIVE_FORMS,
     abstention_pairs,
+    contrastive_abstention_pairs,
     mentions,
+    phrase_heads,
+    session_date,
     template_qa,
     training_data,
     training_qa_pairs,
@@ -52,6 +56,7 @@ OPTIONS = {
     "qa_per_turn": {"qa_per_turn": 1},
     "abstention": {"abstention": True},
     "all": {"resolve_dates": True, "qa_per_turn": 2, "abstention": True, "abstention_ratio": 0.5, "seed": 3},
+    "contrastive": {"abstention": True, "abstention_ratio": 1.0, "abstention_style": "contrastive"},
 }
 
 
@@ -326,3 +331,64 @@ def test_real_data_qa_per_turn_and_abstention_counts():
         for p in negatives:
             for word in _subject(p.question).lower().split():
                 assert not re.search(rf"\b{re.escape(word)}", text), (sample.sample_id, p.question)
+
+
+# ---------------------------------------------------------------------------- contrastive abstention
+
+
+def test_phrase_heads_stand_for_nouns():
+    assert phrase_heads("I went to a local church and my pottery class. Those who served, the big red barn!") == [
+        "church", "class", "barn"]
+    assert phrase_heads("Here he is at the beach.") == ["beach"]
+    assert phrase_heads("Thanks, that is so kind of you") == []
+
+
+def _turns_by(sample, speaker):
+    return [t.text for s in sample.sessions for t in s.turns if t.speaker == speaker]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_contrastive_pairs_ask_both_speakers_in_the_same_forms(index):
+    sample = load_locomo(FIXTURE)[index]
+    dates = {t.speaker + t.text: s.date_time for s in sample.sessions for t in s.turns}
+    positives, negatives = contrastive_abstention_pairs(sample, 100, seed=0)
+    assert 3 <= len(positives) == len(negatives)  # balanced, however many were asked for
+    form = re.compile(r"(What did|When did) (\w+) (say|talk) about (\w+)\?")
+    pos_subjects = set()
+    for p in positives:
+        verb, speaker, _, x = form.fullmatch(p.question).groups()
+        said = [t for t in _turns_by(sample, speaker) if re.search(rf"\b{x}\b", t)]
+        assert said, p  # the asked speaker said it
+        if verb == "What did":
+            assert x in p.answer and p.answer in " ".join(said[0].split())
+        else:
+            assert p.answer in {session_date(dates[speaker + t]) for t in said}
+        pos_subjects.add(x)
+    swapped = 0
+    for p in negatives:
+        assert p.answer == ABSTENTION_ANSWER
+        _, speaker, _, x = form.fullmatch(p.question).groups()
+        assert speaker in (sample.speaker_a, sample.speaker_b)
+        assert not any(re.search(rf"\b{x.lower()}", t.lower()) for t in _turns_by(sample, speaker)), p
+        swapped += x in pos_subjects  # the other speaker's subject, asked of this one
+    assert swapped >= len(negatives) // 2
+    # the same question forms on both sides: only the memory tells them apart
+    assert {q.question.split(" ")[0] + " " + q.question.split(" ")[3] for q in positives} == {
+        q.question.split(" ")[0] + " " + q.question.split(" ")[3] for q in negatives}
+    assert contrastive_abstention_pairs(sample, 2, seed=0) == (positives[:2], negatives[:2])
+    assert contrastive_abstention_pairs(sample, 100, seed=1) != (positives, negatives)
+    assert all(f.count("{") == 2 for f in CONTRASTIVE_FORMS)
+
+
+def test_contrastive_mix_in_qa_and_text_formats():
+    sample = load_locomo(FIXTURE)[1]
+    templates = template_qa(sample)
+    n = round(0.5 * len(templates))
+    positives, negatives = contrastive_abstention_pairs(sample, n, seed=0)
+    qa = training_qa_pairs(sample, "qa", abstention=True, abstention_ratio=0.5, abstention_style="contrastive")
+    assert [p for p in qa if p in templates] == templates  # all template pairs, in order
+    assert sorted(qa, key=str) == sorted(templates + positives + negatives, key=str)
+    text = training_qa_pairs(sample, "text", abstention=True, abstention_ratio=0.5, abstention_style="contrastive")
+    assert sorted(text, key=str) == sorted(positives + negatives, key=str)  # no template pairs in text format
+    with pytest.raises(ValueError, match="abstention style"):
+        training_qa_pairs(sample, "qa", abstention=True, abstention_style="other")

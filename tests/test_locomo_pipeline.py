@@ -337,8 +337,18 @@ def test_internalisation_options_reach_the_training_data(ckpt, tmp_path, monkeyp
                   "--train-abstention", "--abstention-ratio", "0.5", "--seq-len", "256", "--epochs", "1",
                   "--conversations", "tiny-1", "--max-questions", "1")
     assert seen == {"resolve_dates": True, "qa_per_turn": 1, "abstention": True, "abstention_ratio": 0.5, "seed": 0,
-                    "qa_source": "templates", "generated": None}
+                    "qa_source": "templates", "generated": None, "abstention_style": "unmentioned"}
     assert results["method"] == "LoRA-Mem (r=4, timestamps+dates, qa (1/turn), abstention 0.5)"
+    # the contrastive style reaches the data, the label and the run config; a resume with the other style is refused
+    seen.clear()
+    results = run(ckpt, tmp_path / "contrastive", "--train-abstention", "--abstention-style", "contrastive",
+                  "--abstention-ratio", "1", "--seq-len", "256", "--epochs", "1", "--conversations", "tiny-1",
+                  "--max-questions", "1")
+    assert seen["abstention_style"] == "contrastive" and results["settings"]["abstention_style"] == "contrastive"
+    assert results["method"] == "LoRA-Mem (r=4, contrastive abstention 1)"
+    with pytest.raises(locomo.RunConfigMismatch, match="abstention_style"):
+        run(ckpt, tmp_path / "contrastive", "--train-abstention", "--abstention-ratio", "1", "--seq-len", "256",
+            "--epochs", "1", "--conversations", "tiny-1", "--max-questions", "1")
     with pytest.raises(SystemExit):
         run(ckpt, tmp_path / "bad", "--qa-per-turn", "0")
 
