@@ -40,6 +40,11 @@ from bench.common import atomic_write_json, device_slug, run_info
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("lora-mem", "lora-mem-full-logits", "peft")
+# Which positions are trained: "all" (plain text, the experiment's recipe) or "answers" (chat-QA windows, the `qa`
+# formats: in every block of ANSWER_BLOCK positions the last ANSWER_SPAN are targets, 25%, as in the LoCoMo qa1
+# windows of the default model, where 24.8% of the tokens are answer tokens).
+TARGETS_KINDS = ("all", "answers")
+ANSWER_BLOCK, ANSWER_SPAN = 64, 16
 SETUPS = {
     "cpu": dict(model="smollm2-135m-instruct", dtype="float32", seq_len=512, batch_sizes=[1], device="cpu"),
     "gpu": dict(model="preset:qwen2.5-1.5b", dtype="bfloat16", seq_len=2048, batch_sizes=[1, 4, 8], device="cuda"),
@@ -110,7 +115,9 @@ def build_peft(model_name: str, dtype: torch.dtype, device: torch.device, rank: 
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(x, y):
-        loss = model(input_ids=x, labels=x).loss  # HF shifts labels inside
+        # HF shifts labels inside: labels[t + 1] is the target of position t, which is y[t]
+        labels = torch.cat([torch.full_like(y[:, :1], -100), y[:, :-1]], dim=1)
+        loss = model(input_ids=x, labels=labels).loss
         loss.backward()
         return loss
 
@@ -292,8 +299,20 @@ def model_config(model_name: str):
     return ModelConfig.from_file(resolve_checkpoint(model_name) / "config.json")
 
 
+def next_token_targets(x: torch.Tensor, targets: str = "all") -> torch.Tensor:
+    """(B, L) targets for input ids x: y[t] = x[t + 1], -100 at the end and, for "answers", outside the answer spans
+    (the last ANSWER_SPAN positions of every ANSWER_BLOCK)."""
+    if targets not in TARGETS_KINDS:
+        raise ValueError(f"unknown targets {targets!r} (choose from {', '.join(TARGETS_KINDS)})")
+    y = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
+    if targets == "answers":
+        in_answer = torch.arange(x.shape[1], device=x.device) % ANSWER_BLOCK >= ANSWER_BLOCK - ANSWER_SPAN
+        y = y.masked_fill(~in_answer, -100)
+    return y
+
+
 def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, seq_len: int, batch: int,
-                 rank: int, steps: int, warmup: int, profile_steps: int = 0) -> dict:
+                 rank: int, steps: int, warmup: int, profile_steps: int = 0, targets: str = "all") -> dict:
     torch.manual_seed(0)
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name)
@@ -306,7 +325,7 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     vocab = model_config(model_name).vocab_size
     x = torch.randint(0, vocab, (batch, seq_len), device=device)
-    y = torch.cat([x[:, 1:], torch.full((batch, 1), -100, device=device)], dim=1)  # next-token targets
+    y = next_token_targets(x, targets)  # the same targets on every side
 
     def one():
         loss = step(x, y)
@@ -332,7 +351,7 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
         profile = profile_ops(one, profile_steps, device, label="train_step") if profile_steps > 0 else None
     times.sort()
     median = times[len(times) // 2]
-    out = {"side": side, "batch": batch, "seq_len": seq_len, "step_seconds_median": median,
+    out = {"side": side, "batch": batch, "seq_len": seq_len, "trained_positions": targets, "step_seconds_median": median,
            "steps_per_second": 1 / median, "tokens_per_second": batch * seq_len / median,
            "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
            "trainable_params": sum(p.numel() for p in params), "losses": losses}
@@ -365,7 +384,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                     help="also run --profile-steps steps of each side under torch.profiler; the results file gets "
                          "a 'profile' section (top ops and grouped shares of self CPU / CUDA time)")
     ap.add_argument("--profile-steps", type=int, default=3, help="profiled steps per side (with --profile)")
-    ap.add_argument("--out", default=None, help="results file (default bench/results/train_<device>.json)")
+    ap.add_argument("--targets", choices=TARGETS_KINDS, default="all",
+                    help="trained positions: all (plain text) or answers (chat-QA windows: the last 16 of every 64 "
+                         "positions, 25%%, as in the qa format's windows); every position is still computed forward")
+    ap.add_argument("--out", default=None,
+                    help="results file (default bench/results/train_<device>.json, train_<device>_answers.json "
+                         "with --targets answers)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
@@ -375,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     if args.worker:  # one side, one batch size: print one JSON line
         r = measure_side(args.side, args.model, args.dtype, args.device, args.seq_len, args.batch, args.rank,
-                         args.steps, args.warmup, args.profile_steps if args.profile else 0)
+                         args.steps, args.warmup, args.profile_steps if args.profile else 0, args.targets)
         print(json.dumps(r))
         return r
 
@@ -398,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             row[side] = run_side_subprocess([
                 "--side", side, "--model", model, "--dtype", setup["dtype"], "--device", setup["device"],
                 "--seq-len", str(seq_len), "--batch", str(batch), "--rank", str(args.rank),
-                "--steps", str(args.steps), "--warmup", str(args.warmup),
+                "--steps", str(args.steps), "--warmup", str(args.warmup), "--targets", args.targets,
                 *(["--profile", "--profile-steps", str(args.profile_steps)] if args.profile else [])])
             if "profile" in row[side]:
                 profiles.append({"side": side, "batch": batch, **row[side].pop("profile")})
@@ -418,7 +442,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     info["loadavg_end"] = __import__("os").getloadavg()
     results = {"benchmark": "lora training throughput, lora-mem vs transformers+peft", "setup": setup_name,
                "model": model, "dtype": setup["dtype"], "seq_len": seq_len, "rank": args.rank,
-               "alpha": 2 * args.rank, "targets": TARGETS, "optimizer": "AdamW(lr=1e-4)", "steps": args.steps,
+               "alpha": 2 * args.rank, "targets": TARGETS, "trained_positions": args.targets,
+               "trained_positions_note": "all: every next token (plain text); answers: the last "
+                                         f"{ANSWER_SPAN} of every {ANSWER_BLOCK} positions (chat-QA windows); same "
+                                         "token ids and targets on every side", "optimizer": "AdamW(lr=1e-4)", "steps": args.steps,
                "warmup": args.warmup, **info, "rows": rows}
     if args.profile:
         results["profile"] = {
@@ -426,7 +453,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                       "of each side, after its timed steps and its peak-memory reading; self time per op summed by "
                       "name and by group (bench.train_throughput.classify_op); profiler overhead included",
             "steps": args.profile_steps, "runs": profiles}
-    out = Path(args.out or Path("bench/results") / f"train_{device_slug(device)}.json")
+    suffix = "_answers" if args.targets == "answers" else ""
+    out = Path(args.out or Path("bench/results") / f"train_{device_slug(device)}{suffix}.json")
     atomic_write_json(out, results)
     print(f"{'batch':>5} {'lora-mem tok/s':>15} {'peft tok/s':>11} {'speed-up':>9} {'peak mem ratio':>15}")
     for r in rows:

@@ -8,7 +8,15 @@ import json
 import pytest
 import torch
 
-from bench.train_throughput import PROFILE_GROUPS, build_lora_mem, classify_op, main, profile_ops
+from bench.train_throughput import (
+    PROFILE_GROUPS,
+    build_lora_mem,
+    build_peft,
+    classify_op,
+    main,
+    next_token_targets,
+    profile_ops,
+)
 from tests.tiny_models import make_tiny_checkpoint
 
 
@@ -119,3 +127,29 @@ def test_unknown_side_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--sides", "lora-mem,pfet"])
     assert "unknown --sides pfet" in capsys.readouterr().err
+
+
+def test_answer_targets_train_the_same_loss_on_every_side(ckpt):
+    """--targets answers: a quarter of the positions are targets, and lora-mem (chunked loss over those rows only),
+    its full-logits side and transformers + peft (labels shifted inside HF) compute the same loss (B = 0 at init on
+    both, so it is the base model's loss on those positions)."""
+    x = torch.randint(0, 320, (2, 128), generator=torch.Generator().manual_seed(0))
+    y = next_token_targets(x, "answers")
+    labelled = y != -100
+    assert labelled.sum() == 2 * (2 * 16 - 1)  # 16 of every 64, the last position has no next token
+    assert torch.equal(y[labelled], torch.cat([x[:, 1:], x[:, :1]], dim=1)[labelled])
+    assert torch.equal(next_token_targets(x)[:, :-1], x[:, 1:])
+    losses = {}
+    for side in ("lora-mem", "lora-mem-full-logits", "peft"):
+        torch.manual_seed(0)
+        build = build_peft if side == "peft" else build_lora_mem
+        kwargs = {} if side == "peft" else {"full_logits": side == "lora-mem-full-logits"}
+        _, step = build(str(ckpt), torch.float32, torch.device("cpu"), rank=4, **kwargs)
+        losses[side] = float(step(x, y))
+    assert losses["lora-mem"] == pytest.approx(losses["peft"], rel=1e-5)
+    assert losses["lora-mem-full-logits"] == pytest.approx(losses["peft"], rel=1e-5)
+    all_targets_loss = float(build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank=4)[1](
+        x, next_token_targets(x)))
+    assert all_targets_loss != pytest.approx(losses["lora-mem"], rel=1e-5)  # the targets did change what is trained
+    with pytest.raises(ValueError, match="unknown targets"):
+        next_token_targets(x, "some")
