@@ -69,6 +69,12 @@ def multi_hop_f1(pred, gold) -> float:
     return sum(max(token_f1(p, g) for p in preds) for g in golds) / len(golds)
 
 
+def is_abstention(prediction) -> bool:
+    """Whether LoCoMo counts a prediction as declining to answer (what category 5 rewards)."""
+    low = ("" if prediction is None else str(prediction)).lower()
+    return "no information available" in low or "not mentioned" in low
+
+
 def score_qa(prediction, answer, category: int) -> float:
     """Score one prediction against its gold answer (numbers are str()-ed, None prediction counts as "")."""
     prediction = "" if prediction is None else str(prediction)
@@ -80,8 +86,7 @@ def score_qa(prediction, answer, category: int) -> float:
     if category == 1:
         return multi_hop_f1(prediction, answer)
     if category == 5:
-        low = prediction.lower()
-        return 1.0 if ("no information available" in low or "not mentioned" in low) else 0.0
+        return 1.0 if is_abstention(prediction) else 0.0
     raise ValueError(f"unknown LoCoMo category {category!r}")
 
 

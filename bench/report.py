@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from bench.common import atomic_write_text
-from bench.locomo_score import format_table
+from bench.locomo_score import format_table, is_abstention
 
 # The experiment's table (Qwen2.5-1.5B-Instruct, LoCoMo categories 1-4), as published.
 PUBLISHED = [
@@ -45,21 +45,33 @@ def loss_curves(run_dir: Path) -> dict[str, list[float]]:
     return curves
 
 
+def abstained_answerable(run_dir: Path) -> float | None:
+    """Percent of the answerable questions (categories 1-4) a run declined ("Not mentioned ..."), from its
+    predictions.jsonl; None if the run directory has none. Category 5 rewards abstaining; here it costs F1."""
+    path = run_dir / "predictions.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    answerable = [r for r in records if int(r["category"]) != 5]
+    return 100.0 * sum(is_abstention(r.get("prediction")) for r in answerable) / len(answerable) if answerable else None
+
+
 def render_markdown(runs: list[tuple[dict, Path]], published: bool) -> str:
     rows = [(r["method"] + f" ({r['model']['name']})", r["scores"]) for r, _ in runs]
     table = format_table(rows + (PUBLISHED if published else []))
     lines = [table, "", "| Method | model | device | questions | overall F1 | adversarial acc (n) "
-             "| prompt tokens mean (max) | train tok/s | answer q/s | compute s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r, _ in runs:
+             "| abstains on 1-4 (%) | prompt tokens mean (max) | train tok/s | answer q/s | compute s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r, run_dir in runs:
         tps = r.get("train_tokens_per_second")
         qps = r.get("answer_questions_per_second")
         mean, top = r.get("prompt_tokens_mean"), r.get("prompt_tokens_max")  # absent in runs made before it was recorded
         adv = r["scores"].get("adversarial_acc")  # category 5, only in runs asked with --with-adversarial
         adv_cell = f"{adv:.2f} ({r['scores']['adversarial_n']})" if adv is not None else "-"
+        declined = abstained_answerable(run_dir)
         lines.append(
             f"| {r['method']} | {r['model']['name']} | {r['device']} | {r['scores']['n']} | "
-            f"{r['scores']['overall_f1']:.2f} | {adv_cell} | "
+            f"{r['scores']['overall_f1']:.2f} | {adv_cell} | {f'{declined:.1f}' if declined is not None else '-'} | "
             f"{f'{mean:.0f} ({top})' if mean is not None else '-'} | "
             f"{f'{tps:.0f}' if tps else '-'} | {f'{qps:.2f}' if qps else '-'} | {r['compute_seconds']:.0f} |")
     return "\n".join(lines) + "\n"

@@ -87,7 +87,14 @@ def test_base_run_and_adversarial(ckpt, tmp_path):
     from bench import report
 
     md = report.main([str(out)])
-    assert f"| {results['scores']['adversarial_acc']:.2f} (2) |" in md  # category 5 in its own column
+    # category 5 in its own column, then how often the answerable questions were declined
+    preds = read_jsonl(out / "predictions.jsonl")
+    declined = 100.0 * sum("not mentioned" in p["prediction"].lower() for p in preds if p["category"] != 5) / N_QUESTIONS_1_TO_4
+    assert report.abstained_answerable(out) == pytest.approx(declined)
+    assert f"| {results['scores']['adversarial_acc']:.2f} (2) | {declined:.1f} |" in md
+    (out / "predictions.jsonl").write_text(
+        "".join(json.dumps({**p, "prediction": "Not mentioned in the conversation."}) + "\n" for p in preds))
+    assert report.abstained_answerable(out) == 100.0
 
     # a no-op resume (everything finished) keeps the time the run took: all invocations are summed
     again = run(ckpt, out, "--method", "base", "--with-adversarial")

@@ -228,3 +228,12 @@ def test_aggregate_end_to_end_with_score_qa():
     assert agg["Temporal"] == approx(100.0)
     assert agg["MultiHop"] == approx(100.0)
     assert agg["overall_f1"] == approx(75.0)
+
+
+def test_is_abstention_is_what_category_5_rewards():
+    from bench.locomo_score import is_abstention
+
+    for declined in ("Not mentioned in the conversation.", "NO INFORMATION AVAILABLE", "that was not mentioned"):
+        assert is_abstention(declined) and score_qa(declined, "", 5) == 1.0
+    for answered in ("Biscuit", "", None, "mentioned it"):
+        assert not is_abstention(answered) and score_qa(answered, "", 5) == 0.0
