@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks, as one prepared command for a lent GPU machine (the `device` tool's `run`), from the repo root:
+#
+#     bash bench/gpu_suite.sh            # writes into $OUT (the device tool's return folder), else runs/gpu-suite
+#
+# No installing and no model download there: the kernel tests run the Triton kernels for real (no interpreter),
+# and the benchmarks use randomly initialised Qwen2.5-1.5B shapes (speed does not depend on the values). Each step
+# has its own time limit and the suite goes on after a failure; every step's output and exit status is in
+# suite.log. At most 8 files come back from $OUT: suite.log and the four results files below.
+#
+# Budget: a lent machine has 15 minutes of device time in all, start included; the steps' limits add up to
+# 8 minutes (SUITE_SCALE=0.5 halves them), so a rerun of one step still fits.
+set -u
+OUT="${OUT:-runs/gpu-suite}"
+mkdir -p "$OUT"
+LOG="$OUT/suite.log"
+SCALE="${SUITE_SCALE:-1}"
+export PYTHONUNBUFFERED=1
+
+step() {  # step <seconds> <name> <command...>: run with a time limit, log output and exit status, never abort
+    local limit name rc start
+    limit=$(python -c "print(max(30, int($1 * $SCALE)))"); name=$2; shift 2
+    start=$(date +%s)
+    echo "=== $(date -u +%T) $name (limit ${limit}s): $*" | tee -a "$LOG"
+    timeout "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    echo "=== $name: rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$LOG"
+}
+
+{
+    echo "gpu suite at $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%FT%TZ)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+    python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+} >>"$LOG" 2>&1
+
+# 1. The kernel triplets on the real GPU: Triton against the PyTorch references, forward and backward, all dtypes.
+step 150 kernel-tests python -m pytest -q -x tests/test_lora_kernels.py tests/test_fused_kernels.py \
+    tests/test_multi_lora.py tests/test_model.py
+# 2. Kernel micro-benchmarks: fused LoRA linear (and RMSNorm, RoPE, SwiGLU) against the references.
+step 90 bench-kernels python -m bench.kernels --out "$OUT/kernels_cuda.json"
+# 3. Training throughput against transformers + peft, Qwen2.5-1.5B shapes, bf16, seq 2048, batch 1/4/8, profiles.
+step 150 train-throughput python -m bench.train_throughput --setup gpu --profile --out "$OUT/train_cuda.json"
+# 4. The chat-QA workload (25% of positions trained), batch 1 and 8.
+step 90 train-throughput-answers python -m bench.train_throughput --setup gpu --targets answers --batch-sizes 1,8 \
+    --out "$OUT/train_cuda_answers.json"
+echo "gpu suite done: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"
