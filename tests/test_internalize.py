@@ -392,3 +392,24 @@ def test_contrastive_mix_in_qa_and_text_formats():
     assert sorted(text, key=str) == sorted(positives + negatives, key=str)  # no template pairs in text format
     with pytest.raises(ValueError, match="abstention style"):
         training_qa_pairs(sample, "qa", abstention=True, abstention_style="other")
+
+
+def test_real_data_contrastive_pairs():
+    """On every LoCoMo conversation: a quarter of the one-per-turn template count of each kind, every negative's
+    subject absent from the asked speaker's turns, most negatives a swapped speaker."""
+    path = os.environ.get("LOCOMO_DATA")
+    if not path or not Path(path).is_file():
+        pytest.skip("LOCOMO_DATA unset or absent")
+    form = re.compile(r"(?:What|When) did (\w+) (?:say|talk) about ([\w ]+)\?")  # "sewing machine": unmentioned
+    for sample in load_locomo(path):
+        n = round(0.25 * len(template_qa(sample, qa_per_turn=1)))
+        positives, negatives = contrastive_abstention_pairs(sample, n, seed=0)
+        assert len(positives) == len(negatives) == n, sample.sample_id
+        said = {sp: " ".join(_turns_by(sample, sp)).lower() for sp in (sample.speaker_a, sample.speaker_b)}
+        swapped = 0
+        for p in negatives:
+            speaker, x = form.fullmatch(p.question).groups()
+            assert not any(re.search(rf"\b{w}\b", said[speaker]) for w in x.lower().split()), (sample.sample_id, p)
+            other = sample.speaker_b if speaker == sample.speaker_a else sample.speaker_a
+            swapped += bool(re.search(rf"\b{x.lower()}\b", said[other]))  # the other speaker's subject
+        assert swapped >= 0.6 * n, (sample.sample_id, swapped, n)  # three in four while the swaps last
