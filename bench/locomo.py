@@ -99,9 +99,9 @@ def _method_label(args) -> str:
                       f" by {QA_SOURCE_LABELS[args.qa_source]}" if args.qa_source != "templates" else "",
                       f", {'contrastive ' if args.abstention_style == 'contrastive' else ''}abstention "
                       f"{args.abstention_ratio:g}" if args.train_abstention else "",
-                      # text format: the template pool the abstention mix's positives come from
+                      # text format: the template pool that sets how many abstention pairs there are
                       f" ({args.qa_per_turn}/turn)" if args.qa_per_turn and args.train_format == "text"
-                      and args.train_abstention and args.abstention_style != "contrastive" else ""])
+                      and args.train_abstention else ""])
     lora = f"LoRA-Mem (r={args.rank}{extras})"
     return f"{lora} + {rag}" if args.method == "lora+rag" else lora
 
