@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from bench.common import atomic_write_json, atomic_write_text, read_jsonl
-from bench.locomo_score import TABLE_CATEGORIES, is_abstention
+from bench.locomo_score import TABLE_CATEGORIES, declined_percent, is_abstention
 from bench.report import load_run
 
 CATEGORY_NAMES = dict(TABLE_CATEGORIES) | {5: "Adversarial"}  # the results table's order, then category 5
@@ -31,12 +31,10 @@ def abstention_rates(rows: list[dict]) -> dict:
     for cat, name in CATEGORY_NAMES.items():
         rs = [r for r in rows if int(r["category"]) == cat]
         if rs:
-            out["by_category"][name] = {"n": len(rs), "declined_pct": 100.0 * sum(is_abstention(r["prediction"])
-                                                                               for r in rs) / len(rs)}
+            out["by_category"][name] = {"n": len(rs), "declined_pct": declined_percent(rs)}
     answerable = [r for r in rows if int(r["category"]) != 5]
     out["answerable_n"] = len(answerable)
-    out["answerable_declined_pct"] = (100.0 * sum(is_abstention(r["prediction"]) for r in answerable) / len(answerable)
-                                      if answerable else None)
+    out["answerable_declined_pct"] = declined_percent(answerable)
     adversarial = out["by_category"].get("Adversarial")
     rate = out["answerable_declined_pct"]
     out["adversarial_to_answerable_ratio"] = (adversarial["declined_pct"] / rate
@@ -59,6 +57,10 @@ def compare_on_declined(rows: list[dict], other: list[dict]) -> dict:
         f"other_f1_on_{k}": (100.0 * sum(v) / len(v) if v else None) for k, v in split.items()}
 
 
+def _fmt(v: float | None) -> str:
+    return f"{v:.2f}" if v is not None else "-"
+
+
 def render(results: list[dict]) -> str:
     names = list(CATEGORY_NAMES.values())
     lines = ["Declined (\"Not mentioned ...\"), % of each category's questions; ratio = category 5 rate / 1-4 rate "
@@ -67,9 +69,8 @@ def render(results: list[dict]) -> str:
     for r in results:
         rates = r["rates"]
         cells = [f"{rates['by_category'][n]['declined_pct']:.1f}" if n in rates["by_category"] else "-" for n in names]
-        ratio = rates["adversarial_to_answerable_ratio"]
         lines.append(f"| {r['method']} | " + " | ".join(cells) +
-                     f" | {rates['answerable_declined_pct']:.1f} | {f'{ratio:.2f}' if ratio is not None else '-'} |")
+                     f" | {rates['answerable_declined_pct']:.1f} | {_fmt(rates['adversarial_to_answerable_ratio'])} |")
     compared = [r for r in results if "compare" in r]
     if compared:
         lines += ["", "F1 (x100) of the compared run on the answerable questions each run declined / answered", "",
@@ -77,9 +78,8 @@ def render(results: list[dict]) -> str:
                   "|---|---|---|---|---|---|"]
         for r in compared:
             c = r["compare"]
-            fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-            lines.append(f"| {r['method']} | {c['method']} | {c['declined_n']} | {fmt(c['other_f1_on_declined'])} | "
-                         f"{c['answered_n']} | {fmt(c['other_f1_on_answered'])} |")
+            lines.append(f"| {r['method']} | {c['method']} | {c['declined_n']} | {_fmt(c['other_f1_on_declined'])} | "
+                         f"{c['answered_n']} | {_fmt(c['other_f1_on_answered'])} |")
     return "\n".join(lines) + "\n"
 
 

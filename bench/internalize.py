@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -307,7 +308,7 @@ def turn_keyword(text: str, turn_counts: dict[str, int], exclude: set[str]) -> s
         low = w.lower()
         if len(low) < KEYWORD_MIN_LETTERS or low in exclude or low in _NOT_KEYWORDS:
             continue
-        if best is None or turn_counts[low] < turn_counts[best.lower()]:
+        if best is None or turn_counts.get(low, 0) < turn_counts.get(best.lower(), 0):
             best = w
     return best
 
@@ -367,9 +368,9 @@ def contrastive_abstention_pairs(sample: Sample, n: int, seed: int,
         f = form(i, date)
         positives.append(QAPair(f.format(s=speaker, x=x), snippet if f == CONTRASTIVE_FORMS[0] else date))
     others = {speakers[0]: speakers[1], speakers[1]: speakers[0]}
-    swapped = [(others[sp], x) for sp, x, _, _ in candidates
-               if sp in others and x.lower() not in spoken[others[sp]]
-               and _stemmer.stem(x.lower()) not in spoken[others[sp]]]
+    swapped = deque((others[sp], x) for sp, x, _, _ in candidates
+                    if sp in others and x.lower() not in spoken[others[sp]]
+                    and _stemmer.stem(x.lower()) not in spoken[others[sp]])
     conversation = _conversation_words(source)
     unmentioned = [x for _, (xs, _) in sorted(ABSTENTION_VOCABULARY.items()) for x in xs
                    if not mentions(source, x, conversation)]
@@ -379,7 +380,7 @@ def contrastive_abstention_pairs(sample: Sample, n: int, seed: int,
         if i % 4 == 3 and unmentioned:
             s, x = speakers[(i // 4) % 2], unmentioned.pop()
         elif swapped:
-            s, x = swapped.pop(0)
+            s, x = swapped.popleft()
         elif unmentioned:
             s, x = speakers[i % 2], unmentioned.pop()
         else:

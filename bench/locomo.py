@@ -120,8 +120,7 @@ def training_windows(sample: Sample, lm: LoadedModel, args) -> tuple[torch.Tenso
     return training_data(sample, lm.tokenizer, args.train_format, args.seq_len, args.timestamps, QUESTION_TEMPLATE,
                          resolve_dates=args.resolve_dates, qa_per_turn=args.qa_per_turn,
                          abstention=args.train_abstention, abstention_ratio=args.abstention_ratio, seed=args.seed,
-                         qa_source=args.qa_source, generated=generated,
-                         abstention_style=args.abstention_style or "unmentioned")
+                         qa_source=args.qa_source, generated=generated, abstention_style=args.abstention_style)
 
 
 def question_prompts(sample: Sample, questions: list, lm: LoadedModel, args) -> tuple[list[list[int]], dict]:

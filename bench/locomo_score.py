@@ -75,6 +75,12 @@ def is_abstention(prediction) -> bool:
     return "no information available" in low or "not mentioned" in low
 
 
+def declined_percent(records: Iterable) -> float | None:
+    """Percent of ``records`` (with a ``prediction``) that :func:`is_abstention` counts as declining; None if empty."""
+    records = list(records)
+    return 100.0 * sum(is_abstention(_get(r, "prediction")) for r in records) / len(records) if records else None
+
+
 def score_qa(prediction, answer, category: int) -> float:
     """Score one prediction against its gold answer (numbers are str()-ed, None prediction counts as "")."""
     prediction = "" if prediction is None else str(prediction)

@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.common import atomic_write_text
-from bench.locomo_score import format_table, is_abstention
+from bench.common import atomic_write_text, read_jsonl
+from bench.locomo_score import declined_percent, format_table
 
 # The experiment's table (Qwen2.5-1.5B-Instruct, LoCoMo categories 1-4), as published.
 PUBLISHED = [
@@ -51,9 +51,7 @@ def abstained_answerable(run_dir: Path) -> float | None:
     path = run_dir / "predictions.jsonl"
     if not path.is_file():
         return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    answerable = [r for r in records if int(r["category"]) != 5]
-    return 100.0 * sum(is_abstention(r.get("prediction")) for r in answerable) / len(answerable) if answerable else None
+    return declined_percent(r for r in read_jsonl(path) if int(r["category"]) != 5)
 
 
 def render_markdown(runs: list[tuple[dict, Path]], published: bool) -> str:
