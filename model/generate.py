@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from model.qwen2 import KVCache, Qwen2ForCausalLM
 
@@ -73,6 +74,31 @@ class Prefix:
 CASCADE_MIN_TOKENS = 256
 
 
+# Greedy decoding needs each row's best token, not its logits. On a CPU the LM head's product
+# (B x hidden) @ (hidden x vocab) runs faster in vocabulary slices whose weights and logits stay in
+# cache than as one (B, vocab) product (bench.greedy_head measures it); each slice computes the same
+# dot products, so the tokens are those of the full product's argmax. On CUDA one product is best.
+CPU_VOCAB_SLICE = 4096
+
+
+def vocab_slice_for(device: torch.device) -> int | None:
+    return CPU_VOCAB_SLICE if device.type == "cpu" else None
+
+
+def greedy_tokens(hidden: torch.Tensor, weight: torch.Tensor, vocab_slice: int | None) -> torch.Tensor:
+    """argmax(hidden @ weight^T) per row, (B, C) x (V, C) -> (B,), the product taken `vocab_slice`
+    vocabulary rows at a time (None: in one). Ties go to the lowest token id, as argmax does."""
+    if vocab_slice is None or vocab_slice >= weight.shape[0]:
+        return F.linear(hidden, weight).argmax(-1)
+    best_values, best_ids = [], []
+    for start in range(0, weight.shape[0], vocab_slice):
+        values, ids = F.linear(hidden, weight[start:start + vocab_slice]).max(-1)  # (B,), first max of the slice
+        best_values.append(values)
+        best_ids.append(ids + start)
+    winner = torch.stack(best_values, 1).argmax(1, keepdim=True)  # (B, 1): first slice holding the max
+    return torch.stack(best_ids, 1).gather(1, winner).squeeze(1)
+
+
 def set_row_adapters(model: torch.nn.Module, adapter_ids: torch.Tensor | None) -> None:
     """Tell every module that serves one adapter per batch row (a `row_adapter_ids` attribute, as
     lora_core's LoRALinear has once adapters are stacked) which adapter each row uses; None: off."""
@@ -96,7 +122,7 @@ def compute_prefix(model: Qwen2ForCausalLM, tokens: list[int], adapter_ids: list
 
 def prefill(model: Qwen2ForCausalLM, prompts: list[list[int]], pad_id: int, kv_caches: list[KVCache],
             prefix: Prefix | None = None, adapter_ids: list[int] | None = None):
-    """Fill the caches with the prompts; return last-slot logits (B, V), positions (B,), slot mask (B, S),
+    """Fill the caches with the prompts; return the greedy next token (B,), positions (B,), slot mask (B, S),
     and the next free slot.
 
     Slot layout: [prefix copy | left-padded suffixes], or with a cascade prefix just the suffixes
@@ -123,14 +149,16 @@ def prefill(model: Qwen2ForCausalLM, prompts: list[list[int]], pad_id: int, kv_c
     # No prefix and no padding: no mask, SDPA's causal fast path.
     attention_mask = None if cache_start == 0 and bool(suffix_mask.all()) else mask
     hidden = model.model(ids, position_ids, attention_mask, kv_caches, cache_start=cache_start)  # (B, S, C)
-    logits = model.lm_head(hidden[:, -1])  # (B, V): only the last slot is needed
-    return logits, position_ids[:, -1], mask, cache_start + ids.shape[1]
+    head = model.lm_head.weight
+    next_token = greedy_tokens(hidden[:, -1], head, vocab_slice_for(head.device))  # only the last slot is needed
+    return next_token, position_ids[:, -1], mask, cache_start + ids.shape[1]
 
 
 def decode_step(model, token, positions, mask, kv_caches, cache_start: int) -> torch.Tensor:
-    """One token per row at slot `cache_start`; returns (B, V) logits."""
+    """One token per row at slot `cache_start`; returns each row's greedy next token (B,)."""
     hidden = model.model(token[:, None], positions[:, None], mask, kv_caches, cache_start)
-    return model.lm_head(hidden[:, -1])
+    head = model.lm_head.weight
+    return greedy_tokens(hidden[:, -1], head, vocab_slice_for(head.device))
 
 
 def batch_prefix(model, prompts: list[list[int]], adapter_ids: list[int] | None) -> Prefix | None:
@@ -157,13 +185,13 @@ def generate_batch(
     B, S = len(prompts), max(len(p) for p in prompts) - P
     kv_caches = model.new_kv_caches(B, (S if prefix is not None and prefix.cascade else P + S) + max_new_tokens)
     try:
-        logits, positions, mask, next_slot = prefill(model, prompts, pad_id, kv_caches, prefix, adapter_ids)
+        next_token, positions, mask, next_slot = prefill(model, prompts, pad_id, kv_caches, prefix, adapter_ids)
         stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         rows = torch.arange(B, device=device)  # original row of each batch slot still decoding
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            token = torch.where(done, pad_id, logits.argmax(-1))  # (b,)
+            token = torch.where(done, pad_id, next_token)  # (b,)
             out[rows, step] = token
             done = done | torch.isin(token, stop)
             if step == max_new_tokens - 1 or bool(done.all()):
@@ -177,7 +205,7 @@ def generate_batch(
                     set_row_adapters(model, torch.tensor(adapter_ids, device=device)[rows])
             positions = positions + 1
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.bool, device=device)], dim=1)
-            logits = decode_step(model, token, positions, mask, kv_caches, cache_start=next_slot + step)
+            next_token = decode_step(model, token, positions, mask, kv_caches, cache_start=next_slot + step)
     finally:
         if adapter_ids is not None:
             set_row_adapters(model, None)

@@ -98,6 +98,39 @@ def test_greedy_matches_transformers_generate(tiny):
     assert ours == theirs
 
 
+@pytest.mark.parametrize("vocab_slice", [1, 7, 64, 319, 320, 1000])
+def test_greedy_tokens_in_vocab_slices_equal_full_argmax(vocab_slice):
+    from model.generate import greedy_tokens
+
+    g = torch.Generator().manual_seed(vocab_slice)
+    hidden, weight = torch.randn(6, 16, generator=g), torch.randn(VOCAB, 16, generator=g)
+    # Ties: row 0's logits are equal at every token (lowest id must win); rows 1-2 tie two ids in
+    # different slices (when the slice is smaller than their distance) or in one slice.
+    hidden[0] = 0.0
+    weight[250] = weight[3] = 10 * weight[3]
+    hidden[1], hidden[2] = weight[3], weight[3] * 2
+    full = (hidden @ weight.T).argmax(-1)
+    assert full[0] == 0 and full[1] == 3 and full[2] == 3
+    assert torch.equal(greedy_tokens(hidden, weight, vocab_slice), full)
+    assert torch.equal(greedy_tokens(hidden, weight, None), full)
+
+
+def test_generate_with_sliced_lm_head_equals_one_product(tiny, monkeypatch):
+    """The decode loop takes the LM head in vocabulary slices on CPU (model.generate.CPU_VOCAB_SLICE,
+    larger than the tiny vocab, so forced small here): the answers are those of one full product."""
+    import model.generate as gen
+
+    kind, d, ref, lm = tiny
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in (4, 9, 2, 13)]
+    monkeypatch.setattr(gen, "CPU_VOCAB_SLICE", VOCAB)  # one product
+    whole = generate(lm.model, prompts, 12, [1], pad_id=0)
+    monkeypatch.setattr(gen, "CPU_VOCAB_SLICE", 37)  # 9 slices, the last one short
+    assert gen.vocab_slice_for(torch.device("cpu")) == 37
+    assert generate(lm.model, prompts, 12, [1], pad_id=0) == whole
+    assert sum(len(w) for w in whole) > 4 * 3
+
+
 def test_greedy_stops_at_stop_token(tiny):
     kind, d, ref, lm = tiny
     prompt = [5, 6, 7]
