@@ -27,18 +27,22 @@ from model.generate import CPU_VOCAB_SLICE, greedy_tokens
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def median_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+def median_seconds_interleaved(fns: list, repeats: int, device: torch.device) -> list[float]:
+    """Median time of each function, the functions taking turns within every repeat, so a shared
+    machine's drifting load falls on all of them alike."""
+    for fn in fns:  # warm-up
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,11 +66,13 @@ def main(argv: list[str] | None = None) -> dict:
     for b in batch_sizes:
         hidden = torch.randn(b, args.hidden, generator=g).to(device, dtype)
         reference = greedy_tokens(hidden, weight, None)
-        one_product = median_seconds(lambda: greedy_tokens(hidden, weight, None), args.repeats, device)
+        variants = [None] + slices  # None: one product
+        seconds = median_seconds_interleaved(
+            [lambda s=s: greedy_tokens(hidden, weight, s) for s in variants], args.repeats, device)
+        one_product = seconds[0]
         row = {"batch": b, "one_product_ms": round(one_product * 1e3, 3), "slices": []}
-        for s in slices:
+        for s, t in zip(slices, seconds[1:]):
             same = bool(torch.equal(greedy_tokens(hidden, weight, s), reference))
-            t = median_seconds(lambda: greedy_tokens(hidden, weight, s), args.repeats, device)
             row["slices"].append({"vocab_slice": s, "ms": round(t * 1e3, 3),
                                   "speedup_vs_one_product": round(one_product / t, 3), "same_tokens": same})
         rows.append(row)
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": args.dtype,
         "shape": {"vocab": args.vocab, "hidden": args.hidden},
         "repeats": args.repeats,
-        "timing": "median of --repeats calls after one warm-up; each row's sides in one run",
+        "timing": "median of --repeats calls after one warm-up, the variants taking turns within each repeat",
         "engine_cpu_vocab_slice": CPU_VOCAB_SLICE,
         "rows": rows,
         "loadavg_end": list(os.getloadavg()),

@@ -120,13 +120,16 @@ def test_generate_with_sliced_lm_head_equals_one_product(tiny, monkeypatch):
     larger than the tiny vocab, so forced small here): the answers are those of one full product."""
     import model.generate as gen
 
+    assert gen.vocab_slice_for(torch.device("cpu"), gen.CPU_SLICE_MIN_ROWS - 1) is None
+    assert gen.vocab_slice_for(torch.device("cuda"), 64) is None
     kind, d, ref, lm = tiny
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in (4, 9, 2, 13)]
     monkeypatch.setattr(gen, "CPU_VOCAB_SLICE", VOCAB)  # one product
     whole = generate(lm.model, prompts, 12, [1], pad_id=0)
     monkeypatch.setattr(gen, "CPU_VOCAB_SLICE", 37)  # 9 slices, the last one short
-    assert gen.vocab_slice_for(torch.device("cpu")) == 37
+    monkeypatch.setattr(gen, "CPU_SLICE_MIN_ROWS", 1)  # every batch, down to its last row, is sliced
+    assert gen.vocab_slice_for(torch.device("cpu"), 1) == 37
     assert generate(lm.model, prompts, 12, [1], pad_id=0) == whole
     assert sum(len(w) for w in whole) > 4 * 3
 
