@@ -10,6 +10,12 @@ sequence length, batch, dtype, optimizer (AdamW) and token ids on both sides. Wr
 bench/results/train_<device>.json. A third side, `lora-mem-full-logits`, is lora-mem before its chunked
 loss (every position's fp32 logits materialised, then cross-entropy): the "before" of the speed work.
 
+The floor (`bench.step_floor`): every product the step must compute (base GEMMs forward and input-gradient,
+the LM head at the trained positions, the LoRA thin products, causal attention forward + backward), each
+timed alone with the same torch kernels in its own subprocess before the sides, summed. Each side's
+`step_over_floor` says how far above it the side runs; a row's `speedup_ceiling_vs_peft` (peft's step /
+the floor) is the largest speed-up over peft any engine calling these kernels could reach.
+
 `--profile`: after its timed steps (and after its peak memory is read), each side runs
 `--profile-steps` more training steps under torch.profiler (CPU activity; CUDA too on a GPU), and
 the results file gets a `profile` section per side and batch size: the top ops by self CPU (and
@@ -390,6 +396,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--out", default=None,
                     help="results file (default bench/results/train_<device>.json, train_<device>_answers.json "
                          "with --targets answers)")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the step's floor (bench.step_floor: each required product timed alone)")
+    ap.add_argument("--floor-repeats", type=int, default=5, help="timed repeats of each product of the floor")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
@@ -397,6 +406,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--device", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.worker and args.side == "floor":  # the step's floor (bench.step_floor), one batch size
+        from bench.step_floor import measure_floor
+
+        x = torch.zeros(args.batch, args.seq_len, dtype=torch.long)
+        trained = int((next_token_targets(x, args.targets) != -100).sum())
+        r = measure_floor(model_config(args.model), args.batch, args.seq_len, args.rank, getattr(torch, args.dtype),
+                          torch.device(args.device), trained_positions=trained, repeats=args.floor_repeats)
+        print(json.dumps(r))
+        return r
     if args.worker:  # one side, one batch size: print one JSON line
         r = measure_side(args.side, args.model, args.dtype, args.device, args.seq_len, args.batch, args.rank,
                          args.steps, args.warmup, args.profile_steps if args.profile else 0, args.targets)
@@ -417,6 +435,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     rows, profiles = [], []
     for batch in batch_sizes:
         row = {"batch": batch}
+        if not args.no_floor:
+            print(f"[floor] batch {batch} ...", file=sys.stderr, flush=True)
+            row["floor"] = run_side_subprocess([
+                "--side", "floor", "--model", model, "--dtype", setup["dtype"], "--device", setup["device"],
+                "--seq-len", str(seq_len), "--batch", str(batch), "--rank", str(args.rank), "--targets", args.targets,
+                "--floor-repeats", str(args.floor_repeats)])
         for side in args.sides.split(","):
             print(f"[{side}] batch {batch} ...", file=sys.stderr, flush=True)
             row[side] = run_side_subprocess([
@@ -431,6 +455,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         if "tokens_per_second" in a and "tokens_per_second" in b:
             row["speedup_tokens_per_second"] = a["tokens_per_second"] / b["tokens_per_second"]
             row["peak_memory_ratio"] = a["peak_memory_bytes"] / b["peak_memory_bytes"]
+        floor = row.get("floor", {})
+        if "floor_seconds" in floor:
+            from bench.step_floor import compare_to_floor
+
+            for side in args.sides.split(","):
+                if "step_seconds_median" in row[side]:
+                    row[side].update(compare_to_floor(row[side]["step_seconds_median"], floor))
+            if "step_seconds_median" in b:  # no engine on these kernels beats peft by more than this
+                row["speedup_ceiling_vs_peft"] = b["step_seconds_median"] / floor["floor_seconds"]
         before = row.get("lora-mem-full-logits", {})
         if "tokens_per_second" in a and "tokens_per_second" in before:  # what the chunked loss bought
             row["speedup_vs_full_logits"] = a["tokens_per_second"] / before["tokens_per_second"]
@@ -456,12 +489,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     suffix = "_answers" if args.targets == "answers" else ""
     out = Path(args.out or Path("bench/results") / f"train_{device_slug(device)}{suffix}.json")
     atomic_write_json(out, results)
-    print(f"{'batch':>5} {'lora-mem tok/s':>15} {'peft tok/s':>11} {'speed-up':>9} {'peak mem ratio':>15}")
+    nan = float("nan")
+    print(f"{'batch':>5} {'lora-mem tok/s':>15} {'peft tok/s':>11} {'speed-up':>9} {'peak mem ratio':>15} "
+          f"{'floor s':>8} {'lora-mem/floor':>15} {'peft/floor':>11}")
     for r in rows:
         a, b = r.get("lora-mem", {}), r.get("peft", {})
-        print(f"{r['batch']:>5} {a.get('tokens_per_second', float('nan')):>15.1f} "
-              f"{b.get('tokens_per_second', float('nan')):>11.1f} {r.get('speedup_tokens_per_second', float('nan')):>8.2f}x "
-              f"{r.get('peak_memory_ratio', float('nan')):>14.2f}x")
+        print(f"{r['batch']:>5} {a.get('tokens_per_second', nan):>15.1f} "
+              f"{b.get('tokens_per_second', nan):>11.1f} {r.get('speedup_tokens_per_second', nan):>8.2f}x "
+              f"{r.get('peak_memory_ratio', nan):>14.2f}x {r.get('floor', {}).get('floor_seconds', nan):>8.3f} "
+              f"{a.get('step_over_floor', nan):>14.2f}x {b.get('step_over_floor', nan):>10.2f}x")
     for p in profiles:
         print(f"profile {p['side']} batch {p['batch']} ({p['steps']} steps, self time by group):\n{format_profile(p)}")
     print(f"results: {out}")

@@ -101,6 +101,21 @@ def test_train_throughput_with_profile_end_to_end(ckpt, tmp_path):
     assert run["side"] == "lora-mem" and run["batch"] == 1 and run["steps"] == 1
     assert sum(g["percent"] for g in run["groups_cpu"].values()) == pytest.approx(100, abs=0.1)
     assert run["groups_cpu"]["optimizer"]["ms"] > 0 and run["groups_cpu"]["loss"]["ms"] > 0
+    # The step's floor ran in the same invocation, and the side is reported against it.
+    floor = saved["rows"][0]["floor"]
+    assert "error" not in floor, floor
+    assert floor["batch"] == 1 and floor["seq_len"] == 32 and floor["trained_positions"] == 31
+    assert set(floor["groups"]) == {"base_gemm", "lora", "lm_head", "attention"}
+    assert row["step_over_floor"] == pytest.approx(row["step_seconds_median"] / floor["floor_seconds"])
+    assert "speedup_ceiling_vs_peft" not in saved["rows"][0]  # no peft side in this run
+
+
+def test_no_floor_skips_it(ckpt, tmp_path):
+    out = tmp_path / "train.json"
+    main(["--setup", "cpu", "--model", str(ckpt), "--seq-len", "16", "--batch-sizes", "1", "--rank", "2",
+          "--steps", "1", "--warmup", "0", "--sides", "lora-mem", "--no-floor", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert "floor" not in row and "step_over_floor" not in row["lora-mem"]
 
 
 def test_full_logits_side_computes_the_same_loss_and_gradients(ckpt):
