@@ -34,12 +34,13 @@ step() {  # step <seconds> <name> <command...>: run with a time limit, log outpu
 } >>"$LOG" 2>&1
 
 # 1. The kernel triplets on the real GPU: Triton against the PyTorch references, forward and backward, all dtypes.
-step 150 kernel-tests python -m pytest -q -x tests/test_lora_kernels.py tests/test_fused_kernels.py \
+step 130 kernel-tests python -m pytest -q -x tests/test_lora_kernels.py tests/test_fused_kernels.py \
     tests/test_multi_lora.py tests/test_model.py
 # 2. Kernel micro-benchmarks: fused LoRA linear (and RMSNorm, RoPE, SwiGLU) against the references.
-step 90 bench-kernels python -m bench.kernels --out "$OUT/kernels_cuda.json"
-# 3. Training throughput against transformers + peft, Qwen2.5-1.5B shapes, bf16, seq 2048, batch 1/4/8, profiles.
-step 150 train-throughput python -m bench.train_throughput --setup gpu --profile --out "$OUT/train_cuda.json"
+step 80 bench-kernels python -m bench.kernels --out "$OUT/kernels_cuda.json"
+# 3. Training throughput against transformers + peft, Qwen2.5-1.5B shapes, bf16, seq 2048, batch 1/4/8, profiles,
+#    and the step floor (bench.step_floor) per batch size.
+step 180 train-throughput python -m bench.train_throughput --setup gpu --profile --out "$OUT/train_cuda.json"
 # 4. The chat-QA workload (25% of positions trained), batch 1 and 8.
 step 90 train-throughput-answers python -m bench.train_throughput --setup gpu --targets answers --batch-sizes 1,8 \
     --out "$OUT/train_cuda_answers.json"
