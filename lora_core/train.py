@@ -28,6 +28,11 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     logits_c = h_c W^T (fp32), loss_c = sum(lse(logits_c) - logits_c[target]), and already the gradient
     dL/dh_c = (softmax(logits_c) - onehot(target)) W / n, since W is frozen. Only dL/dh (same size as h)
     is kept for backward, never a (tokens x vocab) tensor; unlabelled rows get a zero gradient.
+
+    The (chunk x vocab) logits are the one large buffer: exp(logits - row max) is made in it in place, and
+    the row sums give both the log-sum-exp and the softmax's normalisation, which (like the mean's 1/n) is
+    applied to the (chunk x hidden) product instead: four passes over the buffer, two of them reads, and no
+    other (chunk x vocab) tensor, where logsumexp + softmax + division made about nine and two more buffers.
     """
 
     @staticmethod
@@ -41,14 +46,20 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         for start in range(0, len(rows), chunk_size):
             r = rows[start:start + chunk_size]
             h, t = hidden[r], targets[r]
-            logits = (h @ weight.T).to(acc_dtype)  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            logits = (h @ weight.T).to(acc_dtype)  # (n, V), the chunk's one large buffer
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # in place: exp(logits - max)
+            row_sum = probs.sum(dim=-1, keepdim=True)
+            lse = row_max.squeeze(1) + row_sum.squeeze(1).log()
+            total += (lse - target_logit).sum()
             if grad_hidden is not None:
-                grad_logits = torch.softmax(logits, dim=-1)  # reuse: d loss / d logits
-                grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad_logits /= n_valid
-                grad_hidden[r] = (grad_logits.to(h.dtype) @ weight).to(hidden.dtype)
+                # (softmax - onehot) W = ((exp(logits - max) - row_sum * onehot) W) / row_sum: the one-hot is n
+                # scattered writes into the buffer (where the cancellation p_t - 1 stays elementwise, before
+                # any 16-bit rounding), the normalisation and the mean's 1/n act on the (n, C) product.
+                probs[torch.arange(len(t), device=t.device), t] -= row_sum.squeeze(1)
+                g = (probs.to(h.dtype) @ weight).to(acc_dtype) / (row_sum * n_valid)
+                grad_hidden[r] = g.to(hidden.dtype)
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
         return total / n_valid
 
