@@ -6,7 +6,9 @@
 
 Each side runs in a fresh subprocess, one after the other, so its peak memory (CUDA max allocated on
 GPU, peak RSS on CPU) is its own. Same LoRA targets (q,k,v,o,gate,up,down), rank, alpha, dropout 0,
-sequence length, batch, dtype, optimizer (AdamW) and token ids on both sides. Writes
+sequence length, batch, dtype, optimizer (AdamW) and token ids on both sides (their own seeded generator:
+`input_ids`); each side's `first_loss`, before any update, is the base model's loss, and a row's
+`first_loss_difference` shows both sides computed the same thing. Writes
 bench/results/train_<device>.json. A third side, `lora-mem-full-logits`, is lora-mem before its chunked
 loss (every position's fp32 logits materialised, then cross-entropy): the "before" of the speed work.
 
@@ -317,6 +319,13 @@ def next_token_targets(x: torch.Tensor, targets: str = "all") -> torch.Tensor:
     return y
 
 
+def input_ids(batch: int, seq_len: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """The token ids every side trains on: from their own seeded generator, so that building a side (which
+    draws its LoRA init from torch's global generator, differently on each side) cannot change them."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
+
+
 def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, seq_len: int, batch: int,
                  rank: int, steps: int, warmup: int, profile_steps: int = 0, targets: str = "all") -> dict:
     torch.manual_seed(0)
@@ -330,7 +339,7 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
         params, step = build_lora_mem(model_name, dtype, device, rank, full_logits=side == "lora-mem-full-logits")
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     vocab = model_config(model_name).vocab_size
-    x = torch.randint(0, vocab, (batch, seq_len), device=device)
+    x = input_ids(batch, seq_len, vocab, device)
     y = next_token_targets(x, targets)  # the same targets on every side
 
     def one():
@@ -340,9 +349,11 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
         return loss
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    first_loss = None  # before any optimizer step (B = 0): the base model's loss, the same on every side
     with autocast:
         for _ in range(warmup):
-            one()
+            loss = float(one())
+            first_loss = loss if first_loss is None else first_loss
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -360,7 +371,8 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
     out = {"side": side, "batch": batch, "seq_len": seq_len, "trained_positions": targets, "step_seconds_median": median,
            "steps_per_second": 1 / median, "tokens_per_second": batch * seq_len / median,
            "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
-           "trainable_params": sum(p.numel() for p in params), "losses": losses}
+           "trainable_params": sum(p.numel() for p in params), "first_loss": first_loss if warmup else losses[0],
+           "losses": losses}
     if profile is not None:
         out["profile"] = profile
     return out
@@ -454,6 +466,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         a, b = row.get("lora-mem", {}), row.get("peft", {})
         if "tokens_per_second" in a and "tokens_per_second" in b:
             row["speedup_tokens_per_second"] = a["tokens_per_second"] / b["tokens_per_second"]
+            # Same ids, targets and (B = 0) function before the first update: the two first losses agree.
+            row["first_loss_difference"] = a["first_loss"] - b["first_loss"]
             row["peak_memory_ratio"] = a["peak_memory_bytes"] / b["peak_memory_bytes"]
         floor = row.get("floor", {})
         if "floor_seconds" in floor:

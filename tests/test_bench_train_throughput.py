@@ -10,6 +10,8 @@ import torch
 
 from bench.train_throughput import (
     PROFILE_GROUPS,
+    input_ids,
+    measure_side,
     build_lora_mem,
     build_peft,
     classify_op,
@@ -168,3 +170,17 @@ def test_answer_targets_train_the_same_loss_on_every_side(ckpt):
     assert all_targets_loss != pytest.approx(losses["lora-mem"], rel=1e-5)  # the targets did change what is trained
     with pytest.raises(ValueError, match="unknown targets"):
         next_token_targets(x, "some")
+
+
+def test_sides_train_on_the_same_ids(ckpt):
+    """Building a side draws its LoRA init from torch's global generator (differently for lora-mem and peft); the
+    token ids come from their own generator, so both sides' first loss (before any update, B = 0: the base
+    model's) is the same number."""
+    first = {side: measure_side(side, str(ckpt), "float32", "cpu", seq_len=24, batch=2, rank=4, steps=1, warmup=1)
+             for side in ("lora-mem", "peft")}
+    assert first["lora-mem"]["first_loss"] == pytest.approx(first["peft"]["first_loss"], rel=1e-5)
+    assert torch.equal(input_ids(2, 24, 320, torch.device("cpu")), input_ids(2, 24, 320, torch.device("cpu")))
+    torch.manual_seed(123)  # the global generator's state does not matter
+    a = input_ids(2, 24, 320, torch.device("cpu"))
+    torch.manual_seed(7)
+    assert torch.equal(a, input_ids(2, 24, 320, torch.device("cpu")))
