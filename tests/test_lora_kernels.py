@@ -120,6 +120,22 @@ def test_reference_matches_dense_formula():
     torch.testing.assert_close(lora_linear_reference(x, w, b, a, bb, SCALING), dense)
 
 
+@pytest.mark.parametrize("leading", [(), (5,), (2, 3), (2, 1, 4)], ids=["1d", "2d", "3d", "4d"])
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-6, 1e-6), (torch.bfloat16, 2e-2, 2e-2)],
+                         ids=["fp32", "bf16"])
+def test_reference_equals_unfused_form(leading, dtype, atol, rtol):
+    """The reference adds s t B^T inside an addmm_ on the base output: same shape as the input's leading dims, and
+    the numbers of the plain unfused form (base + s * (x A^T) B^T), to rounding."""
+    inp = make_inputs(leading or (1,), 12, 10, 4)
+    x, w, b, a, bb = (inp[k].to(dtype) for k in ("x", "weight", "bias", "lora_A", "lora_B"))
+    if not leading:
+        x = x[0]
+    y = lora_linear_reference(x, w, b, a, bb, SCALING)
+    unfused = torch.nn.functional.linear(x, w, b) + SCALING * ((x @ a.T) @ bb.T)
+    assert y.shape == (*leading, 10) and y.dtype == dtype
+    torch.testing.assert_close(y, unfused, atol=atol, rtol=rtol)
+
+
 def test_lora_scaling():
     assert lora_scaling(8, 16) == 2.0
     assert lora_scaling(16, 8, use_rslora=True) == 2.0

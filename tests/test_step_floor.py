@@ -32,7 +32,7 @@ def ckpt(tmp_path_factory):
 
 
 class RecordGemms(TorchDispatchMode):
-    """Every mm / addmm / bmm the dispatcher sees, as ((m, k, n), layout) (a bmm counts once per batch entry)."""
+    """Every mm / addmm / addmm_ / bmm the dispatcher sees, as ((m, k, n), layout) (a bmm counts once per batch entry)."""
 
     def __init__(self):
         super().__init__()
@@ -40,8 +40,8 @@ class RecordGemms(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name in ("mm", "addmm"):
-            a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
+        if name in ("mm", "addmm", "addmm_"):
+            a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])  # addmm(_)(input, a, b)
             self.shapes[((a.shape[0], a.shape[1], b.shape[1]), gemm_layout(a, b))] += 1
         elif name == "bmm":
             a, b = args[0], args[1]
