@@ -32,13 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from bench.decode import timed  # the benchmarks' synchronised timer
 from model.config import ModelConfig
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -115,21 +115,11 @@ def step_products(cfg: ModelConfig, batch: int, seq_len: int, rank: int, trained
     return [p for p in products if p.count > 0]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of `repeats` synchronised calls of fn(), after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    ((times, _),) = timed([fn], repeats, device)
     return statistics.median(times)
 
 
