@@ -14,7 +14,9 @@ batched
     `--num-prompts` LoCoMo-style questions of different lengths in the chat format, normal stopping
     at EOS / `<|im_end|>`, `--batched-max-new-tokens` at most. lora-mem `generate(batch_size=B)`
     against transformers at batch 1 (the usual loop) and transformers at batch B with left padding
-    and an attention mask. Reports questions/s, tokens/s and the ratios.
+    and an attention mask. lora-mem batches continuously: a finished answer's row goes to the next
+    question (model.generate.decode_queue; transformers keeps every row to the end of its batch).
+    Reports questions/s, tokens/s and the ratios.
 locomo
     The LoCoMo answering workload with an adapter: the real questions of categories 1-4
     (`bench.locomo_data.select_questions`, all 10 conversations = 1,540; `--locomo-questions N`
@@ -73,6 +75,7 @@ from pathlib import Path
 import torch
 
 from bench.common import atomic_write_json, cpu_name, device_slug, git_commit, versions
+import model.generate as gen
 from model.generate import generate
 from model.loader import LoadedModel, load_model
 
@@ -734,6 +737,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "torch_default_num_threads": default_threads,
                 "torch_num_interop_threads": torch.get_num_interop_threads()},
         "git_commit": git_commit(),
+        # how lora-mem's generate schedules rows (model.generate): continuous batching
+        "lora_mem_batching": {"refill_fraction": gen.REFILL_FRACTION, "trim_columns": gen.TRIM_COLUMNS},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "loadavg_start": load_start,
         "loadavg_end": loadavg(),

@@ -169,58 +169,211 @@ def batch_prefix(model, prompts: list[list[int]], adapter_ids: list[int] | None)
     return compute_prefix(model, prompts[0][:P], adapter_ids) if P else None
 
 
+# Continuous batching: a row whose answer is complete gives its place to the next prompt instead of
+# computing pad tokens until the whole batch is done. New prompts are prefilled together once this
+# fraction of the batch is free (a prefill of a few rows reads all the weights for little work, so
+# admitting one row at a time would cost more than the idle rows do).
+REFILL_FRACTION = 1 / 3
+# Columns no live row attends any more are cut off the caches once there are this many (a copy of the
+# live columns), so attention does not grow with the length of the whole run.
+TRIM_COLUMNS = 32
+
+
+class RowPool:
+    """The rows being decoded together: one prompt per row, one new token per row per step.
+
+    Slots (columns) are shared by all rows and written at one pointer, `end`. A prompt joins at a
+    free row with its [prefix copy | suffix] slots right-aligned at `end`; the columns before its
+    own are masked out for it, and its rotary positions count its own tokens only, so it decodes as
+    it would alone. With a cascade prefix only the suffixes are in the rows (`KVCache.set_prefix`)."""
+
+    def __init__(self, model: Qwen2ForCausalLM, n_rows: int, capacity: int, prefix: Prefix | None, pad_id: int):
+        self.model, self.prefix, self.pad_id = model, prefix, pad_id
+        self.device = model.lm_head.weight.device
+        self.caches = model.new_kv_caches(n_rows, capacity)
+        if prefix is not None and prefix.cascade:
+            for cache, prefix_cache in zip(self.caches, prefix.caches):
+                cache.set_prefix(prefix_cache.k, prefix_cache.v)
+        self.mask = torch.zeros((n_rows, capacity), dtype=torch.bool, device=self.device)  # real slot of a row
+        self.end = 0  # slots written so far
+        self.prompt = [-1] * n_rows  # prompt index of each row, -1: free
+        self.start = [0] * n_rows  # first slot of each row's prompt
+        self.token = torch.full((n_rows,), pad_id, dtype=torch.long, device=self.device)  # next input
+        self.positions = torch.zeros(n_rows, dtype=torch.long, device=self.device)  # rotary position of `token`
+        self.adapter = [0] * n_rows  # adapter id of each row (any valid id for a free row)
+
+    @property
+    def capacity(self) -> int:
+        return self.mask.shape[1]
+
+    def live(self) -> list[int]:
+        return [r for r, p in enumerate(self.prompt) if p >= 0]
+
+    def free(self) -> list[int]:
+        return [r for r, p in enumerate(self.prompt) if p < 0]
+
+    def shift(self, by: int) -> None:
+        """Move every row's slots `by` columns right (negative: left, dropping the first -by columns)."""
+        lo, hi = max(0, -by), self.end
+        for cache in self.caches:
+            cache.k[:, :, lo + by:hi + by] = cache.k[:, :, lo:hi].clone()
+            cache.v[:, :, lo + by:hi + by] = cache.v[:, :, lo:hi].clone()
+        self.mask[:, lo + by:hi + by] = self.mask[:, lo:hi].clone()
+        if by > 0:
+            self.mask[:, :by] = False
+        self.end += by
+        self.start = [s + by for s in self.start]
+
+    def make_room(self, columns: int) -> None:
+        """At least `columns` free slots after `end`; columns no live row attends are cut once there
+        are TRIM_COLUMNS of them (or when the caches are full), and the caches grow if that is not enough."""
+        live = self.live()
+        dead = min((self.start[r] for r in live), default=self.end)
+        if dead >= TRIM_COLUMNS or (dead > 0 and self.end + columns > self.capacity):
+            self.shift(-dead)
+        if self.end + columns > self.capacity:
+            self.grow(self.end + columns)
+
+    def grow(self, needed: int) -> None:
+        n, capacity = len(self.prompt), max(needed, self.capacity + self.capacity // 2)
+        for cache in self.caches:
+            for name in ("k", "v"):
+                old = getattr(cache, name)
+                new = old.new_zeros((n, old.shape[1], capacity, old.shape[3]))
+                new[:, :, :self.end] = old[:, :, :self.end]
+                setattr(cache, name, new)
+        mask = self.mask.new_zeros((n, capacity))
+        mask[:, :self.end] = self.mask[:, :self.end]
+        self.mask = mask
+
+    def admit(self, rows: list[int], prompt_ids: list[int], prompts: list[list[int]],
+              adapter_ids: list[int] | None) -> torch.Tensor:
+        """Prefill these prompts (one batch) into these free rows; returns their first tokens (n,)."""
+        P = len(self.prefix) if self.prefix is not None else 0
+        cascade = self.prefix is not None and self.prefix.cascade
+        width = (0 if cascade else P) + max(len(p) for p in prompts) - P  # slots of the widest one
+        self.make_room(0)  # cut dead columns first: the prompts may then fit before `end`
+        if width > self.end:  # the prompts must end at `end`: move the rows right to make space before it
+            by = width - self.end
+            if self.end + by > self.capacity:
+                self.grow(self.end + by)
+            self.shift(by)
+        caches = self.model.new_kv_caches(len(rows), width)
+        first, positions, mask, _ = prefill(self.model, prompts, self.pad_id, caches, self.prefix, adapter_ids)
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        lo = self.end - width
+        for cache, new in zip(self.caches, caches):
+            cache.k[index, :, lo:self.end] = new.k
+            cache.v[index, :, lo:self.end] = new.v
+        self.mask[index, :lo] = False
+        self.mask[index, lo:self.end] = mask
+        self.positions[index] = positions
+        for i, r in enumerate(rows):
+            self.prompt[r], self.adapter[r] = prompt_ids[i], adapter_ids[i] if adapter_ids is not None else 0
+            self.start[r] = lo + int(mask[i].int().argmax())  # its first real slot (left pads are dead)
+        return first
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (when no prompt is left to take the free ones' places)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        for cache in self.caches:
+            cache.keep_rows(index)
+        self.mask, self.token, self.positions = self.mask[index], self.token[index], self.positions[index]
+        self.prompt, self.start, self.adapter = ([xs[r] for r in rows] for xs in (self.prompt, self.start, self.adapter))
+
+    def step(self, adapters_changed: bool) -> torch.Tensor:
+        """One decode step of every row (free rows compute on pad tokens); returns the next tokens (n,)."""
+        self.make_room(1)
+        if adapters_changed:
+            set_row_adapters(self.model, torch.tensor(self.adapter, device=self.device))
+        self.mask[:, self.end] = True
+        next_token = decode_step(self.model, self.token, self.positions, self.mask[:, :self.end + 1],
+                                 self.caches, cache_start=self.end)
+        self.end += 1
+        return next_token
+
+
+def decode_queue(
+    model: Qwen2ForCausalLM, prompts: list[list[int]], order: list[int], max_new_tokens: int,
+    stop_ids: list[int], pad_id: int, batch_size: int, adapter_ids: list[int] | None = None,
+    prefix: Prefix | None = None, on_done=None,
+) -> list[list[int]]:
+    """Greedy continuations (without the stop token) of `prompts`, taken in `order`, at most `batch_size`
+    decoding at once: a finished row's place goes to the next prompt in the queue (continuous
+    batching; see REFILL_FRACTION); once the queue is empty finished rows leave the batch when a
+    quarter of it has finished. `on_done(n)` is told each time n more answers are complete."""
+    if max_new_tokens < 1 or not order:
+        return [[] for _ in prompts]
+    stop = set(stop_ids)
+    P = len(prefix) if prefix is not None else 0
+    cascade = prefix is not None and prefix.cascade
+    n_rows = min(batch_size, len(order))
+    widest = max(len(prompts[i]) for i in order) - (P if cascade else 0)
+    pool = RowPool(model, n_rows, widest + max_new_tokens + TRIM_COLUMNS, prefix, pad_id)
+    refill_at = max(1, int(n_rows * REFILL_FRACTION))
+    out: list[list[int]] = [[] for _ in prompts]
+    queue = list(reversed(order))  # pop() takes the next prompt
+    adapters_changed = True
+
+    def record(rows: list[int], tokens: list[int]) -> None:
+        """Append each row's new token; a row whose answer is complete becomes free."""
+        finished = 0
+        for r, t in zip(rows, tokens):
+            i = pool.prompt[r]
+            if t in stop or len(out[i]) + 1 >= max_new_tokens:
+                if t not in stop:
+                    out[i].append(t)
+                pool.prompt[r], finished = -1, finished + 1
+            else:
+                out[i].append(t)
+                pool.token[r] = t
+        if finished and on_done is not None:
+            on_done(finished)
+
+    try:
+        while True:
+            while queue and len(pool.free()) >= min(refill_at, len(queue)):
+                rows = pool.free()[:len(queue)]
+                take = [queue.pop() for _ in rows]
+                first = pool.admit(rows, take, [prompts[i] for i in take],
+                                   [adapter_ids[i] for i in take] if adapter_ids is not None else None)
+                record(rows, first.tolist())
+                adapters_changed = True
+            live = pool.live()
+            if not live:
+                break
+            if not queue and 4 * (len(pool.prompt) - len(live)) >= len(pool.prompt):
+                pool.keep(live)
+                live = list(range(len(live)))
+                adapters_changed = True
+            pool.token[[r for r in range(len(pool.prompt)) if pool.prompt[r] < 0]] = pad_id
+            pool.positions += 1
+            next_token = pool.step(adapters_changed and adapter_ids is not None)
+            adapters_changed = False
+            record(live, next_token[live].tolist())
+    finally:
+        if adapter_ids is not None:
+            set_row_adapters(model, None)
+    return out
+
+
 @torch.no_grad()
 def generate_batch(
     model: Qwen2ForCausalLM, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
     adapter_ids: list[int] | None = None, prefix: Prefix | None = None,
 ) -> list[list[int]]:
-    """Greedy continuation of each prompt (without the stop token), stopping per row.
-
-    `adapter_ids`: the adapter of each prompt, for a model whose adapters are stacked (lora_core.
-    multi_adapter); None answers with the model as it is. `prefix`: a precomputed shared head of
-    all prompts (default: computed here from the prompts' common head).
-    Rows that have stopped are dropped from the batch once a quarter of it has (so a batch does not
-    keep computing for answers that are already complete; the copy is amortised)."""
-    device = model.lm_head.weight.device
+    """Greedy continuation of each prompt (without the stop token), all prompts in one batch, stopping
+    per row. `adapter_ids`: the adapter of each prompt, for a model whose adapters are stacked
+    (lora_core.multi_adapter); None answers with the model as it is. `prefix`: a precomputed shared
+    head of all prompts (default: computed here from the prompts' common head)."""
     if prefix is None:
-        prefix = batch_prefix(model, prompts, adapter_ids)
-    P = len(prefix) if prefix is not None else 0
-    B, S = len(prompts), max(len(p) for p in prompts) - P
-    kv_caches = model.new_kv_caches(B, (S if prefix is not None and prefix.cascade else P + S) + max_new_tokens)
-    try:
-        next_token, positions, mask, next_slot = prefill(model, prompts, pad_id, kv_caches, prefix, adapter_ids)
-        stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
-        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        rows = torch.arange(B, device=device)  # original row of each batch slot still decoding
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            token = torch.where(done, pad_id, next_token)  # (b,)
-            out[rows, step] = token
-            done = done | torch.isin(token, stop)
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            if 4 * int(done.sum()) >= len(done):
-                keep = (~done).nonzero().squeeze(1)
-                rows, token, positions, mask, done = rows[keep], token[keep], positions[keep], mask[keep], done[keep]
-                for cache in kv_caches:
-                    cache.keep_rows(keep)
-                if adapter_ids is not None:  # the adapters follow their rows
-                    set_row_adapters(model, torch.tensor(adapter_ids, device=device)[rows])
-            positions = positions + 1
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.bool, device=device)], dim=1)
-            next_token = decode_step(model, token, positions, mask, kv_caches, cache_start=next_slot + step)
-    finally:
-        if adapter_ids is not None:
-            set_row_adapters(model, None)
-    results = []
-    for row in out.tolist():
-        kept = []
-        for t in row:
-            if t in stop_ids:
-                break
-            kept.append(t)
-        results.append(kept)
-    return results
+        try:
+            prefix = batch_prefix(model, prompts, adapter_ids)
+        finally:
+            if adapter_ids is not None:
+                set_row_adapters(model, None)
+    return decode_queue(model, prompts, list(range(len(prompts))), max_new_tokens, stop_ids, pad_id,
+                        len(prompts), adapter_ids, prefix)
 
 
 @torch.no_grad()
@@ -234,15 +387,18 @@ def generate(
     progress: bool = False,
     adapter_ids: list[int] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations of many prompts, batched by similar length (less padding), in input order.
+    """Greedy continuations of many prompts, at most `batch_size` at once, in input order.
 
-    The head all prompts share (system prompt, instruction; for in-context answering the whole
-    context) is computed once for the call and reused by every batch. `adapter_ids` (one per
-    prompt) answers each prompt with its own adapter from a stacked set, in shared batches."""
+    Prompts are taken shortest first (similar lengths decode side by side), and a finished answer's
+    row is given to the next prompt (continuous batching). The head all prompts share (system
+    prompt, instruction; for in-context answering the whole context) is computed once for the call.
+    `adapter_ids` (one per prompt) answers each prompt with its own adapter from a stacked set, in
+    shared batches."""
     if adapter_ids is not None and len(adapter_ids) != len(prompts):
         raise ValueError(f"{len(adapter_ids)} adapter ids for {len(prompts)} prompts")
+    if not prompts:
+        return []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[list[int] | None] = [None] * len(prompts)
     try:
         prefix = batch_prefix(model, prompts, adapter_ids)
     finally:
@@ -253,18 +409,12 @@ def generate(
         from tqdm import tqdm
 
         bar = tqdm(total=len(prompts), desc="answering", unit="q", leave=False)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        chunk_adapters = [adapter_ids[i] for i in chunk] if adapter_ids is not None else None
-        outs = generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, stop_ids or [], pad_id,
-                              chunk_adapters, prefix)
-        for i, o in zip(chunk, outs):
-            results[i] = o
+    try:
+        return decode_queue(model, prompts, order, max_new_tokens, stop_ids or [], pad_id, batch_size,
+                            adapter_ids, prefix, on_done=bar.update if bar else None)
+    finally:
         if bar:
-            bar.update(len(chunk))
-    if bar:
-        bar.close()
-    return results  # type: ignore[return-value]
+            bar.close()
 
 
 def main(argv: list[str] | None = None) -> None:
