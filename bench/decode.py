@@ -28,8 +28,8 @@ locomo
     `generate(batch_size=--locomo-batch-size)`. transformers: `AutoModelForCausalLM` from the
     same checkpoint directory + `peft.PeftModel.from_pretrained` on the same adapter files,
     `generate` greedy with the same `--locomo-max-new-tokens` and stop ids, at batch 1 and at
-    batch B (left padding + attention mask, in the same length-sorted batches lora-mem forms, so
-    both pad alike). transformers at batch 1 is slow on a CPU: it answers an evenly spaced subset
+    batch B (left padding + attention mask, in chunks of B of the length-sorted order lora-mem
+    takes the questions in, so both pad alike; lora-mem batches continuously, transformers does not). transformers at batch 1 is slow on a CPU: it answers an evenly spaced subset
     of `--hf-bs1-questions` questions and its rate is extrapolated to all of them (recorded:
     `measured_questions`, `extrapolated`). Reports questions/s of each, the ratios beside the
     goals (>= 10x transformers batch 1, >= 2x transformers at the same batch) and how many
@@ -444,7 +444,7 @@ def run_locomo(lm: LoadedModel, ref, args, device: torch.device, log,
     log(f"locomo: {n} questions from {data_path}, adapter {adapter_dir if source == 'given' else 'random'} "
         f"(r={cfg.rank}, alpha={cfg.alpha:g}), batch {B}, max_new_tokens {n_new}, stop at {stop}")
 
-    # transformers at batch B gets the batches lora-mem forms: prompts sorted by length (stable), in chunks of B.
+    # transformers at batch B gets the order lora-mem takes prompts in (sorted by length, stable), in chunks of B.
     order = sorted(range(n), key=lambda i: len(prompts[i]))
     subset = spread(n, args.hf_bs1_questions or n)
 
@@ -501,10 +501,11 @@ def run_locomo(lm: LoadedModel, ref, args, device: torch.device, log,
         "max_new_tokens": n_new,
         "stop_ids": list(stop),
         "repeats": 1,
-        "lora_mem_path": "load_model + lora_core load_adapter (unmerged LoRALinear) + generate(batch_size=B)",
+        "lora_mem_path": "load_model + lora_core load_adapter (unmerged LoRALinear) + generate(batch_size=B), "
+                         "continuous batching",
         "transformers_path": "AutoModelForCausalLM + peft PeftModel.from_pretrained(same adapter files); generate "
                              "greedy; batch 1 on the subset; batch B left-padded with an attention mask, in "
-                             "lora-mem's length-sorted batches",
+                             "chunks of B of lora-mem's length-sorted order",
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
         "lora_mem": side_row(ours_t, count(ours_out), n),
