@@ -268,6 +268,7 @@ class RowPool:
         self.mask[index, :lo] = False
         self.mask[index, lo:self.end] = mask
         self.positions[index] = positions
+        self.token[index] = first
         for i, r in enumerate(rows):
             self.prompt[r], self.adapter[r] = prompt_ids[i], adapter_ids[i] if adapter_ids is not None else 0
             self.start[r] = lo + int(mask[i].int().argmax())  # its first real slot (left pads are dead)
@@ -316,7 +317,8 @@ def decode_queue(
     adapters_changed = True
 
     def record(rows: list[int], tokens: list[int]) -> None:
-        """Append each row's new token; a row whose answer is complete becomes free."""
+        """Append each row's new token (also its next input, `pool.token`); a row whose answer is
+        complete becomes free."""
         finished = 0
         for r, t in zip(rows, tokens):
             i = pool.prompt[r]
@@ -326,7 +328,6 @@ def decode_queue(
                 pool.prompt[r], finished = -1, finished + 1
             else:
                 out[i].append(t)
-                pool.token[r] = t
         if finished and on_done is not None:
             on_done(finished)
 
@@ -346,11 +347,13 @@ def decode_queue(
                 pool.keep(live)
                 live = list(range(len(live)))
                 adapters_changed = True
-            pool.token[[r for r in range(len(pool.prompt)) if pool.prompt[r] < 0]] = pad_id
+            free = pool.free()
+            if free:  # free rows compute on pad tokens until a prompt takes their place
+                pool.token[free] = pad_id
             pool.positions += 1
-            next_token = pool.step(adapters_changed and adapter_ids is not None)
+            pool.token = pool.step(adapters_changed and adapter_ids is not None)
             adapters_changed = False
-            record(live, next_token[live].tolist())
+            record(live, pool.token[live].tolist())
     finally:
         if adapter_ids is not None:
             set_row_adapters(model, None)
