@@ -43,7 +43,7 @@ transformers runs under `torch.inference_mode()`; lora-mem is called exactly as 
 it. `torch` threads are left at their default and recorded, as are the CPU model, the load
 average at start and end (the machine may be shared), versions, git commit and the command line.
 
-`--profile`: one more lora-mem call of the batched workload (and one batch of the locomo workload)
+`--profile`: one more lora-mem call of the batched workload (and of the locomo workload's 4B shortest questions)
 under torch.profiler; the workload gets a `profile` section (top ops, self time by group: see
 bench.train_throughput.profile_ops).
 
@@ -532,8 +532,8 @@ def run_locomo(lm: LoadedModel, ref, args, device: torch.device, log,
     if args.profile:
         from bench.train_throughput import profile_ops
 
-        first = [prompts[i] for i in order[:B]]
-        row["profile"] = {"what": f"lora-mem generate of the {len(first)} shortest questions (one batch)",
+        first = [prompts[i] for i in order[:4 * B]]  # several batches' worth: rows are refilled
+        row["profile"] = {"what": f"lora-mem generate of the {len(first)} shortest questions at batch {B}",
                           **profile_ops(lambda: generate(model, first, n_new, stop_ids=stop, pad_id=pad, batch_size=B),
                                         1, device, label="generate")}
     return row
@@ -584,7 +584,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="locomo: transformers at batch 1 answers this many evenly spaced questions and its rate is "
                          "extrapolated (default 256; 0 or a value >= the question count: all; quick: all)")
     ap.add_argument("--profile", action="store_true",
-                    help="batched and locomo: profile one more lora-mem generate (one batch for locomo) with "
+                    help="batched and locomo: profile one more lora-mem generate (4 batches' worth for locomo) with "
                          "torch.profiler; top ops and grouped shares go into the workload's 'profile'")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for both sides (default: leave torch's default; recorded either way). "
