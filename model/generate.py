@@ -171,9 +171,10 @@ def batch_prefix(model, prompts: list[list[int]], adapter_ids: list[int] | None)
 
 # Continuous batching: a row whose answer is complete gives its place to the next prompt instead of
 # computing pad tokens until the whole batch is done. New prompts are prefilled together once this
-# fraction of the batch is free (a prefill of a few rows reads all the weights for little work, so
-# admitting one row at a time would cost more than the idle rows do).
-REFILL_FRACTION = 1 / 3
+# fraction of the batch is free: each prefill reads all the weights once, which costs about as much as
+# a decode step of a few rows, while a free row waiting for the group costs its share of every step.
+# Admitting one row at a time pays the first cost too often, half the batch the second.
+REFILL_FRACTION = 1 / 4
 # Columns no live row attends any more are cut off the caches once there are this many (a copy of the
 # live columns), so attention does not grow with the length of the whole run.
 TRIM_COLUMNS = 32
