@@ -165,8 +165,13 @@ def decode_step(model, token, positions, mask, kv_caches, cache_start: int) -> t
 
 
 def batch_prefix(model, prompts: list[list[int]], adapter_ids: list[int] | None) -> Prefix | None:
+    """The prompts' common head, computed once (None if they share none); row adapters are off after."""
     P = common_prefix_len(prompts) if len(prompts) > 1 else 0
-    return compute_prefix(model, prompts[0][:P], adapter_ids) if P else None
+    try:
+        return compute_prefix(model, prompts[0][:P], adapter_ids) if P else None
+    finally:
+        if adapter_ids is not None:
+            set_row_adapters(model, None)
 
 
 # Continuous batching: a row whose answer is complete gives its place to the next prompt instead of
@@ -178,6 +183,12 @@ REFILL_FRACTION = 1 / 4
 # Columns no live row attends any more are cut off the caches once there are this many (a copy of the
 # live columns), so attention does not grow with the length of the whole run.
 TRIM_COLUMNS = 32
+
+
+def row_slots(prefix: Prefix | None, prompt_len: int) -> int:
+    """Slots a prompt of this many tokens takes in its row: all of them, unless the prefix is a cascade
+    one (attended in place, outside the rows)."""
+    return prompt_len - (len(prefix) if prefix is not None and prefix.cascade else 0)
 
 
 class RowPool:
@@ -206,6 +217,7 @@ class RowPool:
     @property
     def capacity(self) -> int:
         return self.mask.shape[1]
+
 
     def live(self) -> list[int]:
         return [r for r, p in enumerate(self.prompt) if p >= 0]
@@ -250,9 +262,7 @@ class RowPool:
     def admit(self, rows: list[int], prompt_ids: list[int], prompts: list[list[int]],
               adapter_ids: list[int] | None) -> torch.Tensor:
         """Prefill these prompts (one batch) into these free rows; returns their first tokens (n,)."""
-        P = len(self.prefix) if self.prefix is not None else 0
-        cascade = self.prefix is not None and self.prefix.cascade
-        width = (0 if cascade else P) + max(len(p) for p in prompts) - P  # slots of the widest one
+        width = row_slots(self.prefix, max(len(p) for p in prompts))  # the widest prompt's slots
         self.make_room(0)  # cut dead columns first: the prompts may then fit before `end`
         if width > self.end:  # the prompts must end at `end`: move the rows right to make space before it
             by = width - self.end
@@ -307,11 +317,9 @@ def decode_queue(
     if max_new_tokens < 1 or not order:
         return [[] for _ in prompts]
     stop = set(stop_ids)
-    P = len(prefix) if prefix is not None else 0
-    cascade = prefix is not None and prefix.cascade
     n_rows = min(batch_size, len(order))
-    widest = max(len(prompts[i]) for i in order) - (P if cascade else 0)
-    pool = RowPool(model, n_rows, widest + max_new_tokens + TRIM_COLUMNS, prefix, pad_id)
+    widest = row_slots(prefix, max(len(prompts[i]) for i in order))
+    pool = RowPool(model, n_rows, widest + max_new_tokens + TRIM_COLUMNS, prefix, pad_id)  # room for any row
     refill_at = max(1, int(n_rows * REFILL_FRACTION))
     out: list[list[int]] = [[] for _ in prompts]
     queue = list(reversed(order))  # pop() takes the next prompt
@@ -371,11 +379,7 @@ def generate_batch(
     (lora_core.multi_adapter); None answers with the model as it is. `prefix`: a precomputed shared
     head of all prompts (default: computed here from the prompts' common head)."""
     if prefix is None:
-        try:
-            prefix = batch_prefix(model, prompts, adapter_ids)
-        finally:
-            if adapter_ids is not None:
-                set_row_adapters(model, None)
+        prefix = batch_prefix(model, prompts, adapter_ids)
     return decode_queue(model, prompts, list(range(len(prompts))), max_new_tokens, stop_ids, pad_id,
                         len(prompts), adapter_ids, prefix)
 
@@ -403,11 +407,7 @@ def generate(
     if not prompts:
         return []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    try:
-        prefix = batch_prefix(model, prompts, adapter_ids)
-    finally:
-        if adapter_ids is not None:
-            set_row_adapters(model, None)
+    prefix = batch_prefix(model, prompts, adapter_ids)
     bar = None
     if progress:
         from tqdm import tqdm
