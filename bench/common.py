@@ -73,6 +73,24 @@ def run_info(device: torch.device) -> dict:
     }
 
 
+def hf_config(c):
+    """A `transformers` config of the same shapes as lora-mem's ModelConfig `c` (bench/test-only reference): for
+    the randomly initialised presets (model.config.PRESETS), which have no checkpoint to load on the other side."""
+    import transformers
+
+    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                  num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                  num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
+                  rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
+                  max_position_embeddings=c.max_position_embeddings)
+    if c.model_type == "qwen2":  # q/k/v bias always, no o bias: what the preset says too
+        if not c.qkv_bias or c.o_bias:
+            raise ValueError(f"transformers' Qwen2 has q/k/v bias and no o bias; this config has "
+                             f"qkv_bias={c.qkv_bias}, o_bias={c.o_bias}")
+        return transformers.Qwen2Config(**common)
+    return transformers.LlamaConfig(**common, attention_bias=c.qkv_bias)
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 

@@ -3,7 +3,7 @@
 Same checkpoint, same machine, same dtype, same prompt token ids on both sides (the prompts are
 tokenised once, by lora-mem's tokenizer, and fed to transformers as tensors).
 
-Workloads (`--workloads`, comma-separated; default `single_stream,batched`; `all` adds `locomo`)
+Workloads (`--workloads`, comma-separated; default `single_stream,batched`; `all` adds `locomo`; `synthetic` alone)
 ---------
 single_stream
     Batch 1, a few chat prompts, exactly `--max-new-tokens` new tokens on both sides: EOS is
@@ -35,6 +35,15 @@ locomo
     goals (>= 10x transformers batch 1, >= 2x transformers at the same batch) and how many
     answers are identical token for token. Runs after the other workloads: it puts the adapter
     into both models.
+synthetic
+    The locomo workload's shape without its text or a tokenizer, for the randomly initialised presets
+    (`--model preset:qwen2.5-1.5b`: Qwen2.5-1.5B shapes, seeded, the same weights copied into transformers'
+    model; speed does not depend on the values): `--synthetic-questions` prompts of random token ids with
+    lengths spread over `--synthetic-prompt-tokens` (default 45-73, the default model's LoCoMo prompts),
+    every answer exactly `--synthetic-new-tokens` long (default 32, bench.locomo's cap; EOS disabled), a
+    random adapter (or `--adapter`) on both sides, batch `--batch-size`; the same sides, ratios and goals as
+    locomo. Answers of the cap's length make its time an upper bound for LoCoMo answering
+    (bench.project_locomo uses it so) and leave continuous batching nothing to refill early.
 
 Timing: one warm-up generate per side before each workload (excluded), then the median of
 `--repeats` (single-stream) / `--batched-repeats` (batched) timed runs, one timed run for locomo;
@@ -56,6 +65,7 @@ atomically, plus a small table on stdout.
     python -m bench.decode --device cuda --batch-size 64 --num-prompts 256
     LOCOMO_DATA=../shared/data/locomo/locomo10.json python -m bench.decode --workloads locomo \\
         --adapter runs/locomo-r8/adapters/conv-26       # -> bench/results/decode_cpu_locomo.json
+    python -m bench.decode --model preset:qwen2.5-1.5b --workloads synthetic --hf-bs1-questions 64   # on a GPU
 
 transformers and peft are bench/test-only references: imported here, never from model/ or kernels/.
 """
@@ -79,7 +89,10 @@ import model.generate as gen
 from model.generate import generate
 from model.loader import LoadedModel, load_model
 
-WORKLOADS = ("single_stream", "batched", "locomo")
+WORKLOADS = ("single_stream", "batched", "synthetic", "locomo")
+# What a randomly initialised preset (`--model preset:NAME`, no tokenizer) can run.
+TOKENIZER_FREE_WORKLOADS = ("synthetic",)
+PRESET_PREFIX = "preset:"
 DEFAULT_WORKLOADS = "single_stream,batched"
 # The issue's goals for the LoCoMo answering workload, printed beside the measured ratios.
 LOCOMO_GOALS = {"vs_transformers_batch1": 10.0, "vs_transformers_batched": 2.0}
@@ -165,6 +178,35 @@ def load_reference(path: Path, device: torch.device, dtype: torch.dtype):
     ref = AutoModelForCausalLM.from_pretrained(str(path), **{dtype_kw: dtype})
     ref.to(device).eval().requires_grad_(False)
     return ref
+
+
+def load_random_preset(name: str, device: str | None, dtype: str | None, seed: int = 0):
+    """(lora-mem model, transformers model) of the preset shapes `name` (model.config.PRESETS), randomly initialised
+    (seeded) with the same weights on both sides: speed does not depend on the values, and a hub checkpoint cannot
+    be downloaded everywhere. No tokenizer (`lm.tokenizer` is None): only the synthetic workload runs."""
+    from transformers import AutoModelForCausalLM
+
+    from bench.common import hf_config
+    from model.config import PRESETS
+    from model.loader import parse_dtype
+    from model.qwen2 import Qwen2ForCausalLM
+
+    cfg = PRESETS[name]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = parse_dtype(dtype, dev)
+    with dev:
+        model = Qwen2ForCausalLM(cfg)
+        model.init_weights(generator=torch.Generator(dev).manual_seed(seed))
+        model.to(dt).requires_grad_(False).eval()
+        ref = AutoModelForCausalLM.from_config(hf_config(cfg)).to(dt)
+    missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]:
+        raise RuntimeError(f"preset {name}: parameter names differ from transformers' (missing {missing}, "
+                           f"unexpected {unexpected})")
+    if cfg.tie_word_embeddings:
+        ref.tie_weights()
+    ref.eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=None, config=cfg, path=None, name=f"{PRESET_PREFIX}{name}"), ref
 
 
 def cut_at_stop(row: list[int], stop_ids: list[int]) -> list[int]:
@@ -414,39 +456,16 @@ def check_locomo_inputs(args) -> tuple[Path, list]:
     return data_path, questions
 
 
-def run_locomo(lm: LoadedModel, ref, args, device: torch.device, log,
-               inputs: tuple[Path, list] | None = None) -> dict:
-    """The LoCoMo answering workload with one adapter (see the module docstring). Leaves the adapter
-    in `lm.model` (lora_core LoRA layers) and `ref` (peft layers): run it last."""
-    from bench.locomo import QUESTION_TEMPLATE
-    from lora_core.adapter_io import load_adapter
-
-    tok, model = lm.tokenizer, lm.model
-    data_path, questions = inputs or check_locomo_inputs(args)
-    prompts = [tok.encode_chat([{"role": "user", "content": QUESTION_TEMPLATE.format(question=q.question)}])
-               for q in questions]
-    B, n_new, stop, pad = args.locomo_batch_size, args.locomo_max_new_tokens, tok.stop_ids, tok.pad_id
+def answer_with_adapter(model, peft_ref, prompts: list[list[int]], B: int, n_new: int, stop: list[int], pad: int,
+                        hf_bs1_questions: int, device: torch.device, log) -> tuple[dict, list, list]:
+    """Questions answered with an adapter on both sides, timed once each: lora-mem generate(batch_size=B) (continuous
+    batching), transformers+peft at batch 1 on an evenly spaced subset (`hf_bs1_questions`, 0: all; its rate
+    extrapolated) and at batch B. Returns (the rows, ratios and goals; lora-mem's answers; transformers' batch-B
+    answers)."""
     n = len(prompts)
-    limit = lm.config.max_position_embeddings
-    if max(map(len, prompts)) + n_new > limit:
-        raise SystemExit(f"error: a LoCoMo prompt of {max(map(len, prompts))} tokens + {n_new} new tokens exceeds "
-                         f"the model's {limit} positions")
-
-    with tempfile.TemporaryDirectory(prefix="decode-adapter-") as tmp:
-        if args.adapter:
-            adapter_dir, source = Path(args.adapter), "given"
-        else:
-            adapter_dir = random_adapter(lm, args.random_adapter_rank, Path(tmp) / "adapter",
-                                         b_std=args.random_adapter_b_std)
-            source = "random"
-        cfg = load_adapter(model, adapter_dir)  # unmerged LoRALinear layers, as bench.locomo answers
-        peft_ref = load_peft_reference(ref, adapter_dir, device)
-    log(f"locomo: {n} questions from {data_path}, adapter {adapter_dir if source == 'given' else 'random'} "
-        f"(r={cfg.rank}, alpha={cfg.alpha:g}), batch {B}, max_new_tokens {n_new}, stop at {stop}")
-
     # transformers at batch B gets the order lora-mem takes prompts in (sorted by length, stable), in chunks of B.
     order = sorted(range(n), key=lambda i: len(prompts[i]))
-    subset = spread(n, args.hf_bs1_questions or n)
+    subset = spread(n, hf_bs1_questions or n)
 
     def ours():
         return generate(model, prompts, n_new, stop_ids=stop, pad_id=pad, batch_size=B)
@@ -472,7 +491,6 @@ def run_locomo(lm: LoadedModel, ref, args, device: torch.device, log,
         ((t, out),) = timed([fn], 1, device)
         sides[name] = (t, out)
         log(f"  {name:<28}{t[0]:8.2f} s")
-
     (ours_t, ours_out), (hf1_t, hf1_out), (hfb_t, hfb_out) = (sides[k] for k in sides)
 
     def count(outs):
@@ -485,27 +503,16 @@ def run_locomo(lm: LoadedModel, ref, args, device: torch.device, log,
                     "subset": "all questions" if k == n else f"{k} evenly spaced questions of {n} (index i*{n}//{k})",
                     "seconds_all_questions_extrapolated": round(hf1_row["seconds_median"] * n / k, 2)})
     row = {
-        "workload": "locomo",
-        "data": str(data_path),
-        "questions": n,
-        "categories": {str(c): sum(q.category == c for q in questions) for c in sorted({q.category for q in questions})},
-        "question_template": QUESTION_TEMPLATE,
-        "adapter": {"source": source, "path": str(adapter_dir) if source == "given" else None,
-                    "rank": cfg.rank, "alpha": cfg.alpha, "use_rslora": cfg.use_rslora,
-                    "target_modules": cfg.target_modules,
-                    **({"seed": 0, "init": f"A ~ N(0, 1/in), B ~ N(0, {args.random_adapter_b_std:g}^2)"}
-                       if source == "random" else {})},
         "batch_size": B,
         "prompt_tokens": {"min": min(map(len, prompts)), "max": max(map(len, prompts)),
                           "mean": round(sum(map(len, prompts)) / n, 1)},
         "max_new_tokens": n_new,
         "stop_ids": list(stop),
         "repeats": 1,
-        "lora_mem_path": "load_model + lora_core load_adapter (unmerged LoRALinear) + generate(batch_size=B), "
-                         "continuous batching",
-        "transformers_path": "AutoModelForCausalLM + peft PeftModel.from_pretrained(same adapter files); generate "
-                             "greedy; batch 1 on the subset; batch B left-padded with an attention mask, in "
-                             "chunks of B of lora-mem's length-sorted order",
+        "lora_mem_path": "lora_core load_adapter (unmerged LoRALinear) + generate(batch_size=B), continuous batching",
+        "transformers_path": "peft PeftModel.from_pretrained(same adapter files); generate greedy; batch 1 on the "
+                             "subset; batch B left-padded with an attention mask, in chunks of B of lora-mem's "
+                             "length-sorted order",
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
         "lora_mem": side_row(ours_t, count(ours_out), n),
@@ -516,6 +523,77 @@ def run_locomo(lm: LoadedModel, ref, args, device: torch.device, log,
         "answers_compared_transformers_batch1": k,
         "answers_identical_transformers_batched": sum(a == b for a, b in zip(ours_out, hfb_out)),
         "answers_compared_transformers_batched": n,
+    }
+    q = row["lora_mem"]["questions_per_s"]
+    row["ratio_vs_transformers_batch1"] = ratio(q, hf1_row["questions_per_s"])
+    row["ratio_vs_transformers_batched"] = ratio(q, row["transformers_peft_batched"]["questions_per_s"])
+    row["goals"] = dict(LOCOMO_GOALS)
+    for peer, goal in LOCOMO_GOALS.items():
+        row[f"meets_goal_{peer}"] = (row[f"ratio_{peer}"] or 0) >= goal
+    return row, ours_out, hfb_out
+
+
+def adapter_for(lm: LoadedModel, ref, args, tmp: str, device: torch.device) -> tuple[dict, object]:
+    """--adapter DIR, or a seeded random one saved under `tmp`, loaded into lm.model (lora_core, unmerged) and
+    into `ref` through peft. Returns (what the results file says about it, the peft model)."""
+    from lora_core.adapter_io import load_adapter
+
+    if args.adapter:
+        adapter_dir, source = Path(args.adapter), "given"
+    else:
+        adapter_dir = random_adapter(lm, args.random_adapter_rank, Path(tmp) / "adapter",
+                                     b_std=args.random_adapter_b_std)
+        source = "random"
+    cfg = load_adapter(lm.model, adapter_dir)  # unmerged LoRALinear layers, as bench.locomo answers
+    peft_ref = load_peft_reference(ref, adapter_dir, device)
+    info = {"source": source, "path": str(adapter_dir) if source == "given" else None,
+            "rank": cfg.rank, "alpha": cfg.alpha, "use_rslora": cfg.use_rslora, "target_modules": cfg.target_modules,
+            **({"seed": 0, "init": f"A ~ N(0, 1/in), B ~ N(0, {args.random_adapter_b_std:g}^2)"}
+               if source == "random" else {})}
+    return info, peft_ref
+
+
+def add_profile(row: dict, model, prompts: list[list[int]], B: int, n_new: int, stop: list[int], pad: int,
+                device: torch.device) -> None:
+    """--profile: lora-mem's generate of the 4B shortest prompts (several batches' worth: rows are refilled)."""
+    from bench.train_throughput import profile_ops
+
+    first = sorted(prompts, key=len)[:4 * B]
+    row["profile"] = {"what": f"lora-mem generate of the {len(first)} shortest questions at batch {B}",
+                      **profile_ops(lambda: generate(model, first, n_new, stop_ids=stop, pad_id=pad, batch_size=B),
+                                    1, device, label="generate")}
+
+
+def run_locomo(lm: LoadedModel, ref, args, device: torch.device, log,
+               inputs: tuple[Path, list] | None = None) -> dict:
+    """The LoCoMo answering workload with one adapter (see the module docstring). Leaves the adapter
+    in `lm.model` (lora_core LoRA layers) and `ref` (peft layers): run it last."""
+    from bench.locomo import QUESTION_TEMPLATE
+
+    tok, model = lm.tokenizer, lm.model
+    data_path, questions = inputs or check_locomo_inputs(args)
+    prompts = [tok.encode_chat([{"role": "user", "content": QUESTION_TEMPLATE.format(question=q.question)}])
+               for q in questions]
+    B, n_new, stop, pad = args.locomo_batch_size, args.locomo_max_new_tokens, tok.stop_ids, tok.pad_id
+    n = len(prompts)
+    limit = lm.config.max_position_embeddings
+    if max(map(len, prompts)) + n_new > limit:
+        raise SystemExit(f"error: a LoCoMo prompt of {max(map(len, prompts))} tokens + {n_new} new tokens exceeds "
+                         f"the model's {limit} positions")
+    with tempfile.TemporaryDirectory(prefix="decode-adapter-") as tmp:
+        adapter, peft_ref = adapter_for(lm, ref, args, tmp, device)
+    log(f"locomo: {n} questions from {data_path}, adapter {adapter['path'] or 'random'} "
+        f"(r={adapter['rank']}, alpha={adapter['alpha']:g}), batch {B}, max_new_tokens {n_new}, stop at {stop}")
+    sides, ours_out, hfb_out = answer_with_adapter(model, peft_ref, prompts, B, n_new, stop, pad,
+                                                   args.hf_bs1_questions, device, log)
+    row = {
+        "workload": "locomo",
+        "data": str(data_path),
+        "questions": n,
+        "categories": {str(c): sum(q.category == c for q in questions) for c in sorted({q.category for q in questions})},
+        "question_template": QUESTION_TEMPLATE,
+        "adapter": adapter,
+        **sides,
         "sample_answers": [{"question": q.question, "answer": tok.decode(o).strip()}
                            for q, o in list(zip(questions, ours_out))[:3]],
     }
@@ -523,19 +601,47 @@ def run_locomo(lm: LoadedModel, ref, args, device: torch.device, log,
     row["differing_answers_batched"] = [
         {"question": questions[i].question, "lora_mem": tok.decode(ours_out[i]).strip(),
          "transformers_peft_batched": tok.decode(hfb_out[i]).strip()} for i in differing[:5]]
-    q = row["lora_mem"]["questions_per_s"]
-    row["ratio_vs_transformers_batch1"] = ratio(q, hf1_row["questions_per_s"])
-    row["ratio_vs_transformers_batched"] = ratio(q, row["transformers_peft_batched"]["questions_per_s"])
-    row["goals"] = dict(LOCOMO_GOALS)
-    for peer, goal in LOCOMO_GOALS.items():
-        row[f"meets_goal_{peer}"] = (row[f"ratio_{peer}"] or 0) >= goal
     if args.profile:
-        from bench.train_throughput import profile_ops
+        add_profile(row, model, prompts, B, n_new, stop, pad, device)
+    return row
 
-        first = [prompts[i] for i in order[:4 * B]]  # several batches' worth: rows are refilled
-        row["profile"] = {"what": f"lora-mem generate of the {len(first)} shortest questions at batch {B}",
-                          **profile_ops(lambda: generate(model, first, n_new, stop_ids=stop, pad_id=pad, batch_size=B),
-                                        1, device, label="generate")}
+
+def synthetic_prompts(n: int, lengths: tuple[int, int], vocab: int, seed: int = 0) -> list[list[int]]:
+    """`n` prompts of seeded random token ids, lengths lo, lo+1, ..., hi, lo, ... in turn."""
+    lo, hi = lengths
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (lo + i % (hi - lo + 1),), generator=g).tolist() for i in range(n)]
+
+
+def run_synthetic(lm: LoadedModel, ref, args, device: torch.device, log) -> dict:
+    """The LoCoMo answering workload's shape without its text: for models with no tokenizer (the random presets,
+    e.g. Qwen2.5-1.5B shapes on a GPU) or no data. `--synthetic-questions` prompts of random token ids, lengths
+    spread over `--synthetic-prompt-tokens` (default 45-73: the LoCoMo chat prompts of the default model), every
+    answer exactly `--synthetic-new-tokens` long (EOS disabled: random weights never choose to stop), an adapter
+    on both sides as in the locomo workload. Every answer has the cap's length, where real ones stop early, so as a
+    projection of LoCoMo answering its time is an upper bound, and lora-mem's refills gain nothing over
+    transformers' fixed batches here."""
+    vocab = lm.config.vocab_size
+    prompts = synthetic_prompts(args.synthetic_questions, args.synthetic_prompt_tokens, vocab)
+    B, n_new, stop, pad = args.batch_size, args.synthetic_new_tokens, [], 0
+    if args.synthetic_prompt_tokens[1] + n_new > lm.config.max_position_embeddings:
+        raise SystemExit(f"error: --synthetic-prompt-tokens up to {args.synthetic_prompt_tokens[1]} + "
+                         f"{n_new} new tokens exceeds the model's {lm.config.max_position_embeddings} positions")
+    with tempfile.TemporaryDirectory(prefix="decode-adapter-") as tmp:
+        adapter, peft_ref = adapter_for(lm, ref, args, tmp, device)
+    log(f"synthetic: {len(prompts)} prompts of {args.synthetic_prompt_tokens[0]}-{args.synthetic_prompt_tokens[1]} "
+        f"random token ids, {n_new} new tokens each (EOS disabled), adapter {adapter['path'] or 'random'} "
+        f"(r={adapter['rank']}), batch {B}")
+    sides, ours_out, _ = answer_with_adapter(model=lm.model, peft_ref=peft_ref, prompts=prompts, B=B, n_new=n_new,
+                                             stop=stop, pad=pad, hf_bs1_questions=args.hf_bs1_questions,
+                                             device=device, log=log)
+    row = {"workload": "synthetic", "questions": len(prompts),
+           "prompts": f"seeded random token ids (seed 0) in [0, {vocab}), lengths "
+                      f"{args.synthetic_prompt_tokens[0]}..{args.synthetic_prompt_tokens[1]} in turn",
+           "eos": "disabled (stop_ids=[] / eos_token_id=None): every answer is max_new_tokens long",
+           "adapter": adapter, **sides}
+    if args.profile:
+        add_profile(row, lm.model, prompts, B, n_new, stop, pad, device)
     return row
 
 
@@ -548,7 +654,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.decode",
         description="Greedy decoding speed of lora-mem vs transformers generate (same model, dtype, machine).",
     )
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, checkpoint dir or hub id")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help="packaged name, checkpoint dir or hub id; or preset:NAME, randomly initialised shapes of "
+                         "model.config.PRESETS (e.g. preset:qwen2.5-1.5b; synthetic workload only)"),
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--workloads", default=None,
@@ -580,6 +688,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "bench.locomo --answer-batch-size; quick 8)")
     ap.add_argument("--locomo-max-new-tokens", type=int, default=None,
                     help="locomo: max new tokens per answer (default 32, as bench.locomo; quick 8)")
+    ap.add_argument("--synthetic-questions", type=int, default=1540,
+                    help="synthetic: number of prompts (default 1540, LoCoMo's questions of categories 1-4)")
+    ap.add_argument("--synthetic-prompt-tokens", default="45-73",
+                    help="synthetic: prompt lengths LO-HI, in turn (default 45-73: the default model's LoCoMo prompts)")
+    ap.add_argument("--synthetic-new-tokens", type=int, default=32,
+                    help="synthetic: new tokens per answer, EOS disabled (default 32, bench.locomo's cap)")
     ap.add_argument("--hf-bs1-questions", type=int, default=None,
                     help="locomo: transformers at batch 1 answers this many evenly spaced questions and its rate is "
                          "extrapolated (default 256; 0 or a value >= the question count: all; quick: all)")
@@ -618,21 +732,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.workload is not None:
         args.workloads = {"all": DEFAULT_WORKLOADS, "single": "single_stream", "batched": "batched"}[args.workload]
     names = [w.strip() for w in (args.workloads or DEFAULT_WORKLOADS).split(",") if w.strip()]
-    if names == ["all"]:
-        names = list(WORKLOADS)
+    if names == ["all"]:  # every workload of a real checkpoint (synthetic is for models without a tokenizer)
+        names = [w for w in WORKLOADS if w != "synthetic"]
     unknown = [w for w in names if w not in WORKLOADS]
     if unknown or not names:
         ap.error(f"--workloads: unknown {unknown} (choose from {', '.join(WORKLOADS)} or all)")
-    args.workloads = [w for w in WORKLOADS if w in names]  # locomo last: it leaves the adapter in both models
+    args.workloads = [w for w in WORKLOADS if w in names]  # adapter workloads last: they leave it in both models
+    if "synthetic" in args.workloads and "locomo" in args.workloads:
+        ap.error("--workloads: synthetic and locomo each put an adapter into both models; run them separately")
+    if args.model.startswith(PRESET_PREFIX):
+        from model.config import PRESETS
+
+        if args.model[len(PRESET_PREFIX):] not in PRESETS:
+            ap.error(f"--model {args.model}: unknown preset (choose from {', '.join(PRESETS)})")
+        if args.workloads != list(TOKENIZER_FREE_WORKLOADS):
+            ap.error(f"--model {args.model} is random weights with no tokenizer: only --workloads synthetic runs on it")
+    try:
+        lo, hi = (int(x) for x in args.synthetic_prompt_tokens.split("-"))
+    except ValueError:
+        ap.error(f"--synthetic-prompt-tokens {args.synthetic_prompt_tokens!r}: expected LO-HI, e.g. 45-73")
+    if not 1 <= lo <= hi:
+        ap.error(f"--synthetic-prompt-tokens {args.synthetic_prompt_tokens!r}: need 1 <= LO <= HI")
+    args.synthetic_prompt_tokens = (lo, hi)
+    for k in ("synthetic_questions", "synthetic_new_tokens"):
+        if getattr(args, k) < 1:
+            ap.error(f"--{k.replace('_', '-')} must be >= 1")
     del args.workload
     return args
 
 
 def print_locomo(w: dict) -> None:
+    """The locomo and synthetic workloads (answering with an adapter)."""
     B, n = w["batch_size"], w["questions"]
     h1 = w["transformers_peft_batch1"]
     a = w["adapter"]
-    print(f"locomo ({n} q, <= {w['max_new_tokens']} tok, adapter {a['source']} r={a['rank']})")
+    length = f"<= {w['max_new_tokens']}" if w["workload"] == "locomo" else f"exactly {w['max_new_tokens']}"
+    print(f"{w['workload']} ({n} q, {length} tok, adapter {a['source']} r={a['rank']})")
     rows = [(f"lora-mem bs {B}", w["lora_mem"], None, None),
             (f"transformers+peft bs 1{' *' if h1['extrapolated'] else ''}", h1, w["ratio_vs_transformers_batch1"],
              w["goals"]["vs_transformers_batch1"]),
@@ -656,7 +791,7 @@ def print_table(result: dict) -> None:
           f"load {result['loadavg_start']} -> {result['loadavg_end']})")
     print(f"{'workload':<34}{'seconds':>10}{'tokens/s':>12}{'questions/s':>13}{'ratio':>9}")
     for w in result["workloads"]:
-        if w["workload"] == "locomo":
+        if w["workload"] in ("locomo", "synthetic"):
             print_locomo(w)
             continue
         if w["workload"] == "single_stream":
@@ -708,13 +843,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(msg, file=sys.stderr, flush=True)
 
     locomo_inputs = check_locomo_inputs(args) if "locomo" in args.workloads else None
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.model.startswith(PRESET_PREFIX):
+        lm, ref = load_random_preset(args.model[len(PRESET_PREFIX):], args.device, args.dtype)
+    else:
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
+        ref = load_reference(lm.path, lm.model.lm_head.weight.device, lm.model.lm_head.weight.dtype)
     device = lm.model.lm_head.weight.device
     dtype = lm.model.lm_head.weight.dtype
-    ref = load_reference(lm.path, device, dtype)
-    log(f"loaded {args.model} ({lm.path}) on {device} in {str(dtype).removeprefix('torch.')}")
+    log(f"loaded {args.model} ({lm.path or 'random weights'}) on {device} in {str(dtype).removeprefix('torch.')}")
 
-    run = {"single_stream": run_single_stream, "batched": run_batched,
+    run = {"single_stream": run_single_stream, "batched": run_batched, "synthetic": run_synthetic,
            "locomo": lambda *a: run_locomo(*a, inputs=locomo_inputs)}
     workloads = [run[w](lm, ref, args, device, log) for w in args.workloads]
 
@@ -726,7 +864,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command,
         "quick": args.quick,
         "model": args.model,
-        "checkpoint": str(lm.path),
+        "checkpoint": str(lm.path) if lm.path else "none: random weights (seed 0), the same on both sides",
         "device": slug,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "dtype": str(dtype).removeprefix("torch."),

@@ -44,7 +44,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import atomic_write_json, device_slug, run_info
+from bench.common import atomic_write_json, device_slug, hf_config, run_info
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("lora-mem", "lora-mem-full-logits", "peft")
@@ -104,14 +104,8 @@ def build_peft(model_name: str, dtype: torch.dtype, device: torch.device, rank: 
     from peft import LoraConfig, get_peft_model
 
     if model_name.startswith("preset:"):
-        c = model_config(model_name)
-        cfg = transformers.Qwen2Config(
-            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
-            tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=c.max_position_embeddings)
         with device:
-            model = transformers.Qwen2ForCausalLM(cfg).to(dtype)
+            model = transformers.AutoModelForCausalLM.from_config(hf_config(model_config(model_name))).to(dtype)
     else:
         from model.loader import resolve_checkpoint
 

@@ -179,3 +179,70 @@ def test_workload_selection_and_names():
     assert default_out_name("cpu", ["single_stream", "batched"], False) == "decode_cpu.json"
     assert default_out_name("cpu", ["locomo"], True) == "decode_cpu_locomo_quick.json"
     assert spread(10, 3) == [0, 3, 6] and spread(4, 9) == [0, 1, 2, 3]
+
+
+@pytest.fixture()
+def tiny_preset(monkeypatch):
+    """A tiny entry in model.config.PRESETS: the random-weights path of --model preset:NAME, at test size."""
+    from model.config import PRESETS, ModelConfig
+
+    cfg = ModelConfig(model_type="qwen2", vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                      rope_theta=1e4, max_position_embeddings=128, tie_word_embeddings=True, qkv_bias=True,
+                      o_bias=False, bos_token_id=None, eos_token_ids=(2,))
+    monkeypatch.setitem(PRESETS, "tiny-test", cfg)
+    return cfg
+
+
+def test_random_preset_is_the_same_model_on_both_sides(tiny_preset):
+    import torch
+
+    from bench.decode import load_random_preset
+
+    lm, ref = load_random_preset("tiny-test", "cpu", None)
+    assert lm.tokenizer is None and lm.path is None and lm.name == "preset:tiny-test"
+    ids = torch.randint(0, tiny_preset.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = lm.model(ids)
+        theirs = ref(input_ids=ids).logits
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)  # every weight copied, the head tied on both
+    lm2, _ = load_random_preset("tiny-test", "cpu", None)
+    assert all(torch.equal(a, b) for a, b in zip(lm.model.state_dict().values(), lm2.model.state_dict().values()))
+
+
+def test_synthetic_workload_on_a_random_preset(tiny_preset, tmp_path):
+    out = tmp_path / "synthetic.json"
+    r = main(["--model", "preset:tiny-test", "--device", "cpu", "--workloads", "synthetic",
+              "--synthetic-questions", "10", "--synthetic-prompt-tokens", "5-8", "--synthetic-new-tokens", "5",
+              "--batch-size", "4", "--hf-bs1-questions", "3", "--random-adapter-b-std", "0.3", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    assert r["model"] == "preset:tiny-test" and r["checkpoint"].startswith("none: random weights")
+    (w,) = r["workloads"]
+    assert w["workload"] == "synthetic" and w["questions"] == 10 and w["batch_size"] == 4
+    assert w["prompt_tokens"] == {"min": 5, "max": 8, "mean": 6.3}  # 5,6,7,8,5,6,7,8,5,6
+    assert w["stop_ids"] == [] and w["max_new_tokens"] == 5
+    # EOS disabled: every answer is exactly the cap on every side
+    assert w["lora_mem"]["generated_tokens"] == 50 == w["transformers_peft_batched"]["generated_tokens"]
+    assert w["transformers_peft_batch1"]["generated_tokens"] == 15 and w["transformers_peft_batch1"]["extrapolated"]
+    assert w["adapter"]["source"] == "random" and w["adapter"]["rank"] == 8
+    # fp32 greedy on the same weights and adapter: the same answers
+    assert w["answers_identical_transformers_batch1"] == 3 and w["answers_identical_transformers_batched"] == 10
+    assert w["ratio_vs_transformers_batched"] > 0 and set(w["goals"]) == {"vs_transformers_batch1",
+                                                                           "vs_transformers_batched"}
+
+
+def test_synthetic_prompts_and_argument_errors(tiny_preset):
+    from bench.decode import synthetic_prompts
+
+    p = synthetic_prompts(7, (3, 5), vocab=50)
+    assert [len(x) for x in p] == [3, 4, 5, 3, 4, 5, 3] and all(0 <= t < 50 for x in p for t in x)
+    assert p == synthetic_prompts(7, (3, 5), vocab=50)  # seeded
+    assert parse_args(["--workloads", "synthetic"]).synthetic_prompt_tokens == (45, 73)
+    for bad in (["--model", "preset:tiny-test"],  # default workloads need a tokenizer
+                ["--model", "preset:nope", "--workloads", "synthetic"],
+                ["--workloads", "synthetic,locomo"],
+                ["--workloads", "synthetic", "--synthetic-prompt-tokens", "9-3"],
+                ["--workloads", "synthetic", "--synthetic-prompt-tokens", "many"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
