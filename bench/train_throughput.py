@@ -380,7 +380,7 @@ def run_side_subprocess(argv: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--setup", choices=sorted(SETUPS), default=None, help="cpu or gpu (default: gpu if CUDA is available)")
     ap.add_argument("--model", default=None, help="override the setup's model (packaged name, dir, or preset:NAME)")
@@ -410,6 +410,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--device", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     if args.worker and args.side == "floor":  # the step's floor (bench.step_floor), one batch size
