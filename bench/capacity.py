@@ -359,21 +359,34 @@ def base_by_size(out: Path, sizes: list[int]) -> dict[int, dict]:
 # Summary: table, plot, results file
 # ---------------------------------------------------------------------------------------------
 
-def format_table(cells: list[dict], ranks: list[int], sizes: list[int], base: dict[int, dict] | None) -> str:
+def rank_curves(cells: list[dict], ranks: list[int]) -> list[tuple[str, list[dict]]]:
+    """One (label, cells by fact count) curve per rank."""
+    return [(f"r={r}", sorted((c for c in cells if c["rank"] == r), key=lambda c: c["n_facts"])) for r in ranks]
+
+
+def format_table(curves: list[tuple[str, list[dict]]], sizes: list[int], base: dict | None) -> str:
+    """Markdown: exact-match recall (%) of each curve at each fact count ('-' where a curve has no cell); `base`
+    maps a fact count (int or str) to the base model's scores."""
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
 
-    by = {(c["rank"], c["n_facts"]): c for c in cells}
     lines = ["| exact-match recall (%) | " + " | ".join(f"{n:,d} facts" for n in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     if base:
-        lines.append("| base (no adapter) | " + " | ".join(pct(base[n]["exact_match"]) for n in sizes) + " |")
-    for r in ranks:
-        lines.append(f"| r={r} | " + " | ".join(pct(by[(r, n)].get("exact_match")) for n in sizes) + " |")
+        b = {int(k): v for k, v in base.items()}
+        lines.append("| base (no adapter) | " + " | ".join(pct(b[n]["exact_match"] if n in b else None)
+                                                           for n in sizes) + " |")
+    for label, cells in curves:
+        by_n = {c["n_facts"]: c for c in cells}
+        lines.append(f"| {label} | " + " | ".join(pct(by_n[n].get("exact_match") if n in by_n else None)
+                                                  for n in sizes) + " |")
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> Path | None:
+def plot_curves(curves: list[tuple[str, list[dict]]], sizes: list[int], base: dict | None, title: str,
+                path: Path, styles: list[dict] | None = None) -> Path | None:
+    """Recall (%) and facts recalled against facts trained, one line per curve (`styles`: matplotlib keyword
+    arguments per curve, e.g. a colour per rank); None without matplotlib."""
     try:
         import matplotlib
 
@@ -382,20 +395,19 @@ def plot(results: dict, path: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install 'lora-mem[plot]')", file=sys.stderr)
         return None
-    sizes = results["grid"]["facts"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    base = results.get("base_by_facts")
     if base:
-        ax1.plot(sizes, [100 * base[str(n)]["exact_match"] for n in sizes], "k--", marker=".",
-                 label="base (no adapter)")
-    for r in results["grid"]["ranks"]:
-        cells = sorted((c for c in results["cells"] if c["rank"] == r and c.get("exact_match") is not None),
-                       key=lambda c: c["n_facts"])
+        b = {int(k): v for k, v in base.items()}
+        xs = [n for n in sizes if n in b]
+        ax1.plot(xs, [100 * b[n]["exact_match"] for n in xs], "k--", marker=".", label="base (no adapter)")
+    for i, (label, cells) in enumerate(curves):
+        style = {"marker": "o", **(styles[i] if styles else {})}
+        cells = [c for c in cells if c.get("exact_match") is not None]
         xs = [c["n_facts"] for c in cells]
-        line, = ax1.plot(xs, [100 * c["exact_match"] for c in cells], marker="o", label=f"r={r}")
+        line, = ax1.plot(xs, [100 * c["exact_match"] for c in cells], label=label, **style)
         pos = [(x, c["facts_recalled"]) for x, c in zip(xs, cells) if c["facts_recalled"] > 0]
         if pos:
-            ax2.plot(*zip(*pos), marker="o", color=line.get_color(), label=f"r={r}")
+            ax2.plot(*zip(*pos), label=label, **{**style, "color": line.get_color()})
     ax1.set(xscale="log", xlabel="facts trained", ylabel="exact-match recall (%)", ylim=(-3, 103),
             title="recall after training")
     ax2.plot(sizes, sizes, color="0.7", lw=1, label="all recalled")
@@ -413,14 +425,23 @@ def plot(results: dict, path: Path) -> Path | None:
     ax2.set_yticks(sizes)
     ax2.yaxis.set_major_formatter(plain)
     ax2.yaxis.set_minor_formatter(NullFormatter())
-    s = results["settings"]
-    fig.suptitle(f"LoRA capacity: {s['model']} ({results['device_type']}, {results['dtype']}), "
-                 f"{s['epochs']}+ epochs, lr {s['lr']:g}, {s['train_format']}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_title(results: dict) -> str:
+    s = results["settings"]
+    return (f"LoRA capacity: {s['model']} ({results['device_type']}, {results['dtype']}), "
+            f"{s['epochs']}+ epochs, lr {s['lr']:g}, {s['train_format']}")
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    return plot_curves(rank_curves(results["cells"], results["grid"]["ranks"]), results["grid"]["facts"],
+                       results.get("base_by_facts"), plot_title(results), path)
 
 
 def capacity_summary(cells: list[dict], ranks: list[int], threshold: float = 0.9) -> dict:
@@ -465,7 +486,7 @@ def summarise(out: Path, lm: LoadedModel, args, settings: dict, info: dict, wall
     }
     results = json.loads(json.dumps(results, default=str))  # what the file holds (str keys)
     atomic_write_json(out / "results.json", results)
-    table = format_table(cells, args.ranks, args.facts, base)
+    table = format_table(rank_curves(cells, args.ranks), args.facts, base)
     atomic_write_text(out / "table.md", table + "\n")
     png = plot(results, out / "capacity.png")
     if args.results_file:
