@@ -19,12 +19,11 @@ table) and <out>.png (the plot, with matplotlib).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from bench.capacity import format_table, plot_curves
-from bench.common import atomic_write_json, atomic_write_text, git_commit
+from bench.common import atomic_write_json, atomic_write_text, git_commit, read_results_json
 
 # Settings under which cells from different files measure the same thing; a file differing in one is refused.
 MUST_AGREE = ("model", "dtype", "seed", "attributes", "question_template")
@@ -37,12 +36,7 @@ class CombineError(ValueError):
 
 
 def load(path: Path) -> dict:
-    try:
-        r = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CombineError(f"{path}: not found") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise CombineError(f"{path}: not readable JSON ({e})") from None
+    r = read_results_json(path, "capacity results file", CombineError)
     if r.get("benchmark") != "capacity" or "cells" not in r or "settings" not in r:
         raise CombineError(f"{path}: not a bench.capacity results file (no benchmark 'capacity' with settings and "
                            f"cells)")

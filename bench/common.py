@@ -30,11 +30,16 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+def name_slug(name: str) -> str:
+    """A device name as a file-name tag: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def device_slug(device: torch.device) -> str:
     """Short file-name tag: `cpu`, or the GPU name (`nvidia-h100-80gb-hbm3`)."""
     if device.type != "cuda":
         return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return name_slug(torch.cuda.get_device_name(device))
 
 
 def versions() -> dict:
@@ -97,6 +102,16 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_results_json(path: Path, what: str, error: type[Exception]) -> dict:
+    """A results file another benchmark wrote; a missing or unreadable one raises `error` naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: not found (expected {what})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not readable JSON ({e}; expected {what})") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
-from bench.common import atomic_write_json, git_commit
+from bench.common import atomic_write_json, git_commit, name_slug, read_results_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_RUNS = [RESULTS_DIR / "locomo" / "smollm2-base", RESULTS_DIR / "locomo" / "smollm2-r8"]
@@ -44,12 +43,7 @@ class ProjectionError(ValueError):
 
 
 def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ProjectionError(f"{path}: {what} not found") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ProjectionError(f"{path}: {what} is not readable JSON ({e})") from None
+    return read_results_json(path, what, ProjectionError)
 
 
 def field(d: dict, key: str, path: Path):
@@ -131,7 +125,7 @@ def answering_rate(path: Path) -> dict:
 def device_slug_of(train: dict, decode: dict) -> str:
     if train["device_type"] == "cpu":
         return "cpu"
-    return decode.get("device_slug") or re.sub(r"[^a-z0-9]+", "-", str(train["device"]).lower()).strip("-")
+    return decode.get("device_slug") or name_slug(str(train["device"]))
 
 
 def project(runs: list[dict], train: dict, answer: dict, goal_minutes: float | None = None) -> dict:
