@@ -24,6 +24,24 @@ def cpu_name() -> str:
     return platform.processor() or "unknown cpu"
 
 
+def cpu_details() -> dict:
+    """What tells two hosts of one CPU name apart (a VM's "AMD EPYC" can be any generation): the family and model
+    numbers, the clock, the vector extensions that set the fp32 GEMM rate."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "cpu MHz", "flags") and key not in fields:
+                fields[key] = value.strip()
+    except OSError:
+        return {"name": platform.processor() or "unknown cpu"}
+    flags = set(fields.get("flags", "").split())
+    return {"name": fields.get("model name", "unknown cpu"), "family": fields.get("cpu family"),
+            "model": fields.get("model"), "mhz": float(fields["cpu MHz"]) if "cpu MHz" in fields else None,
+            "vector_extensions": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"))}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -75,6 +93,7 @@ def run_info(device: torch.device) -> dict:
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "versions": versions(),
         "loadavg_start": os.getloadavg(),
+        "cpu": cpu_details(),
     }
 
 

@@ -9,8 +9,9 @@ GPU, peak RSS on CPU) is its own. Same LoRA targets (q,k,v,o,gate,up,down), rank
 sequence length, batch, dtype, optimizer (AdamW) and token ids on both sides (their own seeded generator:
 `input_ids`); each side's `first_loss`, before any update, is the base model's loss, and a row's
 `first_loss_difference` shows both sides computed the same thing. Writes
-bench/results/train_<device>.json. A third side, `lora-mem-full-logits`, is lora-mem before its chunked
-loss (every position's fp32 logits materialised, then cross-entropy): the "before" of the speed work.
+bench/results/train_<device>.json. Two more sides are lora-mem before a piece of its speed work:
+`lora-mem-full-logits` before its chunked loss (every position's fp32 logits materialised, then cross-entropy),
+`lora-mem-sdpa` before its CPU block-causal attention (PyTorch's SDPA kernel, `LORA_MEM_CPU_ATTENTION=sdpa`).
 
 The floor (`bench.step_floor`): every product the step must compute (base GEMMs forward and input-gradient,
 the LM head at the trained positions, the LoRA thin products, causal attention forward + backward), each
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import subprocess
@@ -47,7 +49,7 @@ import torch
 from bench.common import atomic_write_json, device_slug, hf_config, run_info
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SIDES = ("lora-mem", "lora-mem-full-logits", "peft")
+SIDES = ("lora-mem", "lora-mem-sdpa", "lora-mem-full-logits", "peft")
 # Which positions are trained: "all" (plain text, the experiment's recipe) or "answers" (chat-QA windows, the `qa`
 # formats: in every block of ANSWER_BLOCK positions the last ANSWER_SPAN are targets, 25%, as in the LoCoMo qa1
 # windows of the default model, where 24.8% of the tokens are answer tokens).
@@ -327,6 +329,8 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
     dtype = getattr(torch, dtype_name)
     if side not in SIDES:
         raise ValueError(f"unknown side {side!r} (choose from {', '.join(SIDES)})")
+    if side == "lora-mem-sdpa":  # this worker process only: attention through SDPA, the block path's "before"
+        os.environ["LORA_MEM_CPU_ATTENTION"] = "sdpa"
     if side == "peft":
         params, step = build_peft(model_name, dtype, device, rank)
     else:
@@ -390,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per side (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--sides", default=",".join(SIDES),
-                    help="lora-mem; lora-mem-full-logits (lora-mem before the chunked loss: the profile's "
+                    help="lora-mem; lora-mem-sdpa (lora-mem with PyTorch's SDPA instead of its CPU block-causal "
+                         "attention); lora-mem-full-logits (lora-mem before the chunked loss: the profile's "
                          "'before'); peft (transformers + peft)")
     ap.add_argument("--profile", action="store_true",
                     help="also run --profile-steps steps of each side under torch.profiler; the results file gets "
@@ -477,15 +482,16 @@ def main(argv: list[str] | None = None) -> dict | None:
                     row[side].update(compare_to_floor(row[side]["step_seconds_median"], floor))
             if "step_seconds_median" in b:  # no engine on these kernels beats peft by more than this
                 row["speedup_ceiling_vs_peft"] = b["step_seconds_median"] / floor["floor_seconds"]
-        before = row.get("lora-mem-full-logits", {})
-        if "tokens_per_second" in a and "tokens_per_second" in before:  # what the chunked loss bought
-            row["speedup_vs_full_logits"] = a["tokens_per_second"] / before["tokens_per_second"]
-            row["peak_memory_ratio_vs_full_logits"] = a["peak_memory_bytes"] / before["peak_memory_bytes"]
+        for before_side, name in (("lora-mem-full-logits", "full_logits"), ("lora-mem-sdpa", "sdpa")):
+            before = row.get(before_side, {})  # what the chunked loss / the block-causal attention bought
+            if "tokens_per_second" in a and "tokens_per_second" in before:
+                row[f"speedup_vs_{name}"] = a["tokens_per_second"] / before["tokens_per_second"]
+                row[f"peak_memory_ratio_vs_{name}"] = a["peak_memory_bytes"] / before["peak_memory_bytes"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), file=sys.stderr)
 
     info = run_info(device)
-    info["loadavg_end"] = __import__("os").getloadavg()
+    info["loadavg_end"] = os.getloadavg()
     results = {"benchmark": "lora training throughput, lora-mem vs transformers+peft", "setup": setup_name,
                "model": model, "dtype": setup["dtype"], "seq_len": seq_len, "rank": args.rank,
                "alpha": 2 * args.rank, "targets": TARGETS, "trained_positions": args.targets,

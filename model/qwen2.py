@@ -1,6 +1,7 @@
 """A minimal Qwen2-family decoder (Qwen2/2.5 and Llama-family configs) in raw PyTorch.
 
-Reads top to bottom: RMSNorm -> rotary embedding -> attention (GQA through SDPA) -> SwiGLU MLP ->
+Reads top to bottom: RMSNorm -> rotary embedding -> attention (GQA through SDPA; block GEMMs for CPU
+training) -> SwiGLU MLP ->
 decoder layer -> model -> LM head. Parameter names are Hugging Face's, so a checkpoint's
 state dict maps 1:1 (`model.layers.0.self_attn.q_proj.weight`, ...).
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from kernels.block_causal_attention import block_causal_attention, use_block_causal
 from kernels.rms_norm import rms_norm
 from kernels.rope import apply_rotary, apply_rotary_qk, rotate_half  # noqa: F401  (re-exported: the rope reference)
 from kernels.swiglu import swiglu
@@ -142,10 +144,15 @@ class Attention(nn.Module):
             if kv_cache.prefix_k is not None:
                 y = cascade_attention(q, kv_cache.prefix_k, kv_cache.prefix_v, k, v, mask)
                 return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        # No mask means a plain causal sequence starting at slot 0: SDPA's fused causal path.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # (B, H, T, D)
+        if mask is None and use_block_causal(q, k, v):
+            # CPU training: causal attention as block GEMMs that skip the masked half (kernels.block_causal_attention:
+            # PyTorch's CPU flash kernel runs at a fraction of the GEMM rate; bench.attention measures both).
+            y = block_causal_attention(q, k, v)  # (B, H, T, D)
+        else:
+            # No mask means a plain causal sequence starting at slot 0: SDPA's fused causal path.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+            )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
