@@ -8,12 +8,13 @@ to compute, for M = batch x sequence tokens:
                embeddings, which are frozen (autograd skips that product on both sides);
   LM head      hidden W_head^T and its input gradient, at the trained positions only (lora-mem's chunked loss
                skips the others; a full-logits loss computes them all, which is extra work, not floor);
-  attention    causal SDPA forward and backward (query, key and value gradients), once per layer;
+  attention    causal attention forward and backward (query, key and value gradients), once per layer;
   LoRA         the thin products: x A^T and t B^T forward; dY B, dY^T t (dB), dt^T x (dA), dt A backward
                (the last one not in layer 0's q/k/v).
 
-`measure_floor` times each distinct product with the device's own torch kernels (torch.mm; SDPA with GQA
-given to the kernel or with the key/value heads repeated, whichever is faster), alone, on random data, and
+`measure_floor` times each distinct product with the device's own torch kernels (torch.mm; for attention the
+fastest of SDPA with GQA given to the kernel, SDPA with the key/value heads repeated, and lora-mem's
+block-causal GEMMs, kernels.block_causal_attention, which on CPU beat SDPA), alone, on random data, and
 sums count x median time. Not counted: norms, RoPE, SiLU, residual adds, the loss's softmax, the optimizer:
 the floor is below any real step. It is not a hard lower bound for every possible engine (a faster GEMM
 library, or a kernel fusing several of these products, could go under it), but it is one for any engine that
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.decode import timed  # the benchmarks' synchronised timer
+from kernels.block_causal_attention import block_causal_attention
 from model.config import ModelConfig
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -147,7 +149,8 @@ def time_gemm(shape: tuple[int, int, int], layout: str, dtype: torch.dtype, devi
 
 
 def time_attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, repeats: int) -> tuple[float, str]:
-    """Causal SDPA forward + backward; the faster of GQA inside the kernel and repeated key/value heads."""
+    """Causal attention forward + backward; the fastest of SDPA with GQA inside the kernel, SDPA with repeated
+    key/value heads and lora-mem's block-causal GEMMs (kernels.block_causal_attention)."""
     B, H, Hkv, T, D = shape
     q = torch.randn(B, H, T, D, dtype=dtype, device=device, requires_grad=True)
     k = torch.randn(B, Hkv, T, D, dtype=dtype, device=device, requires_grad=True)
@@ -162,7 +165,11 @@ def time_attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
         F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
                                        is_causal=True).backward(grad)
 
+    def blocks():  # lora-mem's CPU training path (kernels.block_causal_attention)
+        block_causal_attention(q, k, v).backward(grad)
+
     variants = {"enable_gqa": gqa} if H == Hkv else {"enable_gqa": gqa, "repeat_kv": repeated}
+    variants["block_causal"] = blocks
     timed = {name: median_seconds(fn, device, repeats) for name, fn in variants.items()}
     best = min(timed, key=timed.get)
     return timed[best], best
@@ -199,8 +206,9 @@ def measure_floor(cfg: ModelConfig, batch: int, seq_len: int, rank: int, dtype: 
         g["flops_per_second"] = g["flops"] / g["seconds"] if g["seconds"] else None
     return {
         "method": "bench.step_floor: every product a LoRA training step must compute (base GEMMs forward and "
-                  "input-gradient, LM head at the trained positions, LoRA thin products, causal SDPA forward + "
-                  "backward), each distinct shape timed alone (median of `repeats`) with torch.mm / SDPA on random "
+                  "input-gradient, LM head at the trained positions, LoRA thin products, causal attention forward + "
+                  "backward), each distinct shape timed alone (median of `repeats`) with torch.mm / the fastest of "
+                  "SDPA and block-causal GEMMs on random "
                   "data, summed count x median; norms, RoPE, SiLU, adds, the loss's softmax and the optimizer "
                   "not counted",
         "batch": batch, "seq_len": seq_len, "rank": rank, "dtype": str(dtype).removeprefix("torch."),

@@ -50,10 +50,13 @@ class RecordGemms(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("targets", ["all", "answers"])
-def test_lora_mem_step_computes_exactly_the_floor_gemms(ckpt, targets):
+def test_lora_mem_step_computes_exactly_the_floor_gemms(ckpt, targets, monkeypatch):
     """The floor's GEMM list is what lora-mem's training step runs, product for product: none missing (the
     list is not too generous) and none extra (lora-mem computes no GEMM the step does not need: no LM head at
-    untrained positions, no input gradient into layer 0's frozen embeddings)."""
+    untrained positions, no input gradient into layer 0's frozen embeddings). Attention is one product of the
+    floor, timed as a whole (the fastest of SDPA and the block-causal GEMMs); here it runs through SDPA so that
+    the recorder sees the linear layers' GEMMs alone (test_attention_gemms_are_the_block_path_s has the rest)."""
+    monkeypatch.setenv("LORA_MEM_CPU_ATTENTION", "sdpa")
     cfg = model_config(str(ckpt))
     batch, seq_len, rank = 2, 64, 4
     _, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank)
@@ -64,6 +67,45 @@ def test_lora_mem_step_computes_exactly_the_floor_gemms(ckpt, targets):
         step(x, y)
     expected = count_products(step_products(cfg, batch, seq_len, rank, trained_positions=n_trained))
     assert rec.shapes == expected
+
+
+def test_attention_gemms_are_the_block_path_s(ckpt, monkeypatch):
+    """With the CPU block-causal attention on (the default), the step's GEMMs are the floor's list plus exactly the
+    block path's batched products (per layer and query block of `rows` queries seeing `end` keys, B*Hkv of each:
+    scores, P V, and in backward dV, dP, dQ, dK): nothing else changes."""
+    from kernels.block_causal_attention import DEFAULT_BLOCK
+
+    class RecordWithBaddbmm(RecordGemms):  # the scores' product is a baddbmm (scale and causal bias inside)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("baddbmm", "baddbmm_"):  # and dK, dV accumulate with baddbmm_
+                a, b = args[1], args[2]
+                self.shapes[((a.shape[1], a.shape[2], b.shape[2]), "baddbmm")] += a.shape[0]
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    cfg = model_config(str(ckpt))
+    batch, seq_len, rank = 1, DEFAULT_BLOCK + 22, 4  # two query blocks: 128 rows, then 22
+    x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    y = next_token_targets(x, "all")
+    recorded = {}
+    for mode in ("sdpa", "blocks"):
+        monkeypatch.setenv("LORA_MEM_CPU_ATTENTION", mode)
+        _, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank)
+        with RecordWithBaddbmm() as rec:
+            step(x, y)
+        recorded[mode] = Counter()
+        for (shape, _), n in rec.shapes.items():  # shapes; layouts aside
+            recorded[mode][shape] += n
+    assert recorded["sdpa"] - recorded["blocks"] == Counter()  # every linear-layer GEMM is still there
+    D, g = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+    each = batch * cfg.num_key_value_heads * cfg.num_hidden_layers
+    expected = Counter()
+    for start in range(0, seq_len, DEFAULT_BLOCK):
+        rows = min(DEFAULT_BLOCK, seq_len - start) * g
+        end = min(start + DEFAULT_BLOCK, seq_len)
+        # S = Q K^T, O = P V; backward dV += P^T dO, dP = dO V^T, dQ = dS K, dK += dS^T Q
+        for shape in [(rows, D, end), (rows, end, D), (end, rows, D), (rows, D, end), (rows, end, D), (end, rows, D)]:
+            expected[shape] += each
+    assert recorded["blocks"] - recorded["sdpa"] == expected
 
 
 def test_products_count_by_hand(ckpt):
