@@ -4,8 +4,14 @@
     python -m bench.train_throughput --setup gpu     # Qwen2.5-1.5B shapes, random init, bf16, seq 2048
     python -m bench.train_throughput --profile       # and where the time goes (torch.profiler)
 
-Each side runs in a fresh subprocess, one after the other, so its peak memory (CUDA max allocated on
-GPU, peak RSS on CPU) is its own. Same LoRA targets (q,k,v,o,gate,up,down), rank, alpha, dropout 0,
+Timing: on the cpu setup (`--interleave`, its default) every side is built in one worker process and timed in
+turns, one step each per round (A B C A B C ...), with the step's floor measured once per round as well: the
+2-core CPUs here change speed by tens of percent over minutes (a 1024^3 fp32 GEMM ran at 43 and at 65 GFLOP/s
+on one machine within half an hour), which made sides timed one after the other disagree by more than the
+differences being measured. A speed-up is then the median over rounds of the paired step ratio. Each side also
+runs alone in a fresh subprocess, so its peak memory (CUDA max allocated on GPU, peak RSS on CPU) and its
+profile are its own (`step_seconds_alone` records that run's step). The gpu setup times each side alone, one
+after the other (`--no-interleave`). Same LoRA targets (q,k,v,o,gate,up,down), rank, alpha, dropout 0,
 sequence length, batch, dtype, optimizer (AdamW) and token ids on both sides (their own seeded generator:
 `input_ids`); each side's `first_loss`, before any update, is the base model's loss, and a row's
 `first_loss_difference` shows both sides computed the same thing. Writes
@@ -37,6 +43,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -56,8 +63,12 @@ SIDES = ("lora-mem", "lora-mem-sdpa", "lora-mem-full-logits", "peft")
 TARGETS_KINDS = ("all", "answers")
 ANSWER_BLOCK, ANSWER_SPAN = 64, 16
 SETUPS = {
-    "cpu": dict(model="smollm2-135m-instruct", dtype="float32", seq_len=512, batch_sizes=[1], device="cpu"),
-    "gpu": dict(model="preset:qwen2.5-1.5b", dtype="bfloat16", seq_len=2048, batch_sizes=[1, 4, 8], device="cuda"),
+    # interleave: time the sides in turns in one process (a shared CPU's speed drifts by tens of percent over
+    # minutes); a GPU is steady, and several 1.5B models with their activations would not fit one at a time.
+    "cpu": dict(model="smollm2-135m-instruct", dtype="float32", seq_len=512, batch_sizes=[1], device="cpu",
+                interleave=True),
+    "gpu": dict(model="preset:qwen2.5-1.5b", dtype="bfloat16", seq_len=2048, batch_sizes=[1, 4, 8], device="cuda",
+                interleave=False),
 }
 
 
@@ -65,9 +76,14 @@ SETUPS = {
 # One side, in its own process
 # ---------------------------------------------------------------------------------------------
 
-def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, rank: int, full_logits: bool = False):
+def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, rank: int, full_logits: bool = False,
+                   attention: str | None = None):
     """lora-mem's training step; `full_logits`: the step before the chunked loss (all positions' fp32 logits
-    materialised, then cross-entropy), kept as the "before" of the profile."""
+    materialised, then cross-entropy), kept as the "before" of the profile; `attention` = "sdpa": the step before
+    the CPU block-causal attention (kernels.block_causal_attention.cpu_attention), None: the engine's default."""
+    import contextlib
+
+    from kernels.block_causal_attention import cpu_attention
     from lora_core.inject import LoRAConfig, inject_lora, lora_parameters
     from lora_core.train import chunked_lm_loss
     from model.config import PRESETS
@@ -88,6 +104,10 @@ def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, ra
         p.requires_grad_(True)
 
     def step(x, y):
+        with cpu_attention(attention) if attention else contextlib.nullcontext():
+            return loss_and_backward(x, y)
+
+    def loss_and_backward(x, y):
         hidden = model.model(x)
         if full_logits:
             logits = model.lm_head(hidden).float()
@@ -322,23 +342,16 @@ def input_ids(batch: int, seq_len: int, vocab: int, device: torch.device) -> tor
     return torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
 
 
-def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, seq_len: int, batch: int,
-                 rank: int, steps: int, warmup: int, profile_steps: int = 0, targets: str = "all") -> dict:
-    torch.manual_seed(0)
-    device = torch.device(device_name)
-    dtype = getattr(torch, dtype_name)
+def prepare_side(side: str, model_name: str, dtype: torch.dtype, device: torch.device, rank: int, x, y):
+    """(trainable params, one): one training step + AdamW update of `side` on ids x and targets y."""
     if side not in SIDES:
         raise ValueError(f"unknown side {side!r} (choose from {', '.join(SIDES)})")
-    if side == "lora-mem-sdpa":  # this worker process only: attention through SDPA, the block path's "before"
-        os.environ["LORA_MEM_CPU_ATTENTION"] = "sdpa"
     if side == "peft":
         params, step = build_peft(model_name, dtype, device, rank)
     else:
-        params, step = build_lora_mem(model_name, dtype, device, rank, full_logits=side == "lora-mem-full-logits")
+        params, step = build_lora_mem(model_name, dtype, device, rank, full_logits=side == "lora-mem-full-logits",
+                                      attention="sdpa" if side == "lora-mem-sdpa" else None)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    vocab = model_config(model_name).vocab_size
-    x = input_ids(batch, seq_len, vocab, device)
-    y = next_token_targets(x, targets)  # the same targets on every side
 
     def one():
         loss = step(x, y)
@@ -346,21 +359,44 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return params, one
+
+
+def step_inputs(model_name: str, batch: int, seq_len: int, device: torch.device, targets: str):
+    x = input_ids(batch, seq_len, model_config(model_name).vocab_size, device)
+    return x, next_token_targets(x, targets)  # the same ids and targets on every side
+
+
+def autocast_for(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, seq_len: int, batch: int,
+                 rank: int, steps: int, warmup: int, profile_steps: int = 0, targets: str = "all") -> dict:
+    """One side alone in this process: its step times, its peak memory (what only a process of its own can say)
+    and, with profile_steps, where its time goes."""
+    torch.manual_seed(0)
+    device = torch.device(device_name)
+    x, y = step_inputs(model_name, batch, seq_len, device, targets)
+    params, one = prepare_side(side, model_name, getattr(torch, dtype_name), device, rank, x, y)
     first_loss = None  # before any optimizer step (B = 0): the base model's loss, the same on every side
-    with autocast:
+    with autocast_for(device):
         for _ in range(warmup):
             loss = float(one())
             first_loss = loss if first_loss is None else first_loss
+        sync(device)
         if device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         times, losses = [], []
         for _ in range(steps):
             t0 = time.perf_counter()
             losses.append(float(one()))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
         profile = profile_ops(one, profile_steps, device, label="train_step") if profile_steps > 0 else None
@@ -374,6 +410,59 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
     if profile is not None:
         out["profile"] = profile
     return out
+
+
+def measure_interleaved(sides: list[str], model_name: str, dtype_name: str, device_name: str, seq_len: int,
+                        batch: int, rank: int, steps: int, warmup: int, targets: str = "all",
+                        floor_repeats: int = 0) -> dict:
+    """Every side built in this one process and timed in turns, one step each per round (A B C A B C ...), so a
+    change in a shared machine's speed hits every side alike; with floor_repeats, the step's floor
+    (bench.step_floor) is measured once per round too. A side's speed is its median step; a speed-up is the
+    median over rounds of the two sides' step ratio in that round (paired)."""
+    from bench.step_floor import measure_floor
+
+    torch.manual_seed(0)
+    device, dtype = torch.device(device_name), getattr(torch, dtype_name)
+    x, y = step_inputs(model_name, batch, seq_len, device, targets)
+    prepared = {side: prepare_side(side, model_name, dtype, device, rank, x, y) for side in sides}
+    first_loss: dict[str, float] = {}
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    losses: dict[str, list[float]] = {side: [] for side in sides}
+    floors: list[dict] = []
+    with autocast_for(device):
+        for _ in range(warmup):
+            for side, (_, one) in prepared.items():
+                first_loss.setdefault(side, float(one()))
+        for _ in range(steps):
+            for side, (_, one) in prepared.items():
+                sync(device)
+                t0 = time.perf_counter()
+                losses[side].append(float(one()))
+                sync(device)
+                times[side].append(time.perf_counter() - t0)
+            if floor_repeats:
+                trained = int((y != -100).sum())
+                floors.append(measure_floor(model_config(model_name), batch, seq_len, rank, dtype, device,
+                                            trained_positions=trained, repeats=floor_repeats))
+    out = {"method": "interleaved: all sides in one process, one step each per round, in turns",
+           "rounds": steps, "sides": {}}
+    for side in sides:
+        median = statistics.median(times[side])
+        out["sides"][side] = {"side": side, "batch": batch, "seq_len": seq_len, "trained_positions": targets,
+                              "step_seconds_median": median, "step_seconds_all": times[side],
+                              "steps_per_second": 1 / median, "tokens_per_second": batch * seq_len / median,
+                              "trainable_params": sum(p.numel() for p in prepared[side][0]),
+                              "first_loss": first_loss.get(side, losses[side][0]), "losses": losses[side]}
+    if floors:
+        by_time = sorted(floors, key=lambda f: f["floor_seconds"])
+        out["floor"] = {**by_time[len(by_time) // 2], "floor_seconds_all": [f["floor_seconds"] for f in floors],
+                        "rounds": len(floors)}
+    return out
+
+
+def paired_speedup(a: dict, b: dict) -> float:
+    """Median over rounds of b's step / a's step in the same round (how much faster a is than b)."""
+    return statistics.median(tb / ta for ta, tb in zip(a["step_seconds_all"], b["step_seconds_all"]))
 
 
 def run_side_subprocess(argv: list[str]) -> dict:
@@ -409,7 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "with --targets answers)")
     ap.add_argument("--no-floor", action="store_true",
                     help="skip the step's floor (bench.step_floor: each required product timed alone)")
-    ap.add_argument("--floor-repeats", type=int, default=5, help="timed repeats of each product of the floor")
+    ap.add_argument("--floor-repeats", type=int, default=None,
+                    help="timed repeats of each product of the floor (default 5; 1 when interleaved, where the floor "
+                         "is measured once per round and the median round taken)")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                    help="time all sides in one process in turns, a step each per round (the cpu setup's default), "
+                         "and the floor once per round; each side still runs alone too, for its peak memory and "
+                         "profile"),
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
@@ -431,6 +526,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                           torch.device(args.device), trained_positions=trained, repeats=args.floor_repeats)
         print(json.dumps(r))
         return r
+    if args.worker and args.side == "interleaved":  # every side in this process, in turns
+        r = measure_interleaved(args.sides.split(","), args.model, args.dtype, args.device, args.seq_len, args.batch,
+                                args.rank, args.steps, args.warmup, args.targets,
+                                floor_repeats=0 if args.no_floor else args.floor_repeats)
+        print(json.dumps(r))
+        return r
     if args.worker:  # one side, one batch size: print one JSON line
         r = measure_side(args.side, args.model, args.dtype, args.device, args.seq_len, args.batch, args.rank,
                          args.steps, args.warmup, args.profile_steps if args.profile else 0, args.targets)
@@ -448,28 +549,51 @@ def main(argv: list[str] | None = None) -> dict | None:
     unknown = [side for side in args.sides.split(",") if side not in SIDES]
     if unknown:
         ap.error(f"unknown --sides {', '.join(unknown)} (choose from {', '.join(SIDES)})")
+    interleave = setup["interleave"] if args.interleave is None else args.interleave
+    floor_repeats = args.floor_repeats if args.floor_repeats is not None else (1 if interleave else 5)
+    sides = args.sides.split(",")
+    common = ["--model", model, "--dtype", setup["dtype"], "--device", setup["device"], "--seq-len", str(seq_len),
+              "--rank", str(args.rank), "--targets", args.targets]
     rows, profiles = [], []
     for batch in batch_sizes:
         row = {"batch": batch}
-        if not args.no_floor:
+        timing = {}
+        if interleave:
+            print(f"[interleaved: {', '.join(sides)}{' + floor' if not args.no_floor else ''}] batch {batch} ...",
+                  file=sys.stderr, flush=True)
+            timing = run_side_subprocess([
+                "--side", "interleaved", "--sides", ",".join(sides), *common, "--batch", str(batch),
+                "--steps", str(args.steps), "--warmup", str(args.warmup), "--floor-repeats", str(floor_repeats),
+                *(["--no-floor"] if args.no_floor else [])])
+            row["timing"] = {k: v for k, v in timing.items() if k not in ("sides", "floor")}
+            if "floor" in timing:
+                row["floor"] = timing["floor"]
+        elif not args.no_floor:
             print(f"[floor] batch {batch} ...", file=sys.stderr, flush=True)
             row["floor"] = run_side_subprocess([
-                "--side", "floor", "--model", model, "--dtype", setup["dtype"], "--device", setup["device"],
-                "--seq-len", str(seq_len), "--batch", str(batch), "--rank", str(args.rank), "--targets", args.targets,
-                "--floor-repeats", str(args.floor_repeats)])
-        for side in args.sides.split(","):
+                "--side", "floor", *common, "--batch", str(batch), "--floor-repeats", str(floor_repeats)])
+        for side in sides:
             print(f"[{side}] batch {batch} ...", file=sys.stderr, flush=True)
-            row[side] = run_side_subprocess([
-                "--side", side, "--model", model, "--dtype", setup["dtype"], "--device", setup["device"],
-                "--seq-len", str(seq_len), "--batch", str(batch), "--rank", str(args.rank),
-                "--steps", str(args.steps), "--warmup", str(args.warmup), "--targets", args.targets,
+            # Interleaved, a side's own process is for its peak memory and profile: two steps reach the peak.
+            steps, warmup = (1, 1) if interleave else (args.steps, args.warmup)
+            alone = run_side_subprocess([
+                "--side", side, *common, "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup),
                 *(["--profile", "--profile-steps", str(args.profile_steps)] if args.profile else [])])
-            if "profile" in row[side]:
-                profiles.append({"side": side, "batch": batch, **row[side].pop("profile")})
+            if "profile" in alone:
+                profiles.append({"side": side, "batch": batch, **alone.pop("profile")})
                 print(f"[{side}] batch {batch} profile:\n{format_profile(profiles[-1])}", file=sys.stderr, flush=True)
+            if interleave and "sides" in timing and "error" not in alone:
+                row[side] = {**timing["sides"][side], "peak_memory_bytes": alone["peak_memory_bytes"],
+                             "peak_memory_kind": alone["peak_memory_kind"],
+                             "step_seconds_alone": alone["step_seconds_median"]}
+            elif interleave and "error" in timing:
+                row[side] = {"error": timing["error"]}
+            else:
+                row[side] = alone
         a, b = row.get("lora-mem", {}), row.get("peft", {})
         if "tokens_per_second" in a and "tokens_per_second" in b:
-            row["speedup_tokens_per_second"] = a["tokens_per_second"] / b["tokens_per_second"]
+            row["speedup_tokens_per_second"] = (paired_speedup(a, b) if interleave else
+                                                a["tokens_per_second"] / b["tokens_per_second"])
             # Same ids, targets and (B = 0) function before the first update: the two first losses agree.
             row["first_loss_difference"] = a["first_loss"] - b["first_loss"]
             row["peak_memory_ratio"] = a["peak_memory_bytes"] / b["peak_memory_bytes"]
@@ -477,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if "floor_seconds" in floor:
             from bench.step_floor import compare_to_floor
 
-            for side in args.sides.split(","):
+            for side in sides:
                 if "step_seconds_median" in row[side]:
                     row[side].update(compare_to_floor(row[side]["step_seconds_median"], floor))
             if "step_seconds_median" in b:  # no engine on these kernels beats peft by more than this
@@ -485,7 +609,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         for before_side, name in (("lora-mem-full-logits", "full_logits"), ("lora-mem-sdpa", "sdpa")):
             before = row.get(before_side, {})  # what the chunked loss / the block-causal attention bought
             if "tokens_per_second" in a and "tokens_per_second" in before:
-                row[f"speedup_vs_{name}"] = a["tokens_per_second"] / before["tokens_per_second"]
+                row[f"speedup_vs_{name}"] = (paired_speedup(a, before) if interleave else
+                                             a["tokens_per_second"] / before["tokens_per_second"])
                 row[f"peak_memory_ratio_vs_{name}"] = a["peak_memory_bytes"] / before["peak_memory_bytes"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), file=sys.stderr)
@@ -498,6 +623,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                "trained_positions_note": "all: every next token (plain text); answers: the last "
                                          f"{ANSWER_SPAN} of every {ANSWER_BLOCK} positions (chat-QA windows); same "
                                          "token ids and targets on every side", "optimizer": "AdamW(lr=1e-4)", "steps": args.steps,
+               "timing": "interleaved" if interleave else "each side alone, one after the other",
                "warmup": args.warmup, **info, "rows": rows}
     if args.profile:
         results["profile"] = {

@@ -24,6 +24,7 @@ tests/test_block_causal_attention.py holds the two together, forward and gradien
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -34,13 +35,30 @@ DEFAULT_BLOCK = 128
 BLOCK_CAUSAL_MAX_T = 1024
 
 
+_FORCED_MODE: str | None = None  # set by `cpu_attention`, wins over the environment
+
+
+@contextlib.contextmanager
+def cpu_attention(mode: str):
+    """Within the block, CPU training attention is `mode` ("blocks" or "sdpa") whatever the environment says:
+    `bench.train_throughput` runs its lora-mem and lora-mem-sdpa sides in turns in one process."""
+    global _FORCED_MODE
+    if mode not in ("blocks", "sdpa"):
+        raise ValueError(f"cpu_attention: mode must be blocks or sdpa, got {mode!r}")
+    before, _FORCED_MODE = _FORCED_MODE, mode
+    try:
+        yield
+    finally:
+        _FORCED_MODE = before
+
+
 def use_block_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether causal attention over q (B, H, T, D), k, v takes the block path: CPU training only.
 
     ``LORA_MEM_CPU_ATTENTION`` = ``blocks`` (default) or ``sdpa`` (PyTorch's kernel everywhere: the "before" side
-    of `bench.train_throughput`). Inference keeps SDPA: without a backward there is nothing to win
-    (`bench.attention` times the forward alone too)."""
-    mode = os.environ.get("LORA_MEM_CPU_ATTENTION", "blocks").strip().lower() or "blocks"
+    of `bench.train_throughput`), unless `cpu_attention` says otherwise. Inference keeps SDPA: without a backward
+    there is nothing to win (`bench.attention` times the forward alone too)."""
+    mode = _FORCED_MODE or os.environ.get("LORA_MEM_CPU_ATTENTION", "blocks").strip().lower() or "blocks"
     if mode not in ("blocks", "sdpa"):
         raise ValueError(f"LORA_MEM_CPU_ATTENTION must be blocks or sdpa, got {mode!r}")
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)

@@ -4,6 +4,7 @@ and the benchmark end to end (one side, --profile) writing its profile section."
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -184,3 +185,57 @@ def test_sides_train_on_the_same_ids(ckpt):
     a = input_ids(2, 24, 320, torch.device("cpu"))
     torch.manual_seed(7)
     assert torch.equal(a, input_ids(2, 24, 320, torch.device("cpu")))
+
+
+def test_interleaved_timing_end_to_end(ckpt, tmp_path):
+    """--interleave: the sides are timed in turns in one process (a step each per round) with the floor measured
+    every round; each side's peak memory still comes from a process of its own; the speed-ups are paired
+    per-round ratios, and the sdpa side's first loss is lora-mem's (same function, other attention kernel)."""
+    out = tmp_path / "train.json"
+    r = main(["--setup", "cpu", "--model", str(ckpt), "--seq-len", "24", "--batch-sizes", "1", "--rank", "2",
+              "--steps", "3", "--warmup", "1", "--sides", "lora-mem,lora-mem-sdpa,peft", "--interleave",
+              "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(r)) and saved["timing"] == "interleaved"
+    row = saved["rows"][0]
+    for side in ("lora-mem", "lora-mem-sdpa", "peft"):
+        assert "error" not in row[side], row[side]
+        assert len(row[side]["step_seconds_all"]) == 3 and row[side]["peak_memory_bytes"] > 0
+        assert row[side]["step_seconds_alone"] > 0
+        assert row[side]["step_seconds_median"] == pytest.approx(statistics.median(row[side]["step_seconds_all"]))
+    a, b = row["lora-mem"]["step_seconds_all"], row["peft"]["step_seconds_all"]
+    assert row["speedup_tokens_per_second"] == pytest.approx(statistics.median(tb / ta for ta, tb in zip(a, b)))
+    assert row["lora-mem"]["first_loss"] == pytest.approx(row["lora-mem-sdpa"]["first_loss"], rel=1e-6)
+    assert row["lora-mem"]["first_loss"] == pytest.approx(row["peft"]["first_loss"], rel=1e-5)
+    assert len(row["floor"]["floor_seconds_all"]) == 3 and row["floor"]["repeats"] == 1
+    assert row["floor"]["floor_seconds"] == statistics.median(row["floor"]["floor_seconds_all"])
+    assert "speedup_vs_sdpa" in row and "speedup_ceiling_vs_peft" in row
+
+
+def test_sdpa_side_trains_the_same_step(ckpt):
+    """lora-mem-sdpa is lora-mem with PyTorch's SDPA in place of the CPU block-causal attention: the same loss and
+    LoRA gradients up to rounding, and the attention it ran is the one it names."""
+    from kernels import block_causal_attention as bca
+
+    x = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(3))
+    y = next_token_targets(x)
+    results = {}
+    for attention in (None, "sdpa"):
+        torch.manual_seed(0)
+        params, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank=4, attention=attention)
+        for p in params:  # a non-zero B, so every LoRA gradient is non-zero
+            if p.shape[1] == 4:
+                torch.nn.init.normal_(p, std=0.1)
+        calls = []
+        real = bca.BlockCausalAttention.apply
+        bca.BlockCausalAttention.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            loss = step(x, y)
+        finally:
+            bca.BlockCausalAttention.apply = real
+        results[attention] = (float(loss), [p.grad.clone() for p in params], len(calls))
+    (loss_a, grads_a, calls_a), (loss_b, grads_b, calls_b) = results[None], results["sdpa"]
+    assert calls_a > 0 and calls_b == 0
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
