@@ -145,8 +145,9 @@ class Attention(nn.Module):
                 y = cascade_attention(q, kv_cache.prefix_k, kv_cache.prefix_v, k, v, mask)
                 return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if mask is None and use_block_causal(q, k, v):
-            # CPU training: causal attention as block GEMMs that skip the masked half (kernels.block_causal_attention:
-            # PyTorch's CPU flash kernel runs at a fraction of the GEMM rate; bench.attention measures both).
+            # CPU training, 256..1024 tokens: causal attention as block GEMMs that skip the masked half
+            # (kernels.block_causal_attention: PyTorch's CPU flash kernel runs at a fraction of the GEMM rate;
+            # bench.attention measures both).
             y = block_causal_attention(q, k, v)  # (B, H, T, D)
         else:
             # No mask means a plain causal sequence starting at slot 0: SDPA's fused causal path.

@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.block_causal_attention import BLOCK_CAUSAL_MAX_T, block_causal_attention, causal_bias
+from kernels.block_causal_attention import (
+    BLOCK_CAUSAL_MAX_T,
+    BLOCK_CAUSAL_MIN_T,
+    block_causal_attention,
+    causal_bias,
+)
 from tests.kernel_testing import assert_close_scaled
 
 # (dtype, atol relative to the largest entry, rtol), against SDPA evaluated in float64 on the same rounded inputs.
@@ -88,8 +93,8 @@ def test_bad_shapes_name_them(shapes, match):
 
 
 def test_model_uses_it_for_cpu_training_only(monkeypatch):
-    """The decoder takes the block path on CPU when attention needs gradients and T <= BLOCK_CAUSAL_MAX_T, SDPA
-    otherwise (and everywhere with LORA_MEM_CPU_ATTENTION=sdpa); a tiny model's loss and every LoRA gradient are the
+    """The decoder takes the block path on CPU when attention needs gradients and BLOCK_CAUSAL_MIN_T <= T <=
+    BLOCK_CAUSAL_MAX_T, SDPA otherwise (and everywhere with LORA_MEM_CPU_ATTENTION=sdpa); a tiny model's loss and every LoRA gradient are the
     same either way; a bad switch value is named."""
     from lora_core.inject import LoRAConfig, inject_lora, lora_parameters
     from model import qwen2
@@ -111,7 +116,7 @@ def test_model_uses_it_for_cpu_training_only(monkeypatch):
         p.requires_grad_(True)
         with torch.no_grad():
             p.normal_(std=0.05)  # B != 0, so every adapter's gradient flows through attention
-    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, model.config.vocab_size, (2, BLOCK_CAUSAL_MIN_T + 3), generator=torch.Generator().manual_seed(1))
 
     def loss_and_grads(use_blocks):
         monkeypatch.setenv("LORA_MEM_CPU_ATTENTION", "blocks" if use_blocks else "sdpa")
@@ -135,10 +140,14 @@ def test_model_uses_it_for_cpu_training_only(monkeypatch):
     with torch.no_grad():  # inference (prefill) keeps SDPA: no gradients, nothing to win
         model(ids)
     assert calls == []
-    long_ids = torch.zeros(1, BLOCK_CAUSAL_MAX_T + 1, dtype=torch.long)
-    model.model.layers[0](model.model.embed_tokens(long_ids), *model.model.rotary_emb(
-        torch.arange(BLOCK_CAUSAL_MAX_T + 1)[None], torch.float32), None, None, 0)
-    assert calls == []  # past BLOCK_CAUSAL_MAX_T the saved probabilities would cost too much: SDPA
+    for T in (BLOCK_CAUSAL_MIN_T - 1, BLOCK_CAUSAL_MAX_T + 1):  # one block has nothing to skip; past the maximum
+        x = model.model.embed_tokens(torch.zeros(1, T, dtype=torch.long))  # the saved probabilities cost too much
+        model.model.layers[0](x, *model.model.rotary_emb(torch.arange(T)[None], torch.float32), None, None, 0)
+    assert calls == []
+    model.model.layers[0](x[:, :BLOCK_CAUSAL_MAX_T], *model.model.rotary_emb(
+        torch.arange(BLOCK_CAUSAL_MAX_T)[None], torch.float32), None, None, 0)
+    assert calls == [1]
+    calls.clear()
     monkeypatch.setenv("LORA_MEM_CPU_ATTENTION", "flash")
     with pytest.raises(ValueError, match="LORA_MEM_CPU_ATTENTION"):
         model(ids)

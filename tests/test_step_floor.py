@@ -83,7 +83,7 @@ def test_attention_gemms_are_the_block_path_s(ckpt, monkeypatch):
             return super().__torch_dispatch__(func, types, args, kwargs)
 
     cfg = model_config(str(ckpt))
-    batch, seq_len, rank = 1, DEFAULT_BLOCK + 22, 4  # two query blocks: 128 rows, then 22
+    batch, seq_len, rank = 1, 2 * DEFAULT_BLOCK + 22, 4  # three query blocks: 128, 128 and 22 rows
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
     y = next_token_targets(x, "all")
     recorded = {}
