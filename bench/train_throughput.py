@@ -5,7 +5,7 @@
     python -m bench.train_throughput --profile       # and where the time goes (torch.profiler)
 
 Timing: on the cpu setup (`--interleave`, its default) every side is built in one worker process and timed in
-turns, one step each per round (A B C A B C ...), with the step's floor measured once per round as well: the
+turns, one step each per round (A B C, B C A, C A B, ...), with the step's floor measured once per round: the
 2-core CPUs here change speed by tens of percent over minutes (a 1024^3 fp32 GEMM ran at 43 and at 65 GFLOP/s
 on one machine within half an hour), which made sides timed one after the other disagree by more than the
 differences being measured. A speed-up is then the median over rounds of the paired step ratio. Each side also
@@ -415,7 +415,7 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
 def measure_interleaved(sides: list[str], model_name: str, dtype_name: str, device_name: str, seq_len: int,
                         batch: int, rank: int, steps: int, warmup: int, targets: str = "all",
                         floor_repeats: int = 0) -> dict:
-    """Every side built in this one process and timed in turns, one step each per round (A B C A B C ...), so a
+    """Every side built in this one process and timed in turns, one step each per round (A B C, B C A, ...), so a
     change in a shared machine's speed hits every side alike; with floor_repeats, the step's floor
     (bench.step_floor) is measured once per round too. A side's speed is its median step; a speed-up is the
     median over rounds of the two sides' step ratio in that round (paired)."""
@@ -433,8 +433,12 @@ def measure_interleaved(sides: list[str], model_name: str, dtype_name: str, devi
         for _ in range(warmup):
             for side, (_, one) in prepared.items():
                 first_loss.setdefault(side, float(one()))
-        for _ in range(steps):
-            for side, (_, one) in prepared.items():
+        for round_index in range(steps):
+            # Each round starts one side later (A B C, B C A, C A B, ...): whatever the first step of a round
+            # pays (the floor's allocations just freed, caches cold) falls on every side alike.
+            first = round_index % len(sides)
+            for side in sides[first:] + sides[:first]:
+                one = prepared[side][1]
                 sync(device)
                 t0 = time.perf_counter()
                 losses[side].append(float(one()))
@@ -460,9 +464,14 @@ def measure_interleaved(sides: list[str], model_name: str, dtype_name: str, devi
     return out
 
 
+def paired_ratios(a: dict, b: dict) -> list[float]:
+    """b's step / a's step in each round (how much faster a is than b), in round order."""
+    return [tb / ta for ta, tb in zip(a["step_seconds_all"], b["step_seconds_all"])]
+
+
 def paired_speedup(a: dict, b: dict) -> float:
-    """Median over rounds of b's step / a's step in the same round (how much faster a is than b)."""
-    return statistics.median(tb / ta for ta, tb in zip(a["step_seconds_all"], b["step_seconds_all"]))
+    """Median over rounds of b's step / a's step in the same round."""
+    return statistics.median(paired_ratios(a, b))
 
 
 def run_side_subprocess(argv: list[str]) -> dict:
@@ -594,6 +603,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         if "tokens_per_second" in a and "tokens_per_second" in b:
             row["speedup_tokens_per_second"] = (paired_speedup(a, b) if interleave else
                                                 a["tokens_per_second"] / b["tokens_per_second"])
+            if interleave:  # the spread says how far to trust the median on this machine
+                row["speedup_rounds"] = paired_ratios(a, b)
+                row["speedup_ratio_of_medians"] = a["tokens_per_second"] / b["tokens_per_second"]
             # Same ids, targets and (B = 0) function before the first update: the two first losses agree.
             row["first_loss_difference"] = a["first_loss"] - b["first_loss"]
             row["peak_memory_ratio"] = a["peak_memory_bytes"] / b["peak_memory_bytes"]
@@ -611,6 +623,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             if "tokens_per_second" in a and "tokens_per_second" in before:
                 row[f"speedup_vs_{name}"] = (paired_speedup(a, before) if interleave else
                                              a["tokens_per_second"] / before["tokens_per_second"])
+                if interleave:
+                    row[f"speedup_vs_{name}_rounds"] = paired_ratios(a, before)
                 row[f"peak_memory_ratio_vs_{name}"] = a["peak_memory_bytes"] / before["peak_memory_bytes"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), file=sys.stderr)
