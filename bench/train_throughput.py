@@ -65,10 +65,11 @@ ANSWER_BLOCK, ANSWER_SPAN = 64, 16
 SETUPS = {
     # interleave: time the sides in turns in one process (a shared CPU's speed drifts by tens of percent over
     # minutes); a GPU is steady, and several 1.5B models with their activations would not fit one at a time.
+    # sides: lora-mem-sdpa only where the block-causal attention runs (CPU); on a GPU it would be lora-mem again.
     "cpu": dict(model="smollm2-135m-instruct", dtype="float32", seq_len=512, batch_sizes=[1], device="cpu",
-                interleave=True),
+                interleave=True, sides=list(SIDES)),
     "gpu": dict(model="preset:qwen2.5-1.5b", dtype="bfloat16", seq_len=2048, batch_sizes=[1, 4, 8], device="cuda",
-                interleave=False),
+                interleave=False, sides=["lora-mem", "lora-mem-full-logits", "peft"]),
 }
 
 
@@ -491,10 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per side (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--sides", default=",".join(SIDES),
+    ap.add_argument("--sides", default=None,
                     help="lora-mem; lora-mem-sdpa (lora-mem with PyTorch's SDPA instead of its CPU block-causal "
                          "attention); lora-mem-full-logits (lora-mem before the chunked loss: the profile's "
-                         "'before'); peft (transformers + peft)")
+                         "'before'); peft (transformers + peft). Default: all four on cpu, no lora-mem-sdpa on gpu")
     ap.add_argument("--profile", action="store_true",
                     help="also run --profile-steps steps of each side under torch.profiler; the results file gets "
                          "a 'profile' section (top ops and grouped shares of self CPU / CUDA time)")
@@ -555,6 +556,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     device = torch.device(setup["device"])
     if args.profile and args.profile_steps < 1:
         ap.error("--profile-steps must be >= 1")
+    args.sides = args.sides or ",".join(setup["sides"])
     unknown = [side for side in args.sides.split(",") if side not in SIDES]
     if unknown:
         ap.error(f"unknown --sides {', '.join(unknown)} (choose from {', '.join(SIDES)})")
