@@ -563,6 +563,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     interleave = setup["interleave"] if args.interleave is None else args.interleave
     floor_repeats = args.floor_repeats if args.floor_repeats is not None else (1 if interleave else 5)
     sides = args.sides.split(",")
+    info = run_info(device)  # before the runs: its load average is the one they started under
     common = ["--model", model, "--dtype", setup["dtype"], "--device", setup["device"], "--seq-len", str(seq_len),
               "--rank", str(args.rank), "--targets", args.targets]
     rows, profiles = [], []
@@ -631,7 +632,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), file=sys.stderr)
 
-    info = run_info(device)
     info["loadavg_end"] = os.getloadavg()
     results = {"benchmark": "lora training throughput, lora-mem vs transformers+peft", "setup": setup_name,
                "model": model, "dtype": setup["dtype"], "seq_len": seq_len, "rank": args.rank,
