@@ -6,9 +6,9 @@
 
 Timing: on the cpu setup (`--interleave`, its default) every side is built in one worker process and timed in
 turns, one step each per round (A B C, B C A, C A B, ...), with the step's floor measured once per round: the
-2-core CPUs here change speed by tens of percent over minutes (a 1024^3 fp32 GEMM ran at 43 and at 65 GFLOP/s
-on one machine within half an hour), which made sides timed one after the other disagree by more than the
-differences being measured. A speed-up is then the median over rounds of the paired step ratio. Each side also
+2-core CPUs here change speed by tens of percent over minutes (in bench/results/train_cpu.json the floor, the
+same products every round, took from 5.8 to 12.5 s), more than the differences being measured, so sides timed
+one after the other compare moments of the machine. A speed-up is then the median over rounds of the paired step ratio. Each side also
 runs alone in a fresh subprocess, so its peak memory (CUDA max allocated on GPU, peak RSS on CPU) and its
 profile are its own (`step_seconds_alone` records that run's step). The gpu setup times each side alone, one
 after the other (`--no-interleave`). Same LoRA targets (q,k,v,o,gate,up,down), rank, alpha, dropout 0,

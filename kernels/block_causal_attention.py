@@ -1,8 +1,8 @@
 """Causal self-attention as block GEMMs that skip the masked half: the CPU training path.
 
 On CPU, PyTorch's fused SDPA kernel (flash attention for CPU) runs its forward and backward at a fraction of
-the GEMM rate: the committed step floor (`bench/results/train_cpu.json`) has causal attention at 53 GFLOP/s
-beside 181 GFLOP/s for the base GEMMs, so attention was 22% of the floor for 5% of its FLOPs. Here the
+the GEMM rate: the step floor of `bench/results/train_cpu.json` at commit 23504b5 has causal attention at 53
+GFLOP/s beside 181 GFLOP/s for the base GEMMs, so attention was 22% of the floor for 9% of its FLOPs. Here the
 queries are cut into blocks of `block` rows; block i attends keys [0, end_i) only, so the upper triangle
 beyond each block's diagonal is never computed (with 128-row blocks at T = 512, 62.5% of the full
 T x T products), and every product is one batched GEMM that MKL runs at its GEMM rate:
@@ -18,7 +18,8 @@ docstring derives it) is block GEMMs again, with dK and dV accumulated in place.
 The price is memory: P_i is kept for backward, (B*H, T, T) x (nb + 1) / (2 nb) floats per layer (5.9 MB at
 B = 1, H = 9, T = 512), where flash attention keeps one log-sum-exp per row. `bench.attention` measures
 where this pays against SDPA; `model.qwen2.Attention` uses it where `use_block_causal` says: on CPU, when
-gradients are needed and BLOCK_CAUSAL_MIN_T <= T <= BLOCK_CAUSAL_MAX_T, unless ``LORA_MEM_CPU_ATTENTION=sdpa``. The reference is `F.scaled_dot_product_attention(..., is_causal=True)`;
+gradients are needed and BLOCK_CAUSAL_MIN_T <= T <= BLOCK_CAUSAL_MAX_T, unless
+``LORA_MEM_CPU_ATTENTION=sdpa``. The reference is `F.scaled_dot_product_attention(..., is_causal=True)`;
 tests/test_block_causal_attention.py holds the two together, forward and gradients.
 """
 
@@ -59,8 +60,8 @@ def use_block_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether causal attention over q (B, H, T, D), k, v takes the block path: CPU training only.
 
     ``LORA_MEM_CPU_ATTENTION`` = ``blocks`` (default) or ``sdpa`` (PyTorch's kernel everywhere: the "before" side
-    of `bench.train_throughput`), unless `cpu_attention` says otherwise. Inference keeps SDPA: without a backward
-    there is nothing to win (`bench.attention` times the forward alone too)."""
+    of `bench.train_throughput`), unless `cpu_attention` says otherwise. Inference keeps SDPA: the forward alone
+    is slower in blocks at every length measured (`bench.attention`'s "answer" columns); the gain is in backward."""
     mode = _FORCED_MODE or os.environ.get("LORA_MEM_CPU_ATTENTION", "blocks").strip().lower() or "blocks"
     if mode not in ("blocks", "sdpa"):
         raise ValueError(f"LORA_MEM_CPU_ATTENTION must be blocks or sdpa, got {mode!r}")
