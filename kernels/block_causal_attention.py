@@ -32,7 +32,7 @@ import torch
 
 DEFAULT_BLOCK = 128
 # Where the block path runs (bench/results/attention_cpu.json, forward + backward against the faster SDPA
-# variant, default model's heads): 0.86x at T = 128 (one block, nothing skipped), 1.07x at 256, 1.30x at 512,
+# variant, default model's heads): 0.87x at T = 128 (one block, nothing skipped), 1.07x at 256, 1.30x at 512,
 # 1.15x at 1024. Past BLOCK_CAUSAL_MAX_T the saved probabilities (quadratic in T) cost more memory than a
 # training step should spend on attention; SDPA's flash kernel, which keeps none, is used instead.
 BLOCK_CAUSAL_MIN_T = 256
