@@ -71,6 +71,7 @@ def run_workload(run_dir: Path) -> dict:
         "seq_len": settings.get("seq_len"),
         "measured_device": r.get("device"),
         "measured_device_type": r.get("device_type"),
+        "measured_cpu": r.get("cpu"),
         "measured_train_seconds": r.get("train_seconds"),
         "measured_answer_seconds": r.get("answer_seconds"),
         "measured_compute_seconds": r.get("compute_seconds"),
@@ -99,7 +100,7 @@ def training_rate(path: Path, batch: int | None, tokens_per_step: int | None) ->
     if "tokens_per_second" not in side:
         raise ProjectionError(f"{path}: row batch {row.get('batch')} has no lora-mem tokens_per_second "
                               f"({side.get('error', 'side missing')})")
-    return {"file": str(path), "device": t.get("device"), "device_type": t.get("device_type"),
+    return {"file": str(path), "device": t.get("device"), "device_type": t.get("device_type"), "cpu": t.get("cpu"),
             "model": t.get("model"), "dtype": t.get("dtype"), "seq_len": seq_len, "batch": row["batch"],
             "row_chosen_by": why, "tokens_per_second": side["tokens_per_second"],
             "peft_tokens_per_second": (row.get("peft") or {}).get("tokens_per_second"),
@@ -128,12 +129,35 @@ def device_slug_of(train: dict, decode: dict) -> str:
     return decode.get("device_slug") or name_slug(str(train["device"]))
 
 
+def host_mismatch(run: dict, train: dict) -> str | None:
+    """Why the training rate is not from the run's machine, or None when it is: same device type and name and,
+    where both files record the CPU (bench.common.cpu_details: a VM's "AMD EPYC" can be any generation), the same
+    name, family, model and vector extensions and a clock within 5%. A file that records its CPU cannot be matched
+    with one that does not."""
+    if run["measured_device_type"] != train["device_type"]:
+        return f"device type {run['measured_device_type']} vs {train['device_type']}"
+    if run["measured_device"] and train["device"] and run["measured_device"] != train["device"]:
+        return f"device {run['measured_device']!r} vs {train['device']!r}"
+    a, b = run.get("measured_cpu"), train.get("cpu")
+    if (a is None) != (b is None):
+        return (f"the training rate's file records its CPU ({b}), the run does not" if a is None else
+                f"the run records its CPU ({a}), the training rate's file does not")
+    if a is not None:
+        for key in ("name", "family", "model", "vector_extensions"):
+            if a.get(key) != b.get(key):
+                return f"CPU {key} {a.get(key)!r} vs {b.get(key)!r}"
+        if a.get("mhz") and b.get("mhz") and abs(a["mhz"] / b["mhz"] - 1) > 0.05:
+            return f"CPU clock {a['mhz']:.0f} vs {b['mhz']:.0f} MHz"
+    return None
+
+
 def project(runs: list[dict], train: dict, answer: dict, goal_minutes: float | None = None) -> dict:
-    """Per-run and total projected seconds; measured times beside them when the rates are from the runs' device."""
+    """Per-run and total projected seconds; measured times beside them when the rates are from the runs' machine."""
     kind = "cpu" if train["device_type"] == "cpu" else "cuda"
     goal = GOAL_MINUTES[kind] if goal_minutes is None else goal_minutes
     rows, total = [], 0.0
-    comparable = all(r["measured_device_type"] == train["device_type"] for r in runs)
+    mismatches = [f"{r['run']}: {why}" for r in runs if (why := host_mismatch(r, train))]
+    comparable = not mismatches
     for r in runs:
         train_s = r["train_tokens"] / train["tokens_per_second"]
         answer_s = r["questions"] / answer["questions_per_second"]
@@ -150,6 +174,8 @@ def project(runs: list[dict], train: dict, answer: dict, goal_minutes: float | N
         total += train_s + answer_s
     out = {"runs": rows, "projected_seconds": round(total, 1), "projected_minutes": round(total / 60, 2),
            "goal_minutes": goal, "meets_goal": total / 60 < goal, "comparable_to_measured": comparable}
+    if mismatches:  # rates from another machine: no measured times beside them
+        out["not_comparable_because"] = mismatches
     if comparable:
         measured = sum(r["measured_seconds"] for r in rows)
         out.update({"measured_seconds": round(measured, 1),
