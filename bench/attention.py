@@ -9,7 +9,7 @@ with key/value heads repeated (what transformers' eager-to-SDPA path does), and
 runs) and forward alone under no_grad (what answering runs). The variants take turns within each repeat
 (`bench.decode.timed`), so a change in a shared machine's load hits all alike; the median is reported, and
 each block variant's speed-up over the faster SDPA variant. `saved_probs_mb` is what the block path keeps for
-backward per layer (its price; flash attention keeps one float per row). Writes
+backward per layer, in MiB (its price; flash attention keeps one float per row). Writes
 bench/results/attention_<device>.json.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import atomic_write_json, device_slug, run_info
+from bench.common import atomic_write_json, device_slug, int_list, run_info
 from bench.decode import timed
 from kernels.block_causal_attention import DEFAULT_BLOCK, block_causal_attention
 
@@ -101,16 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="results file (default bench/results/attention_<device>.json)")
     args = ap.parse_args(argv)
 
-    def ints(name, text):
-        try:
-            values = [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            ap.error(f"{name} must be comma-separated integers, got {text!r}")
-        if not values or min(values) < 1:
-            ap.error(f"{name} must be positive integers, got {text!r}")
-        return values
-
-    seq_lens, blocks = ints("--seq-lens", args.seq_lens), ints("--blocks", args.blocks)
+    try:
+        seq_lens, blocks = int_list("--seq-lens", args.seq_lens), int_list("--blocks", args.blocks)
+    except ValueError as e:
+        ap.error(str(e))
     if args.heads % args.kv_heads:
         ap.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.common import atomic_write_json, atomic_write_text, read_jsonl, run_info, write_jsonl
+from bench.common import atomic_write_json, atomic_write_text, int_list, read_jsonl, run_info, write_jsonl
 from bench.internalize import QAPair, chat_qa_windows
 from lora_core.inject import LoRAConfig, inject_lora, lora_modules, lora_parameters, reset_lora
 from lora_core.train import IGNORE_INDEX, TrainConfig, make_lm_windows, train_lora
@@ -502,23 +502,6 @@ def summarise(out: Path, lm: LoadedModel, args, settings: dict, info: dict, wall
 # Options and the run
 # ---------------------------------------------------------------------------------------------
 
-def int_list(option: str, text: str) -> list[int]:
-    values = []
-    for part in text.split(","):
-        part = part.strip().replace("_", "")
-        if not part:
-            continue
-        try:
-            values.append(int(part))
-        except ValueError:
-            raise CapacityError(f"{option}: {part!r} is not an integer (expected e.g. 1,4,16)") from None
-    if not values:
-        raise CapacityError(f"{option}: no values given")
-    if min(values) < 1:
-        raise CapacityError(f"{option}: every value must be >= 1, got {min(values)}")
-    return sorted(set(values))
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m bench.capacity",
@@ -578,8 +561,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.preset not in PRESETS:
         raise CapacityError(f"unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
     preset = PRESETS[args.preset]
-    args.ranks = int_list("--ranks", args.ranks) if args.ranks is not None else list(preset["ranks"])
-    args.facts = int_list("--facts", args.facts) if args.facts is not None else list(preset["facts"])
+    args.ranks = int_list("--ranks", args.ranks, CapacityError) if args.ranks is not None else list(preset["ranks"])
+    args.facts = int_list("--facts", args.facts, CapacityError) if args.facts is not None else list(preset["facts"])
     for key in ("epochs", "min_steps", "lr", "batch_size", "seq_len", "answer_batch_size"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])

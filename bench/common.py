@@ -14,16 +14,6 @@ import torch
 from lora_core.adapter_io import atomic_write_text  # one atomic writer for the project
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
-
-
 def cpu_details() -> dict:
     """What tells two hosts of one CPU name apart (a VM's "AMD EPYC" can be any generation): the family and model
     numbers, the clock, the vector extensions that set the fp32 GEMM rate."""
@@ -40,6 +30,10 @@ def cpu_details() -> dict:
     return {"name": fields.get("model name", "unknown cpu"), "family": fields.get("cpu family"),
             "model": fields.get("model"), "mhz": float(fields["cpu MHz"]) if "cpu MHz" in fields else None,
             "vector_extensions": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"))}
+
+
+def cpu_name() -> str:
+    return cpu_details()["name"]
 
 
 def device_name(device: torch.device) -> str:
@@ -131,6 +125,25 @@ def read_results_json(path: Path, what: str, error: type[Exception]) -> dict:
         raise error(f"{path}: not found (expected {what})") from None
     except (OSError, json.JSONDecodeError) as e:
         raise error(f"{path}: not readable JSON ({e}; expected {what})") from None
+
+
+def int_list(option: str, text: str, error: type[Exception] = ValueError) -> list[int]:
+    """A comma-separated option of positive integers ("1,4,16"), sorted and unique; bad input raises `error`
+    naming the option and the value."""
+    values = []
+    for part in text.split(","):
+        part = part.strip().replace("_", "")
+        if not part:
+            continue
+        try:
+            values.append(int(part))
+        except ValueError:
+            raise error(f"{option}: {part!r} is not an integer (expected e.g. 1,4,16)") from None
+    if not values:
+        raise error(f"{option}: no values given")
+    if min(values) < 1:
+        raise error(f"{option}: every value must be >= 1, got {min(values)}")
+    return sorted(set(values))
 
 
 def read_jsonl(path: Path) -> list[dict]:

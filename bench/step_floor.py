@@ -150,7 +150,7 @@ def time_gemm(shape: tuple[int, int, int], layout: str, dtype: torch.dtype, devi
 
 def time_attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, repeats: int) -> tuple[float, str]:
     """Causal attention forward + backward; the fastest of SDPA with GQA inside the kernel, SDPA with repeated
-    key/value heads and lora-mem's block-causal GEMMs (kernels.block_causal_attention)."""
+    key/value heads and, on CPU, lora-mem's block-causal GEMMs (kernels.block_causal_attention)."""
     B, H, Hkv, T, D = shape
     q = torch.randn(B, H, T, D, dtype=dtype, device=device, requires_grad=True)
     k = torch.randn(B, Hkv, T, D, dtype=dtype, device=device, requires_grad=True)
@@ -169,7 +169,8 @@ def time_attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
         block_causal_attention(q, k, v).backward(grad)
 
     variants = {"enable_gqa": gqa} if H == Hkv else {"enable_gqa": gqa, "repeat_kv": repeated}
-    variants["block_causal"] = blocks
+    if device.type == "cpu":  # where the model runs it; on CUDA training stays on SDPA's flash kernels
+        variants["block_causal"] = blocks
     timed = {name: median_seconds(fn, device, repeats) for name, fn in variants.items()}
     best = min(timed, key=timed.get)
     return timed[best], best

@@ -39,6 +39,7 @@ profiler's own overhead is in them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -82,8 +83,6 @@ def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, ra
     """lora-mem's training step; `full_logits`: the step before the chunked loss (all positions' fp32 logits
     materialised, then cross-entropy), kept as the "before" of the profile; `attention` = "sdpa": the step before
     the CPU block-causal attention (kernels.block_causal_attention.cpu_attention), None: the engine's default."""
-    import contextlib
-
     from kernels.block_causal_attention import cpu_attention
     from lora_core.inject import LoRAConfig, inject_lora, lora_parameters
     from lora_core.train import chunked_lm_loss
@@ -377,6 +376,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def timed_step(one, device: torch.device, times: list[float], losses: list[float]) -> None:
+    """Run one training step (synchronised); append its wall seconds and its loss."""
+    sync(device)
+    t0 = time.perf_counter()
+    losses.append(float(one()))
+    sync(device)
+    times.append(time.perf_counter() - t0)
+
+
+def side_record(side: str, batch: int, seq_len: int, targets: str, params, times: list[float], losses: list[float],
+                first_loss: float | None) -> dict:
+    """What a results row says of one side's timed steps (the median step; first_loss: before any update, else
+    the first timed step's)."""
+    median = statistics.median(times)
+    return {"side": side, "batch": batch, "seq_len": seq_len, "trained_positions": targets,
+            "step_seconds_median": median, "step_seconds_all": times, "steps_per_second": 1 / median,
+            "tokens_per_second": batch * seq_len / median, "trainable_params": sum(p.numel() for p in params),
+            "first_loss": losses[0] if first_loss is None else first_loss, "losses": losses}
+
+
 def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, seq_len: int, batch: int,
                  rank: int, steps: int, warmup: int, profile_steps: int = 0, targets: str = "all") -> dict:
     """One side alone in this process: its step times, its peak memory (what only a process of its own can say)
@@ -395,19 +414,11 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
             torch.cuda.reset_peak_memory_stats()
         times, losses = [], []
         for _ in range(steps):
-            t0 = time.perf_counter()
-            losses.append(float(one()))
-            sync(device)
-            times.append(time.perf_counter() - t0)
+            timed_step(one, device, times, losses)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
         profile = profile_ops(one, profile_steps, device, label="train_step") if profile_steps > 0 else None
-    times.sort()
-    median = times[len(times) // 2]
-    out = {"side": side, "batch": batch, "seq_len": seq_len, "trained_positions": targets, "step_seconds_median": median,
-           "steps_per_second": 1 / median, "tokens_per_second": batch * seq_len / median,
-           "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
-           "trainable_params": sum(p.numel() for p in params), "first_loss": first_loss if warmup else losses[0],
-           "losses": losses}
+    out = {**side_record(side, batch, seq_len, targets, params, times, losses, first_loss),
+           "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss"}
     if profile is not None:
         out["profile"] = profile
     return out
@@ -439,12 +450,7 @@ def measure_interleaved(sides: list[str], model_name: str, dtype_name: str, devi
             # pays (the floor's allocations just freed, caches cold) falls on every side alike.
             first = round_index % len(sides)
             for side in sides[first:] + sides[:first]:
-                one = prepared[side][1]
-                sync(device)
-                t0 = time.perf_counter()
-                losses[side].append(float(one()))
-                sync(device)
-                times[side].append(time.perf_counter() - t0)
+                timed_step(prepared[side][1], device, times[side], losses[side])
             if floor_repeats:
                 trained = int((y != -100).sum())
                 floors.append(measure_floor(model_config(model_name), batch, seq_len, rank, dtype, device,
@@ -452,12 +458,8 @@ def measure_interleaved(sides: list[str], model_name: str, dtype_name: str, devi
     out = {"method": "interleaved: all sides in one process, one step each per round, in turns",
            "rounds": steps, "sides": {}}
     for side in sides:
-        median = statistics.median(times[side])
-        out["sides"][side] = {"side": side, "batch": batch, "seq_len": seq_len, "trained_positions": targets,
-                              "step_seconds_median": median, "step_seconds_all": times[side],
-                              "steps_per_second": 1 / median, "tokens_per_second": batch * seq_len / median,
-                              "trainable_params": sum(p.numel() for p in prepared[side][0]),
-                              "first_loss": first_loss.get(side, losses[side][0]), "losses": losses[side]}
+        out["sides"][side] = side_record(side, batch, seq_len, targets, prepared[side][0], times[side], losses[side],
+                                         first_loss.get(side))
     if floors:
         by_time = sorted(floors, key=lambda f: f["floor_seconds"])
         out["floor"] = {**by_time[len(by_time) // 2], "floor_seconds_all": [f["floor_seconds"] for f in floors],

@@ -15,7 +15,7 @@ Grouped-query attention folds the g query heads of a key/value head into the que
 product (B*Hkv, g*rows, D), so keys and values are never repeated. The backward (`BlockCausalAttention`, its
 docstring derives it) is block GEMMs again, with dK and dV accumulated in place.
 
-The price is memory: P_i is kept for backward, (B*H, T, T) x (nb + 1) / (2 nb) floats per layer (5.9 MB at
+The price is memory: P_i is kept for backward, (B*H, T, T) x (nb + 1) / (2 nb) floats per layer (5.6 MiB at
 B = 1, H = 9, T = 512), where flash attention keeps one log-sum-exp per row. `bench.attention` measures
 where this pays against SDPA; `model.qwen2.Attention` uses it where `use_block_causal` says: on CPU, when
 gradients are needed and BLOCK_CAUSAL_MIN_T <= T <= BLOCK_CAUSAL_MAX_T, unless
@@ -62,12 +62,13 @@ def use_block_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     ``LORA_MEM_CPU_ATTENTION`` = ``blocks`` (default) or ``sdpa`` (PyTorch's kernel everywhere: the "before" side
     of `bench.train_throughput`), unless `cpu_attention` says otherwise. Inference keeps SDPA: the forward alone
     is slower in blocks at every length measured (`bench.attention`'s "answer" columns); the gain is in backward."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not (needs_grad and q.device.type == "cpu" and BLOCK_CAUSAL_MIN_T <= q.shape[2] <= BLOCK_CAUSAL_MAX_T):
+        return False  # answering (prefill), CUDA, short or long sequences: no switch to read
     mode = _FORCED_MODE or os.environ.get("LORA_MEM_CPU_ATTENTION", "blocks").strip().lower() or "blocks"
     if mode not in ("blocks", "sdpa"):
         raise ValueError(f"LORA_MEM_CPU_ATTENTION must be blocks or sdpa, got {mode!r}")
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    fits = BLOCK_CAUSAL_MIN_T <= q.shape[2] <= BLOCK_CAUSAL_MAX_T
-    return mode == "blocks" and q.device.type == "cpu" and needs_grad and fits
+    return mode == "blocks"
 
 
 def causal_bias(rows: int, start: int, end: int, dtype: torch.dtype, device) -> torch.Tensor:
