@@ -323,6 +323,7 @@ def run_cell(lm: LoadedModel, facts: list[Fact], rank: int, args, out: Path) -> 
         "lora_params": sum(p.numel() for p in lora_parameters(lm.model)),
         "windows": ids.shape[0], "target_tokens": int((targets != IGNORE_INDEX).sum()),
         "epochs_run": tcfg.epochs, "steps": len(train.losses), "train_tokens": train.tokens,
+        "train_tokens_computed": train.tokens_computed,
         "train_seconds": train.seconds, "train_tokens_per_second": train.tokens_per_second,
         "final_loss": train.losses[-1] if train.losses else None, "epochs_loss": train.epochs_loss,
         "losses": train.losses, "error": train.error,

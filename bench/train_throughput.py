@@ -17,7 +17,15 @@ sequence length, batch, dtype, optimizer (AdamW) and token ids on both sides (th
 `first_loss_difference` shows both sides computed the same thing. Writes
 bench/results/train_<device>.json. Two more sides are lora-mem before a piece of its speed work:
 `lora-mem-full-logits` before its chunked loss (every position's fp32 logits materialised, then cross-entropy),
-`lora-mem-sdpa` before its CPU block-causal attention (PyTorch's SDPA kernel, `LORA_MEM_CPU_ATTENTION=sdpa`).
+`lora-mem-sdpa` before its CPU block-causal attention (PyTorch's SDPA kernel, `LORA_MEM_CPU_ATTENTION=sdpa`),
+`lora-mem-unshared` before it computed a prefix shared by a micro-batch's rows once (`--targets facts`).
+
+Workloads (`--targets`): `all`, plain text, every next token trained (the issue's setup); `answers`, chat-QA
+windows, the last 16 of every 64 positions trained; `facts`, the capacity benchmark's one-fact chat windows
+(bench.capacity): 48 tokens whose first 24 are the same in every row (the system turn and the user header),
+the last 6 positions trained, at the capacity presets' batch sizes (2 and 8 on cpu, 32 on gpu). There
+lora-mem computes the shared 24 tokens once per micro-batch (lora_core.train.hidden_states) and transformers +
+peft computes every row's; the floor is not measured (it counts every row's positions).
 
 The floor (`bench.step_floor`): every product the step must compute (base GEMMs forward and input-gradient,
 the LM head at the trained positions, the LoRA thin products, causal attention forward + backward), each
@@ -57,18 +65,26 @@ import torch
 from bench.common import atomic_write_json, device_slug, hf_config, run_info
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SIDES = ("lora-mem", "lora-mem-sdpa", "lora-mem-full-logits", "peft")
+SIDES = ("lora-mem", "lora-mem-sdpa", "lora-mem-full-logits", "lora-mem-unshared", "peft")
 # Which positions are trained: "all" (plain text, the experiment's recipe) or "answers" (chat-QA windows, the `qa`
 # formats: in every block of ANSWER_BLOCK positions the last ANSWER_SPAN are targets, 25%, as in the LoCoMo qa1
 # windows of the default model, where 24.8% of the tokens are answer tokens).
-TARGETS_KINDS = ("all", "answers")
+TARGETS_KINDS = ("all", "answers", "facts")
 ANSWER_BLOCK, ANSWER_SPAN = 64, 16
+# "facts": the capacity benchmark's one-fact chat windows of the default model, in micro-batches of 2 (its cpu
+# preset): the rows share a 24-token prefix (system turn + user header; median, 24..27), are 48 tokens long after
+# the unlabelled tail is trimmed (median) and train 5.8 answer tokens each (mean). tests/test_bench_train_throughput
+# checks these against the real windows.
+FACT_PREFIX, FACT_WINDOW, FACT_ANSWER = 24, 48, 6
+FACTS_BATCH_SIZES = {"cpu": [2, 8], "gpu": [32]}  # the capacity presets' batch sizes (and 8 on cpu: the trend)
+FACTS_SIDES = ["lora-mem", "lora-mem-unshared", "peft"]
 SETUPS = {
     # interleave: time the sides in turns in one process (a shared CPU's speed drifts by tens of percent over
     # minutes); a GPU is steady, and several 1.5B models with their activations would not fit one at a time.
     # sides: lora-mem-sdpa only where the block-causal attention runs (CPU); on a GPU it would be lora-mem again.
+    # lora-mem-unshared only with --targets facts: elsewhere no prefix is shared and it is lora-mem again.
     "cpu": dict(model="smollm2-135m-instruct", dtype="float32", seq_len=512, batch_sizes=[1], device="cpu",
-                interleave=True, sides=list(SIDES)),
+                interleave=True, sides=[s for s in SIDES if s != "lora-mem-unshared"]),
     "gpu": dict(model="preset:qwen2.5-1.5b", dtype="bfloat16", seq_len=2048, batch_sizes=[1, 4, 8], device="cuda",
                 interleave=False, sides=["lora-mem", "lora-mem-full-logits", "peft"]),
 }
@@ -79,13 +95,15 @@ SETUPS = {
 # ---------------------------------------------------------------------------------------------
 
 def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, rank: int, full_logits: bool = False,
-                   attention: str | None = None):
-    """lora-mem's training step; `full_logits`: the step before the chunked loss (all positions' fp32 logits
-    materialised, then cross-entropy), kept as the "before" of the profile; `attention` = "sdpa": the step before
-    the CPU block-causal attention (kernels.block_causal_attention.cpu_attention), None: the engine's default."""
+                   attention: str | None = None, share_prefix: bool = True):
+    """lora-mem's training step, the forward of train_lora (lora_core.train.hidden_states); `full_logits`: the step
+    before the chunked loss (all positions' fp32 logits materialised, then cross-entropy), kept as the "before" of
+    the profile; `attention` = "sdpa": the step before the CPU block-causal attention
+    (kernels.block_causal_attention.cpu_attention), None: the engine's default; `share_prefix` False: the step
+    before a prefix common to the rows was computed once."""
     from kernels.block_causal_attention import cpu_attention
     from lora_core.inject import LoRAConfig, inject_lora, lora_parameters
-    from lora_core.train import chunked_lm_loss
+    from lora_core.train import chunked_lm_loss, hidden_states
     from model.config import PRESETS
     from model.loader import load_model
     from model.qwen2 import Qwen2ForCausalLM
@@ -108,7 +126,7 @@ def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, ra
             return loss_and_backward(x, y)
 
     def loss_and_backward(x, y):
-        hidden = model.model(x)
+        hidden, _ = hidden_states(model, x, share_prefix)
         if full_logits:
             logits = model.lm_head(hidden).float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
@@ -325,21 +343,33 @@ def model_config(model_name: str):
 
 def next_token_targets(x: torch.Tensor, targets: str = "all") -> torch.Tensor:
     """(B, L) targets for input ids x: y[t] = x[t + 1], -100 at the end and, for "answers", outside the answer spans
-    (the last ANSWER_SPAN positions of every ANSWER_BLOCK)."""
+    (the last ANSWER_SPAN positions of every ANSWER_BLOCK), for "facts", outside the last FACT_ANSWER positions
+    that have a next token."""
     if targets not in TARGETS_KINDS:
         raise ValueError(f"unknown targets {targets!r} (choose from {', '.join(TARGETS_KINDS)})")
     y = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
+    position = torch.arange(x.shape[1], device=x.device)
     if targets == "answers":
-        in_answer = torch.arange(x.shape[1], device=x.device) % ANSWER_BLOCK >= ANSWER_BLOCK - ANSWER_SPAN
-        y = y.masked_fill(~in_answer, -100)
+        y = y.masked_fill(~(position % ANSWER_BLOCK >= ANSWER_BLOCK - ANSWER_SPAN), -100)
+    elif targets == "facts":
+        y = y.masked_fill(position < x.shape[1] - 1 - FACT_ANSWER, -100)
     return y
 
 
-def input_ids(batch: int, seq_len: int, vocab: int, device: torch.device) -> torch.Tensor:
+def input_ids(batch: int, seq_len: int, vocab: int, device: torch.device, targets: str = "all") -> torch.Tensor:
     """The token ids every side trains on: from their own seeded generator, so that building a side (which
-    draws its LoRA init from torch's global generator, differently on each side) cannot change them."""
+    draws its LoRA init from torch's global generator, differently on each side) cannot change them. For "facts"
+    the first FACT_PREFIX tokens are row 0's in every row (and row i's next token differs from row 0's), as the
+    system turn and user header of one-fact chat windows are."""
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
+    x = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    if targets == "facts":
+        if not FACT_PREFIX < seq_len:
+            raise ValueError(f"--targets facts needs --seq-len above its {FACT_PREFIX}-token shared prefix, "
+                             f"got {seq_len}")
+        x[:, :FACT_PREFIX] = x[0, :FACT_PREFIX]
+        x[1:, FACT_PREFIX] = (x[0, FACT_PREFIX] + 1 + torch.arange(batch - 1)) % vocab
+    return x.to(device)
 
 
 def prepare_side(side: str, model_name: str, dtype: torch.dtype, device: torch.device, rank: int, x, y):
@@ -350,7 +380,8 @@ def prepare_side(side: str, model_name: str, dtype: torch.dtype, device: torch.d
         params, step = build_peft(model_name, dtype, device, rank)
     else:
         params, step = build_lora_mem(model_name, dtype, device, rank, full_logits=side == "lora-mem-full-logits",
-                                      attention="sdpa" if side == "lora-mem-sdpa" else None)
+                                      attention="sdpa" if side == "lora-mem-sdpa" else None,
+                                      share_prefix=side != "lora-mem-unshared")
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def one():
@@ -363,7 +394,7 @@ def prepare_side(side: str, model_name: str, dtype: torch.dtype, device: torch.d
 
 
 def step_inputs(model_name: str, batch: int, seq_len: int, device: torch.device, targets: str):
-    x = input_ids(batch, seq_len, model_config(model_name).vocab_size, device)
+    x = input_ids(batch, seq_len, model_config(model_name).vocab_size, device, targets)
     return x, next_token_targets(x, targets)  # the same ids and targets on every side
 
 
@@ -497,17 +528,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sides", default=None,
                     help="lora-mem; lora-mem-sdpa (lora-mem with PyTorch's SDPA instead of its CPU block-causal "
                          "attention); lora-mem-full-logits (lora-mem before the chunked loss: the profile's "
-                         "'before'); peft (transformers + peft). Default: all four on cpu, no lora-mem-sdpa on gpu")
+                         "'before'); lora-mem-unshared (lora-mem computing every row's copy of a shared prefix); "
+                         "peft (transformers + peft). Default: all but lora-mem-unshared on cpu, no lora-mem-sdpa "
+                         "on gpu; with --targets facts lora-mem, lora-mem-unshared and peft")
     ap.add_argument("--profile", action="store_true",
                     help="also run --profile-steps steps of each side under torch.profiler; the results file gets "
                          "a 'profile' section (top ops and grouped shares of self CPU / CUDA time)")
     ap.add_argument("--profile-steps", type=int, default=3, help="profiled steps per side (with --profile)")
     ap.add_argument("--targets", choices=TARGETS_KINDS, default="all",
-                    help="trained positions: all (plain text) or answers (chat-QA windows: the last 16 of every 64 "
-                         "positions, 25%%, as in the qa format's windows); every position is still computed forward")
+                    help="trained positions: all (plain text), answers (chat-QA windows: the last 16 of every 64 "
+                         "positions, 25%%, as in the qa format's windows; every position is still computed forward) "
+                         f"or facts (the capacity benchmark's one-fact chat windows: {FACT_WINDOW} tokens, the first "
+                         f"{FACT_PREFIX} shared by every row, the last {FACT_ANSWER} trained; batch 2,8 on cpu, 32 "
+                         "on gpu; no floor)")
     ap.add_argument("--out", default=None,
-                    help="results file (default bench/results/train_<device>.json, train_<device>_answers.json "
-                         "with --targets answers)")
+                    help="results file (default bench/results/train_<device>.json, train_<device>_<targets>.json "
+                         "with --targets answers or facts)")
     ap.add_argument("--no-floor", action="store_true",
                     help="skip the step's floor (bench.step_floor: each required product timed alone)")
     ap.add_argument("--floor-repeats", type=int, default=None,
@@ -552,6 +588,9 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     setup_name = args.setup or ("gpu" if torch.cuda.is_available() else "cpu")
     setup = dict(SETUPS[setup_name])
+    if args.targets == "facts":  # the capacity benchmark's windows and batches; its floor would count every row
+        setup.update(seq_len=FACT_WINDOW, batch_sizes=FACTS_BATCH_SIZES[setup_name], sides=FACTS_SIDES)
+        args.no_floor = True
     model = args.model or setup["model"]
     seq_len = args.seq_len or setup["seq_len"]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else setup["batch_sizes"]
@@ -623,7 +662,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                     row[side].update(compare_to_floor(row[side]["step_seconds_median"], floor))
             if "step_seconds_median" in b:  # no engine on these kernels beats peft by more than this
                 row["speedup_ceiling_vs_peft"] = b["step_seconds_median"] / floor["floor_seconds"]
-        for before_side, name in (("lora-mem-full-logits", "full_logits"), ("lora-mem-sdpa", "sdpa")):
+        for before_side, name in (("lora-mem-full-logits", "full_logits"), ("lora-mem-sdpa", "sdpa"),
+                                  ("lora-mem-unshared", "unshared")):
             before = row.get(before_side, {})  # what the chunked loss / the block-causal attention bought
             if "tokens_per_second" in a and "tokens_per_second" in before:
                 row[f"speedup_vs_{name}"] = (paired_speedup(a, before) if interleave else
@@ -639,8 +679,10 @@ def main(argv: list[str] | None = None) -> dict | None:
                "model": model, "dtype": setup["dtype"], "seq_len": seq_len, "rank": args.rank,
                "alpha": 2 * args.rank, "targets": TARGETS, "trained_positions": args.targets,
                "trained_positions_note": "all: every next token (plain text); answers: the last "
-                                         f"{ANSWER_SPAN} of every {ANSWER_BLOCK} positions (chat-QA windows); same "
-                                         "token ids and targets on every side", "optimizer": "AdamW(lr=1e-4)", "steps": args.steps,
+                                         f"{ANSWER_SPAN} of every {ANSWER_BLOCK} positions (chat-QA windows); facts: "
+                                         f"the last {FACT_ANSWER} positions of {FACT_WINDOW}-token rows whose first "
+                                         f"{FACT_PREFIX} tokens are the same (one-fact chat windows); same token ids "
+                                         "and targets on every side", "optimizer": "AdamW(lr=1e-4)", "steps": args.steps,
                "timing": "interleaved" if interleave else "each side alone, one after the other",
                "warmup": args.warmup, **info, "rows": rows}
     if args.profile:
@@ -649,7 +691,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                       "of each side, after its timed steps and its peak-memory reading; self time per op summed by "
                       "name and by group (bench.train_throughput.classify_op); profiler overhead included",
             "steps": args.profile_steps, "runs": profiles}
-    suffix = "_answers" if args.targets == "answers" else ""
+    suffix = f"_{args.targets}" if args.targets != "all" else ""
     out = Path(args.out or Path("bench/results") / f"train_{device_slug(device)}{suffix}.json")
     atomic_write_json(out, results)
     nan = float("nan")

@@ -92,6 +92,26 @@ class KVCache(nn.Module):
         self.k, self.v = self.k[rows], self.v[rows]
 
 
+class SharedPrefixKV:
+    """One layer's keys/values between the two passes of `Qwen2Model.forward_shared_prefix`, in training.
+
+    Duck-types the KVCache interface the attention reads (`update`, `prefix_k`, `prefix_v`) without a
+    preallocated buffer, so autograd sees plain tensors. The prefix pass's (no prefix) records its keys/values;
+    the rows' pass's holds them as its prefix, attended before the rows' own tokens (cascade attention), and
+    the gradient of every row flows back into the one prefix computation. Two objects, never one mutated:
+    activation checkpointing recomputes a prefix layer in backward, and it must take the same path again."""
+
+    def __init__(self, prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None):
+        self.prefix_k, self.prefix_v = prefix_k, prefix_v  # (1, Hkv, P, D) in the rows' pass
+        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Both passes hold exactly their own tokens (slot 0 on): nothing to concatenate, only to record.
+        if self.prefix_k is None:
+            self.recorded = (k, v)
+        return k, v
+
+
 def cascade_attention(q, prefix_k, prefix_v, k, v, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of every row over a shared prefix (1, Hkv, P, D) and then its own slots (B, Hkv, S, D).
 
@@ -117,7 +137,8 @@ def cascade_attention(q, prefix_k, prefix_v, k, v, mask: torch.Tensor | None) ->
     if mask is None:  # own slots hold exactly this step's tokens: causal
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     scores_own = scores_own.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(torch.cat([scores_prefix, scores_own], dim=-1).float() * scale, dim=-1).to(q.dtype)
+    scores = torch.cat([scores_prefix, scores_own], dim=-1)
+    probs = torch.softmax(scores.to(torch.promote_types(q.dtype, torch.float32)) * scale, dim=-1).to(q.dtype)
     probs_prefix, probs_own = probs.split([P, S], dim=-1)
     return unfold(torch.bmm(fold(probs_prefix), prefix_v[0])) + probs_own @ v_rows
 
@@ -197,7 +218,7 @@ class Qwen2Model(nn.Module):
         input_ids: torch.Tensor,  # (B, T)
         position_ids: torch.Tensor | None = None,  # (B, T); default 0..T-1 (+cache_start)
         attention_mask: torch.Tensor | None = None,  # (B, S) bool, True = real token in that slot
-        kv_caches: list[KVCache] | None = None,
+        kv_caches: list[KVCache] | list[SharedPrefixKV] | None = None,
         cache_start: int = 0,
     ) -> torch.Tensor:
         B, T = input_ids.shape
@@ -216,6 +237,26 @@ class Qwen2Model(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, kv_cache, cache_start)
         return self.norm(x)  # (B, T, C)
+
+    def forward_shared_prefix(self, input_ids: torch.Tensor, prefix_len: int) -> torch.Tensor:
+        """Hidden states (B, T, C) of rows that all start with the same prefix_len tokens, that prefix computed once.
+
+        A (1, P) pass over the prefix records every layer's keys/values (SharedPrefixKV); then the rows'
+        own tokens (B, T - P), at positions P.., attend to them and causally to themselves (cascade_attention).
+        The result equals self(input_ids) up to rounding, gradients included (autograd sums every row's
+        gradient into the one prefix pass), for P + B (T - P) token positions instead of B T: training windows
+        that all open with the same chat system turn (lora_core.train.hidden_states decides when)."""
+        B, T = input_ids.shape
+        if not 0 < prefix_len < T:
+            raise ValueError(f"prefix_len must be in 1..{T - 1} for {T}-token rows, got {prefix_len}")
+        if not bool((input_ids[:, :prefix_len] == input_ids[:1, :prefix_len]).all()):
+            raise ValueError(f"the rows do not all start with the same {prefix_len} tokens")
+        recorders = [SharedPrefixKV() for _ in self.layers]
+        prefix_hidden = self(input_ids[:1, :prefix_len], kv_caches=recorders)  # (1, P, C)
+        shared = [SharedPrefixKV(*r.recorded) for r in recorders]
+        positions = torch.arange(prefix_len, T, device=input_ids.device).expand(B, T - prefix_len)
+        rows_hidden = self(input_ids[:, prefix_len:], position_ids=positions, kv_caches=shared)  # (B, T - P, C)
+        return torch.cat([prefix_hidden.expand(B, -1, -1), rows_hidden], dim=1)
 
     @staticmethod
     def build_mask(attention_mask: torch.Tensor | None, B: int, T: int, cache_start: int, device) -> torch.Tensor:

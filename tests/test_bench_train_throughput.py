@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from bench.train_throughput import (
+    FACT_ANSWER,
+    FACT_PREFIX,
+    FACT_WINDOW,
     PROFILE_GROUPS,
     input_ids,
     measure_side,
@@ -260,3 +263,66 @@ def test_interleaved_rounds_rotate_the_order(ckpt, monkeypatch):
                                warmup=1)
     assert order == ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
     assert [len(r["sides"][s]["step_seconds_all"]) for s in "abc"] == [4, 4, 4]
+
+
+def test_facts_workload_is_one_fact_windows_with_a_shared_prefix():
+    x = input_ids(3, FACT_WINDOW, 320, torch.device("cpu"), "facts")
+    assert (x[:, :FACT_PREFIX] == x[0, :FACT_PREFIX]).all()
+    assert len(set(x[:, FACT_PREFIX].tolist())) == 3  # every row its own from there
+    y = next_token_targets(x, "facts")
+    labelled = (y != -100).nonzero()[:, 1].unique().tolist()
+    assert labelled == list(range(FACT_WINDOW - 1 - FACT_ANSWER, FACT_WINDOW - 1))
+    assert torch.equal(y[:, labelled], x[:, [i + 1 for i in labelled]])
+    with pytest.raises(ValueError, match="above its 24-token shared prefix"):
+        input_ids(2, FACT_PREFIX, 320, torch.device("cpu"), "facts")
+
+
+@pytest.mark.slow
+def test_facts_workload_matches_the_capacity_windows_of_the_default_model():
+    """FACT_PREFIX / FACT_WINDOW / FACT_ANSWER are what bench.capacity's one-fact windows of the default model are in
+    micro-batches of two (its cpu preset): the median shared prefix and trimmed length, the mean answer tokens."""
+    from bench.capacity import generate_facts, training_windows
+    from lora_core.train import shared_prefix_len, trim_unlabelled_tail
+    from model.loader import load_model
+
+    ids, targets = training_windows(generate_facts(400, seed=0), load_model("smollm2-135m-instruct"), "qa", 128)
+    pairs = [trim_unlabelled_tail(ids[i:i + 2], targets[i:i + 2]) for i in range(0, len(ids), 2)]
+    assert statistics.median(shared_prefix_len(x) for x, _ in pairs) == FACT_PREFIX
+    assert statistics.median(x.shape[1] for x, _ in pairs) == FACT_WINDOW
+    assert round(float((targets != -100).sum()) / len(ids)) == FACT_ANSWER
+
+
+def test_unshared_side_trains_the_same_step_on_facts(ckpt):
+    """lora-mem computes the rows' shared prefix once, lora-mem-unshared every row's copy: the same loss and LoRA
+    gradients up to rounding."""
+    x = input_ids(4, FACT_WINDOW, 320, torch.device("cpu"), "facts")
+    y = next_token_targets(x, "facts")
+    results = {}
+    for share in (True, False):
+        torch.manual_seed(0)
+        params, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank=4, share_prefix=share)
+        for p in params:  # a non-zero B, so every LoRA gradient is non-zero
+            if p.shape[1] == 4:
+                torch.nn.init.normal_(p, std=0.1)
+        results[share] = (float(step(x, y)), [p.grad.clone() for p in params])
+    (loss_a, grads_a), (loss_b, grads_b) = results[True], results[False]
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for ga, gb in zip(grads_a, grads_b):
+        assert ga.abs().sum() > 0
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_facts_workload_end_to_end(ckpt, tmp_path):
+    out = tmp_path / "train_facts.json"
+    main(["--setup", "cpu", "--model", str(ckpt), "--targets", "facts", "--batch-sizes", "2", "--rank", "2",
+          "--steps", "2", "--warmup", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["seq_len"] == FACT_WINDOW and saved["trained_positions"] == "facts"
+    row = saved["rows"][0]
+    assert "floor" not in row  # it would count every row's positions
+    assert {"lora-mem", "lora-mem-unshared", "peft"} <= row.keys() and "lora-mem-sdpa" not in row
+    for side in ("lora-mem", "lora-mem-unshared", "peft"):
+        assert "error" not in row[side], row[side]
+    assert "speedup_vs_unshared" in row and len(row["speedup_vs_unshared_rounds"]) == 2
+    assert row["lora-mem"]["first_loss"] == pytest.approx(row["peft"]["first_loss"], rel=1e-5)
+    assert row["lora-mem"]["first_loss"] == pytest.approx(row["lora-mem-unshared"]["first_loss"], rel=1e-5)

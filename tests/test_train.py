@@ -20,10 +20,13 @@ import lora_core.train as train_module  # noqa: E402
 from lora_core.inject import LoRAConfig, inject_lora, lora_modules, lora_parameters  # noqa: E402
 from lora_core.train import (  # noqa: E402
     IGNORE_INDEX,
+    SHARE_PREFIX_MIN_SAVING,
     TrainConfig,
     chunked_lm_loss,
+    hidden_states,
     lr_at,
     make_lm_windows,
+    shared_prefix_len,
     train_lora,
     trim_unlabelled_tail,
 )
@@ -391,3 +394,118 @@ def test_gradient_checkpointing_gives_the_same_training(qwen_dir):
     torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-6)
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A prefix shared by every row, computed once (Qwen2Model.forward_shared_prefix, hidden_states)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def chat_like_batch(rows=3, prefix=9, length=SEQ_LEN, answer=4, seed=0):
+    """Windows like one-fact chat windows: the same `prefix` tokens (a system turn), then each row's own question
+    and, on its last `answer` positions, targets."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (rows, length), generator=g)
+    ids[:, :prefix] = ids[0, :prefix]
+    ids[1:, prefix] = (ids[0, prefix] + 1 + torch.arange(rows - 1)) % VOCAB  # every row differs right after it
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -answer - 1:-1] = ids[:, -answer:]
+    return ids, labels
+
+
+def test_shared_prefix_len():
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 8], [5, 6, 7, 1]])
+    assert shared_prefix_len(ids) == 2
+    assert shared_prefix_len(ids[:, 2:]) == 0  # the rows differ at once
+    assert shared_prefix_len(ids[:1]) == 0  # one row: nothing to share
+    assert shared_prefix_len(ids[[0, 0]]) == 3  # identical rows keep one token of their own
+
+
+def with_nonzero_lora_b(model, seed=1):
+    for m in lora_modules(model).values():  # a non-zero update, so that every LoRA gradient is exercised
+        torch.nn.init.normal_(m.lora_B, std=0.1, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_shared_prefix_gives_the_hidden_states_loss_and_gradients_of_one_pass(tmp_path, kind, checkpointing):
+    make_tiny_checkpoint(tmp_path, kind)
+    model = with_nonzero_lora_b(tiny_lora_model(tmp_path))
+    model.train()
+    model.model.gradient_checkpointing = checkpointing
+    ids, labels = chat_like_batch()
+    labels[:, 3:6] = ids[:, 4:7]  # targets inside the shared prefix too: each row's copy of it gets its own gradient
+    assert shared_prefix_len(ids) == 9
+    results = []
+    for shared in (False, True):
+        hidden = model.model.forward_shared_prefix(ids, 9) if shared else model.model(ids)
+        loss = chunked_lm_loss(hidden, model.lm_head.weight, labels)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        results.append((hidden.detach(), loss.detach(), grads))
+    (h1, l1, g1), (h2, l2, g2) = results
+    assert h2.shape == h1.shape == (3, SEQ_LEN, 64)
+    torch.testing.assert_close(h2, h1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l2, l1, atol=1e-6, rtol=1e-6)
+    assert g1.keys() == g2.keys() and len(g1) == 2 * len(lora_modules(model))
+    for n in g1:
+        assert g1[n].abs().max() > 0, n
+        torch.testing.assert_close(g2[n], g1[n], atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prefix_rejects_rows_that_do_not_share_it(qwen_dir):
+    model = tiny_lora_model(qwen_dir)
+    ids, _ = chat_like_batch(prefix=5)
+    with pytest.raises(ValueError, match="do not all start with the same 6 tokens"):
+        model.model.forward_shared_prefix(ids, 6)
+    for bad in (0, SEQ_LEN):
+        with pytest.raises(ValueError, match="prefix_len must be in 1..23"):
+            model.model.forward_shared_prefix(ids, bad)
+
+
+def test_hidden_states_shares_a_prefix_only_where_it_saves_enough(qwen_dir):
+    model = tiny_lora_model(qwen_dir)
+    calls = []
+    real = model.model.forward_shared_prefix
+    model.model.forward_shared_prefix = lambda ids, p: calls.append(p) or real(ids, p)
+    ids, _ = chat_like_batch(rows=2, prefix=9)  # saves 9 of 48 positions: 19%
+    assert (2 - 1) * 9 >= SHARE_PREFIX_MIN_SAVING * ids.numel()
+    _, computed = hidden_states(model, ids)
+    assert calls == [9] and computed == 9 + 2 * (SEQ_LEN - 9)
+    _, computed = hidden_states(model, ids, share_prefix=False)
+    assert calls == [9] and computed == ids.numel()
+    ids, _ = chat_like_batch(rows=2, prefix=4)  # saves 4 of 48: under the threshold, one plain pass
+    assert (2 - 1) * 4 < SHARE_PREFIX_MIN_SAVING * ids.numel()
+    _, computed = hidden_states(model, ids)
+    assert calls == [9] and computed == ids.numel()
+
+
+def test_training_with_a_shared_prefix_is_training_without_it(qwen_dir):
+    """Same windows, same seed: the losses and the trained adapter agree with sharing on and off, and sharing
+    computes fewer positions (TrainResult.tokens_computed) for the same windows' tokens."""
+    batches = [chat_like_batch(rows=4, seed=s) for s in range(2)]  # two groups of 4 rows, each with its own prefix
+    ids = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    runs = []
+    for share in (False, True):
+        model = tiny_lora_model(qwen_dir).double()  # fp64: Adam's normalised steps would amplify fp32 rounding
+        # batch_size 4 with the windows in order: an identity permutation keeps each micro-batch one group
+        cfg = TrainConfig(epochs=3, lr=1e-2, batch_size=4, share_prefix=share)
+        orig = torch.randperm
+        train_module.torch.randperm = lambda n, generator=None: torch.arange(n)
+        try:
+            r = train_lora(model, ids, labels, cfg)
+        finally:
+            train_module.torch.randperm = orig
+        assert r.error is None
+        runs.append((r, lora_state(model)))
+    (r1, w1), (r2, w2) = runs
+    length = SEQ_LEN - 1  # the last position has no target: trim_unlabelled_tail drops it
+    assert r1.tokens == r2.tokens == 3 * 8 * length
+    assert r1.tokens_computed == r1.tokens
+    assert r2.tokens_computed == 3 * 2 * (9 + 4 * (length - 9))  # epochs x micro-batches x (prefix + 4 rows' own)
+    torch.testing.assert_close(r2.losses, r1.losses, atol=1e-10, rtol=1e-10)
+    assert r1.losses[-1] < r1.losses[0]
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-9, rtol=1e-9)
