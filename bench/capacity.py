@@ -287,7 +287,7 @@ def lora_config(args, rank: int) -> LoRAConfig:
 
 def train_config(args) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       warmup_ratio=args.warmup_ratio, seed=args.seed)
+                       warmup_ratio=args.warmup_ratio, seed=args.seed, share_prefix=args.share_prefix)
 
 
 def cell_epochs(n_windows: int, args) -> int:
@@ -541,6 +541,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lr", type=float, default=None, help="peak learning rate, AdamW (default 2e-3)")
     g.add_argument("--batch-size", type=int, default=None, help="windows per micro-batch (cpu 2, gpu 32)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute the system turn and user header that every window of a micro-batch opens with once "
+                        "per micro-batch (lora_core.train.hidden_states: the same training up to rounding, for "
+                        "fewer positions: a cell's train_tokens_computed against its train_tokens)")
     g.add_argument("--warmup-ratio", type=float, default=0.1)
     g.add_argument("--seq-len", type=int, default=None,
                    help="longest training window in tokens (with --pack: the window length); cpu 128, gpu 256")

@@ -23,6 +23,10 @@ IGNORE_INDEX = -100
 # cost more than the positions saved (one-fact capacity windows at batch 2 save ~22%, packed 512-token QA
 # windows ~2%).
 SHARE_PREFIX_MIN_SAVING = 0.1
+# ... and only while the shared layout (prefix + every row's own tokens as one sequence) has at most this many
+# positions: its attention is one masked product, quadratic in that length (2048: 9 heads' fp32 scores of one
+# layer are 151 MB).
+SHARE_PREFIX_MAX_POSITIONS = 2048
 
 
 class ChunkedLMHeadLoss(torch.autograd.Function):
@@ -229,11 +233,12 @@ def hidden_states(model, input_ids: torch.Tensor, share_prefix: bool = True) -> 
 
     With share_prefix, a prefix all rows start with is computed once (Qwen2Model.forward_shared_prefix: the
     same hidden states and gradients up to rounding) when that saves at least SHARE_PREFIX_MIN_SAVING of the
-    B T positions; otherwise one plain pass."""
+    B T positions and leaves at most SHARE_PREFIX_MAX_POSITIONS; otherwise one plain pass."""
     B, T = input_ids.shape
     P = shared_prefix_len(input_ids) if share_prefix else 0
-    if P and (B - 1) * P >= SHARE_PREFIX_MIN_SAVING * B * T:
-        return model.model.forward_shared_prefix(input_ids, P), P + B * (T - P)
+    computed = P + B * (T - P)
+    if P and (B - 1) * P >= SHARE_PREFIX_MIN_SAVING * B * T and computed <= SHARE_PREFIX_MAX_POSITIONS:
+        return model.model.forward_shared_prefix(input_ids, P), computed
     return model.model(input_ids), B * T
 
 

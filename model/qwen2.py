@@ -92,26 +92,6 @@ class KVCache(nn.Module):
         self.k, self.v = self.k[rows], self.v[rows]
 
 
-class SharedPrefixKV:
-    """One layer's keys/values between the two passes of `Qwen2Model.forward_shared_prefix`, in training.
-
-    Duck-types the KVCache interface the attention reads (`update`, `prefix_k`, `prefix_v`) without a
-    preallocated buffer, so autograd sees plain tensors. The prefix pass's (no prefix) records its keys/values;
-    the rows' pass's holds them as its prefix, attended before the rows' own tokens (cascade attention), and
-    the gradient of every row flows back into the one prefix computation. Two objects, never one mutated:
-    activation checkpointing recomputes a prefix layer in backward, and it must take the same path again."""
-
-    def __init__(self, prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None):
-        self.prefix_k, self.prefix_v = prefix_k, prefix_v  # (1, Hkv, P, D) in the rows' pass
-        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Both passes hold exactly their own tokens (slot 0 on): nothing to concatenate, only to record.
-        if self.prefix_k is None:
-            self.recorded = (k, v)
-        return k, v
-
-
 def cascade_attention(q, prefix_k, prefix_v, k, v, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of every row over a shared prefix (1, Hkv, P, D) and then its own slots (B, Hkv, S, D).
 
@@ -218,7 +198,7 @@ class Qwen2Model(nn.Module):
         input_ids: torch.Tensor,  # (B, T)
         position_ids: torch.Tensor | None = None,  # (B, T); default 0..T-1 (+cache_start)
         attention_mask: torch.Tensor | None = None,  # (B, S) bool, True = real token in that slot
-        kv_caches: list[KVCache] | list[SharedPrefixKV] | None = None,
+        kv_caches: list[KVCache] | None = None,
         cache_start: int = 0,
     ) -> torch.Tensor:
         B, T = input_ids.shape
@@ -229,6 +209,10 @@ class Qwen2Model(nn.Module):
         mask = None
         if attention_mask is not None or cache_start > 0:
             mask = self.build_mask(attention_mask, B, T, cache_start, x.device)
+        return self.run_layers(x, cos, sin, mask, kv_caches, cache_start)
+
+    def run_layers(self, x, cos, sin, mask, kv_caches: list[KVCache] | None = None, cache_start: int = 0):
+        """The decoder layers and the final norm over embedded tokens x (B, T, C) -> (B, T, C)."""
         for i, layer in enumerate(self.layers):
             kv_cache = kv_caches[i] if kv_caches is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -241,22 +225,29 @@ class Qwen2Model(nn.Module):
     def forward_shared_prefix(self, input_ids: torch.Tensor, prefix_len: int) -> torch.Tensor:
         """Hidden states (B, T, C) of rows that all start with the same prefix_len tokens, that prefix computed once.
 
-        A (1, P) pass over the prefix records every layer's keys/values (SharedPrefixKV); then the rows'
-        own tokens (B, T - P), at positions P.., attend to them and causally to themselves (cascade_attention).
-        The result equals self(input_ids) up to rounding, gradients included (autograd sums every row's
-        gradient into the one prefix pass), for P + B (T - P) token positions instead of B T: training windows
-        that all open with the same chat system turn (lora_core.train.hidden_states decides when)."""
+        The prefix and the rows' own tokens are laid out as one sequence, [prefix | row 0 | row 1 | ...], each
+        row's positions continuing the prefix's (P..T-1), with a mask that lets a row's tokens see the prefix and
+        their own row's earlier tokens, nothing else. The result equals self(input_ids) up to rounding, gradients
+        included (autograd sums every row's gradient into the one prefix), for P + B (T - P) positions instead of
+        B T, each linear layer one product over all of them. Attention is one masked SDPA over the whole sequence,
+        quadratic in its length: for short windows that all open with the same chat system turn (one-fact
+        capacity windows), which is where sharing saves much; lora_core.train.hidden_states bounds the length."""
         B, T = input_ids.shape
-        if not 0 < prefix_len < T:
+        P, S = prefix_len, T - prefix_len
+        if not 0 < P < T:
             raise ValueError(f"prefix_len must be in 1..{T - 1} for {T}-token rows, got {prefix_len}")
-        if not bool((input_ids[:, :prefix_len] == input_ids[:1, :prefix_len]).all()):
+        if not bool((input_ids[:, :P] == input_ids[:1, :P]).all()):
             raise ValueError(f"the rows do not all start with the same {prefix_len} tokens")
-        recorders = [SharedPrefixKV() for _ in self.layers]
-        prefix_hidden = self(input_ids[:1, :prefix_len], kv_caches=recorders)  # (1, P, C)
-        shared = [SharedPrefixKV(*r.recorded) for r in recorders]
-        positions = torch.arange(prefix_len, T, device=input_ids.device).expand(B, T - prefix_len)
-        rows_hidden = self(input_ids[:, prefix_len:], position_ids=positions, kv_caches=shared)  # (B, T - P, C)
-        return torch.cat([prefix_hidden.expand(B, -1, -1), rows_hidden], dim=1)
+        device = input_ids.device
+        packed = torch.cat([input_ids[0, :P], input_ids[:, P:].reshape(-1)])[None]  # (1, N), N = P + B S
+        position = torch.cat([torch.arange(P, device=device), torch.arange(P, T, device=device).repeat(B)])  # (N,)
+        row = torch.cat([torch.full((P,), -1, device=device), torch.arange(B, device=device).repeat_interleave(S)])
+        # query i sees key j if j is not later and j is in the prefix (row -1) or in i's own row
+        mask = (position[None, :] <= position[:, None]) & ((row[None, :] == -1) | (row[None, :] == row[:, None]))
+        x = self.embed_tokens(packed)  # (1, N, C)
+        cos, sin = self.rotary_emb(position[None], x.dtype)
+        hidden = self.run_layers(x, cos, sin, mask[None, None])[0]  # (N, C)
+        return torch.cat([hidden[:P].expand(B, P, -1), hidden[P:].view(B, S, -1)], dim=1)
 
     @staticmethod
     def build_mask(attention_mask: torch.Tensor | None, B: int, T: int, cache_start: int, device) -> torch.Tensor:

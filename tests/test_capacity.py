@@ -259,3 +259,20 @@ def test_training_writes_facts_the_base_model_does_not_know(sharp_ckpt, tmp_path
     assert results["base_by_facts"]["3"]["exact_match"] == 0.0
     assert cell["exact_match"] == 1.0, cell
     assert cell["epochs_loss"][-1] < 0.01 * cell["epochs_loss"][0]
+
+
+def test_shared_prefix_trains_the_same_cell_for_fewer_positions(ckpt, tmp_path):
+    """--share-prefix (the default) computes what every window of a micro-batch opens with once: the same losses
+    up to rounding, the same windows' tokens, fewer positions computed; --no-share-prefix computes them all."""
+    cells = {}
+    for flag in ("--share-prefix", "--no-share-prefix"):
+        results = capacity.main(["--model", str(ckpt), "--out", str(tmp_path / flag), "--quiet", "--ranks", "2",
+                                 "--facts", "8", "--attributes", "birth_date", "--epochs", "2", "--min-steps", "0",
+                                 "--batch-size", "4", "--seq-len", "128", "--max-new-tokens", "4", "--no-base", flag])
+        (cells[flag],) = results["cells"]
+    shared, unshared = cells["--share-prefix"], cells["--no-share-prefix"]
+    assert shared["train_tokens"] == unshared["train_tokens"] == unshared["train_tokens_computed"]
+    assert shared["train_tokens_computed"] < 0.9 * shared["train_tokens"]
+    assert shared["steps"] == unshared["steps"] == 4
+    assert shared["epochs_loss"] == pytest.approx(unshared["epochs_loss"], rel=1e-4)
+    assert shared["final_loss"] == pytest.approx(unshared["final_loss"], rel=1e-4)

@@ -464,7 +464,7 @@ def test_shared_prefix_rejects_rows_that_do_not_share_it(qwen_dir):
             model.model.forward_shared_prefix(ids, bad)
 
 
-def test_hidden_states_shares_a_prefix_only_where_it_saves_enough(qwen_dir):
+def test_hidden_states_shares_a_prefix_only_where_it_saves_enough(qwen_dir, monkeypatch):
     model = tiny_lora_model(qwen_dir)
     calls = []
     real = model.model.forward_shared_prefix
@@ -477,6 +477,11 @@ def test_hidden_states_shares_a_prefix_only_where_it_saves_enough(qwen_dir):
     assert calls == [9] and computed == ids.numel()
     ids, _ = chat_like_batch(rows=2, prefix=4)  # saves 4 of 48: under the threshold, one plain pass
     assert (2 - 1) * 4 < SHARE_PREFIX_MIN_SAVING * ids.numel()
+    _, computed = hidden_states(model, ids)
+    assert calls == [9] and computed == ids.numel()
+    # a shared layout longer than SHARE_PREFIX_MAX_POSITIONS (its attention is quadratic in it): one plain pass
+    monkeypatch.setattr(train_module, "SHARE_PREFIX_MAX_POSITIONS", 9 + 2 * (SEQ_LEN - 9) - 1)
+    ids, _ = chat_like_batch(rows=2, prefix=9)
     _, computed = hidden_states(model, ids)
     assert calls == [9] and computed == ids.numel()
 
