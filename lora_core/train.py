@@ -19,9 +19,9 @@ from lora_core.inject import lora_parameters
 
 IGNORE_INDEX = -100
 # Compute a prefix shared by every row of a micro-batch once only when that saves at least this fraction of
-# the micro-batch's token positions: below it the second pass's fixed costs (a launch per op on a GPU) may
-# cost more than the positions saved (one-fact capacity windows at batch 2 save ~22%, packed 512-token QA
-# windows ~2%).
+# the micro-batch's token positions: below it the masked attention over the longer shared layout and its copies
+# may cost more than the positions saved (one-fact capacity windows at batch 2 save 24 of 96 positions, packed
+# 512-token QA windows ~2%).
 SHARE_PREFIX_MIN_SAVING = 0.1
 # ... and only while the shared layout (prefix + every row's own tokens as one sequence) has at most this many
 # positions: its attention is one masked product, quadratic in that length (2048: 9 heads' fp32 scores of one

@@ -9,6 +9,8 @@ RMSNorm, the rotary embedding of q and k and SwiGLU's silu(gate) * up go through
 `apply_rotary_qk`, `swiglu`): fused Triton kernels on CUDA, on CPU the plain PyTorch references, which are this
 file's former code unchanged.
 
+Training rows that all open with the same tokens can run that prefix once (`Qwen2Model.forward_shared_prefix`).
+
 Shapes: B batch, T new tokens, S cached + new tokens, H query heads, Hkv key/value heads, D head_dim.
 """
 
