@@ -124,17 +124,23 @@ def test_no_floor_skips_it(ckpt, tmp_path):
     assert "floor" not in row and "step_over_floor" not in row["lora-mem"]
 
 
+def lora_mem_with_nonzero_b(ckpt, **kwargs):
+    """lora-mem's step (build_lora_mem, r=4) with a non-zero B, so that every LoRA gradient is non-zero."""
+    torch.manual_seed(0)
+    params, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank=4, **kwargs)
+    for p in params:
+        if p.shape[1] == 4:  # the B matrices (out, r)
+            torch.nn.init.normal_(p, std=0.1)
+    return params, step
+
+
 def test_full_logits_side_computes_the_same_loss_and_gradients(ckpt):
     """The profile's "before" side (all logits, then cross-entropy) trains exactly what the chunked loss does."""
     x = torch.randint(0, 320, (2, 40))
     y = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
     results = []
     for full in (False, True):
-        torch.manual_seed(0)
-        params, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank=4, full_logits=full)
-        for p in params:  # a non-zero B, so every LoRA gradient is non-zero
-            if p.shape[1] == 4:
-                torch.nn.init.normal_(p, std=0.1)
+        params, step = lora_mem_with_nonzero_b(ckpt, full_logits=full)
         loss = step(x, y)
         results.append((float(loss), [p.grad.clone() for p in params]))
     (loss_a, grads_a), (loss_b, grads_b) = results
@@ -226,11 +232,7 @@ def test_sdpa_side_trains_the_same_step(ckpt):
     y = next_token_targets(x)
     results = {}
     for attention in (None, "sdpa"):
-        torch.manual_seed(0)
-        params, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank=4, attention=attention)
-        for p in params:  # a non-zero B, so every LoRA gradient is non-zero
-            if p.shape[1] == 4:
-                torch.nn.init.normal_(p, std=0.1)
+        params, step = lora_mem_with_nonzero_b(ckpt, attention=attention)
         calls = []
         real = bca.BlockCausalAttention.apply
         bca.BlockCausalAttention.apply = lambda *a: calls.append(1) or real(*a)
@@ -299,11 +301,7 @@ def test_unshared_side_trains_the_same_step_on_facts(ckpt):
     y = next_token_targets(x, "facts")
     results = {}
     for share in (True, False):
-        torch.manual_seed(0)
-        params, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank=4, share_prefix=share)
-        for p in params:  # a non-zero B, so every LoRA gradient is non-zero
-            if p.shape[1] == 4:
-                torch.nn.init.normal_(p, std=0.1)
+        params, step = lora_mem_with_nonzero_b(ckpt, share_prefix=share)
         results[share] = (float(step(x, y)), [p.grad.clone() for p in params])
     (loss_a, grads_a), (loss_b, grads_b) = results[True], results[False]
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
