@@ -19,7 +19,9 @@ of the larger ones. A fact is one (person, attribute) question; a person gives o
 
 Training data: one fact per window by default, laid out exactly as the question is later asked (system turn,
 question, answer; `--pack` packs several into a window instead, cheaper but each answer then also sees the
-facts before it, which on a tiny model visibly mixes them up). Epochs are fixed per fact (`--epochs`), raised
+facts before it, which on a tiny model visibly mixes them up). The system turn and user header every window
+opens with are computed once per micro-batch (lora_core.train.hidden_states; `--no-share-prefix` computes every
+row's copy). Epochs are fixed per fact (`--epochs`), raised
 for small cells to at least `--min-steps` optimizer steps. Measured once on the default model (fp32, one
 thread of a shared 2-core CPU): 10 facts at r=4, 10 epochs / 50 steps, lr 2e-3: 68 s of training at 75
 tokens/s, loss 5.5 -> 0.003, 10 of 10 recalled exactly; the base model recalled 0 of 10 (it calls the names
