@@ -62,6 +62,7 @@ from typing import Callable
 
 import torch
 
+from bench.capacity import PRESETS as CAPACITY_PRESETS
 from bench.common import atomic_write_json, device_slug, hf_config, run_info
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,7 +77,8 @@ ANSWER_BLOCK, ANSWER_SPAN = 64, 16
 # the unlabelled tail is trimmed (median) and train 5.8 answer tokens each (mean). tests/test_bench_train_throughput
 # checks these against the real windows.
 FACT_PREFIX, FACT_WINDOW, FACT_ANSWER = 24, 48, 6
-FACTS_BATCH_SIZES = {"cpu": [2, 8], "gpu": [32]}  # the capacity presets' batch sizes (and 8 on cpu: the trend)
+# The capacity presets' batch sizes (and 8 on cpu: the trend).
+FACTS_BATCH_SIZES = {"cpu": [CAPACITY_PRESETS["cpu"]["batch_size"], 8], "gpu": [CAPACITY_PRESETS["gpu"]["batch_size"]]}
 FACTS_SIDES = ["lora-mem", "lora-mem-unshared", "peft"]
 SETUPS = {
     # interleave: time the sides in turns in one process (a shared CPU's speed drifts by tens of percent over
@@ -664,7 +666,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 row["speedup_ceiling_vs_peft"] = b["step_seconds_median"] / floor["floor_seconds"]
         for before_side, name in (("lora-mem-full-logits", "full_logits"), ("lora-mem-sdpa", "sdpa"),
                                   ("lora-mem-unshared", "unshared")):
-            before = row.get(before_side, {})  # what the chunked loss / the block-causal attention bought
+            before = row.get(before_side, {})  # what the chunked loss / block attention / shared prefix bought
             if "tokens_per_second" in a and "tokens_per_second" in before:
                 row[f"speedup_vs_{name}"] = (paired_speedup(a, before) if interleave else
                                              a["tokens_per_second"] / before["tokens_per_second"])

@@ -486,23 +486,18 @@ def test_hidden_states_shares_a_prefix_only_where_it_saves_enough(qwen_dir, monk
     assert calls == [9] and computed == ids.numel()
 
 
-def test_training_with_a_shared_prefix_is_training_without_it(qwen_dir):
+def test_training_with_a_shared_prefix_is_training_without_it(qwen_dir, monkeypatch):
     """Same windows, same seed: the losses and the trained adapter agree with sharing on and off, and sharing
     computes fewer positions (TrainResult.tokens_computed) for the same windows' tokens."""
     batches = [chat_like_batch(rows=4, seed=s) for s in range(2)]  # two groups of 4 rows, each with its own prefix
     ids = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
+    # batch_size 4 with the windows in order: an identity permutation keeps each micro-batch one group
+    monkeypatch.setattr(train_module.torch, "randperm", lambda n, generator=None: torch.arange(n))
     runs = []
     for share in (False, True):
         model = tiny_lora_model(qwen_dir).double()  # fp64: Adam's normalised steps would amplify fp32 rounding
-        # batch_size 4 with the windows in order: an identity permutation keeps each micro-batch one group
-        cfg = TrainConfig(epochs=3, lr=1e-2, batch_size=4, share_prefix=share)
-        orig = torch.randperm
-        train_module.torch.randperm = lambda n, generator=None: torch.arange(n)
-        try:
-            r = train_lora(model, ids, labels, cfg)
-        finally:
-            train_module.torch.randperm = orig
+        r = train_lora(model, ids, labels, TrainConfig(epochs=3, lr=1e-2, batch_size=4, share_prefix=share))
         assert r.error is None
         runs.append((r, lora_state(model)))
     (r1, w1), (r2, w2) = runs
