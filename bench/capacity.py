@@ -20,7 +20,7 @@ of the larger ones. A fact is one (person, attribute) question; a person gives o
 Training data: one fact per window by default, laid out exactly as the question is later asked (system turn,
 question, answer; `--pack` packs several into a window instead, cheaper but each answer then also sees the
 facts before it, which on a tiny model visibly mixes them up). The system turn and user header every window
-opens with are computed once per micro-batch (lora_core.train.hidden_states; `--no-share-prefix` computes every
+opens with are computed once per micro-batch (lora_mem.lora_core.train.hidden_states; `--no-share-prefix` computes every
 row's copy). Epochs are fixed per fact (`--epochs`), raised
 for small cells to at least `--min-steps` optimizer steps. Measured once on the default model (fp32, one
 thread of a shared 2-core CPU): 10 facts at r=4, 10 epochs / 50 steps, lr 2e-3: 68 s of training at 75
@@ -57,10 +57,10 @@ from torch import nn
 
 from bench.common import atomic_write_json, atomic_write_text, int_list, read_jsonl, run_info, write_jsonl
 from bench.internalize import QAPair, chat_qa_windows
-from lora_core.inject import LoRAConfig, inject_lora, lora_modules, lora_parameters, reset_lora
-from lora_core.train import IGNORE_INDEX, TrainConfig, make_lm_windows, train_lora
-from model.generate import generate
-from model.loader import LoadedModel, load_model
+from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules, lora_parameters, reset_lora
+from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, make_lm_windows, train_lora
+from lora_mem.model.generate import generate
+from lora_mem.model.loader import LoadedModel, load_model
 
 # The user turn a fact's question is asked (and trained) in. Kept in one place and recorded.
 QUESTION_TEMPLATE = "{question}"
@@ -545,7 +545,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
                    help="compute the system turn and user header that every window of a micro-batch opens with once "
-                        "per micro-batch (lora_core.train.hidden_states: the same training up to rounding, for "
+                        "per micro-batch (lora_mem.lora_core.train.hidden_states: the same training up to rounding, for "
                         "fewer positions: a cell's train_tokens_computed against its train_tokens)")
     g.add_argument("--warmup-ratio", type=float, default=0.1)
     g.add_argument("--seq-len", type=int, default=None,
@@ -656,11 +656,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """main() with bad input as one clear line, not a traceback."""
-    from lora_core.adapter_io import AdapterError
-    from model.config import ConfigError
-    from model.loader import CheckpointError
-    from model.packaged import PackagedModelError
-    from model.tokenizer import TokenizerError
+    from lora_mem.lora_core.adapter_io import AdapterError
+    from lora_mem.model.config import ConfigError
+    from lora_mem.model.loader import CheckpointError
+    from lora_mem.model.packaged import PackagedModelError
+    from lora_mem.model.tokenizer import TokenizerError
 
     try:
         main()

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
-from lora_core.adapter_io import atomic_write_text  # one atomic writer for the project
+from lora_mem.lora_core.adapter_io import atomic_write_text  # one atomic writer for the project
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"  # every benchmark's and experiment's committed results
 
 
 def cpu_details() -> dict:
@@ -68,7 +71,7 @@ def git_commit() -> str | None:
     """The code a result came from (with '-dirty' when the work tree had changes)."""
     import subprocess
 
-    root = Path(__file__).parent.parent
+    root = REPO_ROOT
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
@@ -93,7 +96,7 @@ def run_info(device: torch.device) -> dict:
 
 def hf_config(c):
     """A `transformers` config of the same shapes as lora-mem's ModelConfig `c` (bench/test-only reference): for
-    the randomly initialised presets (model.config.PRESETS), which have no checkpoint to load on the other side."""
+    the randomly initialised presets (lora_mem.model.config.PRESETS), which have no checkpoint to load on the other side."""
     import transformers
 
     common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,

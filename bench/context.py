@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.locomo_data import FORMATS, Sample, session_texts, training_source
-from model.tokenizer import Tokenizer
+from lora_mem.model.tokenizer import Tokenizer
 
 CONTEXT_TEMPLATE = "Here is a conversation between {a} and {b}, with the date of each message:\n\n{context}\n\n"
 RAG_TEMPLATE = "Here are messages from a conversation between {a} and {b}, with their dates:\n\n{context}\n\n"

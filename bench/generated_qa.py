@@ -32,9 +32,9 @@ from pathlib import Path
 from bench.common import atomic_write_json
 from bench.internalize import ANSWER_WORDS, QAPair, session_date
 from bench.locomo_data import Sample, Turn, photo_note, training_source
-from lora_core.inject import lora_disabled
-from model.generate import generate
-from model.packaged import default_cache_dir as lora_mem_cache_dir
+from lora_mem.lora_core.inject import lora_disabled
+from lora_mem.model.generate import generate
+from lora_mem.model.packaged import default_cache_dir as lora_mem_cache_dir
 
 CACHE_VERSION = 1  # bump when what is generated changes (parsing and filtering are redone on every read)
 ONE_SHOT = (
@@ -175,7 +175,7 @@ def generate_qa(sample: Sample, lm, settings: GenerationSettings = GenerationSet
 
 def main(argv: list[str] | None = None) -> dict:
     from bench.locomo_data import iter_samples, load_locomo, resolve_data_path
-    from model.loader import load_model
+    from lora_mem.model.loader import load_model
 
     ap = argparse.ArgumentParser(prog="python -m bench.generated_qa",
                                  description="QA pairs the base model writes about each turn (what "

@@ -47,8 +47,8 @@ from bench.locomo_data import (
     resolve_relative_dates,
     training_source,
 )
-from lora_core.train import IGNORE_INDEX, make_lm_windows
-from model.tokenizer import Tokenizer
+from lora_mem.lora_core.train import IGNORE_INDEX, make_lm_windows
+from lora_mem.model.tokenizer import Tokenizer
 
 TRAIN_FORMATS = ("text", "qa", "text+qa")
 QA_SOURCES = ("templates", "model", "both")  # who writes the questions: templates, the base model, or both

@@ -36,12 +36,12 @@ from bench.generated_qa import generate_qa
 from bench.internalize import ABSTENTION_STYLES, QA_SOURCES, TRAIN_FORMATS, training_data
 from bench.locomo_data import CATEGORY_NAMES, Sample, iter_samples, load_locomo, resolve_data_path, select_questions
 from bench.locomo_score import aggregate, format_table, score_qa
-from lora_core.adapter_io import AdapterError, load_adapter, save_adapter
-from lora_core.inject import LoRAConfig, inject_lora, reset_lora, trainable_summary
-from lora_core.multi_adapter import stack_adapters, unstack_adapters
-from lora_core.train import IGNORE_INDEX, TrainConfig, train_lora
-from model.generate import generate
-from model.loader import LoadedModel, load_model
+from lora_mem.lora_core.adapter_io import AdapterError, load_adapter, save_adapter
+from lora_mem.lora_core.inject import LoRAConfig, inject_lora, reset_lora, trainable_summary
+from lora_mem.lora_core.multi_adapter import stack_adapters, unstack_adapters
+from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, train_lora
+from lora_mem.model.generate import generate
+from lora_mem.model.loader import LoadedModel, load_model
 
 # The instruction that turns a LoCoMo question into a chat turn. Kept in one place and recorded.
 QUESTION_TEMPLATE = "Answer the question in a few words.\nQuestion: {question}"
@@ -243,7 +243,7 @@ def run_conversation(sample: Sample, lm: LoadedModel, lora_cfg: LoRAConfig | Non
 
 def run_shared_batches(samples: list[Sample], lm: LoadedModel, lora_cfg: LoRAConfig, args, out: Path) -> list[dict]:
     """Every conversation's adapter first, then all their questions in shared batches, each question
-    answered by its own conversation's adapter (stacked; kernels/multi_lora_linear.py)."""
+    answered by its own conversation's adapter (stacked; lora_mem/kernels/multi_lora_linear.py)."""
     results, ready = [], []
     for s in samples:
         questions = select_questions(s, args.with_adversarial, args.max_questions)
@@ -583,9 +583,9 @@ def run(args, dist: Dist, t_start: float) -> dict | None:
 def cli() -> None:
     """main() with the project's input errors as one clear line, not a traceback."""
     from bench.locomo_data import LocomoDataError
-    from model.config import ConfigError
-    from model.loader import CheckpointError
-    from model.packaged import PackagedModelError
+    from lora_mem.model.config import ConfigError
+    from lora_mem.model.loader import CheckpointError
+    from lora_mem.model.packaged import PackagedModelError
 
     try:
         main()

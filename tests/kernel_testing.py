@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from kernels._common import HAS_TRITON
+from lora_mem.kernels._common import HAS_TRITON
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Without CUDA the kernels run through Triton's interpreter, which tests/conftest.py switches on before triton loads.

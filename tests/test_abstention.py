@@ -1,4 +1,4 @@
-"""bench.abstention: how often a run declines, per category, and whether it declines what another run got wrong."""
+"""bench.analysis.abstention: how often a run declines, per category, and whether it declines what another run got wrong."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.abstention import abstention_rates, compare_on_declined, main
+from bench.analysis.abstention import abstention_rates, compare_on_declined, main
 
 NO = "Not mentioned in the conversation."
 

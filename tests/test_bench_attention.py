@@ -1,4 +1,4 @@
-"""bench.attention: SDPA and the block-causal GEMMs timed side by side; the file it writes, the memory it reports
+"""bench.perf.attention: SDPA and the block-causal GEMMs timed side by side; the file it writes, the memory it reports
 and its option errors."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bench.attention import main, saved_probs_bytes
+from bench.perf.attention import main, saved_probs_bytes
 
 
 def test_writes_every_variant_and_speedup(tmp_path):

@@ -1,4 +1,4 @@
-"""bench.decode end to end on a tiny checkpoint: the JSON it writes, positive speeds, identical tokens;
+"""bench.perf.decode end to end on a tiny checkpoint: the JSON it writes, positive speeds, identical tokens;
 the LoCoMo workload with a random and with a given adapter, answers equal to transformers + peft."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.decode import (batched_questions, default_out_name, locomo_questions, main, parse_args, random_adapter,
+from bench.perf.decode import (batched_questions, default_out_name, locomo_questions, main, parse_args, random_adapter,
                           spread)
 from tests.tiny_models import make_tiny_checkpoint
 
@@ -137,8 +137,8 @@ def test_locomo_profile(locomo):
 
 def test_locomo_given_adapter_is_used_by_both_sides(ckpt, tmp_path):
     from bench.locomo import QUESTION_TEMPLATE
-    from model.generate import generate
-    from model.loader import load_model
+    from lora_mem.model.generate import generate
+    from lora_mem.model.loader import load_model
 
     lm = load_model(str(ckpt), device="cpu")
     tok = lm.tokenizer
@@ -183,8 +183,8 @@ def test_workload_selection_and_names():
 
 @pytest.fixture()
 def tiny_preset(monkeypatch):
-    """A tiny entry in model.config.PRESETS: the random-weights path of --model preset:NAME, at test size."""
-    from model.config import PRESETS, ModelConfig
+    """A tiny entry in lora_mem.model.config.PRESETS: the random-weights path of --model preset:NAME, at test size."""
+    from lora_mem.model.config import PRESETS, ModelConfig
 
     cfg = ModelConfig(model_type="qwen2", vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
@@ -197,7 +197,7 @@ def tiny_preset(monkeypatch):
 def test_random_preset_is_the_same_model_on_both_sides(tiny_preset):
     import torch
 
-    from bench.decode import load_random_preset
+    from bench.perf.decode import load_random_preset
 
     lm, ref = load_random_preset("tiny-test", "cpu", None)
     assert lm.tokenizer is None and lm.path is None and lm.name == "preset:tiny-test"
@@ -233,7 +233,7 @@ def test_synthetic_workload_on_a_random_preset(tiny_preset, tmp_path):
 
 
 def test_synthetic_prompts_and_argument_errors(tiny_preset):
-    from bench.decode import synthetic_prompts
+    from bench.perf.decode import synthetic_prompts
 
     p = synthetic_prompts(7, (3, 5), vocab=50)
     assert [len(x) for x in p] == [3, 4, 5, 3, 4, 5, 3] and all(0 <= t < 50 for x in p for t in x)

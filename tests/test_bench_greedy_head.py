@@ -1,8 +1,8 @@
-"""bench.greedy_head on a small head: every slice size picks the full product's tokens, the file is written."""
+"""bench.perf.greedy_head on a small head: every slice size picks the full product's tokens, the file is written."""
 
 import json
 
-from bench.greedy_head import main
+from bench.perf.greedy_head import main
 
 
 def test_greedy_head_benchmark_small(tmp_path):

@@ -1,4 +1,4 @@
-"""bench.shared_batches on the tiny fixture: both sides run, answers are identical, the file is written."""
+"""bench.perf.shared_batches on the tiny fixture: both sides run, answers are identical, the file is written."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import shared_batches
+from bench.perf import shared_batches
 from tests.tiny_models import make_tiny_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "locomo_tiny.json"

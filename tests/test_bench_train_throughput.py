@@ -1,4 +1,4 @@
-"""bench.train_throughput's profile: ops grouped by kind, groups adding up to the total, on a tiny model;
+"""bench.perf.train_throughput's profile: ops grouped by kind, groups adding up to the total, on a tiny model;
 and the benchmark end to end (one side, --profile) writing its profile section."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from bench.train_throughput import (
+from bench.perf.train_throughput import (
     FACT_ANSWER,
     FACT_PREFIX,
     FACT_WINDOW,
@@ -226,7 +226,7 @@ def test_interleaved_timing_end_to_end(ckpt, tmp_path):
 def test_sdpa_side_trains_the_same_step(ckpt):
     """lora-mem-sdpa is lora-mem with PyTorch's SDPA in place of the CPU block-causal attention: the same loss and
     LoRA gradients up to rounding, and the attention it ran is the one it names."""
-    from kernels import block_causal_attention as bca
+    from lora_mem.kernels import block_causal_attention as bca
 
     x = torch.randint(0, 320, (1, 260), generator=torch.Generator().manual_seed(3))  # >= BLOCK_CAUSAL_MIN_T
     y = next_token_targets(x)
@@ -250,7 +250,7 @@ def test_sdpa_side_trains_the_same_step(ckpt):
 
 def test_interleaved_rounds_rotate_the_order(ckpt, monkeypatch):
     """Round r starts with side r mod n, so whatever a round's first step pays falls on every side alike."""
-    import bench.train_throughput as tt
+    import bench.perf.train_throughput as tt
 
     order = []
 
@@ -284,8 +284,8 @@ def test_facts_workload_matches_the_capacity_windows_of_the_default_model():
     """FACT_PREFIX / FACT_WINDOW / FACT_ANSWER are what bench.capacity's one-fact windows of the default model are in
     micro-batches of two (its cpu preset): the median shared prefix and trimmed length, the mean answer tokens."""
     from bench.capacity import generate_facts, training_windows
-    from lora_core.train import shared_prefix_len, trim_unlabelled_tail
-    from model.loader import load_model
+    from lora_mem.lora_core.train import shared_prefix_len, trim_unlabelled_tail
+    from lora_mem.model.loader import load_model
 
     ids, targets = training_windows(generate_facts(400, seed=0), load_model("smollm2-135m-instruct"), "qa", 128)
     pairs = [trim_unlabelled_tail(ids[i:i + 2], targets[i:i + 2]) for i in range(0, len(ids), 2)]

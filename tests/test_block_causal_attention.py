@@ -1,4 +1,4 @@
-"""Block-causal attention (kernels/block_causal_attention.py) against its reference, causal SDPA: forward and the
+"""Block-causal attention (lora_mem/kernels/block_causal_attention.py) against its reference, causal SDPA: forward and the
 gradients of q, k and v, over shapes (odd lengths, a last block shorter than the others, one block, blocks of one
 row), grouped-query layouts and dtypes; gradcheck in float64; the model's dispatch (CPU training only) and a tiny
 model's loss and LoRA gradients with and without it."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.block_causal_attention import (
+from lora_mem.kernels.block_causal_attention import (
     BLOCK_CAUSAL_MAX_T,
     BLOCK_CAUSAL_MIN_T,
     block_causal_attention,
@@ -96,9 +96,9 @@ def test_model_uses_it_for_cpu_training_only(monkeypatch):
     """The decoder takes the block path on CPU when attention needs gradients and BLOCK_CAUSAL_MIN_T <= T <=
     BLOCK_CAUSAL_MAX_T, SDPA otherwise (and everywhere with LORA_MEM_CPU_ATTENTION=sdpa); a tiny model's loss and every LoRA gradient are the
     same either way; a bad switch value is named."""
-    from lora_core.inject import LoRAConfig, inject_lora, lora_parameters
-    from model import qwen2
-    from model.config import ModelConfig
+    from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_parameters
+    from lora_mem.model import qwen2
+    from lora_mem.model.config import ModelConfig
 
     calls = []
     real = qwen2.block_causal_attention

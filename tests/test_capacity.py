@@ -21,8 +21,8 @@ from bench.capacity import (
     normalize,
     training_windows,
 )
-from lora_core.train import IGNORE_INDEX
-from model.loader import load_model
+from lora_mem.lora_core.train import IGNORE_INDEX
+from lora_mem.model.loader import load_model
 from tests.tiny_models import make_tiny_checkpoint
 
 
@@ -231,7 +231,7 @@ def test_cli_reports_a_settings_mismatch_in_one_line(ckpt, tmp_path, capsys, mon
 
 
 def test_remove_lora_restores_the_base_model(ckpt):
-    from lora_core.inject import LoRAConfig, inject_lora, lora_modules
+    from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules
 
     lm = load_model(str(ckpt), device="cpu")
     x = torch.tensor([[1, 5, 9, 42, 7]])

@@ -1,4 +1,4 @@
-"""bench.capacity_combine: cells of several capacity results files as one set of curves (a curve per rank and
+"""bench.analysis.capacity_combine: cells of several capacity results files as one set of curves (a curve per rank and
 recipe), duplicates taken once, incomparable files refused; and the combined table of the committed CPU files."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.capacity_combine import combine, main
+from bench.analysis.capacity_combine import combine, main
 
 SETTINGS = {"model": "m", "dtype": "float32", "seed": 0, "attributes": ["a", "b"], "question_template": "{question}",
             "train_format": "qa", "epochs": 6, "lr": 0.002, "batch_size": 2, "preset": "cpu", "max_new_tokens": 16}

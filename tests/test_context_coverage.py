@@ -1,4 +1,4 @@
-"""bench.context_coverage: which evidence turns the ICL / RAG prompts held, and F1 split by it (tiny fixture)."""
+"""bench.analysis.context_coverage: which evidence turns the ICL / RAG prompts held, and F1 split by it (tiny fixture)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import bench.context_coverage as cov
+import bench.analysis.context_coverage as cov
 import bench.locomo as locomo
 from tests.tiny_models import make_tiny_checkpoint
 

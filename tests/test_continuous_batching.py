@@ -1,4 +1,4 @@
-"""Continuous batching (model.generate.decode_queue): a finished answer's row is given to the next
+"""Continuous batching (lora_mem.model.generate.decode_queue): a finished answer's row is given to the next
 prompt, slots no live row attends are cut off, rows move right to make space for a longer prompt.
 Every prompt must still decode exactly as it does alone, and the machinery must really run."""
 
@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import model.generate as gen
-from lora_core.adapter_io import load_adapter
-from lora_core.inject import lora_modules
-from lora_core.multi_adapter import stack_adapters
-from model.generate import compute_prefix, generate, generate_batch
-from model.loader import load_model
+import lora_mem.model.generate as gen
+from lora_mem.lora_core.adapter_io import load_adapter
+from lora_mem.lora_core.inject import lora_modules
+from lora_mem.lora_core.multi_adapter import stack_adapters
+from lora_mem.model.generate import compute_prefix, generate, generate_batch
+from lora_mem.model.loader import load_model
 from tests.test_shared_batches import make_adapters, rand_tokens
 from tests.tiny_models import make_tiny_checkpoint
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.generate import generate
-from model.loader import load_model
+from lora_mem.model.generate import generate
+from lora_mem.model.loader import load_model
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -49,7 +49,7 @@ def test_chat_format_and_logits_match_transformers(lm):
 
 def test_generate_cli_prints_answer_and_speed():
     proc = subprocess.run(
-        [sys.executable, "-m", "model.generate", "--model", "smollm2-135m-instruct", "--prompt",
+        [sys.executable, "-m", "lora_mem.model.generate", "--model", "smollm2-135m-instruct", "--prompt",
          "What is the capital of France?", "--max-new-tokens", "16"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -59,7 +59,7 @@ def test_generate_cli_prints_answer_and_speed():
 MEMORY_PROBE = """
 import os, sys
 sys.path.insert(0, {root!r})
-from model.loader import load_model, resolve_checkpoint
+from lora_mem.model.loader import load_model, resolve_checkpoint
 resolve_checkpoint("smollm2-135m-instruct")  # built already; not part of the measurement
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 before = rss()

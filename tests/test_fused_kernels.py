@@ -17,14 +17,14 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import lora_linear as lora_linear_module  # noqa: E402
-from kernels import rms_norm as rms_norm_module  # noqa: E402
-from kernels import rope as rope_module  # noqa: E402
-from kernels import swiglu as swiglu_module  # noqa: E402
-from kernels.lora_linear import HAS_TRITON  # noqa: E402
-from kernels.rms_norm import rms_norm, rms_norm_reference, rms_norm_triton  # noqa: E402
-from kernels.rope import apply_rotary_qk, apply_rotary_qk_reference, apply_rotary_qk_triton  # noqa: E402
-from kernels.swiglu import swiglu, swiglu_reference, swiglu_triton  # noqa: E402
+from lora_mem.kernels import lora_linear as lora_linear_module  # noqa: E402
+from lora_mem.kernels import rms_norm as rms_norm_module  # noqa: E402
+from lora_mem.kernels import rope as rope_module  # noqa: E402
+from lora_mem.kernels import swiglu as swiglu_module  # noqa: E402
+from lora_mem.kernels.lora_linear import HAS_TRITON  # noqa: E402
+from lora_mem.kernels.rms_norm import rms_norm, rms_norm_reference, rms_norm_triton  # noqa: E402
+from lora_mem.kernels.rope import apply_rotary_qk, apply_rotary_qk_reference, apply_rotary_qk_triton  # noqa: E402
+from lora_mem.kernels.swiglu import swiglu, swiglu_reference, swiglu_triton  # noqa: E402
 from tests.kernel_testing import DEVICE, requires_kernels  # noqa: E402
 
 # (dtype, atol, rtol) against the reference evaluated in float64 on the same (already rounded) inputs, so only
@@ -148,7 +148,7 @@ def _spy(monkeypatch, module, triton_name, reference_name):
 def test_cpu_default_ops_are_bit_identical_to_pre_change_code(monkeypatch, dtype):
     """On CPU tensors with LORA_MEM_KERNELS unset, the model's three ops take the references, which equal the former
     code exactly, outputs and gradients."""
-    from model.qwen2 import MLP, RMSNorm, apply_rotary
+    from lora_mem.model.qwen2 import MLP, RMSNorm, apply_rotary
 
     monkeypatch.delenv("LORA_MEM_KERNELS", raising=False)
     spies = [_spy(monkeypatch, rms_norm_module, "rms_norm_triton", "rms_norm_reference"),
@@ -202,8 +202,8 @@ def tiny_dirs(tmp_path_factory):
 
 def tiny_lora_model(ckpt_dir, device="cpu", dtype=None):
     """The tiny checkpoint with rank-4 LoRA on every linear layer and a non-zero (trained-looking) B."""
-    from lora_core.inject import LoRAConfig, inject_lora, lora_modules
-    from model.loader import load_model
+    from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules
+    from lora_mem.model.loader import load_model
 
     model = load_model(str(ckpt_dir), device=device, dtype=dtype).model
     inject_lora(model, LoRAConfig(rank=4, alpha=8), generator=torch.Generator().manual_seed(0))
@@ -226,7 +226,7 @@ def logits_and_lora_grads(model, ids):
 def test_cpu_default_model_is_bit_identical_to_pre_change_model(monkeypatch, tiny_dirs, dtype):
     """The whole tiny model with LoRA (default path, CPU): logits and every LoRA gradient equal, bit for bit, to the
     model running the former code for RMSNorm, rope and the MLP."""
-    from model import qwen2
+    from lora_mem.model import qwen2
 
     monkeypatch.delenv("LORA_MEM_KERNELS", raising=False)
     ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -348,7 +348,7 @@ def test_rope_kernel_matches_reference(B, H, Hkv, T, D, dtype, atol, rtol):
 def test_rope_kernel_model_tables_and_broadcast(table_shape):
     """The model's own cos/sin tables (RotaryEmbedding) for arbitrary positions, broadcast over the batch or not, on
     contiguous (B, H, T, D) inputs."""
-    from model.qwen2 import RotaryEmbedding
+    from lora_mem.model.qwen2 import RotaryEmbedding
 
     B, H, Hkv, T, D = 2, 4, 2, 6, 16
     positions = torch.tensor([[3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5]])
@@ -509,8 +509,8 @@ def test_model_with_kernels_matches_reference_path(monkeypatch, tiny_dirs, kind,
     and every LoRA gradient; RMSNorm, rope and SwiGLU must all actually run as kernels. Without ``lora_kernels`` the
     LoRA linear is held on its reference, which isolates the three new kernels; with it, every kernel of the model
     runs (the LoRA kernels also have their own model test in tests/test_lora.py)."""
-    from kernels.lora_reference import lora_linear_reference
-    from lora_core import lora as lora_module
+    from lora_mem.kernels.lora_reference import lora_linear_reference
+    from lora_mem.lora_core import lora as lora_module
 
     if not lora_kernels:
         monkeypatch.setattr(lora_module, "lora_linear", lora_linear_reference)
@@ -537,7 +537,7 @@ def test_model_with_kernels_matches_reference_path(monkeypatch, tiny_dirs, kind,
 
 def test_fused_ops_are_opt_in(monkeypatch):
     """Until they are timed on a GPU, the default (`auto`) never routes norms/RoPE/SwiGLU to the kernels."""
-    from kernels.lora_linear import use_fused_ops
+    from lora_mem.kernels.lora_linear import use_fused_ops
 
     x = torch.randn(2, 8)
     monkeypatch.delenv("LORA_MEM_KERNELS", raising=False)

@@ -1,4 +1,4 @@
-"""`python -m model.generate` with PEFT-format adapters: each adapter answers, and bad ones are one-line errors."""
+"""`python -m lora_mem.model.generate` with PEFT-format adapters: each adapter answers, and bad ones are one-line errors."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_core.adapter_io import save_adapter
-from lora_core.inject import LoRAConfig, inject_lora, lora_modules
-from model.generate import main
-from model.loader import load_model
+from lora_mem.lora_core.adapter_io import save_adapter
+from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules
+from lora_mem.model.generate import main
+from lora_mem.model.loader import load_model
 from tests.tiny_models import make_tiny_checkpoint
 
 
@@ -54,7 +54,7 @@ def test_each_adapter_answers_in_turn(ckpt_and_adapters, capsys):
 
 def test_bad_adapter_is_a_one_line_error(ckpt_and_adapters, tmp_path):
     ckpt, _ = ckpt_and_adapters
-    proc = subprocess.run([sys.executable, "-m", "model.generate", "--model", str(ckpt), "--prompt", "hi",
+    proc = subprocess.run([sys.executable, "-m", "lora_mem.model.generate", "--model", str(ckpt), "--prompt", "hi",
                            "--adapter", str(tmp_path)], cwd=Path(__file__).parent.parent,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

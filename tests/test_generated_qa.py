@@ -14,9 +14,9 @@ import bench.generated_qa as gq
 from bench.internalize import QAPair, training_data, training_qa_pairs
 from bench.locomo import QUESTION_TEMPLATE
 from bench.locomo_data import LocomoDataError, Turn, load_locomo
-from lora_core.inject import LoRAConfig, inject_lora, lora_disabled, lora_modules
-from lora_core.train import IGNORE_INDEX
-from model.loader import load_model
+from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_disabled, lora_modules
+from lora_mem.lora_core.train import IGNORE_INDEX
+from lora_mem.model.loader import load_model
 from tests.tiny_models import make_tiny_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "locomo_tiny.json"
@@ -137,7 +137,7 @@ def test_lora_disabled_gives_the_base_model(lm):
         assert not torch.allclose(adapted, base, atol=1e-3)
         assert torch.equal(disabled, base) and torch.equal(after, adapted)
     finally:
-        from lora_core.adapter_io import remove_lora
+        from lora_mem.lora_core.adapter_io import remove_lora
 
         remove_lora(lm.model, lora_modules(lm.model))
 

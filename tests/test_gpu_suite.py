@@ -1,4 +1,4 @@
-"""bench/gpu_suite.sh is run where no test runs first (a lent GPU, minutes of device time): every command it holds
+"""bench/perf/gpu_suite.sh is run where no test runs first (a lent GPU, minutes of device time): every command it holds
 must parse here, with the options it passes, and its limits must fit one device command."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SUITE = Path(__file__).resolve().parent.parent / "bench" / "gpu_suite.sh"
+SUITE = Path(__file__).resolve().parent.parent / "bench" / "perf" / "gpu_suite.sh"
 
 
 def suite_steps() -> list[tuple[int, str, list[str]]]:
@@ -25,17 +25,17 @@ def suite_steps() -> list[tuple[int, str, list[str]]]:
 
 
 def parser_for(module: str):
-    if module == "bench.decode":
-        from bench.decode import parse_args
+    if module == "bench.perf.decode":
+        from bench.perf.decode import parse_args
         return parse_args
-    if module == "bench.project_locomo":
-        from bench.project_locomo import parse_args
+    if module == "bench.perf.project_locomo":
+        from bench.perf.project_locomo import parse_args
         return parse_args
-    if module == "bench.kernels":
-        from bench.kernels import build_parser
+    if module == "bench.perf.kernels":
+        from bench.perf.kernels import build_parser
         return build_parser().parse_args
-    if module == "bench.train_throughput":
-        from bench.train_throughput import build_parser
+    if module == "bench.perf.train_throughput":
+        from bench.perf.train_throughput import build_parser
         return build_parser().parse_args
     raise AssertionError(f"gpu_suite.sh runs {module}: add its parser to this test")
 
@@ -50,7 +50,7 @@ def test_every_step_parses_and_the_limits_fit_one_device_command():
         module, rest = argv[2], argv[3:]
         if module == "pytest":
             files = [a for a in rest if a.endswith(".py")]
-            assert files and all((SUITE.parent.parent / f).is_file() for f in files), name
+            assert files and all((SUITE.parents[2] / f).is_file() for f in files), name
             continue
         parser_for(module)(rest)  # raises SystemExit on an unknown or bad option
 
@@ -66,7 +66,7 @@ def test_projection_reads_what_the_suite_writes():
 
 
 def test_parsers_do_reject_bad_options():
-    for module in ("bench.decode", "bench.project_locomo", "bench.kernels", "bench.train_throughput"):
+    for module in ("bench.perf.decode", "bench.perf.project_locomo", "bench.perf.kernels", "bench.perf.train_throughput"):
         with pytest.raises(SystemExit):  # an unknown option beside otherwise complete arguments
             parser_for(module)(["--train", "t.json", "--decode", "d.json", "--nope"]
-                               if module == "bench.project_locomo" else ["--nope"])
+                               if module == "bench.perf.project_locomo" else ["--nope"])

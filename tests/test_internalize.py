@@ -30,8 +30,8 @@ from bench.internalize import (
 from bench.locomo import QUESTION_TEMPLATE
 from bench.locomo_data import QA, conversation_text, load_locomo
 from bench.locomo_score import score_qa
-from lora_core.train import IGNORE_INDEX
-from model.tokenizer import Tokenizer
+from lora_mem.lora_core.train import IGNORE_INDEX
+from lora_mem.model.tokenizer import Tokenizer
 from tests.tiny_models import make_tiny_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "locomo_tiny.json"

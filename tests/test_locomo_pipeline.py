@@ -54,15 +54,13 @@ def test_lora_run_writes_table_and_files(ckpt, tmp_path, capsys):
     assert (out / "table.md").read_text().startswith("| Method |")
     assert results["scores"] == saved["scores"]
 
-    from bench import report
-
+    from bench.analysis import report
     md = report.main([str(out), "--published", "--out", str(tmp_path / "report")])
     assert "| LoRA-Mem (r=4) (" in md and "| Published: LoRA-Mem (r=8), Qwen2.5-1.5B | 10.44 |" in md
     assert f"| {results['prompt_tokens_mean']:.0f} ({results['prompt_tokens_max']}) |" in md  # prompt size per method
     assert (tmp_path / "report.md").read_text() == md
     # results copied for committing keep loss curves as loss/<sample_id>.json; the report reads both layouts
-    from bench import keep
-
+    from bench.analysis import keep
     committed = tmp_path / "committed"
     written = keep.main([str(out), str(committed)])
     assert sorted(p.relative_to(committed).as_posix() for p in written) == [
@@ -84,8 +82,7 @@ def test_base_run_and_adversarial(ckpt, tmp_path):
     assert results["scores"]["adversarial_n"] == 2
     assert len(read_jsonl(out / "predictions.jsonl")) == N_QUESTIONS_1_TO_4 + 2
 
-    from bench import report
-
+    from bench.analysis import report
     md = report.main([str(out)])
     # category 5 in its own column, then how often the answerable questions were declined
     preds = read_jsonl(out / "predictions.jsonl")
@@ -158,7 +155,7 @@ def test_training_text_comes_from_the_conversation_only(ckpt, tmp_path, monkeypa
 
     monkeypatch.setattr(internalize, "make_lm_windows", capture)
     run(ckpt, tmp_path / "run", "--epochs", "1")
-    from model.tokenizer import Tokenizer
+    from lora_mem.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(ckpt)
     texts = [tok.decode(ids) for ids in seen]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 # triton decides compiled vs interpreted when triton.language and the kernels are first imported, so without CUDA
-# the interpreter must be switched on before lora_core (-> kernels.lora_linear -> triton) is imported by any test
+# the interpreter must be switched on before lora_core (-> lora_mem.kernels.lora_linear -> triton) is imported by any test
 # module; tests/test_lora_kernels.py does the same. The dispatcher still uses the reference on CPU unless
 # LORA_MEM_KERNELS=triton.
 if not torch.cuda.is_available():
@@ -27,9 +27,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 
-from kernels import lora_linear as lora_linear_module  # noqa: E402
-from lora_core.adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_adapter, save_adapter  # noqa: E402
-from lora_core.inject import (  # noqa: E402
+from lora_mem.kernels import lora_linear as lora_linear_module  # noqa: E402
+from lora_mem.lora_core.adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_adapter, save_adapter  # noqa: E402
+from lora_mem.lora_core.inject import (  # noqa: E402
     DEFAULT_TARGETS,
     LoRAConfig,
     inject_lora,
@@ -37,9 +37,9 @@ from lora_core.inject import (  # noqa: E402
     lora_parameters,
     trainable_summary,
 )
-from lora_core.lora import LoRALinear  # noqa: E402
-from lora_core.train import chunked_lm_loss  # noqa: E402
-from model.loader import load_model  # noqa: E402
+from lora_mem.lora_core.lora import LoRALinear  # noqa: E402
+from lora_mem.lora_core.train import chunked_lm_loss  # noqa: E402
+from lora_mem.model.loader import load_model  # noqa: E402
 from tests.tiny_models import VOCAB, make_tiny_checkpoint, tiny_tokenizer  # noqa: E402
 
 # Every test here is fp32 on CPU and must take the reference path unless it asks for the kernels itself.
@@ -521,7 +521,7 @@ def test_adapter_with_weights_for_modules_the_model_lacks(qwen_adapter, qwen_dir
 def test_save_adapter_files_are_peft_names_and_no_temp_files(qwen_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import lora_core.adapter_io as adapter_io
+    import lora_mem.lora_core.adapter_io as adapter_io
 
     model = load_model(str(qwen_dir)).model
     cfg = LoRAConfig(rank=2)

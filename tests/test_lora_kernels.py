@@ -15,15 +15,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import lora_linear as lora_linear_module  # noqa: E402
-from kernels.lora_linear import (  # noqa: E402
+from lora_mem.kernels import lora_linear as lora_linear_module  # noqa: E402
+from lora_mem.kernels.lora_linear import (  # noqa: E402
     HAS_TRITON,
     LoRALinearFunction,
     lora_linear,
     lora_linear_triton,
     use_triton,
 )
-from kernels.lora_reference import lora_linear_reference, lora_scaling  # noqa: E402
+from lora_mem.kernels.lora_reference import lora_linear_reference, lora_scaling  # noqa: E402
 from tests.kernel_testing import DEVICE, assert_close_scaled, requires_kernels  # noqa: E402
 
 # (dtype, atol, rtol) against a float64 reference evaluated on the same (already rounded) inputs, so only the

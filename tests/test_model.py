@@ -10,9 +10,9 @@ import struct
 import pytest
 import torch
 
-from model.config import ConfigError, ModelConfig
-from model.generate import generate, generate_batch
-from model.loader import CheckpointError, load_model, read_safetensors_header
+from lora_mem.model.config import ConfigError, ModelConfig
+from lora_mem.model.generate import generate, generate_batch
+from lora_mem.model.loader import CheckpointError, load_model, read_safetensors_header
 from tests.tiny_models import VOCAB, make_tiny_checkpoint
 
 KINDS = ["qwen2", "llama"]
@@ -74,7 +74,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny):
 def test_shared_prefix_and_early_stopping_rows_match_one_at_a_time(tiny):
     """Prompts with a common prefix (computed once, broadcast) and rows that stop early (dropped
     from the batch) still decode exactly as each prompt alone."""
-    from model.generate import common_prefix_len
+    from lora_mem.model.generate import common_prefix_len
 
     kind, d, ref, lm = tiny
     g = torch.Generator().manual_seed(5)
@@ -100,7 +100,7 @@ def test_greedy_matches_transformers_generate(tiny):
 
 @pytest.mark.parametrize("vocab_slice", [1, 7, 64, 319, 320, 1000])
 def test_greedy_tokens_in_vocab_slices_equal_full_argmax(vocab_slice):
-    from model.generate import greedy_tokens
+    from lora_mem.model.generate import greedy_tokens
 
     g = torch.Generator().manual_seed(vocab_slice)
     hidden, weight = torch.randn(6, 16, generator=g), torch.randn(VOCAB, 16, generator=g)
@@ -116,9 +116,9 @@ def test_greedy_tokens_in_vocab_slices_equal_full_argmax(vocab_slice):
 
 
 def test_generate_with_sliced_lm_head_equals_one_product(tiny, monkeypatch):
-    """The decode loop takes the LM head in vocabulary slices on CPU (model.generate.CPU_VOCAB_SLICE,
+    """The decode loop takes the LM head in vocabulary slices on CPU (lora_mem.model.generate.CPU_VOCAB_SLICE,
     larger than the tiny vocab, so forced small here): the answers are those of one full product."""
-    import model.generate as gen
+    import lora_mem.model.generate as gen
 
     assert gen.vocab_slice_for(torch.device("cpu"), gen.CPU_SLICE_MIN_ROWS - 1) is None
     assert gen.vocab_slice_for(torch.device("cuda"), 64) is None

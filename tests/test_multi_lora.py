@@ -18,15 +18,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import multi_lora_linear as mll  # noqa: E402
-from kernels.lora_linear import HAS_TRITON  # noqa: E402
-from kernels.lora_reference import lora_linear_reference  # noqa: E402
-from kernels.multi_lora_linear import (  # noqa: E402
+from lora_mem.kernels import multi_lora_linear as mll  # noqa: E402
+from lora_mem.kernels.lora_linear import HAS_TRITON  # noqa: E402
+from lora_mem.kernels.lora_reference import lora_linear_reference  # noqa: E402
+from lora_mem.kernels.multi_lora_linear import (  # noqa: E402
     multi_lora_linear,
     multi_lora_linear_triton,
     plan_adapter_rows,
 )
-from kernels.multi_lora_reference import multi_lora_linear_reference, token_adapter_ids  # noqa: E402
+from lora_mem.kernels.multi_lora_reference import multi_lora_linear_reference, token_adapter_ids  # noqa: E402
 from tests.kernel_testing import DEVICE, KERNELS_RUNNABLE, assert_close_scaled, requires_kernels  # noqa: E402
 
 # (dtype, atol, rtol) against a float64 reference on the same rounded inputs, atol relative to the largest entry of

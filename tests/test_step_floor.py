@@ -1,4 +1,4 @@
-"""bench.step_floor: the products a LoRA training step must compute, checked against the GEMMs lora-mem's
+"""bench.perf.step_floor: the products a LoRA training step must compute, checked against the GEMMs lora-mem's
 step really runs (recorded at the dispatcher), and the floor's bookkeeping."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.step_floor import (
+from bench.perf.step_floor import (
     LINEARS,
     Product,
     compare_to_floor,
@@ -20,7 +20,7 @@ from bench.step_floor import (
     measure_floor,
     step_products,
 )
-from bench.train_throughput import build_lora_mem, model_config, next_token_targets
+from bench.perf.train_throughput import build_lora_mem, model_config, next_token_targets
 from tests.tiny_models import make_tiny_checkpoint
 
 
@@ -73,7 +73,7 @@ def test_attention_gemms_are_the_block_path_s(ckpt, monkeypatch):
     """With the CPU block-causal attention on (the default), the step's GEMMs are the floor's list plus exactly the
     block path's batched products (per layer and query block of `rows` queries seeing `end` keys, B*Hkv of each:
     scores, P V, and in backward dV, dP, dQ, dK): nothing else changes."""
-    from kernels.block_causal_attention import DEFAULT_BLOCK
+    from lora_mem.kernels.block_causal_attention import DEFAULT_BLOCK
 
     class RecordWithBaddbmm(RecordGemms):  # the scores' product is a baddbmm (scale and causal bias inside)
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

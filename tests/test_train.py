@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import lora_core.train as train_module  # noqa: E402
-from lora_core.inject import LoRAConfig, inject_lora, lora_modules, lora_parameters  # noqa: E402
-from lora_core.train import (  # noqa: E402
+import lora_mem.lora_core.train as train_module  # noqa: E402
+from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules, lora_parameters  # noqa: E402
+from lora_mem.lora_core.train import (  # noqa: E402
     IGNORE_INDEX,
     SHARE_PREFIX_MIN_SAVING,
     TrainConfig,
@@ -30,7 +30,7 @@ from lora_core.train import (  # noqa: E402
     train_lora,
     trim_unlabelled_tail,
 )
-from model.loader import load_model  # noqa: E402
+from lora_mem.model.loader import load_model  # noqa: E402
 from tests.tiny_models import VOCAB, make_tiny_checkpoint  # noqa: E402
 
 

@@ -1,0 +1,268 @@
+"""The LoRA training loop: AdamW on the adapter only, warm-up then cosine decay, clipping, accumulation.
+
+The loss never materialises full-vocabulary logits for every position: `chunked_lm_loss` computes
+the cross-entropy and its gradient with respect to the final hidden states chunk by chunk
+(the LM head is frozen, so that gradient is all backward needs). A prefix that every window of a
+micro-batch starts with (the chat system turn of one-fact windows) is computed once (`hidden_states`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lora_mem.lora_core.inject import lora_parameters
+
+IGNORE_INDEX = -100
+# Compute a prefix shared by every row of a micro-batch once only when that saves at least this fraction of
+# the micro-batch's token positions: below it the masked attention over the longer shared layout and its copies
+# may cost more than the positions saved (one-fact capacity windows at batch 2 save 24 of 96 positions, packed
+# 512-token QA windows ~2%).
+SHARE_PREFIX_MIN_SAVING = 0.1
+# ... and only while the shared layout (prefix + every row's own tokens as one sequence) has at most this many
+# positions: its attention is one masked product, quadratic in that length (2048: 9 heads' fp32 scores of one
+# layer are 151 MB).
+SHARE_PREFIX_MAX_POSITIONS = 2048
+
+
+class ChunkedLMHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight^T` against `targets`, computed in row chunks.
+
+    Only the rows that have a target go through the LM head: in chat-QA windows most positions are
+    questions and chat markup (IGNORE_INDEX), and the head (vocab x hidden) is a fifth of a small model's
+    FLOPs, so their logits are never computed. Forward computes, per chunk c of those rows:
+    logits_c = h_c W^T (fp32), loss_c = sum(lse(logits_c) - logits_c[target]), and already the gradient
+    dL/dh_c = (softmax(logits_c) - onehot(target)) W / n, since W is frozen. Only dL/dh (same size as h)
+    is kept for backward, never a (tokens x vocab) tensor; unlabelled rows get a zero gradient.
+
+    The (chunk x vocab) logits are the one large buffer: exp(logits - row max) is made in it in place, and
+    the row sums give both the log-sum-exp and the softmax's normalisation, which (like the mean's 1/n) is
+    applied to the (chunk x hidden) product instead: four passes over the buffer, two of them reads, and no
+    other (chunk x vocab) tensor, where logsumexp + softmax + division made about nine and two more buffers.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        # hidden: (N, C), weight: (V, C), targets: (N,) with IGNORE_INDEX for unsupervised positions
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) the labelled positions
+        n_valid = max(len(rows), 1)
+        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for 16-bit input, fp64 stays fp64
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        for start in range(0, len(rows), chunk_size):
+            r = rows[start:start + chunk_size]
+            h, t = hidden[r], targets[r]
+            logits = (h @ weight.T).to(acc_dtype)  # (n, V), the chunk's one large buffer
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # in place: exp(logits - max)
+            row_sum = probs.sum(dim=-1, keepdim=True)
+            lse = row_max.squeeze(1) + row_sum.squeeze(1).log()
+            total += (lse - target_logit).sum()
+            if grad_hidden is not None:
+                # (softmax - onehot) W = ((exp(logits - max) - row_sum * onehot) W) / row_sum: the one-hot is n
+                # scattered writes into the buffer (where the cancellation p_t - 1 stays elementwise, before
+                # any 16-bit rounding), the normalisation and the mean's 1/n act on the (n, C) product.
+                probs[torch.arange(len(t), device=t.device), t] -= row_sum.squeeze(1)
+                g = (probs.to(h.dtype) @ weight).to(acc_dtype) / (row_sum * n_valid)
+                grad_hidden[r] = g.to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024):
+    """Mean next-token cross-entropy over positions whose target is not IGNORE_INDEX."""
+    return ChunkedLMHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_size)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 2  # windows per optimizer step = batch_size * grad_accum
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0  # window order and dropout masks (train_lora seeds torch's global generator with it)
+    loss_chunk_size: int = 1024
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (saves memory)
+    share_prefix: bool = True  # a prefix common to a micro-batch's rows computed once (hidden_states)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    lrs: list[float] = field(default_factory=list)
+    epochs_loss: list[float] = field(default_factory=list)  # mean loss of each epoch
+    tokens: int = 0  # supervised + context tokens processed (all positions of all windows, every epoch)
+    tokens_computed: int = 0  # positions the model ran: `tokens` less the shared prefixes' repeats
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens_per_second"] = self.tokens_per_second
+        return d
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio."""
+    warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def train_lora(
+    model,
+    input_ids: torch.Tensor,  # (N, L) windows
+    labels: torch.Tensor,  # (N, L) next-token targets aligned with input_ids, IGNORE_INDEX where unsupervised
+    cfg: TrainConfig,
+    progress: bool = False,
+    desc: str = "training",
+) -> TrainResult:
+    """Train the model's LoRA parameters in place. A non-finite loss stops training and is recorded
+    in `result.error` (the caller decides what to do with the run)."""
+    device = model.lm_head.weight.device
+    params = lora_parameters(model)
+    if not params:
+        raise ValueError("the model has no LoRA parameters to train (inject_lora first)")
+    for p in params:
+        p.requires_grad_(True)
+    torch.manual_seed(cfg.seed)  # the LoRA dropout masks come from the default generator(s)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = input_ids.shape[0]
+    micro_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    result = TrainResult()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, desc=desc, unit="step", leave=False)
+    model.train()
+    model.model.gradient_checkpointing = cfg.gradient_checkpointing
+    t0 = time.perf_counter()
+    step = 0
+    try:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen)
+            epoch_losses = []
+            for s in range(steps_per_epoch):
+                lr = lr_at(step, total_steps, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro = [order[(s * cfg.grad_accum + k) * cfg.batch_size:(s * cfg.grad_accum + k + 1) * cfg.batch_size]
+                         for k in range(cfg.grad_accum)]
+                micro = [m for m in micro if len(m)]
+                step_loss = 0.0
+                for idx in micro:
+                    x, y = trim_unlabelled_tail(input_ids[idx], labels[idx])
+                    x, y = x.to(device), y.to(device)
+                    with autocast:
+                        hidden, computed = hidden_states(model, x, cfg.share_prefix)  # (b, L, C)
+                        loss = chunked_lm_loss(hidden, model.lm_head.weight, y, cfg.loss_chunk_size)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
+                    (loss / len(micro)).backward()
+                    step_loss += loss.item() / len(micro)
+                    result.tokens += x.numel()
+                    result.tokens_computed += computed
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.losses.append(step_loss)
+                result.lrs.append(lr)
+                epoch_losses.append(step_loss)
+                step += 1
+                if bar:
+                    bar.set_postfix(loss=f"{step_loss:.3f}", epoch=epoch)
+                    bar.update()
+            result.epochs_loss.append(sum(epoch_losses) / len(epoch_losses))
+    except NonFiniteLoss as e:
+        result.error = str(e)
+    finally:
+        if bar:
+            bar.close()
+        model.eval()
+        for p in params:
+            p.grad = None
+        result.seconds = time.perf_counter() - t0
+    return result
+
+
+def shared_prefix_len(input_ids: torch.Tensor) -> int:
+    """How many leading tokens every row of (B, T) input_ids has in common, at most T - 1 (each row keeps
+    at least one token of its own); 0 for a single row."""
+    B, T = input_ids.shape
+    if B < 2:
+        return 0
+    differs = (input_ids != input_ids[:1]).any(0).nonzero()  # columns where some row differs from row 0
+    return min(int(differs[0]) if len(differs) else T, T - 1)
+
+
+def hidden_states(model, input_ids: torch.Tensor, share_prefix: bool = True) -> tuple[torch.Tensor, int]:
+    """Final hidden states (B, T, C) of a training micro-batch and the number of token positions computed.
+
+    With share_prefix, a prefix all rows start with is computed once (Qwen2Model.forward_shared_prefix: the
+    same hidden states and gradients up to rounding) when that saves at least SHARE_PREFIX_MIN_SAVING of the
+    B T positions and leaves at most SHARE_PREFIX_MAX_POSITIONS; otherwise one plain pass."""
+    B, T = input_ids.shape
+    P = shared_prefix_len(input_ids) if share_prefix else 0
+    computed = P + B * (T - P)
+    if P and (B - 1) * P >= SHARE_PREFIX_MIN_SAVING * B * T and computed <= SHARE_PREFIX_MAX_POSITIONS:
+        return model.model.forward_shared_prefix(input_ids, P), computed
+    return model.model(input_ids), B * T
+
+
+def trim_unlabelled_tail(input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the positions after the last labelled one of a (b, L) micro-batch (the padding of a last text
+    window or of a part-filled chat window). Attention is causal, so nothing before them depends on them:
+    the loss and gradients are those of the full windows, for less compute."""
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    end = int(labelled[-1]) + 1 if len(labelled) else 1
+    return input_ids[:, :end], labels[:, :end]
+
+
+def make_lm_windows(token_ids: list[int], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive windows of seq_len tokens over one long text; each window predicts its own next
+    tokens (the first token of a window has no target from the previous window). The last window is
+    right-padded with IGNORE_INDEX targets."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    windows = [token_ids[i:i + seq_len] for i in range(0, max(1, len(token_ids) - 1), seq_len - 1)]
+    # Overlap of one token so that every token of the text is a target exactly once.
+    windows = [w for w in windows if len(w) >= 2]
+    ids = torch.full((len(windows), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(windows), seq_len), IGNORE_INDEX, dtype=torch.long)
+    for i, w in enumerate(windows):
+        ids[i, :len(w)] = torch.tensor(w)
+        labels[i, :len(w) - 1] = torch.tensor(w[1:])
+    return ids, labels
