@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from bench.common import atomic_write_json, atomic_write_text, int_list, read_jsonl, run_info, write_jsonl
-from bench.internalize import QAPair, chat_qa_windows
+from lora_mem.lora_core.recipes import QAPair, chat_qa_windows
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules, lora_parameters, reset_lora
 from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, make_lm_windows, train_lora
 from lora_mem.model.generate import generate
@@ -226,7 +226,7 @@ def aggregate(rows: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def training_windows(facts: list[Fact], lm: LoadedModel, train_format: str, seq_len: int, pack: bool = False):
-    """(input_ids, targets) for the facts: chat QA (bench.internalize.chat_qa_windows, loss on the answers)
+    """(input_ids, targets) for the facts: chat QA (lora_mem.lora_core.recipes.chat_qa_windows, loss on the answers)
     and/or the statements as plain text (next-token loss).
 
     Unpacked (the default), each window holds one fact, exactly as it is asked: the system turn, the question,

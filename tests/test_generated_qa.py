@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench.generated_qa as gq
-from bench.internalize import QAPair, training_data, training_qa_pairs
-from bench.locomo import QUESTION_TEMPLATE
+import lora_mem.lora_core.generated_qa as gq
+from lora_mem.lora_core.recipes import QAPair, Recipe, training_data, training_qa_pairs
+from lora_mem.lora_core.memory import QUESTION_TEMPLATE
 from bench.locomo_data import LocomoDataError, Turn, load_locomo
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_disabled, lora_modules
 from lora_mem.lora_core.train import IGNORE_INDEX
@@ -145,18 +145,17 @@ def test_lora_disabled_gives_the_base_model(lm):
 def test_qa_source_in_training_pairs():
     sample = load_locomo(FIXTURE)[0]
     generated = [QAPair("What is the name of Alice's puppy?", "Biscuit")]
-    templates = training_qa_pairs(sample, "qa")
-    assert training_qa_pairs(sample, "qa", qa_source="model", generated=generated) == generated
-    both = training_qa_pairs(sample, "qa", qa_source="both", generated=generated)
+    templates = training_qa_pairs(sample, Recipe("qa"))
+    assert training_qa_pairs(sample, Recipe("qa", qa_source="model"), generated=generated) == generated
+    both = training_qa_pairs(sample, Recipe("qa", qa_source="both"), generated=generated)
     assert len(both) == len(templates) + 1 and generated[0] in both and set(templates) <= set(both)
     with pytest.raises(ValueError, match="needs the generated pairs"):
-        training_qa_pairs(sample, "qa", qa_source="model")
+        training_qa_pairs(sample, Recipe("qa", qa_source="model"))
 
 
 def test_no_grounded_pair_is_a_clear_error(lm):
     sample = load_locomo(FIXTURE)[0]
-    ids, labels = training_data(sample, lm.tokenizer, "qa", 128, False, QUESTION_TEMPLATE, qa_source="model",
-                                generated=[QAPair("What is the name of Alice's puppy?", "Biscuit")])
+    ids, labels = training_data(sample, lm.tokenizer, Recipe("qa", 128, False, qa_source="model"), QUESTION_TEMPLATE, generated=[QAPair("What is the name of Alice's puppy?", "Biscuit")])
     assert ids.shape[0] == 1 and (labels != IGNORE_INDEX).any()
     with pytest.raises(LocomoDataError, match=r"tiny-1: no training data .*qa_source='model'"):
-        training_data(sample, lm.tokenizer, "qa", 128, False, QUESTION_TEMPLATE, qa_source="model", generated=[])
+        training_data(sample, lm.tokenizer, Recipe("qa", 128, False, qa_source="model"), QUESTION_TEMPLATE, generated=[])

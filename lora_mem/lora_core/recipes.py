@@ -4,7 +4,7 @@
 with how the adapter is used: questions about the conversation asked and answered in the chat format
 the benchmark asks in, with the loss on the answers only. The questions come from deterministic
 templates over the turns (who said what, and when), never from LoCoMo's `qa` annotations, evidence,
-observations or summaries: every function here takes `training_source(sample)`, which has none of them.
+observations or summaries: every function here reads the conversation's own fields only (`conversation_only`).
 
     When did Caroline say "I went to a LGBTQ support group yesterday and it was so powerful"?  -> 8 May 2023
     Who said "I went to a LGBTQ support group yesterday and it was so powerful"?               -> Caroline
@@ -13,12 +13,12 @@ observations or summaries: every function here takes `training_source(sample)`, 
 
 Options (all off by default, which gives exactly the data of the original recipes):
 - `resolve_dates`: the text is the "timestamped+dates" format ("yesterday (7 May 2023)", from the session
-  date alone, see `bench.locomo_data.resolve_relative_dates`), and template quotes/answers read the same way.
+  date alone, see `conversation.resolve_relative_dates`), and template quotes/answers read the same way.
 - `qa_per_turn`: at most that many template pairs per turn, the kind rotating over who/when/what/photo, so
   that a CPU run can afford the qa format (10 conversations, default model's tokenizer, seq 512: all pairs
   ~1.0M non-padding tokens per epoch, `qa_per_turn=1` ~0.31M, the timestamped text ~0.28M).
 - `qa_source`: "templates" (above), "model" (pairs the base model writes about each turn, kept only if
-  grounded in it: `bench.generated_qa`, cached per conversation and model) or "both".
+  grounded in it: `generated_qa`, cached per conversation and model) or "both".
 - `abstention`: questions about subjects the conversation never mentions ("When did Caroline travel to
   Iceland?"), answered "Not mentioned in the conversation." (what LoCoMo scores as abstention on category 5),
   mixed into the QA pairs; built from a fixed vocabulary checked against the conversation text only.
@@ -37,15 +37,16 @@ from datetime import datetime
 import torch
 from nltk.stem import PorterStemmer
 
-from bench.locomo_data import (
-    LocomoDataError,
-    Sample,
+from lora_mem.lora_core.conversation import (
+    Conversation,
+    ConversationError,
     Turn,
+    conversation_only,
     conversation_text,
-    parse_session_datetime,
+    parsed_date_time,
     photo_note,
     resolve_relative_dates,
-    training_source,
+    session_date,
 )
 from lora_mem.lora_core.train import IGNORE_INDEX, make_lm_windows
 from lora_mem.model.tokenizer import Tokenizer
@@ -66,22 +67,6 @@ class QAPair:
 def _words(text: str, n: int) -> str:
     words = text.split()
     return " ".join(words[:n]) + (" ..." if len(words) > n else "")
-
-
-def _parsed(date_time: str | None) -> datetime | None:
-    if not date_time:
-        return None
-    try:
-        return parse_session_datetime(date_time)
-    except LocomoDataError:
-        return None
-
-
-def session_date(date_time: str | None) -> str | None:
-    dt = _parsed(date_time)
-    if dt is None:
-        return None
-    return f"{dt.day} {dt.strftime('%B')} {dt.year}"  # LoCoMo's gold answers read like "7 May 2023"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,7 +92,7 @@ def _turn_pairs(turn: Turn, date: str | None, resolve_at: datetime | None) -> li
     return pairs
 
 
-def template_qa(sample: Sample, *, qa_per_turn: int | None = None, resolve_dates: bool = False) -> list[QAPair]:
+def template_qa(conv: Conversation, *, qa_per_turn: int | None = None, resolve_dates: bool = False) -> list[QAPair]:
     """Who said what, and when, for every turn of the conversation (session dates where known).
 
     ``qa_per_turn=None``: every pair of every turn. ``qa_per_turn=k``: k pairs per turn (all if it has no more),
@@ -118,12 +103,12 @@ def template_qa(sample: Sample, *, qa_per_turn: int | None = None, resolve_dates
     """
     if qa_per_turn is not None and qa_per_turn < 1:
         raise ValueError(f"qa_per_turn must be None or at least 1, got {qa_per_turn!r}")
-    source = training_source(sample)  # the conversation only: no qa, observations or summaries
+    source = conversation_only(conv)  # the conversation's own fields, whatever object was passed
     pairs: list[QAPair] = []
     rotation = 0
     for session in source.sessions:
         date = session_date(session.date_time)
-        resolve_at = _parsed(session.date_time) if resolve_dates else None
+        resolve_at = parsed_date_time(session.date_time) if resolve_dates else None
         for turn in session.turns:
             options = _turn_pairs(turn, date, resolve_at)
             if not options:
@@ -190,14 +175,14 @@ ABSTENTION_VOCABULARY: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 _stemmer = PorterStemmer()
 
 
-def _conversation_words(source: Sample) -> tuple[set[str], set[str]]:
+def _conversation_words(source: Conversation) -> tuple[set[str], set[str]]:
     """Every lowercase word of the conversation (text, photo notes, speaker names) and their Porter stems."""
     text = conversation_text(source) + f"\n{source.speaker_a} {source.speaker_b}"
     words = set(re.findall(r"[a-z]+", text.lower()))
     return words, {_stemmer.stem(w) for w in words}
 
 
-def mentions(source: Sample, subject: str, words: tuple[set[str], set[str]] | None = None) -> bool:
+def mentions(source: Conversation, subject: str, words: tuple[set[str], set[str]] | None = None) -> bool:
     """Whether any word of ``subject`` occurs in the conversation: as a word, with the same Porter stem
     ("kayak" ~ "kayaking"), or as the start of a longer word ("Iceland" ~ "Icelandic"). Case-insensitive."""
     conv_words, conv_stems = words if words is not None else _conversation_words(source)
@@ -211,10 +196,10 @@ def _with_article(x: str) -> str:
     return ("an " if x[0].lower() in "aeiou" else "a ") + x
 
 
-def abstention_pairs(sample: Sample, n: int, seed: int) -> list[QAPair]:
+def abstention_pairs(conv: Conversation, n: int, seed: int) -> list[QAPair]:
     """``n`` questions about subjects the conversation never mentions, each answered ``ABSTENTION_ANSWER``.
 
-    Built from the conversation alone (``training_source``): a subject of :data:`ABSTENTION_VOCABULARY` is used
+    Built from the conversation alone (:func:`conversation_only`): a subject of :data:`ABSTENTION_VOCABULARY` is used
     only if :func:`mentions` finds none of its words in the conversation text. Each question pairs a subject with
     one of its kind's question forms and one of the two speakers (alternating, so both are asked about about
     equally). Deterministic given ``seed``; distinct subjects come first (a subject repeats, in another form or for
@@ -223,7 +208,7 @@ def abstention_pairs(sample: Sample, n: int, seed: int) -> list[QAPair]:
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n!r}")
-    source = training_source(sample)  # the conversation only
+    source = conversation_only(conv)  # the conversation's own fields, whatever object was passed
     words = _conversation_words(source)
     rng = random.Random(seed)
     subjects = [(kind, x) for kind, (xs, _) in ABSTENTION_VOCABULARY.items() for x in xs
@@ -321,7 +306,7 @@ def _snippet_around(text: str, keyword: str, before: int = 4, words: int = SNIPP
     return " ".join(tokens[start:start + words])
 
 
-def contrastive_abstention_pairs(sample: Sample, n: int, seed: int,
+def contrastive_abstention_pairs(conv: Conversation, n: int, seed: int,
                                  resolve_dates: bool = False) -> tuple[list[QAPair], list[QAPair]]:
     """``n`` answerable and ``n`` unanswerable questions in the same forms (:data:`CONTRASTIVE_FORMS`), built from
     the conversation alone.
@@ -335,7 +320,7 @@ def contrastive_abstention_pairs(sample: Sample, n: int, seed: int,
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n!r}")
-    source = training_source(sample)  # the conversation only
+    source = conversation_only(conv)  # the conversation's own fields, whatever object was passed
     speakers = (source.speaker_a, source.speaker_b)
     names = {w.lower() for sp in speakers for w in _turn_words(sp)}
     turn_counts: dict[str, int] = {}
@@ -349,7 +334,7 @@ def contrastive_abstention_pairs(sample: Sample, n: int, seed: int,
     candidates = []  # (speaker, keyword, snippet, date)
     for session in source.sessions:
         date = session_date(session.date_time)
-        resolve_at = _parsed(session.date_time) if resolve_dates else None
+        resolve_at = parsed_date_time(session.date_time) if resolve_dates else None
         for turn in session.turns:
             text = " ".join(turn.text.split())
             if resolve_at is not None:
@@ -439,14 +424,71 @@ def chat_qa_windows(pairs: list[QAPair], tok: Tokenizer, seq_len: int, question_
     return input_ids, targets
 
 
-def training_qa_pairs(sample: Sample, train_format: str, *, resolve_dates: bool = False,
-                      qa_per_turn: int | None = None, abstention: bool = False, abstention_ratio: float = 0.1,
-                      seed: int = 0, qa_source: str = "templates", generated: list[QAPair] | None = None,
-                      abstention_style: str = "unmentioned") -> list[QAPair]:
-    """The chat-QA pairs that :func:`training_data` trains on for ``train_format`` ([] for plain "text").
+@dataclass(frozen=True)
+class Recipe:
+    """What a conversation is turned into for training. Every default is the original experiment's.
+
+    ``train_format`` joins parts with "+": ``text`` (next-token loss on the conversation text) and ``qa`` (chat
+    question-answer pairs, loss on the answers). The other fields are the options documented at the top of
+    this module; ``seq_len`` is the length of a training window."""
+
+    train_format: str = "text"
+    seq_len: int = 512
+    timestamps: bool = False
+    resolve_dates: bool = False
+    qa_per_turn: int | None = None
+    qa_source: str = "templates"
+    abstention: bool = False
+    abstention_ratio: float = 0.1
+    abstention_style: str = "unmentioned"
+
+    def __post_init__(self):
+        if self.train_format not in TRAIN_FORMATS:
+            raise ValueError(f"train_format: unknown {self.train_format!r} (choose from {', '.join(TRAIN_FORMATS)})")
+        if self.seq_len < MIN_SEQ_LEN:
+            raise ValueError(f"seq_len: must be at least {MIN_SEQ_LEN} tokens, got {self.seq_len}")
+        if self.qa_per_turn is not None and self.qa_per_turn < 1:
+            raise ValueError(f"qa_per_turn: must be None or at least 1, got {self.qa_per_turn!r}")
+        if self.qa_source not in QA_SOURCES:
+            raise ValueError(f"qa_source: unknown {self.qa_source!r} (choose from {', '.join(QA_SOURCES)})")
+        if not 0 < self.abstention_ratio <= 1:
+            raise ValueError(f"abstention_ratio: must be in (0, 1], got {self.abstention_ratio!r}")
+        if self.abstention_style not in ABSTENTION_STYLES:
+            raise ValueError(f"abstention_style: unknown abstention style {self.abstention_style!r} "
+                             f"(choose from {', '.join(ABSTENTION_STYLES)})")
+        if self.qa_source != "templates" and not self.has_qa:
+            raise ValueError(f"qa_source={self.qa_source!r} applies to the qa formats or abstention only")
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.train_format.split("+"))
+
+    @property
+    def has_qa(self) -> bool:
+        """Whether question-answer pairs are trained (the qa part, or abstention questions beside the text)."""
+        return "qa" in self.parts or self.abstention
+
+    @property
+    def needs_generated_qa(self) -> bool:
+        """Whether the base model must first write questions about the turns (`generated_qa`)."""
+        return self.qa_source != "templates" and self.has_qa
+
+    @property
+    def text_format(self) -> str:
+        """The conversation text's format (`conversation.FORMATS`)."""
+        return "timestamped+dates" if self.resolve_dates else ("timestamped" if self.timestamps else "raw")
+
+
+# Shortest window worth training: room for a chat system turn and one short exchange.
+MIN_SEQ_LEN = 16
+
+
+def training_qa_pairs(conv: Conversation, recipe: Recipe, *, seed: int = 0,
+                      generated: list[QAPair] | None = None) -> list[QAPair]:
+    """The chat-QA pairs that :func:`training_data` trains on for ``recipe`` ([] for plain "text").
 
     ``qa_source``: "templates" (:func:`template_qa`), "model" (``generated``: the pairs the base model wrote,
-    `bench.generated_qa`) or "both" (the generated pairs spread evenly among the template pairs).
+    :mod:`lora_mem.lora_core.generated_qa`) or "both" (the generated pairs spread evenly among the template pairs).
 
     With ``abstention``, ``max(1, round(abstention_ratio * P))`` negatives (:func:`abstention_pairs`), where P is
     the number of template pairs (:func:`template_qa` with ``qa_per_turn``/``resolve_dates``): formats with qa mix
@@ -454,63 +496,47 @@ def training_qa_pairs(sample: Sample, train_format: str, *, resolve_dates: bool 
     conversation, so that the model keeps answering rather than always abstaining. ``abstention_style``:
     "unmentioned" (:func:`abstention_pairs`) or "contrastive" (:func:`contrastive_abstention_pairs`: as many
     answerable questions in the negatives' forms come with them, in place of the text format's template pairs).
+    ``seed`` picks the abstention questions.
     """
-    if train_format not in TRAIN_FORMATS:
-        raise ValueError(f"unknown train format {train_format!r} (choose from {', '.join(TRAIN_FORMATS)})")
-    if abstention and not abstention_ratio > 0:
-        raise ValueError(f"abstention_ratio must be > 0, got {abstention_ratio!r}")
-    if qa_source not in QA_SOURCES:
-        raise ValueError(f"unknown qa source {qa_source!r} (choose from {', '.join(QA_SOURCES)})")
-    if abstention_style not in ABSTENTION_STYLES:
-        raise ValueError(f"unknown abstention style {abstention_style!r} (choose from {', '.join(ABSTENTION_STYLES)})")
-    if qa_source != "templates" and generated is None:
-        raise ValueError(f"qa_source={qa_source!r} needs the generated pairs (bench.generated_qa.generate_qa)")
-    source = training_source(sample)
-    if train_format == "text" and not abstention:
+    if recipe.needs_generated_qa and generated is None:
+        raise ValueError(f"qa_source={recipe.qa_source!r} needs the generated pairs (generated_qa.generate_qa)")
+    source = conversation_only(conv)
+    if not recipe.has_qa:
         return []
-    pairs = template_qa(source, qa_per_turn=qa_per_turn, resolve_dates=resolve_dates)
-    if qa_source == "model":
+    pairs = template_qa(source, qa_per_turn=recipe.qa_per_turn, resolve_dates=recipe.resolve_dates)
+    if recipe.qa_source == "model":
         pairs = list(generated)
-    elif qa_source == "both":
+    elif recipe.qa_source == "both":
         pairs = _interleave(pairs, list(generated))
-    if not abstention:
+    if not recipe.abstention:
         return pairs
-    n = max(1, round(abstention_ratio * len(pairs)))
-    if abstention_style == "contrastive":
-        positives, negatives = contrastive_abstention_pairs(source, n, seed, resolve_dates=resolve_dates)
+    text_only = "qa" not in recipe.parts
+    n = max(1, round(recipe.abstention_ratio * len(pairs)))
+    if recipe.abstention_style == "contrastive":
+        positives, negatives = contrastive_abstention_pairs(source, n, seed, resolve_dates=recipe.resolve_dates)
         mixed = _interleave(positives, negatives)
-        return mixed if train_format == "text" else _interleave(pairs, mixed)
+        return mixed if text_only else _interleave(pairs, mixed)
     negatives = abstention_pairs(source, n, seed)
-    if train_format == "text":  # as many positives as negatives, spread over the conversation
+    if text_only:  # as many positives as negatives, spread over the conversation
         k = min(len(negatives), len(pairs))
         pairs = [pairs[i * len(pairs) // k] for i in range(k)] if k else []
     return _interleave(pairs, negatives)
 
 
-def training_data(sample: Sample, tok: Tokenizer, train_format: str, seq_len: int, timestamps: bool,
-                  question_template: str, *, resolve_dates: bool = False, qa_per_turn: int | None = None,
-                  abstention: bool = False, abstention_ratio: float = 0.1, seed: int = 0,
-                  qa_source: str = "templates", generated: list[QAPair] | None = None,
-                  abstention_style: str = "unmentioned") -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, targets) windows of one conversation for `train_format` in TRAIN_FORMATS.
-
-    The text part is ``conversation_text`` in the "raw" format, "timestamped" with ``timestamps``, and
-    "timestamped+dates" with ``resolve_dates`` (which includes the timestamps, whatever ``timestamps`` says).
-    The chat-QA part is :func:`training_qa_pairs` (options documented there; ``seed`` picks the abstention
-    questions). All options off: exactly the original data.
-    """
-    pairs = training_qa_pairs(sample, train_format, resolve_dates=resolve_dates, qa_per_turn=qa_per_turn,
-                              abstention=abstention, abstention_ratio=abstention_ratio, seed=seed,
-                              qa_source=qa_source, generated=generated, abstention_style=abstention_style)
-    source = training_source(sample)
+def training_data(conv: Conversation, tok: Tokenizer, recipe: Recipe, question_template: str, *, seed: int = 0,
+                  generated: list[QAPair] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, targets) windows of one conversation under ``recipe``: the conversation text in
+    ``recipe.text_format`` (the "text" part), then the chat-QA pairs of :func:`training_qa_pairs`, each packed
+    into ``recipe.seq_len``-token windows. The recipe's defaults give exactly the original experiment's data."""
+    pairs = training_qa_pairs(conv, recipe, seed=seed, generated=generated)
+    source = conversation_only(conv)
     parts = []
-    if train_format in ("text", "text+qa"):
-        fmt = "timestamped+dates" if resolve_dates else ("timestamped" if timestamps else "raw")
-        text = conversation_text(source, format=fmt)
-        parts.append(make_lm_windows(tok.encode(text), seq_len, tok.pad_id))
+    if "text" in recipe.parts:
+        text = conversation_text(source, format=recipe.text_format)
+        parts.append(make_lm_windows(tok.encode(text), recipe.seq_len, tok.pad_id))
     if pairs:
-        parts.append(chat_qa_windows(pairs, tok, seq_len, question_template))
-    if not parts:  # --qa-source model where the model wrote no grounded question
-        raise LocomoDataError(f"{sample.sample_id}: no training data for train_format={train_format!r}, "
-                              f"qa_source={qa_source!r}: no question-answer pairs")
+        parts.append(chat_qa_windows(pairs, tok, recipe.seq_len, question_template))
+    if not parts:  # qa_source "model" where the model wrote no grounded question
+        raise ConversationError(f"{conv.sample_id}: no training data for train_format={recipe.train_format!r}, "
+                                f"qa_source={recipe.qa_source!r}: no question-answer pairs")
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

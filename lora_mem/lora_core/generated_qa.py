@@ -1,6 +1,6 @@
 """Question-answer pairs about a conversation, written by the base model itself (`--qa-source model`).
 
-The template questions of `bench.internalize` ask about quotes ("Who said ..."); a capable model can ask
+The template questions of `lora_mem.lora_core.recipes` ask about quotes ("Who said ..."); a capable model can ask
 what a reader would ("What is the name of Tom's puppy?"). For every turn of the conversation the base
 model (no adapter) gets a one-shot prompt with the turn and its session date, and continues an assistant
 turn that starts with "Question:". Its continuation is parsed as one question and one answer, and kept
@@ -8,7 +8,7 @@ only if it is grounded: every content word of the answer occurs in the turn (its
 photo caption) and the question is not the answer. Ungrounded pairs are counted and dropped, so a model
 too small to follow the prompt yields few pairs rather than wrong ones.
 
-Like every training input, it is built from `training_source(sample)` alone: LoCoMo's `qa`, `evidence`,
+Like every training input, it is built from the conversation alone (`conversation_only`): LoCoMo's `qa`, `evidence`,
 observations and summaries never reach the prompt.
 
 The pairs are cached per conversation and model under `<cache>/generated-qa/<model>/` (cache:
@@ -16,7 +16,7 @@ The pairs are cached per conversation and model under `<cache>/generated-qa/<mod
 prompt and the conversation's text; the file records all of them and every raw generation (parsing and the
 filter are cheap and run again on every read, so changing them needs no new generation).
 
-    python -m bench.generated_qa --conversations conv-26 --max-turns 20 --out bench/results/generated_qa_sample.json
+    python -m bench.analysis.generated_qa --conversations conv-26 --max-turns 20 --out bench/results/generated_qa_sample.json
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.common import atomic_write_json
-from bench.internalize import ANSWER_WORDS, QAPair, session_date
-from bench.locomo_data import Sample, Turn, photo_note, training_source
+from lora_mem.lora_core.adapter_io import atomic_write_text
+from lora_mem.lora_core.conversation import Conversation, Turn, conversation_only, photo_note, session_date
 from lora_mem.lora_core.inject import lora_disabled
+from lora_mem.lora_core.recipes import ANSWER_WORDS, QAPair
 from lora_mem.model.generate import generate
 from lora_mem.model.packaged import default_cache_dir as lora_mem_cache_dir
 
@@ -80,7 +80,7 @@ def turn_text(turn: Turn) -> str:
     return f"{text} {photo_note(turn.blip_caption)}" if turn.blip_caption else text
 
 
-def askable_turns(source: Sample) -> list[tuple[str, Turn]]:
+def askable_turns(source: Conversation) -> list[tuple[str, Turn]]:
     """(session date, turn) for every dated turn with something to ask about, in conversation order."""
     out = []
     for session in source.sessions:
@@ -146,14 +146,14 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
 
-def generate_qa(sample: Sample, lm, settings: GenerationSettings = GenerationSettings(), *,
+def generate_qa(conv: Conversation, lm, settings: GenerationSettings = GenerationSettings(), *,
                 cache_dir: Path | None = None, max_turns: int | None = None, progress: bool = False) -> GeneratedQA:
     """Grounded QA pairs the base model (`lm`, adapters disabled) writes about each turn; cached."""
-    source = training_source(sample)  # the conversation only: no qa, observations or summaries
+    source = conversation_only(conv)  # the conversation only: no qa, observations or summaries
     turns = askable_turns(source)[:max_turns]
     model_id = f"{lm.name}@{lm.path}"
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / _safe(lm.name) / f"{_safe(sample.sample_id)}-{_key(model_id, settings, turns)}.json"
+    path = cache / _safe(lm.name) / f"{_safe(conv.sample_id)}-{_key(model_id, settings, turns)}.json"
     if path.is_file():
         raws = json.loads(path.read_text())["raw"]
     else:
@@ -165,7 +165,7 @@ def generate_qa(sample: Sample, lm, settings: GenerationSettings = GenerationSet
             outs = generate(lm.model, prompts, settings.max_new_tokens, tok.stop_ids, tok.pad_id,
                             batch_size=settings.batch_size, progress=progress) if prompts else []
         raws = [tok.decode(o) for o in outs]
-        atomic_write_json(path, {"sample_id": sample.sample_id, "model": model_id, "cache_version": CACHE_VERSION,
+        atomic_write_json(path, {"sample_id": conv.sample_id, "model": model_id, "cache_version": CACHE_VERSION,
                                  "settings": asdict(settings), "prompt": ONE_SHOT,
                                  "assistant_start": ASSISTANT_START, "turns": len(turns), "raw": raws})
     records = _records(turns, raws, (source.speaker_a, source.speaker_b))
@@ -173,45 +173,5 @@ def generate_qa(sample: Sample, lm, settings: GenerationSettings = GenerationSet
     return GeneratedQA(kept, path, records)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from bench.locomo_data import iter_samples, load_locomo, resolve_data_path
-    from lora_mem.model.loader import load_model
-
-    ap = argparse.ArgumentParser(prog="python -m bench.generated_qa",
-                                 description="QA pairs the base model writes about each turn (what "
-                                             "--qa-source model trains on), with the share that is grounded.")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--data", default=None, help="locomo10.json (else $LOCOMO_DATA, the cache, or a download)")
-    ap.add_argument("--conversations", default=None, help="comma-separated sample ids (default: all)")
-    ap.add_argument("--max-turns", type=int, default=None, help="first N askable turns of each conversation")
-    ap.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
-    ap.add_argument("--batch-size", type=int, default=GenerationSettings.batch_size)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=None, help="summary JSON (kept share per conversation, example records)")
-    args = ap.parse_args(argv)
-    if args.max_turns is not None and args.max_turns < 1:
-        ap.error(f"--max-turns must be at least 1, got {args.max_turns}")
-    data = resolve_data_path(args.data)
-    samples = load_locomo(data)
-    if args.conversations:
-        samples = iter_samples(samples, args.conversations)
-    lm = load_model(args.model, device=args.device, progress=False)
-    settings = GenerationSettings(args.max_new_tokens, args.batch_size)
-    per_conv = {}
-    for s in samples:
-        g = generate_qa(s, lm, settings, max_turns=args.max_turns, progress=True)
-        per_conv[s.sample_id] = {"turns": g.generated, "kept": g.kept, "cache_file": str(g.cache_file),
-                                 "records": g.records}
-        print(f"[{s.sample_id}] {g.kept} of {g.generated} generated pairs grounded and kept", file=sys.stderr)
-    total, kept = sum(c["turns"] for c in per_conv.values()), sum(c["kept"] for c in per_conv.values())
-    summary = {"model": lm.name, "data": str(data), "settings": asdict(settings), "max_turns": args.max_turns,
-               "prompt": ONE_SHOT, "assistant_start": ASSISTANT_START, "turns": total, "kept": kept,
-               "kept_share": kept / total if total else None, "conversations": per_conv}
-    if args.out:
-        atomic_write_json(Path(args.out), summary)
-        print(f"wrote {args.out}", file=sys.stderr)
-    return summary
-
-
-if __name__ == "__main__":
-    main()
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,318 @@
+"""Context distillation: the model holding a chunk of the conversation in its context is the teacher; the model with
+the adapter and no context learns to answer as the teacher does (Knowledge Modules / deep context distillation,
+Caccia et al. 2025; Cartridges' self-study, Eyuboglu et al. 2025).
+
+    teacher:  [system] [user: <session text> + Answer the question in a few words. Question: q] [assistant: a]
+    student:  [system] [user:                  Answer the question in a few words. Question: q] [assistant: a]
+
+For each session (the chunk: its dated turns, relative dates resolved) and each query built from it
+(`queries.coverage_queries`), the answer ``a`` is the teacher's own greedy answer (``answers="teacher"``) or the
+query's rule-made answer (``"reference"``). The teacher's next-token distribution at every answer position is kept
+as its top ``k`` log-probabilities (temperature ``tau``); the student is trained on
+
+    L = (1 - w) tau^2 KL(q_tau || s_tau) + w CE(a),
+
+the KL over the top-k tokens plus one bucket for the rest of the vocabulary (the teacher's remaining mass against the
+student's), ``w`` the weight of the hard labels. The teacher is the frozen base model: adapters are off while it
+runs. A session's prefix (system turn, its text) is computed once and attended in place by all its queries (cascade
+attention, `KVCache.set_prefix`). Teacher outputs are cached on disk per session, keyed by the model, the session's
+text, its queries and the settings, so a rerun (or another rank) reads them instead.
+
+Gradient of one position (see `SoftTargetLoss`): with s = softmax(z / tau), the KL's gradient with respect to the
+logits z is (s - t) / tau, where t is the teacher's q on the top-k tokens and q_rest * s_j / s_rest elsewhere (the
+rest mass spread as the student spreads it). A hard label is the target q = onehot, for which KL is CE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_mem.lora_core.conversation import Conversation, conversation_only, session_texts
+from lora_mem.lora_core.inject import lora_disabled
+from lora_mem.lora_core.queries import Query
+from lora_mem.lora_core.train import IGNORE_INDEX
+from lora_mem.model.generate import common_prefix_len, generate
+from lora_mem.model.packaged import default_cache_dir
+
+TEACHER_CONTEXT = "Here is part of a conversation between {a} and {b}, with the date of each message:\n\n{context}\n\n"
+CACHE_VERSION = 1  # bump when what the teacher computes changes
+ANSWER_SOURCES = ("teacher", "reference")
+TEACHER_MAX_NEW_TOKENS = 24  # answers are meant to be a few words
+TEACHER_BATCH = 32  # queries scored at once
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    top_k: int = 16
+    temperature: float = 1.0
+    answers: str = "teacher"
+
+    def __post_init__(self):
+        if self.top_k < 1 or not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"distill top_k must be >= 1 and temperature > 0, got {self.top_k}, {self.temperature}")
+        if self.answers not in ANSWER_SOURCES:
+            raise ValueError(f"distill answers: unknown {self.answers!r} (choose from {', '.join(ANSWER_SOURCES)})")
+
+
+@dataclass
+class TeacherExample:
+    """One query with the teacher's answer and its distribution at each answer position (end marker included)."""
+
+    question: str
+    answer_ids: list[int]
+    top_ids: torch.Tensor  # (n, k) int64
+    top_logprobs: torch.Tensor  # (n, k) float32, log q at temperature tau
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _teacher_prompts(lm, conv: Conversation, context: str, questions: list[str], question_template: str):
+    user = TEACHER_CONTEXT.format(a=conv.speaker_a, b=conv.speaker_b, context=context)
+    return [lm.tokenizer.encode_chat([{"role": "user", "content": user + question_template.format(question=q)}])
+            for q in questions]
+
+
+@torch.no_grad()
+def score_answers(model, prompts: list[list[int]], answers: list[list[int]], top_k: int, temperature: float,
+                  batch_size: int = TEACHER_BATCH) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The model's top-k log-probabilities (at ``temperature``) at every position of each answer given its prompt:
+    (top_ids (n, k), top_logprobs (n, k)) per answer of n tokens. The prompts' common head is computed once and
+    attended in place by every row."""
+    device = model.lm_head.weight.device
+    P = common_prefix_len(prompts) if len(prompts) > 1 else max(len(prompts[0]) - 1, 0)
+    prefix_caches = None
+    if P:
+        prefix_caches = model.new_kv_caches(1, P)
+        model.model(torch.tensor([prompts[0][:P]], device=device), kv_caches=prefix_caches)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [p[P:] + a for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
+        T = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, device=device)  # right padding: causal rows never see it
+        position_ids = torch.arange(P, P + T, device=device).expand(len(rows), T)
+        caches = model.new_kv_caches(len(rows), T)
+        if prefix_caches is not None:
+            for cache, prefix in zip(caches, prefix_caches):
+                cache.set_prefix(prefix.k, prefix.v)
+        hidden = model.model(ids, position_ids, None, caches, 0)  # (B, T, C)
+        for i, (p, a) in enumerate(zip(prompts[start:start + batch_size], answers[start:start + batch_size])):
+            first = len(p) - P - 1  # the position that predicts the answer's first token
+            logits = (hidden[i, first:first + len(a)] @ model.lm_head.weight.T).float() / temperature
+            values, index = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
+            out.append((index.cpu(), values.cpu()))
+    return out
+
+
+def _cache_key(model_id: str, settings: DistillSettings, question_template: str, context: str,
+               queries: list[Query]) -> str:
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, model_id, settings.__dict__, question_template, TEACHER_CONTEXT,
+                                   TEACHER_MAX_NEW_TOKENS, context, [q.pair for q in queries]]).encode())
+    return h.hexdigest()[:16]
+
+
+def teacher_examples(lm, conv: Conversation, queries: list[Query], settings: DistillSettings, question_template: str,
+                     *, cache_dir: Path | None = None, progress: bool = False) -> list[TeacherExample]:
+    """The teacher's answers and distributions for ``queries`` (each asked with its own session in context), cached
+    per session. Queries whose teacher answer is empty are dropped."""
+    source = conversation_only(conv)
+    tok = lm.tokenizer
+    end = tok.encode("<|im_end|>")
+    model_id = f"{lm.name}@{lm.path}"
+    cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir() / "teacher") / _safe(lm.name)
+    contexts = dict(zip((s.index for s in source.sessions), session_texts(source, format="timestamped+dates")))
+    by_session: dict[int, list[Query]] = {}
+    for q in queries:
+        by_session.setdefault(q.session, []).append(q)
+    examples = []
+    for index, qs in by_session.items():
+        context = contexts[index]
+        path = cache / f"{_safe(source.sample_id)}-s{index}-{_cache_key(model_id, settings, question_template, context, qs)}.pt"
+        if path.is_file():
+            examples += [TeacherExample(**e) for e in torch.load(path, weights_only=False)]
+            continue
+        prompts = _teacher_prompts(lm, source, context, [q.question for q in qs], question_template)
+        with lora_disabled(lm.model):  # the teacher is the base model, whatever adapter is loaded
+            if settings.answers == "teacher":
+                outs = generate(lm.model, prompts, TEACHER_MAX_NEW_TOKENS, tok.stop_ids, tok.pad_id,
+                                batch_size=64, progress=progress)
+                answers = [[t for t in o if t not in tok.stop_ids] for o in outs]
+            else:
+                answers = [tok.encode(q.answer) for q in qs]
+            keep = [i for i, a in enumerate(answers) if a]
+            answers = [answers[i] + end for i in keep]
+            scored = score_answers(lm.model, [prompts[i] for i in keep], answers, settings.top_k,
+                                   settings.temperature) if keep else []
+        session_examples = [TeacherExample(qs[i].question, a, ids, logp)
+                            for i, a, (ids, logp) in zip(keep, answers, scored)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save([e.__dict__ for e in session_examples], tmp)
+        tmp.replace(path)
+        examples += session_examples
+    return examples
+
+
+def _safe(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The student's windows and loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SoftTargets:
+    """Per window position: the target distribution's top-k token ids and log-probabilities. Positions trained on
+    a hard label hold it as a one-token distribution (log q = 0), so one loss serves both."""
+
+    top_ids: torch.Tensor  # (N, L, k) int64
+    top_logprobs: torch.Tensor  # (N, L, k) float32, -inf where unused
+
+    @classmethod
+    def hard(cls, labels: torch.Tensor, k: int) -> "SoftTargets":
+        ids = torch.zeros(*labels.shape, k, dtype=torch.long)
+        logp = torch.full((*labels.shape, k), -math.inf)
+        labelled = labels != IGNORE_INDEX
+        ids[..., 0] = torch.where(labelled, labels, 0)
+        logp[..., 0] = torch.where(labelled, 0.0, -math.inf)
+        return cls(ids, logp)
+
+    def __getitem__(self, index) -> "SoftTargets":
+        return SoftTargets(self.top_ids[index], self.top_logprobs[index])
+
+    @staticmethod
+    def cat(parts: list["SoftTargets"]) -> "SoftTargets":
+        return SoftTargets(torch.cat([p.top_ids for p in parts]), torch.cat([p.top_logprobs for p in parts]))
+
+
+def distill_windows(examples: list[TeacherExample], tok, seq_len: int,
+                    question_template: str) -> tuple[torch.Tensor, torch.Tensor, SoftTargets]:
+    """Pack the student's side of the examples into chat windows of at most seq_len tokens, as `recipes`'
+    chat_qa_windows does (system turn once per window, then user/assistant turns), with the teacher's distribution
+    at every answer position and the answer tokens as the hard labels."""
+    if not examples:
+        raise ValueError("no teacher examples to train on")
+    k = examples[0].top_ids.shape[1]
+    system = tok.default_system_prompt
+    head = tok.encode(tok.format_chat([{"role": "system", "content": system}], add_generation_prompt=False)
+                      if system is not None else "")
+    newline = tok.encode("\n")
+    windows: list[tuple[list[int], list[int], list]] = []
+    ids, labels, soft = list(head), [IGNORE_INDEX] * len(head), [None] * len(head)
+    for e in examples:
+        user = tok.encode(f"<|im_start|>user\n{question_template.format(question=e.question)}<|im_end|>\n"
+                          "<|im_start|>assistant\n")
+        n = len(user) + len(e.answer_ids) + len(newline)
+        if len(head) + n > seq_len:
+            continue
+        if len(ids) + n > seq_len:
+            windows.append((ids, labels, soft))
+            ids, labels, soft = list(head), [IGNORE_INDEX] * len(head), [None] * len(head)
+        ids += user + e.answer_ids + newline
+        labels += [IGNORE_INDEX] * len(user) + e.answer_ids + [IGNORE_INDEX] * len(newline)
+        soft += [None] * len(user) + [(e.top_ids[j], e.top_logprobs[j]) for j in range(len(e.answer_ids))] \
+            + [None] * len(newline)
+    if len(ids) > len(head):
+        windows.append((ids, labels, soft))
+    N = len(windows)
+    input_ids = torch.full((N, seq_len), tok.pad_id, dtype=torch.long)
+    targets = torch.full((N, seq_len), IGNORE_INDEX, dtype=torch.long)
+    top_ids = torch.zeros(N, seq_len, k, dtype=torch.long)
+    top_logprobs = torch.full((N, seq_len, k), -math.inf)
+    for i, (w_ids, w_labels, w_soft) in enumerate(windows):
+        input_ids[i, :len(w_ids)] = torch.tensor(w_ids)
+        targets[i, :len(w_ids) - 1] = torch.tensor(w_labels[1:])  # position t predicts token t+1
+        for t, s in enumerate(w_soft[1:]):
+            if s is not None:
+                top_ids[i, t], top_logprobs[i, t] = s
+    return input_ids, targets, SoftTargets(top_ids, top_logprobs)
+
+
+class SoftTargetLoss(torch.autograd.Function):
+    """Mean over labelled positions of (1 - w) tau^2 KL(q || softmax(h W^T / tau)) + w CE(h W^T, target), in row
+    chunks, the LM head frozen (see the module docstring for the gradient). Returns the loss; keeps dL/dh only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, top_ids, top_logprobs, temperature: float, hard_weight: float,
+                chunk_size: int):
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        n_valid = max(len(rows), 1)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden)
+        tau, w = temperature, hard_weight
+        for start in range(0, len(rows), chunk_size):
+            r = rows[start:start + chunk_size]
+            h, ids, logq = hidden[r], top_ids[r], top_logprobs[r].float()
+            logits = (h @ weight.T).float()  # (n, V)
+            log_s = torch.log_softmax(logits / tau, dim=-1)
+            q = logq.exp()  # (n, k), 0 where unused
+            log_s_top = log_s.gather(1, ids)
+            s = log_s.exp()
+            s_rest = (1 - s.gather(1, ids).masked_fill(q == 0, 0).sum(1)).clamp_min(1e-12)
+            q_rest = (1 - q.sum(1)).clamp_min(0)
+            kl = (q * (logq.masked_fill(q == 0, 0) - log_s_top)).sum(1) \
+                + torch.where(q_rest > 0, q_rest * (q_rest.clamp_min(1e-12).log() - s_rest.log()), 0.0)
+            # t: q on the top-k, the rest mass spread as the student spreads it
+            t = s * (q_rest / s_rest)[:, None]
+            t.scatter_(1, ids, torch.where(q > 0, q, t.gather(1, ids)))
+            grad = (1 - w) * tau * (s - t)
+            loss = (1 - w) * tau * tau * kl
+            if w > 0:
+                log_p = torch.log_softmax(logits, dim=-1)
+                tgt = targets[r]
+                loss = loss - w * log_p.gather(1, tgt[:, None]).squeeze(1)
+                p = log_p.exp_()
+                p[torch.arange(len(tgt)), tgt] -= 1
+                grad += w * p
+            total += loss.sum()
+            grad_hidden[r] = ((grad.to(weight.dtype) @ weight) / n_valid).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None, None, None
+
+
+def soft_target_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, soft: SoftTargets,
+                     temperature: float = 1.0, hard_weight: float = 0.0, chunk_size: int = 512) -> torch.Tensor:
+    if weight.requires_grad:
+        raise ValueError("soft_target_loss gives no gradient to the LM head: freeze it (the LoRA targets never "
+                         "include lm_head)")
+    C = hidden.shape[-1]
+    return SoftTargetLoss.apply(hidden.reshape(-1, C), weight, targets.reshape(-1),
+                                soft.top_ids.reshape(-1, soft.top_ids.shape[-1]),
+                                soft.top_logprobs.reshape(-1, soft.top_logprobs.shape[-1]),
+                                temperature, hard_weight, chunk_size)
+
+
+def soft_target_loss_reference(logits: torch.Tensor, targets: torch.Tensor, soft: SoftTargets,
+                               temperature: float = 1.0, hard_weight: float = 0.0) -> torch.Tensor:
+    """The same loss from full logits (N, V), written plainly: what `SoftTargetLoss` is tested against."""
+    keep = targets != IGNORE_INDEX
+    logits, targets = logits[keep].double(), targets[keep]
+    ids, logq = soft.top_ids[keep], soft.top_logprobs[keep].double()
+    log_s = torch.log_softmax(logits / temperature, dim=-1)
+    q = logq.exp()
+    s_top = log_s.gather(1, ids).exp() * (q > 0)
+    s_rest = 1 - s_top.sum(1)
+    q_rest = (1 - q.sum(1)).clamp_min(0)
+    kl = (q * (torch.where(q > 0, logq, 0.0) - log_s.gather(1, ids))).sum(1)
+    kl = kl + torch.where(q_rest > 0, q_rest * (q_rest.clamp_min(1e-300).log() - s_rest.log()), 0.0)
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    return ((1 - hard_weight) * temperature ** 2 * kl + hard_weight * ce).mean()
