@@ -517,11 +517,14 @@ def check_or_write_run_config(out: Path, settings: dict, write: bool = True) -> 
 
 
 def conversation_state(out: Path, sample_id: str) -> str:
-    """"finished", "failed" or "todo", from the conversation's result.json (an unreadable file is an error)."""
-    path = out / "conversations" / sample_id / "result.json"
-    if not path.is_file():
+    """"finished", "failed" or "todo", from the conversation's files (any unreadable one is an error, found
+    before any work starts)."""
+    conv_dir = out / "conversations" / sample_id
+    if (conv_dir / "train.json").is_file():
+        read_run_file(conv_dir / "train.json")
+    if not (conv_dir / "result.json").is_file():
         return "todo"
-    return "failed" if read_run_file(path).get("error") else "finished"
+    return "failed" if read_run_file(conv_dir / "result.json").get("error") else "finished"
 
 
 def collect(out: Path, samples: list[Sample]) -> tuple[list[dict], list[dict]]:
