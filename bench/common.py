@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lora_mem.kernels.policy import KernelPolicy
 from lora_mem.lora_core.adapter_io import atomic_write_text  # one atomic writer for the project
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +83,7 @@ def git_commit() -> str | None:
     return (commit + ("-dirty" if dirty else "")) or None
 
 
-def run_info(device: torch.device) -> dict:
+def run_info(device: torch.device, policy: KernelPolicy = KernelPolicy()) -> dict:
     return {
         "git_commit": git_commit(),
         "device": device_name(device),
@@ -91,6 +92,7 @@ def run_info(device: torch.device) -> dict:
         "versions": versions(),
         "loadavg_start": os.getloadavg(),
         "cpu": cpu_details(),
+        "kernel_policy": policy.to_dict(),  # which kernels the run's model was built with
     }
 
 

@@ -94,8 +94,9 @@ def test_bad_shapes_name_them(shapes, match):
 
 def test_model_uses_it_for_cpu_training_only(monkeypatch):
     """The decoder takes the block path on CPU when attention needs gradients and BLOCK_CAUSAL_MIN_T <= T <=
-    BLOCK_CAUSAL_MAX_T, SDPA otherwise (and everywhere with LORA_MEM_CPU_ATTENTION=sdpa); a tiny model's loss and every LoRA gradient are the
-    same either way; a bad switch value is named."""
+    BLOCK_CAUSAL_MAX_T, SDPA otherwise (and everywhere with a kernel policy whose cpu_attention is "sdpa"); a tiny
+    model's loss and every LoRA gradient are the same either way; a bad switch value is named."""
+    from lora_mem.kernels.policy import KernelPolicy
     from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_parameters
     from lora_mem.model import qwen2
     from lora_mem.model.config import ModelConfig
@@ -119,7 +120,7 @@ def test_model_uses_it_for_cpu_training_only(monkeypatch):
     ids = torch.randint(0, model.config.vocab_size, (2, BLOCK_CAUSAL_MIN_T + 3), generator=torch.Generator().manual_seed(1))
 
     def loss_and_grads(use_blocks):
-        monkeypatch.setenv("LORA_MEM_CPU_ATTENTION", "blocks" if use_blocks else "sdpa")
+        model.model.policy = KernelPolicy(cpu_attention="blocks" if use_blocks else "sdpa")
         for p in lora_parameters(model):
             p.grad = None
         calls.clear()
@@ -135,7 +136,7 @@ def test_model_uses_it_for_cpu_training_only(monkeypatch):
     for gb, gs in zip(grads_b, grads_s):
         assert_close_scaled(gb, gs, 1e-5, 1e-4)
 
-    monkeypatch.setenv("LORA_MEM_CPU_ATTENTION", "blocks")
+    model.model.policy = KernelPolicy()  # blocks, the default
     calls.clear()
     with torch.no_grad():  # inference (prefill) keeps SDPA: no gradients, nothing to win
         model(ids)
@@ -148,6 +149,7 @@ def test_model_uses_it_for_cpu_training_only(monkeypatch):
         torch.arange(BLOCK_CAUSAL_MAX_T)[None], torch.float32), None, None, 0)
     assert calls == [1]
     calls.clear()
-    monkeypatch.setenv("LORA_MEM_CPU_ATTENTION", "flash")
     with pytest.raises(ValueError, match="LORA_MEM_CPU_ATTENTION"):
-        model(ids)
+        KernelPolicy.from_env({"LORA_MEM_CPU_ATTENTION": "flash"})
+    with pytest.raises(ValueError, match="cpu_attention"):
+        KernelPolicy(cpu_attention="flash")

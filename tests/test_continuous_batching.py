@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lora_mem.model.generate as gen
+from lora_mem.kernels.policy import KernelPolicy
 from lora_mem.lora_core.adapter_io import load_adapter
-from lora_mem.lora_core.inject import lora_modules
 from lora_mem.lora_core.multi_adapter import stack_adapters
 from lora_mem.model.generate import compute_prefix, generate, generate_batch
 from lora_mem.model.loader import load_model
@@ -139,7 +139,7 @@ def test_refill_with_a_cascade_prefix(tiny_dir, spy, monkeypatch):
 
 
 def test_refilled_rows_keep_their_own_adapters(tiny_dir, tmp_path, spy, monkeypatch):
-    monkeypatch.setenv("LORA_MEM_KERNELS", "reference")
+    reference = KernelPolicy(kernels="reference")
     monkeypatch.setattr(gen, "REFILL_FRACTION", 0.34)
     monkeypatch.setattr(gen, "TRIM_COLUMNS", 2)
     dirs = make_adapters(tiny_dir, tmp_path, 3)
@@ -148,7 +148,7 @@ def test_refilled_rows_keep_their_own_adapters(tiny_dir, tmp_path, spy, monkeypa
     owner = [0, 1, 2, 2, 0, 1, 1, 2, 0, 1, 0]
     singles = []
     for d in dirs:
-        single = load_model(str(tiny_dir))
+        single = load_model(str(tiny_dir), policy=reference)
         load_adapter(single.model, d)
         singles.append(single.model)
 
@@ -159,12 +159,13 @@ def test_refilled_rows_keep_their_own_adapters(tiny_dir, tmp_path, spy, monkeypa
     stop = sorted({free[0][2], free[3][1], free[5][0], free[8][4]})
     expected = each_alone(stop)
     assert len({len(e) for e in expected}) >= 2
-    shared = load_model(str(tiny_dir))
+    shared = load_model(str(tiny_dir), policy=reference)
     stack_adapters(shared.model, dirs)
     spy["admitted"].clear()
     assert generate(shared.model, prompts, 8, stop, pad_id=0, batch_size=3, adapter_ids=owner) == expected
     assert len(spy["admitted"]) > 3
-    assert all(m.row_adapter_ids is None for m in lora_modules(shared.model).values())
+    # each row's adapter goes with every forward call: nothing per row is left in the model
+    assert not any(hasattr(m, "row_adapter_ids") for m in shared.model.modules())
 
 
 def test_empty_inputs():

@@ -22,6 +22,7 @@ from lora_mem.kernels import rms_norm as rms_norm_module  # noqa: E402
 from lora_mem.kernels import rope as rope_module  # noqa: E402
 from lora_mem.kernels import swiglu as swiglu_module  # noqa: E402
 from lora_mem.kernels.lora_linear import HAS_TRITON  # noqa: E402
+from lora_mem.kernels.policy import KernelPolicy  # noqa: E402
 from lora_mem.kernels.rms_norm import rms_norm, rms_norm_reference, rms_norm_triton  # noqa: E402
 from lora_mem.kernels.rope import apply_rotary_qk, apply_rotary_qk_reference, apply_rotary_qk_triton  # noqa: E402
 from lora_mem.kernels.swiglu import swiglu, swiglu_reference, swiglu_triton  # noqa: E402
@@ -115,7 +116,7 @@ def test_swiglu_reference_gradcheck():
 # Verbatim copies of model/qwen2.py before the kernels (RMSNorm.forward, rotate_half, apply_rotary, MLP.forward).
 
 
-def pre_change_rms_norm_forward(self, x):
+def pre_change_rms_norm_forward(self, x, policy=None):  # the policy the model now hands every norm: unused
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -132,7 +133,7 @@ def pre_change_apply_rotary(x, cos, sin):
     return x * cos + pre_change_rotate_half(x) * sin
 
 
-def pre_change_mlp_forward(self, x):
+def pre_change_mlp_forward(self, x, policy=None, rows=None):  # the model's policy and rows: unused (plain layers)
     return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -146,11 +147,10 @@ def _spy(monkeypatch, module, triton_name, reference_name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_cpu_default_ops_are_bit_identical_to_pre_change_code(monkeypatch, dtype):
-    """On CPU tensors with LORA_MEM_KERNELS unset, the model's three ops take the references, which equal the former
-    code exactly, outputs and gradients."""
+    """On CPU tensors with the default kernel policy, the model's three ops take the references, which equal the
+    former code exactly, outputs and gradients."""
     from lora_mem.model.qwen2 import MLP, RMSNorm, apply_rotary
 
-    monkeypatch.delenv("LORA_MEM_KERNELS", raising=False)
     spies = [_spy(monkeypatch, rms_norm_module, "rms_norm_triton", "rms_norm_reference"),
              _spy(monkeypatch, rope_module, "apply_rotary_qk_triton", "apply_rotary_qk_reference"),
              _spy(monkeypatch, swiglu_module, "swiglu_triton", "swiglu_reference")]
@@ -228,15 +228,14 @@ def test_cpu_default_model_is_bit_identical_to_pre_change_model(monkeypatch, tin
     model running the former code for RMSNorm, rope and the MLP."""
     from lora_mem.model import qwen2
 
-    monkeypatch.delenv("LORA_MEM_KERNELS", raising=False)
     ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(2))
     model = tiny_lora_model(tiny_dirs["qwen2"], dtype=dtype)
     now = logits_and_lora_grads(model, ids)
     with monkeypatch.context() as m:
         m.setattr(qwen2.RMSNorm, "forward", pre_change_rms_norm_forward)
         m.setattr(qwen2.MLP, "forward", pre_change_mlp_forward)
-        m.setattr(qwen2, "apply_rotary_qk",
-                  lambda q, k, cos, sin: (pre_change_apply_rotary(q, cos, sin), pre_change_apply_rotary(k, cos, sin)))
+        m.setattr(qwen2, "apply_rotary_qk", lambda q, k, cos, sin, policy=None: (
+            pre_change_apply_rotary(q, cos, sin), pre_change_apply_rotary(k, cos, sin)))
         before = logits_and_lora_grads(model, ids)
     assert torch.equal(now[0], before[0])
     assert len(now[1]) == 28 and now[1].keys() == before[1].keys()
@@ -461,38 +460,35 @@ def test_dispatch_cpu_default_and_forced_reference(monkeypatch):
              _spy(monkeypatch, rope_module, "apply_rotary_qk_triton", "apply_rotary_qk_reference"),
              _spy(monkeypatch, swiglu_module, "swiglu_triton", "swiglu_reference")]
     r = rope_inputs(1, 2, 1, 3, 8)
-    for mode in (None, "reference"):
-        if mode is None:
-            monkeypatch.delenv("LORA_MEM_KERNELS", raising=False)
-        else:
-            monkeypatch.setenv("LORA_MEM_KERNELS", mode)
-        rms_norm(torch.randn(3, 8), torch.ones(8), EPS)
-        apply_rotary_qk(r["q"], r["k"], r["cos"], r["sin"])
-        swiglu(torch.randn(3, 8), torch.randn(3, 8))
+    for policy in (KernelPolicy(), KernelPolicy(kernels="reference", fused_ops=True)):
+        rms_norm(torch.randn(3, 8), torch.ones(8), EPS, policy)
+        apply_rotary_qk(r["q"], r["k"], r["cos"], r["sin"], policy)
+        swiglu(torch.randn(3, 8), torch.randn(3, 8), policy)
     assert spies == [["reference"] * 2] * 3
 
 
 @requires_kernels
 def test_dispatch_triton_mode_and_unsupported_inputs(monkeypatch):
-    """LORA_MEM_KERNELS=triton sends supported CPU tensors to the kernels (interpreter); inputs outside the kernels'
-    contract (fp64, odd head_dim, cos/sin requiring grad, mixed shapes) still take the reference."""
-    monkeypatch.setenv("LORA_MEM_KERNELS", "triton")
+    """A policy with kernels="triton" and the fused ops sends supported CPU tensors to the kernels (interpreter); inputs
+    outside the kernels' contract (fp64, odd head_dim, cos/sin requiring grad, mixed shapes) still take the
+    reference."""
+    policy = KernelPolicy(kernels="triton", fused_ops=True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     spies = [_spy(monkeypatch, rms_norm_module, "rms_norm_triton", "rms_norm_reference"),
              _spy(monkeypatch, rope_module, "apply_rotary_qk_triton", "apply_rotary_qk_reference"),
              _spy(monkeypatch, swiglu_module, "swiglu_triton", "swiglu_reference")]
     r = {k: v.to(DEVICE) for k, v in rope_inputs(1, 2, 1, 3, 8).items()}
     x, g = torch.randn(3, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
-    rms_norm(x, torch.ones(8, device=DEVICE), EPS)
-    apply_rotary_qk(r["q"], r["k"], r["cos"], r["sin"])
-    swiglu(x, g)
+    rms_norm(x, torch.ones(8, device=DEVICE), EPS, policy)
+    apply_rotary_qk(r["q"], r["k"], r["cos"], r["sin"], policy)
+    swiglu(x, g, policy)
     assert spies == [["triton"]] * 3
     for calls in spies:
         calls.clear()
-    rms_norm(x.double(), torch.ones(8, device=DEVICE, dtype=torch.float64), EPS)
-    apply_rotary_qk(r["q"][..., :7], r["k"][..., :7], r["cos"][..., :7], r["sin"][..., :7])  # odd head_dim
-    apply_rotary_qk(r["q"], r["k"], r["cos"].requires_grad_(), r["sin"])
-    swiglu(x, g[:, :1])  # broadcast up: the reference handles it, the kernel does not
+    rms_norm(x.double(), torch.ones(8, device=DEVICE, dtype=torch.float64), EPS, policy)
+    apply_rotary_qk(r["q"][..., :7], r["k"][..., :7], r["cos"][..., :7], r["sin"][..., :7], policy)  # odd head_dim
+    apply_rotary_qk(r["q"], r["k"], r["cos"].requires_grad_(), r["sin"], policy)
+    swiglu(x, g[:, :1], policy)  # broadcast up: the reference handles it, the kernel does not
     assert spies == [["reference"], ["reference", "reference"], ["reference"]]
 
 
@@ -505,7 +501,7 @@ def test_dispatch_triton_mode_and_unsupported_inputs(monkeypatch):
 @pytest.mark.parametrize("kind,lora_kernels", [("qwen2", False), ("llama", False), ("qwen2", True)],
                          ids=["qwen2", "llama", "qwen2-all-kernels"])
 def test_model_with_kernels_matches_reference_path(monkeypatch, tiny_dirs, kind, lora_kernels):
-    """The tiny model with LoRA, LORA_MEM_KERNELS=triton (the interpreter on CPU) against the reference path: logits
+    """The tiny model with LoRA, kernels="triton" and fused ops (the interpreter on CPU) against the reference path: logits
     and every LoRA gradient; RMSNorm, rope and SwiGLU must all actually run as kernels. Without ``lora_kernels`` the
     LoRA linear is held on its reference, which isolates the three new kernels; with it, every kernel of the model
     runs (the LoRA kernels also have their own model test in tests/test_lora.py)."""
@@ -513,12 +509,12 @@ def test_model_with_kernels_matches_reference_path(monkeypatch, tiny_dirs, kind,
     from lora_mem.lora_core import lora as lora_module
 
     if not lora_kernels:
-        monkeypatch.setattr(lora_module, "lora_linear", lora_linear_reference)
+        monkeypatch.setattr(lora_module, "lora_linear", lambda *a, policy=None, **k: lora_linear_reference(*a, **k))
     model = tiny_lora_model(tiny_dirs[kind], device=DEVICE, dtype="fp32")
     ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    monkeypatch.setenv("LORA_MEM_KERNELS", "reference")
+    model.model.policy = KernelPolicy(kernels="reference")
     expected = logits_and_lora_grads(model, ids)
-    monkeypatch.setenv("LORA_MEM_KERNELS", "triton")
+    model.model.policy = KernelPolicy(kernels="triton", fused_ops=True)
     spies = [_spy(monkeypatch, rms_norm_module, "rms_norm_triton", "rms_norm_reference"),
              _spy(monkeypatch, rope_module, "apply_rotary_qk_triton", "apply_rotary_qk_reference"),
              _spy(monkeypatch, swiglu_module, "swiglu_triton", "swiglu_reference")]
@@ -537,17 +533,14 @@ def test_model_with_kernels_matches_reference_path(monkeypatch, tiny_dirs, kind,
 
 def test_fused_ops_are_opt_in(monkeypatch):
     """Until they are timed on a GPU, the default (`auto`) never routes norms/RoPE/SwiGLU to the kernels."""
-    from lora_mem.kernels.lora_linear import use_fused_ops
-
     x = torch.randn(2, 8)
-    monkeypatch.delenv("LORA_MEM_KERNELS", raising=False)
-    monkeypatch.delenv("LORA_MEM_FUSED_OPS", raising=False)
-    assert not use_fused_ops(x)
-    monkeypatch.setenv("LORA_MEM_FUSED_OPS", "1")
-    assert not use_fused_ops(x)  # CPU tensors need the interpreter and LORA_MEM_KERNELS=triton
-    monkeypatch.setenv("LORA_MEM_KERNELS", "reference")
-    assert not use_fused_ops(x)
+    assert not KernelPolicy().use_fused_ops(x)
+    assert not KernelPolicy.from_env({}).use_fused_ops(x)
+    assert not KernelPolicy(fused_ops=True).use_fused_ops(x)  # CPU tensors need the interpreter and kernels="triton"
+    assert not KernelPolicy.from_env({"LORA_MEM_FUSED_OPS": "1"}).use_fused_ops(x)
+    assert not KernelPolicy(kernels="reference", fused_ops=True).use_fused_ops(x)
     if HAS_TRITON:
-        monkeypatch.setenv("LORA_MEM_KERNELS", "triton")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert use_fused_ops(x)
+        assert not KernelPolicy(kernels="triton").use_fused_ops(x)  # the LoRA kernels alone
+        assert KernelPolicy(kernels="triton", fused_ops=True).use_fused_ops(x)
+        assert KernelPolicy.from_env({"LORA_MEM_KERNELS": "triton"}).use_fused_ops(x)

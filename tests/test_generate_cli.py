@@ -1,4 +1,5 @@
-"""`python -m lora_mem.model.generate` with PEFT-format adapters: each adapter answers, and bad ones are one-line errors."""
+"""`python -m lora_mem.lora_core.generate` (the model's generate CLI with PEFT-format adapters): each adapter answers,
+and bad ones are one-line errors; `python -m lora_mem.model.generate` answers with the model alone."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 
 from lora_mem.lora_core.adapter_io import save_adapter
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules
-from lora_mem.model.generate import main
+from lora_mem.lora_core.generate import main
+from lora_mem.model.generate import main as model_main
 from lora_mem.model.loader import load_model
 from tests.tiny_models import make_tiny_checkpoint
 
@@ -42,6 +44,9 @@ def test_each_adapter_answers_in_turn(ckpt_and_adapters, capsys):
     ckpt, (a1, a2) = ckpt_and_adapters
     main(["--model", str(ckpt), "--prompt", "Caroline went where?", "--max-new-tokens", "8"])
     base = answers(capsys.readouterr().out)
+    model_main(["--model", str(ckpt), "--prompt", "Caroline went where?", "--max-new-tokens", "8", "--kernels",
+                "reference"])
+    assert answers(capsys.readouterr().out) == base  # the model's own CLI, no adapter
     main(["--model", str(ckpt), "--prompt", "Caroline went where?", "--max-new-tokens", "8",
           "--adapter", str(a1), "--adapter", str(a2), "--adapter", str(a1)])
     out = capsys.readouterr().out
@@ -54,7 +59,7 @@ def test_each_adapter_answers_in_turn(ckpt_and_adapters, capsys):
 
 def test_bad_adapter_is_a_one_line_error(ckpt_and_adapters, tmp_path):
     ckpt, _ = ckpt_and_adapters
-    proc = subprocess.run([sys.executable, "-m", "lora_mem.model.generate", "--model", str(ckpt), "--prompt", "hi",
+    proc = subprocess.run([sys.executable, "-m", "lora_mem.lora_core.generate", "--model", str(ckpt), "--prompt", "hi",
                            "--adapter", str(tmp_path)], cwd=Path(__file__).parent.parent,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

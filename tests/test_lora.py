@@ -19,8 +19,8 @@ import torch
 
 # triton decides compiled vs interpreted when triton.language and the kernels are first imported, so without CUDA
 # the interpreter must be switched on before lora_core (-> lora_mem.kernels.lora_linear -> triton) is imported by any test
-# module; tests/test_lora_kernels.py does the same. The dispatcher still uses the reference on CPU unless
-# LORA_MEM_KERNELS=triton.
+# module; tests/test_lora_kernels.py does the same. The dispatcher still uses the reference on CPU unless a kernel
+# policy says kernels="triton".
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -28,6 +28,7 @@ import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lora_mem.kernels import lora_linear as lora_linear_module  # noqa: E402
+from lora_mem.kernels.policy import KernelPolicy  # noqa: E402
 from lora_mem.lora_core.adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_adapter, save_adapter  # noqa: E402
 from lora_mem.lora_core.inject import (  # noqa: E402
     DEFAULT_TARGETS,
@@ -37,18 +38,18 @@ from lora_mem.lora_core.inject import (  # noqa: E402
     lora_parameters,
     trainable_summary,
 )
+from lora_mem.lora_core.inject import lora_disabled, remove_lora  # noqa: E402
 from lora_mem.lora_core.lora import LoRALinear  # noqa: E402
 from lora_mem.lora_core.train import chunked_lm_loss  # noqa: E402
-from lora_mem.model.loader import load_model  # noqa: E402
+from lora_mem.model import loader  # noqa: E402
 from tests.tiny_models import VOCAB, make_tiny_checkpoint, tiny_tokenizer  # noqa: E402
 
-# Every test here is fp32 on CPU and must take the reference path unless it asks for the kernels itself.
-pytestmark = pytest.mark.usefixtures("reference_kernels")
+# Every test here is fp32 and must take the reference path unless it asks for the kernels itself.
+REFERENCE = KernelPolicy(kernels="reference")
 
 
-@pytest.fixture
-def reference_kernels(monkeypatch):
-    monkeypatch.setenv("LORA_MEM_KERNELS", "reference")
+def load_model(path):
+    return loader.load_model(path, policy=REFERENCE)
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +282,71 @@ def test_default_alpha_is_twice_the_rank():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# One adapter per layer; the base model alone; the kernel policy
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_linear_serves_one_adapter():
+    """Per-row adapters are not this layer's job: it says where they are served (stacked adapters)."""
+    from lora_mem.kernels.multi_lora_linear import AdapterRows
+
+    lora = make_trained_layer()
+    rows = AdapterRows(torch.tensor([0]), None)
+    with pytest.raises(RuntimeError, match="stack_adapters"):
+        lora(torch.randn(1, 3, 48), REFERENCE, rows)
+    assert not any(hasattr(lora, a) for a in ("disabled", "row_adapter_ids", "lora_A_stack"))
+
+
+@pytest.mark.skipif(not lora_linear_module.HAS_TRITON, reason="needs triton")
+def test_lora_linear_takes_the_kernels_its_policy_names(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    real_triton, real_reference = lora_linear_module.lora_linear_triton, lora_linear_module.lora_linear_reference
+    monkeypatch.setattr(lora_linear_module, "lora_linear_triton",
+                        lambda *a, **k: calls.append("triton") or real_triton(*a, **k))
+    monkeypatch.setattr(lora_linear_module, "lora_linear_reference",
+                        lambda *a, **k: calls.append("reference") or real_reference(*a, **k))
+    lora = make_trained_layer()
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        ref = lora(x, REFERENCE)
+        kern = lora(x, KernelPolicy(kernels="triton"))
+        default = lora(x)  # CPU tensors: the reference
+    assert calls == ["reference", "triton", "reference"]
+    torch.testing.assert_close(kern, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(default, ref)
+
+
+def test_lora_disabled_swaps_in_the_base_layers_and_back(qwen_dir):
+    model = load_model(str(qwen_dir)).model
+    ids = tiny_ids()
+    with torch.no_grad():
+        base = model(ids)
+    inject_lora(model, LoRAConfig(rank=4))
+    randomise_lora(model)
+    layers = lora_modules(model)
+    next(iter(layers.values())).merge()  # a merged layer too: its merge is undone first
+    with torch.no_grad():
+        adapted = model(ids)
+        with lora_disabled(model):
+            assert not lora_modules(model)
+            linear = model.get_submodule(next(iter(layers)))
+            assert type(linear) is nn.Linear and linear.weight is next(iter(layers.values())).weight
+            disabled = model(ids)
+        after = model(ids)
+        with pytest.raises(KeyError), lora_disabled(model):
+            raise KeyError("the layers come back after an error too")
+    assert lora_modules(model) == layers  # the same modules, adapters and all
+    assert (adapted - base).abs().max() > 1e-2
+    torch.testing.assert_close(disabled, base, rtol=0, atol=1e-6)  # the merge undone: fp32 rounding of W
+    torch.testing.assert_close(after, adapted, rtol=1e-5, atol=1e-5)
+    remove_lora(model)
+    assert not lora_modules(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), base, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The whole model on the fused kernels (Triton interpreter on CPU) vs the PyTorch reference
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -317,10 +383,10 @@ def kernel_vs_reference_worker(ckpt_dir: str, out_file: str) -> None:
             return real_triton(*args, **kwargs)
 
         lora_linear_module.lora_linear_triton = counting_triton
-        os.environ["LORA_MEM_KERNELS"] = "reference"
+        model.model.policy = REFERENCE
         ref = loss_and_lora_grads(model, ids, dropout_seed=5)
         ref_calls = len(calls)
-        os.environ["LORA_MEM_KERNELS"] = "triton"
+        model.model.policy = KernelPolicy(kernels="triton", fused_ops=True)  # every kernel of the model
         kern = loss_and_lora_grads(model, ids, dropout_seed=5)
         lora_linear_module.lora_linear_triton = real_triton
         results[dropout] = {"ref": ref, "kern": kern, "ref_calls": ref_calls, "kern_calls": len(calls) - ref_calls}

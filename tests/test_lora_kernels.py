@@ -21,9 +21,9 @@ from lora_mem.kernels.lora_linear import (  # noqa: E402
     LoRALinearFunction,
     lora_linear,
     lora_linear_triton,
-    use_triton,
 )
 from lora_mem.kernels.lora_reference import lora_linear_reference, lora_scaling  # noqa: E402
+from lora_mem.kernels.policy import KernelPolicy  # noqa: E402
 from tests.kernel_testing import DEVICE, assert_close_scaled, requires_kernels  # noqa: E402
 
 # (dtype, atol, rtol) against a float64 reference evaluated on the same (already rounded) inputs, so only the
@@ -309,33 +309,33 @@ def _spy_paths(monkeypatch):
 
 
 def test_dispatch_cpu_default_is_reference(monkeypatch):
-    monkeypatch.delenv("LORA_MEM_KERNELS", raising=False)
     calls = _spy_paths(monkeypatch)
     inp = make_inputs((4,), 16, 8, 2)
     x = inp["x"]  # a CPU tensor
-    assert not use_triton(x)
+    assert not KernelPolicy().use_triton(x)
     lora_linear(x, inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], 1.0)
     assert calls == ["reference"]
 
 
-def test_dispatch_reference_forced(monkeypatch):
-    monkeypatch.setenv("LORA_MEM_KERNELS", "reference")
-    assert not use_triton(torch.zeros(2, 2))
+def test_dispatch_reference_forced():
+    reference = KernelPolicy(kernels="reference")
+    assert not reference.use_triton(torch.zeros(2, 2))
     if torch.cuda.is_available():
-        assert not use_triton(torch.zeros(2, 2, device="cuda"))
-    monkeypatch.setenv("LORA_MEM_KERNELS", "fast")
+        assert not reference.use_triton(torch.zeros(2, 2, device="cuda"))
     with pytest.raises(ValueError):
-        use_triton(torch.zeros(2, 2))
+        KernelPolicy(kernels="fast")
+    with pytest.raises(ValueError):
+        KernelPolicy.from_env({"LORA_MEM_KERNELS": "fast"})
 
 
 @requires_kernels
-def test_dispatch_env_forces_triton(monkeypatch):
-    monkeypatch.setenv("LORA_MEM_KERNELS", "triton")
+def test_dispatch_policy_forces_triton(monkeypatch):
+    triton_policy = KernelPolicy(kernels="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = _spy_paths(monkeypatch)
     inp = make_inputs((4,), 16, 8, 2)
-    assert use_triton(inp["x"])
-    y = lora_linear(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], 1.0)
+    assert triton_policy.use_triton(inp["x"])
+    y = lora_linear(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], 1.0, policy=triton_policy)
     assert calls == ["triton"]
     torch.testing.assert_close(
         y, lora_linear_reference(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], 1.0),
@@ -343,11 +343,75 @@ def test_dispatch_env_forces_triton(monkeypatch):
     )
     # A trainable base layer is outside the kernel's contract: the dispatcher falls back to the reference.
     calls.clear()
-    lora_linear(inp["x"], inp["weight"].requires_grad_(), inp["bias"], inp["lora_A"], inp["lora_B"], 1.0)
+    lora_linear(inp["x"], inp["weight"].requires_grad_(), inp["bias"], inp["lora_A"], inp["lora_B"], 1.0,
+                policy=triton_policy)
     assert calls == ["reference"]
 
 
 def test_dispatch_triton_without_interpreter_stays_on_reference(monkeypatch):
-    monkeypatch.setenv("LORA_MEM_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not use_triton(torch.zeros(2, 2))
+    assert not KernelPolicy(kernels="triton").use_triton(torch.zeros(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The kernel policy
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_kernel_policy_is_parsed_from_the_environment_and_the_command_line():
+    import argparse
+    import dataclasses
+
+    from lora_mem.kernels.policy import add_kernel_args
+
+    assert KernelPolicy.from_env({}) == KernelPolicy()
+    assert KernelPolicy().to_dict() == {"kernels": "auto", "fused_ops": False, "cpu_attention": "blocks", "tf32": False}
+    env = {"LORA_MEM_KERNELS": " Triton", "LORA_MEM_CPU_ATTENTION": "sdpa", "LORA_MEM_TF32": "1"}
+    # LORA_MEM_KERNELS=triton turns the fused ops on with the LoRA kernels
+    assert KernelPolicy.from_env(env) == KernelPolicy(kernels="triton", fused_ops=True, cpu_attention="sdpa", tf32=True)
+    assert KernelPolicy.from_env({"LORA_MEM_FUSED_OPS": "1"}) == KernelPolicy(fused_ops=True)
+    for name, value in (("LORA_MEM_CPU_ATTENTION", "flash"), ("LORA_MEM_TF32", "yes"), ("LORA_MEM_FUSED_OPS", "2")):
+        with pytest.raises(ValueError, match=name):
+            KernelPolicy.from_env({name: value})
+    with pytest.raises(ValueError, match="cpu_attention"):
+        KernelPolicy(cpu_attention="flash")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        KernelPolicy().kernels = "triton"
+
+    ap = argparse.ArgumentParser()
+    add_kernel_args(ap)
+    assert KernelPolicy.from_args(ap.parse_args([]), environ={}) == KernelPolicy()
+    assert KernelPolicy.from_args(ap.parse_args([]), environ=env) == KernelPolicy.from_env(env)
+    args = ap.parse_args(["--kernels", "reference", "--no-fused-ops", "--no-tf32"])  # flags given win
+    assert KernelPolicy.from_args(args, environ=env) == KernelPolicy(kernels="reference", cpu_attention="sdpa")
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--cpu-attention", "flash"])
+
+
+def test_tf32_follows_the_policy_not_torchs_switch():
+    from lora_mem.kernels._common import dot_flags
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert dot_flags(torch.float32, False) == (False, "ieee")
+        assert dot_flags(torch.float32, False, tf32=True) == (False, "tf32")
+        assert dot_flags(torch.bfloat16, True) == (True, "tf32")  # 16-bit operands: the compiler's default
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@requires_kernels
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_reaches_every_launch_forward_and_backward(monkeypatch, tf32):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = []
+    real = lora_linear_module.dot_flags
+    monkeypatch.setattr(lora_linear_module, "dot_flags", lambda *a: seen.append(a[2]) or real(*a))
+    inp = make_inputs((6,), 16, 8, 2)
+    x = inp["x"].to(DEVICE).requires_grad_()
+    lora_A, lora_B = (inp[k].to(DEVICE).requires_grad_() for k in ("lora_A", "lora_B"))
+    y = lora_linear(x, inp["weight"].to(DEVICE), None, lora_A, lora_B, 1.0,
+                    policy=KernelPolicy(kernels="triton", tf32=tf32))
+    y.sum().backward()
+    assert seen == [tf32] * 6  # forward: thin + fused; backward: dt, dB, dA, dX

@@ -27,6 +27,7 @@ from lora_mem.kernels.multi_lora_linear import (  # noqa: E402
     plan_adapter_rows,
 )
 from lora_mem.kernels.multi_lora_reference import multi_lora_linear_reference, token_adapter_ids  # noqa: E402
+from lora_mem.kernels.policy import KernelPolicy  # noqa: E402
 from tests.kernel_testing import DEVICE, KERNELS_RUNNABLE, assert_close_scaled, requires_kernels  # noqa: E402
 
 # (dtype, atol, rtol) against a float64 reference on the same rounded inputs, atol relative to the largest entry of
@@ -270,7 +271,6 @@ def _spy_paths(monkeypatch):
 
 
 def test_dispatch_cpu_default_is_reference(monkeypatch):
-    monkeypatch.delenv("LORA_MEM_KERNELS", raising=False)
     calls = _spy_paths(monkeypatch)
     inp = make_inputs((4,), 16, 8, 2)
     multi_lora_linear(*(inp[k] for k in ARG_ORDER), torch.tensor([0, -1, 3, 0]))
@@ -278,13 +278,12 @@ def test_dispatch_cpu_default_is_reference(monkeypatch):
 
 
 @requires_kernels
-def test_dispatch_env_forces_triton(monkeypatch):
-    monkeypatch.setenv("LORA_MEM_KERNELS", "triton")
+def test_dispatch_policy_forces_triton(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = _spy_paths(monkeypatch)
     inp = make_inputs((4,), 16, 8, 2)
     ids = torch.tensor([0, -1, 3, 0])
-    y = multi_lora_linear(*(inp[k] for k in ARG_ORDER), ids)
+    y = multi_lora_linear(*(inp[k] for k in ARG_ORDER), ids, policy=KernelPolicy(kernels="triton"))
     assert calls == ["triton"]
     torch.testing.assert_close(y, multi_lora_linear_reference(*(inp[k] for k in ARG_ORDER), ids), atol=1e-4, rtol=1e-4)
 
@@ -294,11 +293,32 @@ def test_inference_only(monkeypatch, mode):
     """Stacks that require grad are refused while autograd is on, on either path; under no_grad they are fine."""
     if mode == "triton" and not KERNELS_RUNNABLE:
         pytest.skip("needs triton with CUDA or TRITON_INTERPRET=1")
-    monkeypatch.setenv("LORA_MEM_KERNELS", mode)
+    policy = KernelPolicy(kernels=mode)
     inp = make_inputs((4,), 16, 8, 2)
     inp["lora_B_stack"].requires_grad_()
     ids = torch.tensor([0, -1, 3, 0])
     with pytest.raises(ValueError, match="forward-only"):
-        multi_lora_linear(*(inp[k] for k in ARG_ORDER), ids)
+        multi_lora_linear(*(inp[k] for k in ARG_ORDER), ids, policy=policy)
     with torch.no_grad():
-        assert multi_lora_linear(*(inp[k] for k in ARG_ORDER), ids).shape == (4, 8)
+        assert multi_lora_linear(*(inp[k] for k in ARG_ORDER), ids, policy=policy).shape == (4, 8)
+
+
+def test_adapter_rows_plan_only_where_the_kernels_run(monkeypatch):
+    """A model routes rows once per forward (adapter_rows): the sort by adapter is made only for the kernels, and
+    multi_lora_linear hands it to them."""
+    from lora_mem.kernels.multi_lora_linear import adapter_rows
+
+    x = torch.zeros(3, 2, 4)  # 3 sequences of 2 tokens
+    ids = torch.tensor([1, -1, 0])
+    rows = adapter_rows(ids, x, KernelPolicy(kernels="reference"))
+    assert rows.ids is ids and rows.plan is None
+    if KERNELS_RUNNABLE and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        rows = adapter_rows(ids, x, KernelPolicy(kernels="triton"))
+        expected = plan_adapter_rows(token_adapter_ids(ids, x))
+        assert all(torch.equal(a, b) for a, b in zip(rows.plan, expected))
+        seen = []
+        monkeypatch.setattr(mll, "multi_lora_linear_triton", lambda *a, **k: seen.append(k) or a[0])
+        multi_lora_linear(*(make_inputs((4,), 16, 8, 2)[k] for k in ARG_ORDER), ids[:1].repeat(4),
+                          plan=rows.plan, policy=KernelPolicy(kernels="triton", tf32=True))
+        assert seen == [{"plan": rows.plan, "tf32": True}]

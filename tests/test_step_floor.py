@@ -50,16 +50,15 @@ class RecordGemms(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("targets", ["all", "answers"])
-def test_lora_mem_step_computes_exactly_the_floor_gemms(ckpt, targets, monkeypatch):
+def test_lora_mem_step_computes_exactly_the_floor_gemms(ckpt, targets):
     """The floor's GEMM list is what lora-mem's training step runs, product for product: none missing (the
     list is not too generous) and none extra (lora-mem computes no GEMM the step does not need: no LM head at
     untrained positions, no input gradient into layer 0's frozen embeddings). Attention is one product of the
     floor, timed as a whole (the fastest of SDPA and the block-causal GEMMs); here it runs through SDPA so that
     the recorder sees the linear layers' GEMMs alone (test_attention_gemms_are_the_block_path_s has the rest)."""
-    monkeypatch.setenv("LORA_MEM_CPU_ATTENTION", "sdpa")
     cfg = model_config(str(ckpt))
     batch, seq_len, rank = 2, 64, 4
-    _, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank)
+    _, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank, attention="sdpa")
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
     y = next_token_targets(x, targets)
     n_trained = int((y != -100).sum())
@@ -69,7 +68,7 @@ def test_lora_mem_step_computes_exactly_the_floor_gemms(ckpt, targets, monkeypat
     assert rec.shapes == expected
 
 
-def test_attention_gemms_are_the_block_path_s(ckpt, monkeypatch):
+def test_attention_gemms_are_the_block_path_s(ckpt):
     """With the CPU block-causal attention on (the default), the step's GEMMs are the floor's list plus exactly the
     block path's batched products (per layer and query block of `rows` queries seeing `end` keys, B*Hkv of each:
     scores, P V, and in backward dV, dP, dQ, dK): nothing else changes."""
@@ -88,8 +87,7 @@ def test_attention_gemms_are_the_block_path_s(ckpt, monkeypatch):
     y = next_token_targets(x, "all")
     recorded = {}
     for mode in ("sdpa", "blocks"):
-        monkeypatch.setenv("LORA_MEM_CPU_ATTENTION", mode)
-        _, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank)
+        _, step = build_lora_mem(str(ckpt), torch.float32, torch.device("cpu"), rank, attention=mode)
         with RecordWithBaddbmm() as rec:
             step(x, y)
         recorded[mode] = Counter()

@@ -1,5 +1,6 @@
 """The training loop: chunked LM-head loss against F.cross_entropy, the LR schedule, LM windows, and `train_lora` on a
-tiny random model (loss falls, determinism, frozen base, non-finite loss, gradient accumulation)."""
+tiny random model (loss falls, determinism, frozen base, non-finite loss, gradient accumulation weighted by labelled
+tokens, the caller's model mode and random generators left as they were)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import lora_mem.lora_core.train as train_module  # noqa: E402
+from lora_mem.kernels.policy import KernelPolicy  # noqa: E402
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules, lora_parameters  # noqa: E402
 from lora_mem.lora_core.train import (  # noqa: E402
     IGNORE_INDEX,
     SHARE_PREFIX_MIN_SAVING,
     TrainConfig,
+    backward_step,
     chunked_lm_loss,
     hidden_states,
     lr_at,
@@ -34,9 +37,8 @@ from lora_mem.model.loader import load_model  # noqa: E402
 from tests.tiny_models import VOCAB, make_tiny_checkpoint  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    monkeypatch.setenv("LORA_MEM_KERNELS", "reference")
+# Every model here takes the PyTorch reference path (also on a GPU machine).
+REFERENCE = KernelPolicy(kernels="reference")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ def tiny_lora_model(ckpt_dir, rank=8, dropout=0.0, init_seed=0):
     """The tiny Qwen2 with LoRA. Its LM head is scaled up: with an init std of 0.02 and RMS-normalised hidden states
     the logits of the random checkpoint cannot move by more than about one, so no adapter could make the loss fall.
     """
-    model = load_model(str(ckpt_dir)).model
+    model = load_model(str(ckpt_dir), policy=REFERENCE).model
     with torch.no_grad():
         model.lm_head.weight.mul_(10.0)
     inject_lora(model, LoRAConfig(rank=rank, dropout=dropout), generator=torch.Generator().manual_seed(init_seed))
@@ -372,22 +374,116 @@ def test_grad_accumulation_matches_a_larger_batch(qwen_dir, monkeypatch):
         torch.testing.assert_close(w_b[k], w_a[k], rtol=0, atol=1e-5)  # Adam moves each by ~lr = 1e-2
 
 
+def unequal_windows(seed=5):
+    """Three windows with 18, 3 and 4 labelled positions."""
+    ids = torch.randint(4, VOCAB, (3, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for row, (start, end) in enumerate(((2, 20), (5, 8), (10, 14))):
+        labels[row, start:end] = ids[row, start + 1:end + 1]
+    return ids, labels
+
+
+def test_grad_accumulation_weights_micro_batches_by_labelled_tokens(qwen_dir):
+    """Micro-batches holding different numbers of labelled tokens accumulate the loss and gradient of one batch
+    holding them all: the mean over every labelled token of the step (fp64: only the order of the sums differs)."""
+    model = with_nonzero_lora_b(tiny_lora_model(qwen_dir)).double()
+    model.train()
+    ids, labels = unequal_windows()
+    cfg = TrainConfig(share_prefix=False)
+
+    def loss_and_grads(micro_batches):
+        loss, tokens, _ = backward_step(model, micro_batches, cfg)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return loss, tokens, grads
+
+    one_loss, one_tokens, one = loss_and_grads([(ids, labels)])
+    split_loss, split_tokens, split = loss_and_grads([(ids[:1], labels[:1]), (ids[1:], labels[1:])])  # 18 and 7
+    assert split_loss == pytest.approx(one_loss, rel=1e-12)
+    assert one_tokens == 3 * 20 and split_tokens == 20 + 2 * 14  # each micro-batch trimmed after its last label
+    assert one.keys() == split.keys() and len(one) == 2 * len(lora_modules(model))
+    for n in one:
+        assert one[n].abs().max() > 0, n
+        torch.testing.assert_close(split[n], one[n], rtol=1e-10, atol=1e-13)
+    # the mean of the two micro-batches' means is another objective, so the comparison above could fail
+    with torch.no_grad():
+        means = [chunked_lm_loss(model.model(x), model.lm_head.weight, y).item()
+                 for x, y in ((ids[:1], labels[:1]), (ids[1:], labels[1:]))]
+    assert abs(sum(means) / 2 - one_loss) > 1e-3
+
+
+def test_grad_accumulation_over_unequal_windows_trains_as_one_batch(qwen_dir):
+    """train_lora with batch 1 x accumulation 3 and batch 3 x accumulation 1 over windows with 18, 3 and 4 labelled
+    tokens: the same step losses and the same adapter (fp64)."""
+    ids, labels = unequal_windows()
+    runs = []
+    for batch_size, grad_accum in ((3, 1), (1, 3)):
+        model = with_nonzero_lora_b(tiny_lora_model(qwen_dir)).double()
+        r = train_lora(model, ids, labels, TrainConfig(epochs=2, lr=1e-2, batch_size=batch_size,
+                                                       grad_accum=grad_accum, share_prefix=False))
+        assert r.error is None and len(r.losses) == 2
+        runs.append((r.losses, lora_state(model)))
+    (l1, w1), (l2, w2) = runs
+    torch.testing.assert_close(l2, l1, rtol=1e-10, atol=0)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-9, atol=1e-12)
+
+
+def test_chunked_loss_refuses_a_head_that_requires_grad():
+    hidden, weight, targets = loss_inputs(torch.float32)
+    with pytest.raises(ValueError, match="LM head weight requires grad"):
+        chunked_lm_loss(hidden.clone().requires_grad_(), weight.clone().requires_grad_(), targets)
+    # the Function itself, called directly, refuses in backward: it never leaves the head without its gradient
+    loss = train_module.ChunkedLMHeadLoss.apply(hidden.reshape(-1, 16), weight.clone().requires_grad_(),
+                                                targets.reshape(-1), 4)
+    with pytest.raises(ValueError, match="LM head weight requires grad"):
+        loss.backward()
+    with torch.no_grad():  # nothing needs a gradient: the loss alone is fine
+        torch.testing.assert_close(chunked_lm_loss(hidden, weight.clone().requires_grad_(), targets),
+                                   reference_loss(hidden, weight, targets))
+
+
+def test_train_leaves_the_model_mode_checkpointing_and_random_generators_as_they_were(qwen_dir):
+    ids, labels = make_lm_windows(repeated_text(60), SEQ_LEN, pad_id=0)
+    model = tiny_lora_model(qwen_dir, dropout=0.1)  # dropout draws masks: the run uses random numbers
+    for training, checkpointing in ((False, False), (True, True)):
+        model.train(training)
+        model.model.gradient_checkpointing = checkpointing
+        torch.manual_seed(123)
+        state = torch.get_rng_state()
+        expected = torch.rand(4)  # what the caller's next draws are
+        torch.set_rng_state(state)
+        r = train_lora(model, ids, labels, TrainConfig(epochs=1, lr=1e-2, batch_size=2))
+        assert r.error is None
+        assert all(m.training == training for m in model.modules())
+        assert model.model.gradient_checkpointing == checkpointing
+        assert torch.equal(torch.rand(4), expected)
+
+
 def test_train_without_lora_layers_is_an_error(qwen_dir):
-    model = load_model(str(qwen_dir)).model
+    model = load_model(str(qwen_dir), policy=REFERENCE).model
     ids, labels = make_lm_windows(repeated_text(30), SEQ_LEN, pad_id=0)
     with pytest.raises(ValueError, match="no LoRA parameters"):
         train_lora(model, ids, labels, TrainConfig(epochs=1))
 
 
-def test_gradient_checkpointing_gives_the_same_training(qwen_dir):
-    """Recomputing layers in backward changes memory, not the numbers."""
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_gives_the_same_training(qwen_dir, monkeypatch, dropout):
+    """Recomputing layers in backward changes memory, not the numbers; with LoRA dropout too (a recomputed layer
+    must draw the masks its forward drew)."""
     ids, labels = make_lm_windows(repeated_text(100), SEQ_LEN, pad_id=0)
+    seen = []
+    real = train_module.hidden_states
+    monkeypatch.setattr(train_module, "hidden_states",
+                        lambda model, *a: seen.append(model.model.gradient_checkpointing) or real(model, *a))
     runs = []
     for checkpointing in (False, True):
-        model = tiny_lora_model(qwen_dir)
+        model = tiny_lora_model(qwen_dir, dropout=dropout)
+        seen.clear()
         r = train_lora(model, ids, labels, TrainConfig(epochs=1, lr=1e-2, batch_size=2,
                                                        gradient_checkpointing=checkpointing))
-        assert r.error is None and model.model.gradient_checkpointing == checkpointing
+        assert r.error is None and set(seen) == {checkpointing}  # on while training ...
+        assert model.model.gradient_checkpointing is False  # ... and the model's own setting again after
         runs.append((r.losses, lora_state(model)))
     (l1, w1), (l2, w2) = runs
     assert len(l1) > 1

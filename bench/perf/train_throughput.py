@@ -17,7 +17,7 @@ sequence length, batch, dtype, optimizer (AdamW) and token ids on both sides (th
 `first_loss_difference` shows both sides computed the same thing. Writes
 bench/results/train_<device>.json. Two more sides are lora-mem before a piece of its speed work:
 `lora-mem-full-logits` before its chunked loss (every position's fp32 logits materialised, then cross-entropy),
-`lora-mem-sdpa` before its CPU block-causal attention (PyTorch's SDPA kernel, `LORA_MEM_CPU_ATTENTION=sdpa`),
+`lora-mem-sdpa` before its CPU block-causal attention (PyTorch's SDPA kernel, a policy with `cpu_attention="sdpa"`),
 `lora-mem-unshared` before it computed a prefix shared by a micro-batch's rows once (`--targets facts`).
 
 Workloads (`--targets`): `all`, plain text, every next token trained (the issue's setup); `answers`, chat-QA
@@ -47,7 +47,6 @@ profiler's own overhead is in them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -100,23 +99,24 @@ def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, ra
                    attention: str | None = None, share_prefix: bool = True):
     """lora-mem's training step, the forward of train_lora (lora_mem.lora_core.train.hidden_states); `full_logits`: the step
     before the chunked loss (all positions' fp32 logits materialised, then cross-entropy), kept as the "before" of
-    the profile; `attention` = "sdpa": the step before the CPU block-causal attention
-    (lora_mem.kernels.block_causal_attention.cpu_attention), None: the engine's default; `share_prefix` False: the step
+    the profile; `attention` = "sdpa": the step before the CPU block-causal attention (the model built with a
+    KernelPolicy whose cpu_attention is "sdpa"), None: the engine's default; `share_prefix` False: the step
     before a prefix common to the rows was computed once."""
-    from lora_mem.kernels.block_causal_attention import cpu_attention
+    from lora_mem.kernels.policy import KernelPolicy
     from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_parameters
     from lora_mem.lora_core.train import chunked_lm_loss, hidden_states
     from lora_mem.model.config import PRESETS
     from lora_mem.model.loader import load_model
     from lora_mem.model.qwen2 import Qwen2ForCausalLM
 
+    policy = KernelPolicy(cpu_attention=attention) if attention else KernelPolicy()
     if model_name.startswith("preset:"):
         with device:
-            model = Qwen2ForCausalLM(PRESETS[model_name.split(":", 1)[1]]).to(dtype)
+            model = Qwen2ForCausalLM(PRESETS[model_name.split(":", 1)[1]], policy).to(dtype)
         model.init_weights()
         model.requires_grad_(False)
     else:
-        model = load_model(model_name, device=device, dtype=dtype).model
+        model = load_model(model_name, device=device, dtype=dtype, policy=policy).model
     inject_lora(model, LoRAConfig(rank=rank, alpha=2 * rank, target_modules=TARGETS))
     model.train()
     params = lora_parameters(model)
@@ -124,10 +124,6 @@ def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, ra
         p.requires_grad_(True)
 
     def step(x, y):
-        with cpu_attention(attention) if attention else contextlib.nullcontext():
-            return loss_and_backward(x, y)
-
-    def loss_and_backward(x, y):
         hidden, _ = hidden_states(model, x, share_prefix)
         if full_logits:
             logits = model.lm_head(hidden).float()

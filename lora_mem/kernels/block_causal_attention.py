@@ -18,17 +18,16 @@ docstring derives it) is block GEMMs again, with dK and dV accumulated in place.
 The price is memory: P_i is kept for backward, (B*H, T, T) x (nb + 1) / (2 nb) floats per layer (5.6 MiB at
 B = 1, H = 9, T = 512), where flash attention keeps one log-sum-exp per row. `bench.perf.attention` measures
 where this pays against SDPA; `lora_mem.model.qwen2.Attention` uses it where `use_block_causal` says: on CPU, when
-gradients are needed and BLOCK_CAUSAL_MIN_T <= T <= BLOCK_CAUSAL_MAX_T, unless
-``LORA_MEM_CPU_ATTENTION=sdpa``. The reference is `F.scaled_dot_product_attention(..., is_causal=True)`;
+gradients are needed and BLOCK_CAUSAL_MIN_T <= T <= BLOCK_CAUSAL_MAX_T, unless the kernel policy's
+``cpu_attention`` is ``sdpa``. The reference is `F.scaled_dot_product_attention(..., is_causal=True)`;
 tests/test_block_causal_attention.py holds the two together, forward and gradients.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
+
+from lora_mem.kernels.policy import KernelPolicy
 
 DEFAULT_BLOCK = 128
 # Where the block path runs (bench/results/attention_cpu.json, forward + backward against the faster SDPA
@@ -39,36 +38,14 @@ BLOCK_CAUSAL_MIN_T = 256
 BLOCK_CAUSAL_MAX_T = 1024
 
 
-_FORCED_MODE: str | None = None  # set by `cpu_attention`, wins over the environment
-
-
-@contextlib.contextmanager
-def cpu_attention(mode: str):
-    """Within the block, CPU training attention is `mode` ("blocks" or "sdpa") whatever the environment says:
-    `bench.perf.train_throughput` runs its lora-mem and lora-mem-sdpa sides in turns in one process."""
-    global _FORCED_MODE
-    if mode not in ("blocks", "sdpa"):
-        raise ValueError(f"cpu_attention: mode must be blocks or sdpa, got {mode!r}")
-    before, _FORCED_MODE = _FORCED_MODE, mode
-    try:
-        yield
-    finally:
-        _FORCED_MODE = before
-
-
-def use_block_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether causal attention over q (B, H, T, D), k, v takes the block path: CPU training only.
-
-    ``LORA_MEM_CPU_ATTENTION`` = ``blocks`` (default) or ``sdpa`` (PyTorch's kernel everywhere: the "before" side
-    of `bench.perf.train_throughput`), unless `cpu_attention` says otherwise. Inference keeps SDPA: the forward alone
-    is slower in blocks at every length measured (`bench.perf.attention`'s "answer" columns); the gain is in backward."""
+def use_block_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: KernelPolicy = KernelPolicy()) -> bool:
+    """Whether causal attention over q (B, H, T, D), k, v takes the block path: CPU training only, where
+    ``policy.cpu_attention`` is ``blocks`` (its default; ``sdpa``: PyTorch's kernel everywhere, the "before" side of
+    `bench.perf.train_throughput`). Inference keeps SDPA: the forward alone is slower in blocks at every length measured
+    (`bench.perf.attention`'s "answer" columns); the gain is in backward."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not (needs_grad and q.device.type == "cpu" and BLOCK_CAUSAL_MIN_T <= q.shape[2] <= BLOCK_CAUSAL_MAX_T):
-        return False  # answering (prefill), CUDA, short or long sequences: no switch to read
-    mode = _FORCED_MODE or os.environ.get("LORA_MEM_CPU_ATTENTION", "blocks").strip().lower() or "blocks"
-    if mode not in ("blocks", "sdpa"):
-        raise ValueError(f"LORA_MEM_CPU_ATTENTION must be blocks or sdpa, got {mode!r}")
-    return mode == "blocks"
+    return (policy.cpu_attention == "blocks" and needs_grad and q.device.type == "cpu"
+            and BLOCK_CAUSAL_MIN_T <= q.shape[2] <= BLOCK_CAUSAL_MAX_T)
 
 
 def causal_bias(rows: int, start: int, end: int, dtype: torch.dtype, device) -> torch.Tensor:

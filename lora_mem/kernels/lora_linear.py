@@ -17,10 +17,10 @@ Backward (W and b frozen; derivation in :class:`LoRALinearFunction`), four launc
 Saved for backward: x (a view of the input, no copy), the thin s t (M x r), and with dropout the uint8 keep-mask.
 Never y.
 
-Dispatch (:func:`use_triton`): CUDA tensors take the kernels, CPU tensors the PyTorch reference
-(:mod:`lora_mem.kernels.lora_reference`), unless ``TRITON_INTERPRET=1`` and ``LORA_MEM_KERNELS=triton`` are both set, which
-runs the kernels on CPU through Triton's interpreter (how the tests cover them). ``LORA_MEM_KERNELS=reference``
-forces the reference everywhere. Without triton installed this module still imports and uses the reference.
+Dispatch (:func:`lora_linear`): the caller's :class:`lora_mem.kernels.policy.KernelPolicy` decides (by default CUDA
+tensors take the kernels, CPU tensors the PyTorch reference, :mod:`lora_mem.kernels.lora_reference`; its ``triton``
+mode runs the kernels on CPU through Triton's interpreter under ``TRITON_INTERPRET=1``, how the tests cover them).
+Without triton installed this module still imports and uses the reference.
 """
 
 import torch
@@ -34,16 +34,15 @@ from lora_mem.kernels._common import (
     next_pow2,
     rank_block,
     sm_count,
-    use_fused_ops,
-    use_triton,
 )
 from lora_mem.kernels.lora_reference import dropout_keep_mask, dropout_keep_scale, lora_linear_reference
+from lora_mem.kernels.policy import KernelPolicy
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["HAS_TRITON", "use_triton", "use_fused_ops", "lora_linear", "lora_linear_triton", "LoRALinearFunction",
+__all__ = ["HAS_TRITON", "lora_linear", "lora_linear_triton", "LoRALinearFunction",
            "MAX_RANK"]
 
 MAX_RANK = 128  # the whole rank fits one tile of at most 128 columns
@@ -304,6 +303,7 @@ def _thin_matmul(
     out_dtype: torch.dtype,
     split_reduction: bool = False,
     transpose_out: bool = False,
+    tf32: bool = False,
 ) -> torch.Tensor:
     """``scale * (x * keep) @ y`` for x (P, Q) and y (Q, R) with R <= 128; any strides.
 
@@ -332,7 +332,7 @@ def _thin_matmul(
     stride_os = out.stride(0)
     stride_op, stride_or = (out.stride(2), out.stride(1)) if transpose_out else (out.stride(1), out.stride(2))
     keep_arg = keep if keep is not None else x  # dummy pointer, never read when HAS_KEEP is False
-    dot_fp32, precision = dot_flags(x.dtype, interpret)
+    dot_fp32, precision = dot_flags(x.dtype, interpret, tf32)
 
     args = (
         x, keep_arg, y, out,
@@ -364,6 +364,7 @@ def _fused_lora_matmul(
     bias: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
     keep_scale: float = 1.0,
+    tf32: bool = False,
 ) -> torch.Tensor:
     """``a @ b + (t @ u) * keep * keep_scale + bias`` for a (M, K), b (K, N), t (M, R), u (R, N).
 
@@ -390,7 +391,7 @@ def _fused_lora_matmul(
     interpret = interpreting()
     keep_arg = keep if keep is not None else a  # dummy pointers, never read when the flag is False
     bias_arg = bias if bias is not None else a
-    dot_fp32, precision = dot_flags(a.dtype, interpret)
+    dot_fp32, precision = dot_flags(a.dtype, interpret, tf32)
     args = (
         a, b, t, u, keep_arg, bias_arg, out,
         M, N, K, R,
@@ -459,14 +460,17 @@ class LoRALinearFunction(torch.autograd.Function):
         scaling: float,
         keep: torch.Tensor | None,
         keep_scale: float,
+        tf32: bool,
     ) -> torch.Tensor:
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise ValueError("the fused LoRA kernel needs a frozen base layer: weight/bias must not require grad")
-        u = _thin_matmul(x, lora_A.t(), scale=scaling * keep_scale, keep=keep, out_dtype=x.dtype)  # s t: (M, r)
-        y = _fused_lora_matmul(x, weight.t(), u, lora_B.t(), bias=bias)  # x W^T + u B^T + b: (M, N)
+        u = _thin_matmul(x, lora_A.t(), scale=scaling * keep_scale, keep=keep, out_dtype=x.dtype,
+                         tf32=tf32)  # s t: (M, r)
+        y = _fused_lora_matmul(x, weight.t(), u, lora_B.t(), bias=bias, tf32=tf32)  # x W^T + u B^T + b: (M, N)
         ctx.save_for_backward(x, weight, lora_A, lora_B, u, keep)
         ctx.scaling = scaling
         ctx.keep_scale = keep_scale
+        ctx.tf32 = tf32
         return y
 
     @staticmethod
@@ -477,21 +481,21 @@ class LoRALinearFunction(torch.autograd.Function):
 
         dt = None
         if need_x or need_A:
-            dt = _thin_matmul(grad_y, lora_B, scale=ctx.scaling, out_dtype=x.dtype)  # s dY B: (M, r)
+            dt = _thin_matmul(grad_y, lora_B, scale=ctx.scaling, out_dtype=x.dtype, tf32=ctx.tf32)  # s dY B: (M, r)
         if need_B:
             grad_B = _thin_matmul(  # dY^T u: (N, r); dY^T is a strided view, no copy
-                grad_y.t(), u, out_dtype=lora_B.dtype, split_reduction=True
+                grad_y.t(), u, out_dtype=lora_B.dtype, split_reduction=True, tf32=ctx.tf32
             )
         if need_A:
             grad_A = _thin_matmul(  # c (x * keep)^T dt, transposed straight into A's (r, K) layout
                 x.t(), dt, scale=ctx.keep_scale, keep=None if keep is None else keep.t(),
-                out_dtype=lora_A.dtype, split_reduction=True, transpose_out=True,
+                out_dtype=lora_A.dtype, split_reduction=True, transpose_out=True, tf32=ctx.tf32,
             )
         if need_x:
             grad_x = _fused_lora_matmul(  # dY W + (dt A) * keep * c
-                grad_y, weight, dt, lora_A, keep=keep, keep_scale=ctx.keep_scale
+                grad_y, weight, dt, lora_A, keep=keep, keep_scale=ctx.keep_scale, tf32=ctx.tf32
             )
-        return grad_x, None, None, grad_A, grad_B, None, None, None
+        return grad_x, None, None, grad_A, grad_B, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -509,12 +513,15 @@ def lora_linear_triton(
     dropout_p: float = 0.0,
     training: bool = False,
     generator: torch.Generator | None = None,
+    *,
+    tf32: bool = False,
 ) -> torch.Tensor:
     """The fused kernels, always (CUDA, or CPU under ``TRITON_INTERPRET=1``). Same contract as the reference.
 
     The base ``weight``/``bias`` must not require grad. ``lora_A``/``lora_B`` are cast to x's dtype for the product
     (autograd casts their gradients back). The dropout mask is drawn with
     :func:`lora_mem.kernels.lora_reference.dropout_keep_mask`, so a generator in the same state gives the reference's mask.
+    ``tf32``: fp32 products in TF32 (:class:`lora_mem.kernels.policy.KernelPolicy`'s switch).
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use lora_linear() to fall back to the reference")
@@ -548,6 +555,7 @@ def lora_linear_triton(
         float(scaling),
         keep,
         keep_scale,
+        tf32,
     )
     return y.reshape(*leading, out_features)
 
@@ -562,10 +570,12 @@ def lora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
     generator: torch.Generator | None = None,
+    policy: KernelPolicy = KernelPolicy(),
 ) -> torch.Tensor:
-    """``x W^T + b + scaling * (dropout(x) A^T) B^T``: the fused kernels where :func:`use_triton` says so, else the
-    PyTorch reference. A base layer that requires grad also takes the reference (the kernels only train A and B)."""
+    """``x W^T + b + scaling * (dropout(x) A^T) B^T``: the fused kernels where ``policy.use_triton(x)`` says so, else
+    the PyTorch reference. A base layer that requires grad also takes the reference (the kernels only train A and B)."""
     base_trainable = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    if use_triton(x) and not base_trainable:
-        return lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, generator)
+    if policy.use_triton(x) and not base_trainable:
+        return lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, generator,
+                                  tf32=policy.tf32)
     return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, generator)

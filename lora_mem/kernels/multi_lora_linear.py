@@ -33,13 +33,12 @@ i.e. once per token in decode with distinct adapters; gathering B per row (BGMV-
 rank-1 updates on the CUDA cores instead of a tl.dot. The masked-segment loop keeps the base GEMM's tiles dense and
 full and is correct for any mix of ids.
 
-Dispatch: :func:`multi_lora_linear` takes the kernels where :func:`lora_mem.kernels.lora_linear.use_triton` says so (CUDA
-tensors; CPU tensors only with ``LORA_MEM_KERNELS=triton`` and ``TRITON_INTERPRET=1``), else the reference. Inference
-only: it raises if autograd would need a gradient (call it under ``torch.no_grad()``).
+Dispatch: :func:`multi_lora_linear` takes the kernels where the caller's
+:class:`lora_mem.kernels.policy.KernelPolicy` says so (by default CUDA tensors), else the reference. Inference only: it
+raises if autograd would need a gradient (call it under ``torch.no_grad()``).
 
-Serving notes: keep the stacks in the activation dtype (they are cast per call otherwise), and for a model with many
-layers compute the row plan once per batch with :func:`plan_adapter_rows` and pass it to
-:func:`multi_lora_linear_triton`.
+Serving notes: keep the stacks in the activation dtype (they are cast per call otherwise). Every layer of a forward pass
+sees the same rows, so a model plans them once per forward (:func:`adapter_rows`) and hands the plan to every layer.
 """
 
 from __future__ import annotations
@@ -49,10 +48,11 @@ from typing import NamedTuple
 import torch
 
 from lora_mem.kernels import lora_linear as _single
-from lora_mem.kernels._common import (HAS_TRITON, SUPPORTED_DTYPES, dot_flags, interpreted, interpreting, next_pow2, rank_block,
-                             use_triton)
+from lora_mem.kernels._common import (HAS_TRITON, SUPPORTED_DTYPES, dot_flags, interpreted, interpreting, next_pow2,
+                                      rank_block)
 from lora_mem.kernels.lora_linear import MAX_RANK
 from lora_mem.kernels.multi_lora_reference import check_multi_lora_args, multi_lora_linear_reference, token_adapter_ids
+from lora_mem.kernels.policy import KernelPolicy
 
 if HAS_TRITON:
     import triton
@@ -284,15 +284,29 @@ def plan_adapter_rows(token_ids: torch.Tensor) -> AdapterRowPlan:
     return AdapterRowPlan(order.to(torch.int32), sorted_ids.to(torch.int32), seg_end.to(torch.int32))
 
 
-def _multi_shrink(x: torch.Tensor, plan: AdapterRowPlan, a_stack: torch.Tensor, scalings: torch.Tensor
-                  ) -> torch.Tensor:
+class AdapterRows(NamedTuple):
+    """Which adapter each sequence of a batch uses, for every multi-adapter layer of one forward pass."""
+
+    ids: torch.Tensor  # (B,) integer: the adapter of each sequence, -1 = none (base output only)
+    plan: AdapterRowPlan | None  # the kernels' sort of the batch's token rows; None where the reference runs
+
+
+def adapter_rows(adapter_ids: torch.Tensor, x: torch.Tensor, policy: KernelPolicy) -> AdapterRows:
+    """The routing of one forward pass whose layers see inputs shaped like x (B, T, C) (or (M, C)): the row plan is
+    made here, once, when the kernels will run."""
+    plan = plan_adapter_rows(token_adapter_ids(adapter_ids, x)) if policy.use_triton(x) else None
+    return AdapterRows(adapter_ids, plan)
+
+
+def _multi_shrink(x: torch.Tensor, plan: AdapterRowPlan, a_stack: torch.Tensor, scalings: torch.Tensor,
+                  tf32: bool = False) -> torch.Tensor:
     """t = s[a] x A[a]^T per row for x (M, K), A stack (n, R, K), fp32 scalings (n,): (M, R) in sorted row order,
     x's dtype."""
     M, K = x.shape
     _, R, _ = a_stack.shape
     t = torch.empty((M, R), dtype=x.dtype, device=x.device)
     interpret = interpreting()
-    dot_fp32, precision = dot_flags(x.dtype, interpret)
+    dot_fp32, precision = dot_flags(x.dtype, interpret, tf32)
     args = (
         x, plan.rows, plan.ids, plan.seg_end, a_stack, scalings, t,
         M, K, R,
@@ -312,7 +326,7 @@ def _multi_shrink(x: torch.Tensor, plan: AdapterRowPlan, a_stack: torch.Tensor, 
 
 
 def _multi_lora_matmul(x: torch.Tensor, w_t: torch.Tensor, t: torch.Tensor, b_stack: torch.Tensor,
-                       plan: AdapterRowPlan, bias: torch.Tensor | None) -> torch.Tensor:
+                       plan: AdapterRowPlan, bias: torch.Tensor | None, tf32: bool = False) -> torch.Tensor:
     """y = x W^T + b + t B[a]^T per row for x (M, K), W^T (K, N), t (M, R) in sorted order, B stack (n, N, R):
     a new contiguous (M, N) tensor in x's dtype, rows in x's order."""
     M, K = x.shape
@@ -322,7 +336,7 @@ def _multi_lora_matmul(x: torch.Tensor, w_t: torch.Tensor, t: torch.Tensor, b_st
     if N == 0:
         return out
     interpret = interpreting()
-    dot_fp32, precision = dot_flags(x.dtype, interpret)
+    dot_fp32, precision = dot_flags(x.dtype, interpret, tf32)
     bias_arg = bias if bias is not None else x  # dummy pointer, never read when HAS_BIAS is False
     args = (
         x, w_t, t, b_stack, plan.rows, plan.ids, plan.seg_end, bias_arg, out,
@@ -366,13 +380,14 @@ def multi_lora_linear_triton(
     adapter_ids: torch.Tensor,
     *,
     plan: AdapterRowPlan | None = None,
+    tf32: bool = False,
 ) -> torch.Tensor:
     """The kernels, always (CUDA, or CPU under ``TRITON_INTERPRET=1``). Same contract as
     :func:`lora_mem.kernels.multi_lora_reference.multi_lora_linear_reference`.
 
     The stacks are cast to x's dtype (a copy per call unless they already are), ``scalings`` to fp32. ``plan``: the
     :func:`plan_adapter_rows` of ``token_adapter_ids(adapter_ids, x)``, when the caller already has it (it is not
-    re-checked against ``adapter_ids``).
+    re-checked against ``adapter_ids``). ``tf32``: fp32 products in TF32 (the kernel policy's switch).
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use multi_lora_linear() to fall back to the reference")
@@ -402,8 +417,8 @@ def multi_lora_linear_triton(
 
     a_stack = lora_A_stack.to(x.dtype)
     b_stack = lora_B_stack.to(x.dtype)
-    t = _multi_shrink(x2, plan, a_stack, scalings.to(torch.float32))  # (M, r) sorted: s[a] x A[a]^T
-    y = _multi_lora_matmul(x2, weight.t(), t, b_stack, plan, bias)  # (M, N): x W^T + b + t B[a]^T
+    t = _multi_shrink(x2, plan, a_stack, scalings.to(torch.float32), tf32)  # (M, r) sorted: s[a] x A[a]^T
+    y = _multi_lora_matmul(x2, weight.t(), t, b_stack, plan, bias, tf32)  # (M, N): x W^T + b + t B[a]^T
     return y.reshape(*leading, out_features)
 
 
@@ -415,11 +430,15 @@ def multi_lora_linear(
     lora_B_stack: torch.Tensor,
     scalings: torch.Tensor,
     adapter_ids: torch.Tensor,
+    *,
+    plan: AdapterRowPlan | None = None,
+    policy: KernelPolicy = KernelPolicy(),
 ) -> torch.Tensor:
     """``x_i W^T + b + s[a_i] (x_i A[a_i]^T) B[a_i]^T`` per row (a_i = -1: base only): the kernels where
-    :func:`lora_mem.kernels.lora_linear.use_triton` says so, else the PyTorch reference. Forward only: raises ValueError if
-    autograd would need a gradient, on either path."""
+    ``policy.use_triton(x)`` says so (with ``plan``, when the caller made it, see :func:`adapter_rows`), else the
+    PyTorch reference. Forward only: raises ValueError if autograd would need a gradient, on either path."""
     _check_inference_only(x, weight, bias, lora_A_stack, lora_B_stack, scalings)
-    if use_triton(x):
-        return multi_lora_linear_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids)
+    if policy.use_triton(x):
+        return multi_lora_linear_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids, plan=plan,
+                                        tf32=policy.tf32)
     return multi_lora_linear_reference(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids)

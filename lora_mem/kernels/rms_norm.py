@@ -13,10 +13,10 @@ Kernels (one program per row in forward; a block of rows per program in backward
 
 Saved for backward: x (a view of the input, no copy) and 1/rms. Never y or n.
 
-Dispatch (:func:`rms_norm`): :func:`lora_mem.kernels.lora_linear.use_fused_ops` decides. Opt-in until
-timed on a GPU: ``LORA_MEM_KERNELS=triton`` or ``LORA_MEM_FUSED_OPS=1`` on CUDA (on CPU ``LORA_MEM_KERNELS=triton``
-with ``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover
-take the reference too.
+Dispatch (:func:`rms_norm`): the caller's :class:`lora_mem.kernels.policy.KernelPolicy` decides
+(``use_fused_ops``). Opt-in until timed on a GPU: ``fused_ops`` on CUDA (on CPU with ``kernels="triton"`` under
+``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover take the
+reference too.
 
 Status: tested against the reference under Triton's CPU interpreter only. Block sizes, masks and ``num_warps`` are
 written for CUDA, but the kernels have never been compiled or timed on a GPU (no GPU was available to the session
@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from lora_mem.kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting, sm_count, use_fused_ops
+from lora_mem.kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting, sm_count
+from lora_mem.kernels.policy import KernelPolicy
 
 if HAS_TRITON:
     import triton
@@ -290,9 +291,9 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return RMSNormFunction.apply(x, weight, float(eps))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of the last dimension: the kernels where :func:`lora_mem.kernels.lora_linear.use_fused_ops` says so and they cover
-    the inputs, else :func:`rms_norm_reference` (the CPU default, identical to the pre-kernel model code)."""
-    if use_fused_ops(x) and triton_supports(x, weight):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, policy: KernelPolicy = KernelPolicy()) -> torch.Tensor:
+    """RMSNorm of the last dimension: the kernels where ``policy.use_fused_ops(x)`` says so and they cover the inputs,
+    else :func:`rms_norm_reference` (the CPU default, identical to the pre-kernel model code)."""
+    if policy.use_fused_ops(x) and triton_supports(x, weight):
         return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)

@@ -13,10 +13,10 @@ Kernel: ``_rope_kernel``, one program per token (b, t): loads that token's cos/s
 (B, T, H, D) (returned as (B, H, T, D) views, the layout q_proj(x).view(...).transpose(1, 2) has). Never in place.
 Backward is the transposed rotation (the same kernel with BACKWARD=True); cos and sin get no gradient.
 
-Dispatch (:func:`apply_rotary_qk`): :func:`lora_mem.kernels.lora_linear.use_fused_ops` decides. Opt-in until
-timed on a GPU: ``LORA_MEM_KERNELS=triton`` or ``LORA_MEM_FUSED_OPS=1`` on CUDA (on CPU ``LORA_MEM_KERNELS=triton``
-with ``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover
-take the reference too.
+Dispatch (:func:`apply_rotary_qk`): the caller's :class:`lora_mem.kernels.policy.KernelPolicy` decides
+(``use_fused_ops``). Opt-in until timed on a GPU: ``fused_ops`` on CUDA (on CPU with ``kernels="triton"`` under
+``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover take the
+reference too.
 
 Status: tested against the reference under Triton's CPU interpreter only; never compiled or timed on a GPU (no GPU
 was available to the session that wrote it).
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from lora_mem.kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting, use_fused_ops
+from lora_mem.kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting
+from lora_mem.kernels.policy import KernelPolicy
 
 if HAS_TRITON:
     import triton
@@ -244,10 +245,10 @@ def apply_rotary_qk_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return RotaryFunction.apply(q, k, cos, sin)
 
 
-def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, k) rotated: the kernel where :func:`lora_mem.kernels.lora_linear.use_fused_ops` says so and it covers the inputs, else
+def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    policy: KernelPolicy = KernelPolicy()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, k) rotated: the kernel where ``policy.use_fused_ops(q)`` says so and it covers the inputs, else
     :func:`apply_rotary_qk_reference` (the CPU default, identical to the pre-kernel model code)."""
-    if use_fused_ops(q) and triton_supports(q, k, cos, sin):
+    if policy.use_fused_ops(q) and triton_supports(q, k, cos, sin):
         return apply_rotary_qk_triton(q, k, cos, sin)
     return apply_rotary_qk_reference(q, k, cos, sin)

@@ -9,10 +9,10 @@ recomputes sigmoid(g) from the saved g and u rather than saving silu(g).
 Kernels: ``_swiglu_fwd_kernel`` and ``_swiglu_bwd_kernel``, elementwise over the flattened (contiguous) tensors,
 BLOCK elements per program, int64 offsets. Never in place: dg and du are new tensors.
 
-Dispatch (:func:`swiglu`): :func:`lora_mem.kernels.lora_linear.use_fused_ops` decides. Opt-in until
-timed on a GPU: ``LORA_MEM_KERNELS=triton`` or ``LORA_MEM_FUSED_OPS=1`` on CUDA (on CPU ``LORA_MEM_KERNELS=triton``
-with ``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover
-take the reference too.
+Dispatch (:func:`swiglu`): the caller's :class:`lora_mem.kernels.policy.KernelPolicy` decides
+(``use_fused_ops``). Opt-in until timed on a GPU: ``fused_ops`` on CUDA (on CPU with ``kernels="triton"`` under
+``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover take the
+reference too.
 
 Status: tested against the reference under Triton's CPU interpreter only; never compiled or timed on a GPU (no GPU
 was available to the session that wrote it).
@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lora_mem.kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting, use_fused_ops
+from lora_mem.kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting
+from lora_mem.kernels.policy import KernelPolicy
 
 if HAS_TRITON:
     import triton
@@ -159,9 +160,9 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return SwiGLUFunction.apply(gate, up)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``: the kernels where :func:`lora_mem.kernels.lora_linear.use_fused_ops` says so and they cover the
-    inputs, else :func:`swiglu_reference` (the CPU default, identical to the pre-kernel model code)."""
-    if use_fused_ops(gate) and triton_supports(gate, up):
+def swiglu(gate: torch.Tensor, up: torch.Tensor, policy: KernelPolicy = KernelPolicy()) -> torch.Tensor:
+    """``silu(gate) * up``: the kernels where ``policy.use_fused_ops(gate)`` says so and they cover the inputs, else
+    :func:`swiglu_reference` (the CPU default, identical to the pre-kernel model code)."""
+    if policy.use_fused_ops(gate) and triton_supports(gate, up):
         return swiglu_triton(gate, up)
     return swiglu_reference(gate, up)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_mem.kernels.lora_reference import lora_scaling
-from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules
+from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules, remove_lora
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -139,16 +139,6 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
         name = name.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
         out[name] = t
     return out
-
-
-def remove_lora(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Put plain nn.Linear layers (sharing the frozen weight and bias) back in place of `modules`."""
-    for name, m in modules.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        linear.weight, linear.bias = m.weight, m.bias
-        setattr(parent, child, linear)
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, generator=None) -> LoRAConfig:

@@ -1,4 +1,4 @@
-"""Put LoRALinear modules into a model by module name, freeze everything else, count parameters."""
+"""Put LoRALinear modules into a model by module name (and take them out), freeze everything else, count parameters."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lora_mem.lora_core.lora import LoRALinear
+from lora_mem.lora_core.multi_lora import MultiLoRALinear
 
 # Every linear layer of the decoder; never the LM head (tied to the embeddings in small models).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -48,13 +49,37 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, generator: torch.Generator | 
     ]
     if not targets:
         raise ValueError(f"no linear module matches target_modules={cfg.target_modules!r}")
+    layers = {}
     for name in targets:
+        lora = LoRALinear(model.get_submodule(name), cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
+        lora.reset_lora_parameters(generator)
+        layers[name] = lora.train(model.training)  # the model's mode (dropout only while training)
+    replace_modules(model, layers)
+    return targets
+
+
+def replace_modules(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put each module of `modules` in the model under its name (a dotted path to an existing submodule)."""
+    for name, module in modules.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        lora = LoRALinear(getattr(parent, child), cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
-        lora.reset_lora_parameters(generator)
-        setattr(parent, child, lora)
-    return targets
+        setattr(parent, child, module)
+
+
+def plain_linear(m: LoRALinear) -> nn.Linear:
+    """An nn.Linear holding the LoRA layer's own weight and bias tensors (no copy): its base layer."""
+    linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+    linear.weight, linear.bias = m.weight, m.bias
+    return linear
+
+
+def remove_lora(model: nn.Module, modules: dict[str, LoRALinear] | None = None) -> None:
+    """Put plain nn.Linear layers (the same weight and bias tensors, any merge undone) back in place of `modules`
+    (default: every LoRA layer of the model)."""
+    modules = lora_modules(model) if modules is None else modules
+    for m in modules.values():
+        m.unmerge()
+    replace_modules(model, {name: plain_linear(m) for name, m in modules.items()})
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -74,16 +99,17 @@ def reset_lora(model: nn.Module, generator: torch.Generator | None = None) -> No
 
 @contextmanager
 def lora_disabled(model: nn.Module):
-    """The base model alone inside the block (e.g. to generate training data), whatever adapter is loaded."""
-    layers = list(lora_modules(model).values())
-    for m in layers:
-        m.unmerge()
-        m.disabled = True
+    """The base model alone inside the block (e.g. to generate training data), whatever adapter is loaded: each LoRA
+    layer gives its place to a plain nn.Linear on the same weight and bias (its merge undone first) and comes back
+    after the block."""
+    if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
+        raise RuntimeError("lora_disabled: the model has stacked adapters; unstack_adapters first")
+    layers = lora_modules(model)
+    remove_lora(model, layers)
     try:
         yield model
     finally:
-        for m in layers:
-            m.disabled = False
+        replace_modules(model, layers)
 
 
 def trainable_summary(model: nn.Module) -> str:

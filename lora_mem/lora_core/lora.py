@@ -3,7 +3,9 @@
     y = x W^T + b + s * (dropout(x) A^T) B^T,   A: (r, in), B: (out, r), s = alpha / r  (alpha / sqrt(r) rsLoRA)
 
 The module keeps the `weight` / `bias` names of the layer it replaces, so a base checkpoint's
-state dict loads into an injected model unchanged; the adapter adds `lora_A` and `lora_B`.
+state dict loads into an injected model unchanged; the adapter adds `lora_A` and `lora_B`. It serves one adapter,
+unmerged (the fused op) or merged into W (a plain linear). Many adapters in one batch are
+lora_mem.lora_core.multi_lora.MultiLoRALinear; the base layer alone is lora_mem.lora_core.inject.lora_disabled.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from torch import nn
 
 from lora_mem.kernels.lora_linear import lora_linear
 from lora_mem.kernels.lora_reference import lora_scaling
-from lora_mem.kernels.multi_lora_linear import multi_lora_linear
+from lora_mem.kernels.multi_lora_linear import AdapterRows
+from lora_mem.kernels.policy import KernelPolicy
 
 
 class LoRALinear(nn.Module):
@@ -36,14 +39,7 @@ class LoRALinear(nn.Module):
         # forward casts them to the activation dtype, which autograd carries back in fp32.
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=base.weight.device))
-        self.merged = False
-        self.disabled = False  # True: the base layer alone (lora_mem.lora_core.inject.lora_disabled)
-        # Serving many adapters in one batch (lora_mem.lora_core.multi_adapter): stacked adapters and the
-        # adapter of each batch row; while `row_adapter_ids` is set, forward uses them instead.
-        self.lora_A_stack: torch.Tensor | None = None  # (n, r, in)
-        self.lora_B_stack: torch.Tensor | None = None  # (n, out, r)
-        self.lora_scalings: torch.Tensor | None = None  # (n,)
-        self.row_adapter_ids: torch.Tensor | None = None  # (batch,), -1 = base only
+        self.merged = False  # True: the update is folded into `weight` (merge / unmerge)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -53,22 +49,18 @@ class LoRALinear(nn.Module):
             self.lora_A.uniform_(-bound, bound, generator=generator)
             self.lora_B.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled:
-            if self.merged:
-                raise RuntimeError("a merged LoRA layer cannot be disabled: unmerge it first")
-            return F.linear(x, self.weight, self.bias)
-        if self.row_adapter_ids is not None:
-            if self.lora_A_stack is None or self.merged:
-                raise RuntimeError("per-row adapters need stacked adapters (lora_mem.lora_core.multi_adapter.stack_adapters) "
-                                   "and an unmerged layer")
-            return multi_lora_linear(x, self.weight, self.bias, self.lora_A_stack, self.lora_B_stack,
-                                     self.lora_scalings, self.row_adapter_ids)
+    def forward(self, x: torch.Tensor, policy: KernelPolicy = KernelPolicy(),
+                rows: AdapterRows | None = None) -> torch.Tensor:
+        """x (..., in) -> (..., out) with this layer's adapter; `policy` picks the kernels. `rows` (per-row adapters,
+        lora_mem.model.qwen2.project passes them) must be None: one adapter serves every row here."""
+        if rows is not None:
+            raise RuntimeError("a LoRALinear serves one adapter; per-row adapters need stacked adapters "
+                               "(lora_mem.lora_core.multi_adapter.stack_adapters)")
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         return lora_linear(
             x, self.weight, self.bias, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype),
-            self.scaling, self.dropout, self.training,
+            self.scaling, self.dropout, self.training, policy=policy,
         )
 
     def delta_weight(self) -> torch.Tensor:

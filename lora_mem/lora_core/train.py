@@ -1,8 +1,9 @@
 """The LoRA training loop: AdamW on the adapter only, warm-up then cosine decay, clipping, accumulation.
 
-The loss never materialises full-vocabulary logits for every position: `chunked_lm_loss` computes
-the cross-entropy and its gradient with respect to the final hidden states chunk by chunk
-(the LM head is frozen, so that gradient is all backward needs). A prefix that every window of a
+The objective of an optimizer step is the mean next-token loss over every labelled position of its windows, however
+they are split into micro-batches (`backward_step`). The loss never materialises full-vocabulary logits for every
+position: `chunked_lm_loss` computes the cross-entropy and its gradient with respect to the final hidden states chunk
+by chunk (the LM head is frozen, so that gradient is all backward needs). A prefix that every window of a
 micro-batch starts with (the chat system turn of one-fact windows) is computed once (`hidden_states`).
 """
 
@@ -37,7 +38,8 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     FLOPs, so their logits are never computed. Forward computes, per chunk c of those rows:
     logits_c = h_c W^T (fp32), loss_c = sum(lse(logits_c) - logits_c[target]), and already the gradient
     dL/dh_c = (softmax(logits_c) - onehot(target)) W / n, since W is frozen. Only dL/dh (same size as h)
-    is kept for backward, never a (tokens x vocab) tensor; unlabelled rows get a zero gradient.
+    is kept for backward, never a (tokens x vocab) tensor; unlabelled rows get a zero gradient. A head weight that
+    requires a gradient is refused: this loss has none to give it.
 
     The (chunk x vocab) logits are the one large buffer: exp(logits - row max) is made in it in place, and
     the row sums give both the log-sum-exp and the softmax's normalisation, which (like the mean's 1/n) is
@@ -75,12 +77,21 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if ctx.needs_input_grad[1]:
+            raise ValueError(HEAD_REQUIRES_GRAD)
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
 
 
+HEAD_REQUIRES_GRAD = ("chunked_lm_loss: the LM head weight requires grad, but this loss gives it no gradient (it "
+                      "assumes a frozen head); freeze it, or use a full cross-entropy to train it")
+
+
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024):
-    """Mean next-token cross-entropy over positions whose target is not IGNORE_INDEX."""
+    """Mean next-token cross-entropy over positions whose target is not IGNORE_INDEX. Raises ValueError, before any
+    work, if autograd would want a gradient for the head `weight` (ChunkedLMHeadLoss's backward would raise it)."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise ValueError(HEAD_REQUIRES_GRAD)
     return ChunkedLMHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_size)
 
 
@@ -94,7 +105,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    seed: int = 0  # window order and dropout masks (train_lora seeds torch's global generator with it)
+    seed: int = 0  # window order and LoRA dropout masks (train_lora leaves the caller's generators as they were)
     loss_chunk_size: int = 1024
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (saves memory)
     share_prefix: bool = True  # a prefix common to a micro-batch's rows computed once (hidden_states)
@@ -146,76 +157,100 @@ def train_lora(
     desc: str = "training",
 ) -> TrainResult:
     """Train the model's LoRA parameters in place. A non-finite loss stops training and is recorded
-    in `result.error` (the caller decides what to do with the run)."""
-    device = model.lm_head.weight.device
+    in `result.error` (the caller decides what to do with the run). The model's mode (train / eval) and its
+    activation checkpointing are as they were on return, and so is every random generator of torch's."""
     params = lora_parameters(model)
     if not params:
         raise ValueError("the model has no LoRA parameters to train (inject_lora first)")
     for p in params:
         p.requires_grad_(True)
-    torch.manual_seed(cfg.seed)  # the LoRA dropout masks come from the default generator(s)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the window order
     n = input_ids.shape[0]
     micro_per_epoch = math.ceil(n / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     result = TrainResult()
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, desc=desc, unit="step", leave=False)
+    was_training, was_checkpointing = model.training, model.model.gradient_checkpointing
     model.train()
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
     t0 = time.perf_counter()
-    step = 0
-    try:
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(n, generator=gen)
-            epoch_losses = []
-            for s in range(steps_per_epoch):
-                lr = lr_at(step, total_steps, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                micro = [order[(s * cfg.grad_accum + k) * cfg.batch_size:(s * cfg.grad_accum + k + 1) * cfg.batch_size]
-                         for k in range(cfg.grad_accum)]
-                micro = [m for m in micro if len(m)]
-                step_loss = 0.0
-                for idx in micro:
-                    x, y = trim_unlabelled_tail(input_ids[idx], labels[idx])
-                    x, y = x.to(device), y.to(device)
-                    with autocast:
-                        hidden, computed = hidden_states(model, x, cfg.share_prefix)  # (b, L, C)
-                        loss = chunked_lm_loss(hidden, model.lm_head.weight, y, cfg.loss_chunk_size)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
-                    (loss / len(micro)).backward()
-                    step_loss += loss.item() / len(micro)
-                    result.tokens += x.numel()
+    step = epoch = 0
+    # The dropout masks come from torch's default generators, seeded here inside a fork that restores the caller's
+    # state on exit: activation checkpointing replays those generators (and no other) when it recomputes a layer,
+    # so a recomputed layer draws the masks its forward drew.
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        try:
+            for epoch in range(cfg.epochs):
+                order = torch.randperm(n, generator=gen)
+                epoch_losses = []
+                for s in range(steps_per_epoch):
+                    lr = lr_at(step, total_steps, cfg)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    first = s * cfg.grad_accum  # this step's first micro-batch
+                    micro = [order[(first + k) * cfg.batch_size:(first + k + 1) * cfg.batch_size]
+                             for k in range(cfg.grad_accum)]
+                    step_loss, tokens, computed = backward_step(
+                        model, [(input_ids[idx], labels[idx]) for idx in micro if len(idx)], cfg)
+                    result.tokens += tokens
                     result.tokens_computed += computed
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                result.losses.append(step_loss)
-                result.lrs.append(lr)
-                epoch_losses.append(step_loss)
-                step += 1
-                if bar:
-                    bar.set_postfix(loss=f"{step_loss:.3f}", epoch=epoch)
-                    bar.update()
-            result.epochs_loss.append(sum(epoch_losses) / len(epoch_losses))
-    except NonFiniteLoss as e:
-        result.error = str(e)
-    finally:
-        if bar:
-            bar.close()
-        model.eval()
-        for p in params:
-            p.grad = None
-        result.seconds = time.perf_counter() - t0
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    result.losses.append(step_loss)
+                    result.lrs.append(lr)
+                    epoch_losses.append(step_loss)
+                    step += 1
+                    if bar:
+                        bar.set_postfix(loss=f"{step_loss:.3f}", epoch=epoch)
+                        bar.update()
+                result.epochs_loss.append(sum(epoch_losses) / len(epoch_losses))
+        except NonFiniteLoss as e:
+            result.error = f"{e} at epoch {epoch}, step {step}"
+        finally:
+            if bar:
+                bar.close()
+            model.train(was_training)
+            model.model.gradient_checkpointing = was_checkpointing
+            for p in params:
+                p.grad = None
+            result.seconds = time.perf_counter() - t0
     return result
+
+
+def backward_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                  cfg: TrainConfig) -> tuple[float, int, int]:
+    """Forward and backward of one optimizer step's micro-batches of (input_ids, labels) windows, the gradients
+    accumulated in the parameters' `.grad`. Each micro-batch's mean loss is weighted by its share of the step's
+    labelled tokens, so the step's loss and gradient are those of the mean token loss over all its windows, as one
+    batch would give (a mean of micro-batch means would weigh a token of a sparsely labelled micro-batch more).
+    Returns the step's loss, the tokens of its (trimmed) windows and the positions the model ran."""
+    device = model.lm_head.weight.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    labelled = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]
+    total = max(sum(labelled), 1)
+    step_loss, tokens, computed_total = 0.0, 0, 0
+    for (x, y), n_labelled in zip(micro_batches, labelled):
+        x, y = trim_unlabelled_tail(x, y)
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            hidden, computed = hidden_states(model, x, cfg.share_prefix)  # (b, L, C)
+            loss = chunked_lm_loss(hidden, model.lm_head.weight, y, cfg.loss_chunk_size)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite loss {loss.item()}")
+        share = n_labelled / total  # exactly 1.0 for a step of one micro-batch
+        (loss * share).backward()
+        step_loss += loss.item() * share
+        tokens += x.numel()
+        computed_total += computed
+    return step_loss, tokens, computed_total
 
 
 def shared_prefix_len(input_ids: torch.Tensor) -> int:

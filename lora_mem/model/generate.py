@@ -2,9 +2,11 @@
 
 Prompts of different lengths share a batch through left padding: pad slots are masked out of
 attention and each row's rotary positions count only its real tokens, so every row decodes exactly
-as it would alone.
+as it would alone. With adapters stacked (lora_mem.lora_core.multi_adapter), `adapter_ids` gives each
+prompt its own: every forward call carries the rows' adapters (`Qwen2Model.forward(..., adapter_ids=...)`).
 
 CLI:  python -m lora_mem.model.generate --model smollm2-135m-instruct --prompt "What is the capital of France?"
+      (with LoRA adapters: python -m lora_mem.lora_core.generate ... --adapter DIR)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
 from lora_mem.model.qwen2 import KVCache, Qwen2ForCausalLM
 
 
@@ -102,12 +105,8 @@ def greedy_tokens(hidden: torch.Tensor, weight: torch.Tensor, vocab_slice: int |
     return torch.stack(best_ids, 1).gather(1, winner).squeeze(1)
 
 
-def set_row_adapters(model: torch.nn.Module, adapter_ids: torch.Tensor | None) -> None:
-    """Tell every module that serves one adapter per batch row (a `row_adapter_ids` attribute, as
-    lora_core's LoRALinear has once adapters are stacked) which adapter each row uses; None: off."""
-    for m in model.modules():
-        if hasattr(m, "row_adapter_ids"):
-            m.row_adapter_ids = adapter_ids
+def adapter_tensor(adapter_ids: list[int] | None, device) -> torch.Tensor | None:
+    return torch.tensor(adapter_ids, dtype=torch.long, device=device) if adapter_ids is not None else None
 
 
 def compute_prefix(model: Qwen2ForCausalLM, tokens: list[int], adapter_ids: list[int] | None = None,
@@ -117,9 +116,8 @@ def compute_prefix(model: Qwen2ForCausalLM, tokens: list[int], adapter_ids: list
     distinct = sorted(set(adapter_ids)) if adapter_ids is not None else None
     n = len(distinct) if distinct is not None else 1
     caches = model.new_kv_caches(n, len(tokens))
-    if distinct is not None:
-        set_row_adapters(model, torch.tensor(distinct, device=device))
-    model.model(torch.tensor([tokens] * n, device=device), kv_caches=caches)
+    model.model(torch.tensor([tokens] * n, device=device), kv_caches=caches,
+                adapter_ids=adapter_tensor(distinct, device))
     return Prefix(tokens, caches, distinct, cascade=n == 1 and len(tokens) >= cascade_min_tokens)
 
 
@@ -136,8 +134,6 @@ def prefill(model: Qwen2ForCausalLM, prompts: list[list[int]], pad_id: int, kv_c
     ids, suffix_mask = left_pad([p[P:] for p in prompts], pad_id, device)  # (B, S)
     B = ids.shape[0]
     position_ids = P + (suffix_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
-    if adapter_ids is not None:
-        set_row_adapters(model, torch.tensor(adapter_ids, device=device))
     if prefix is not None and prefix.cascade:
         for cache, prefix_cache in zip(kv_caches, prefix.caches):
             cache.set_prefix(prefix_cache.k, prefix_cache.v)
@@ -151,27 +147,26 @@ def prefill(model: Qwen2ForCausalLM, prompts: list[list[int]], pad_id: int, kv_c
         cache_start = P
     # No prefix and no padding: no mask, SDPA's causal fast path.
     attention_mask = None if cache_start == 0 and bool(suffix_mask.all()) else mask
-    hidden = model.model(ids, position_ids, attention_mask, kv_caches, cache_start=cache_start)  # (B, S, C)
+    hidden = model.model(ids, position_ids, attention_mask, kv_caches, cache_start,
+                         adapter_tensor(adapter_ids, device))  # (B, S, C)
     head = model.lm_head.weight
     next_token = greedy_tokens(hidden[:, -1], head, vocab_slice_for(head.device, B))  # only the last slot is needed
     return next_token, position_ids[:, -1], mask, cache_start + ids.shape[1]
 
 
-def decode_step(model, token, positions, mask, kv_caches, cache_start: int) -> torch.Tensor:
-    """One token per row at slot `cache_start`; returns each row's greedy next token (B,)."""
-    hidden = model.model(token[:, None], positions[:, None], mask, kv_caches, cache_start)
+def decode_step(model, token, positions, mask, kv_caches, cache_start: int,
+                adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row at slot `cache_start` (with `adapter_ids` (B,): each row's adapter); returns each row's
+    greedy next token (B,)."""
+    hidden = model.model(token[:, None], positions[:, None], mask, kv_caches, cache_start, adapter_ids)
     head = model.lm_head.weight
     return greedy_tokens(hidden[:, -1], head, vocab_slice_for(head.device, len(token)))
 
 
 def batch_prefix(model, prompts: list[list[int]], adapter_ids: list[int] | None) -> Prefix | None:
-    """The prompts' common head, computed once (None if they share none); row adapters are off after."""
+    """The prompts' common head, computed once (None if they share none)."""
     P = common_prefix_len(prompts) if len(prompts) > 1 else 0
-    try:
-        return compute_prefix(model, prompts[0][:P], adapter_ids) if P else None
-    finally:
-        if adapter_ids is not None:
-            set_row_adapters(model, None)
+    return compute_prefix(model, prompts[0][:P], adapter_ids) if P else None
 
 
 # Continuous batching: a row whose answer is complete gives its place to the next prompt instead of
@@ -293,14 +288,13 @@ class RowPool:
         self.mask, self.token, self.positions = self.mask[index], self.token[index], self.positions[index]
         self.prompt, self.start, self.adapter = ([xs[r] for r in rows] for xs in (self.prompt, self.start, self.adapter))
 
-    def step(self, adapters_changed: bool) -> torch.Tensor:
-        """One decode step of every row (free rows compute on pad tokens); returns the next tokens (n,)."""
+    def step(self, adapter_ids: torch.Tensor | None) -> torch.Tensor:
+        """One decode step of every row (free rows compute on pad tokens), each row with its adapter of
+        `adapter_ids` (None: the model as it is); returns the next tokens (n,)."""
         self.make_room(1)
-        if adapters_changed:
-            set_row_adapters(self.model, torch.tensor(self.adapter, device=self.device))
         self.mask[:, self.end] = True
         next_token = decode_step(self.model, self.token, self.positions, self.mask[:, :self.end + 1],
-                                 self.caches, cache_start=self.end)
+                                 self.caches, self.end, adapter_ids)
         self.end += 1
         return next_token
 
@@ -323,6 +317,7 @@ def decode_queue(
     refill_at = max(1, int(n_rows * REFILL_FRACTION))
     out: list[list[int]] = [[] for _ in prompts]
     queue = list(reversed(order))  # pop() takes the next prompt
+    row_adapters = None  # (n_rows,) each row's adapter, remade when rows change
     adapters_changed = True
 
     def record(rows: list[int], tokens: list[int]) -> None:
@@ -340,32 +335,30 @@ def decode_queue(
         if finished and on_done is not None:
             on_done(finished)
 
-    try:
-        while True:
-            while queue and len(pool.free()) >= min(refill_at, len(queue)):
-                rows = pool.free()[:len(queue)]
-                take = [queue.pop() for _ in rows]
-                first = pool.admit(rows, take, [prompts[i] for i in take],
-                                   [adapter_ids[i] for i in take] if adapter_ids is not None else None)
-                record(rows, first.tolist())
-                adapters_changed = True
-            live = pool.live()
-            if not live:
-                break
-            if not queue and 4 * (len(pool.prompt) - len(live)) >= len(pool.prompt):
-                pool.keep(live)
-                live = list(range(len(live)))
-                adapters_changed = True
-            free = pool.free()
-            if free:  # free rows compute on pad tokens until a prompt takes their place
-                pool.token[free] = pad_id
-            pool.positions += 1
-            pool.token = pool.step(adapters_changed and adapter_ids is not None)
-            adapters_changed = False
-            record(live, pool.token[live].tolist())
-    finally:
-        if adapter_ids is not None:
-            set_row_adapters(model, None)
+    while True:
+        while queue and len(pool.free()) >= min(refill_at, len(queue)):
+            rows = pool.free()[:len(queue)]
+            take = [queue.pop() for _ in rows]
+            first = pool.admit(rows, take, [prompts[i] for i in take],
+                               [adapter_ids[i] for i in take] if adapter_ids is not None else None)
+            record(rows, first.tolist())
+            adapters_changed = True
+        live = pool.live()
+        if not live:
+            break
+        if not queue and 4 * (len(pool.prompt) - len(live)) >= len(pool.prompt):
+            pool.keep(live)
+            live = list(range(len(live)))
+            adapters_changed = True
+        free = pool.free()
+        if free:  # free rows compute on pad tokens until a prompt takes their place
+            pool.token[free] = pad_id
+        pool.positions += 1
+        if adapters_changed and adapter_ids is not None:
+            row_adapters = adapter_tensor(pool.adapter, pool.device)
+        adapters_changed = False
+        pool.token = pool.step(row_adapters)
+        record(live, pool.token[live].tolist())
     return out
 
 
@@ -421,49 +414,56 @@ def generate(
             bar.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    from lora_mem.model.loader import load_model
-
-    ap = argparse.ArgumentParser(description="Greedy chat answers from a Qwen2-family model, optionally with LoRA adapters.")
+def cli_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the generate command lines (this one, and lora_mem.lora_core.generate's with adapters)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, local checkpoint dir or hub id")
     ap.add_argument("--prompt", action="append", required=True, help="a user message; repeat for a batch")
-    ap.add_argument("--adapter", action="append", default=[],
-                    help="a LoRA adapter directory in PEFT format; repeat to answer with each adapter in turn")
     ap.add_argument("--system", default=None, help="system prompt (default: the model family's own)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
-    args = ap.parse_args(argv)
+    add_kernel_args(ap)
+    return ap
 
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
+
+def load_for_cli(args: argparse.Namespace):
+    """The model the options name, with the kernel policy they (or the environment) give."""
+    from lora_mem.model.loader import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, progress=True,
+                      policy=KernelPolicy.from_args(args))
+
+
+def answer_and_print(lm, args: argparse.Namespace) -> None:
+    """Greedy answers to the --prompt messages, printed with the decoding speed."""
     tok = lm.tokenizer
     prompts = [tok.encode_chat([{"role": "user", "content": p}], system_prompt=args.system) for p in args.prompt]
-    for adapter in args.adapter or [None]:
-        if adapter is not None:
-            from lora_mem.lora_core.adapter_io import load_adapter  # runtime LoRA support lives in lora_core
-
-            cfg = load_adapter(lm.model, adapter)
-            print(f"[adapter {adapter}: r={cfg.rank}, alpha={cfg.alpha:g}]")
-        t0 = time.perf_counter()
-        outs = generate(lm.model, prompts, args.max_new_tokens, tok.stop_ids, tok.pad_id)
-        dt = time.perf_counter() - t0
-        for p, o in zip(args.prompt, outs):
-            print(f"> {p}\n{tok.decode(o)}\n")
-        n_tokens = sum(len(o) for o in outs)
-        print(f"[{n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:.1f} tokens/s, {len(outs)} prompt(s), {lm.name}]")
+    t0 = time.perf_counter()
+    outs = generate(lm.model, prompts, args.max_new_tokens, tok.stop_ids, tok.pad_id)
+    dt = time.perf_counter() - t0
+    for p, o in zip(args.prompt, outs):
+        print(f"> {p}\n{tok.decode(o)}\n")
+    n_tokens = sum(len(o) for o in outs)
+    print(f"[{n_tokens} tokens in {dt:.2f}s: {n_tokens / dt:.1f} tokens/s, {len(outs)} prompt(s), {lm.name}]")
 
 
-def cli() -> None:
-    """main() with bad input (model, checkpoint, adapter) reported in one line instead of a traceback."""
-    from lora_mem.lora_core.adapter_io import AdapterError
+def main(argv: list[str] | None = None) -> None:
+    args = cli_parser("Greedy chat answers from a Qwen2-family model.").parse_args(argv)
+    answer_and_print(load_for_cli(args), args)
+
+
+def cli(run=main, errors: tuple[type[Exception], ...] = ()) -> None:
+    """run() with bad input (model, checkpoint, tokenizer, and `errors`) reported in one line instead of a
+    traceback."""
     from lora_mem.model.config import ConfigError
     from lora_mem.model.loader import CheckpointError
     from lora_mem.model.packaged import PackagedModelError
     from lora_mem.model.tokenizer import TokenizerError
 
     try:
-        main()
-    except (ConfigError, CheckpointError, PackagedModelError, AdapterError, TokenizerError) as e:
+        run()
+    except (ConfigError, CheckpointError, PackagedModelError, TokenizerError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

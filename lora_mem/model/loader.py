@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lora_mem.kernels.policy import KernelPolicy
 from lora_mem.model.config import ModelConfig
 from lora_mem.model.qwen2 import Qwen2ForCausalLM
 from lora_mem.model.tokenizer import Tokenizer
@@ -228,10 +229,11 @@ def load_weights(model: Qwen2ForCausalLM, ckpt_dir: Path, progress: bool = False
         bar.close()
 
 
-def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Qwen2ForCausalLM:
+def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                policy: KernelPolicy = KernelPolicy()) -> Qwen2ForCausalLM:
     """Uninitialised model with real storage: built on meta, allocated once with to_empty."""
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg).to(dtype)  # dtype first: free on meta, no second copy later
+        model = Qwen2ForCausalLM(cfg, policy).to(dtype)  # dtype first: free on meta, no second copy later
     model = model.to_empty(device=device)
     model.tie_weights()  # to_empty gives shared parameters separate storage; share it again
     rope = model.model.rotary_emb
@@ -244,14 +246,16 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     progress: bool = False,
+    policy: KernelPolicy = KernelPolicy(),
 ) -> LoadedModel:
-    """Load model + tokenizer. fp32 on CPU and bf16 on CUDA unless `dtype` says otherwise."""
+    """Load model + tokenizer. fp32 on CPU and bf16 on CUDA unless `dtype` says otherwise; `policy`: which kernels
+    the model runs (lora_mem.kernels.policy)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not isinstance(dtype, torch.dtype):
         dtype = parse_dtype(dtype, device)
     ckpt_dir = resolve_checkpoint(name_or_path)
     cfg = ModelConfig.from_file(ckpt_dir / "config.json")
-    model = build_model(cfg, device, dtype)
+    model = build_model(cfg, device, dtype, policy)
     load_weights(model, ckpt_dir, progress=progress)
     model.requires_grad_(False)
     model.eval()

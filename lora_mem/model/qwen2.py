@@ -6,8 +6,13 @@ decoder layer -> model -> LM head. Parameter names are Hugging Face's, so a chec
 state dict maps 1:1 (`model.layers.0.self_attn.q_proj.weight`, ...).
 
 RMSNorm, the rotary embedding of q and k and SwiGLU's silu(gate) * up go through kernels/ (`rms_norm`,
-`apply_rotary_qk`, `swiglu`): fused Triton kernels on CUDA, on CPU the plain PyTorch references, which are this
-file's former code unchanged.
+`apply_rotary_qk`, `swiglu`): fused Triton kernels or the plain PyTorch references, as the model's kernel policy
+(`Qwen2Model.policy`, lora_mem.kernels.policy.KernelPolicy, set at construction) says; the model hands it to every
+call that dispatches.
+
+Adapters: a projection is a plain `nn.Linear`, or an adapter layer that lora_core put in its place (a module whose
+forward takes `(x, policy, rows)`; see `project`). `forward(..., adapter_ids=...)` gives each sequence its own adapter
+out of a stacked set: the rows are planned once per forward (`adapter_rows`) and handed to every projection.
 
 Training rows that all open with the same tokens can run that prefix once (`Qwen2Model.forward_shared_prefix`).
 
@@ -22,10 +27,20 @@ import torch.utils.checkpoint
 from torch import nn
 
 from lora_mem.kernels.block_causal_attention import block_causal_attention, use_block_causal
+from lora_mem.kernels.multi_lora_linear import AdapterRows, adapter_rows
+from lora_mem.kernels.policy import KernelPolicy
 from lora_mem.kernels.rms_norm import rms_norm
 from lora_mem.kernels.rope import apply_rotary, apply_rotary_qk, rotate_half  # noqa: F401  (re-exported: the rope reference)
 from lora_mem.kernels.swiglu import swiglu
 from lora_mem.model.config import ModelConfig
+
+
+def project(layer: nn.Module, x: torch.Tensor, policy: KernelPolicy, rows: AdapterRows | None) -> torch.Tensor:
+    """A linear projection of x: a plain nn.Linear, or an adapter layer, which also takes the kernel policy and the
+    rows' adapters (None: no per-row adapters)."""
+    if isinstance(layer, nn.Linear):
+        return layer(x)
+    return layer(x, policy, rows)
 
 
 class RMSNorm(nn.Module):
@@ -34,10 +49,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, policy: KernelPolicy = KernelPolicy()) -> torch.Tensor:
         # Normalise in fp32 and cast back before the weight, as Hugging Face does (bit-for-bit in bf16).
-        # Fused Triton kernel on CUDA; on CPU lora_mem.kernels.rms_norm.rms_norm_reference, the same code as before.
-        return rms_norm(x, self.weight, self.eps)
+        # The fused Triton kernel where the policy says so; else lora_mem.kernels.rms_norm.rms_norm_reference.
+        return rms_norm(x, self.weight, self.eps, policy)
 
 
 class RotaryEmbedding(nn.Module):
@@ -136,18 +151,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None, kv_cache: KVCache | None, cache_start: int):
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, kv_cache: KVCache | None, cache_start: int,
+                policy: KernelPolicy = KernelPolicy(), rows: AdapterRows | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rotary_qk(q, k, cos, sin)  # rotate-half rope (lora_mem.kernels.rope: one fused launch on CUDA)
+        q = project(self.q_proj, x, policy, rows).view(B, T, self.n_heads, self.head_dim)
+        k = project(self.k_proj, x, policy, rows).view(B, T, self.n_kv_heads, self.head_dim)
+        v = project(self.v_proj, x, policy, rows).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D) x 2
+        q, k = apply_rotary_qk(q, k, cos, sin, policy)  # rotate-half rope (lora_mem.kernels.rope: one fused launch)
         if kv_cache is not None:
             k, v = kv_cache.update(cache_start, k, v)  # (B, Hkv, S, D)
             if kv_cache.prefix_k is not None:
                 y = cascade_attention(q, kv_cache.prefix_k, kv_cache.prefix_v, k, v, mask)
-                return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        if mask is None and use_block_causal(q, k, v):
+                return project(self.o_proj, y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), policy, rows)
+        if mask is None and use_block_causal(q, k, v, policy):
             # CPU training, 256..1024 tokens: causal attention as block GEMMs that skip the masked half
             # (lora_mem.kernels.block_causal_attention: PyTorch's CPU flash kernel runs at a fraction of the GEMM rate;
             # bench.perf.attention measures both).
@@ -157,7 +174,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
             )  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), policy, rows)
 
 
 class MLP(nn.Module):
@@ -167,8 +184,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
+    def forward(self, x: torch.Tensor, policy: KernelPolicy = KernelPolicy(), rows: AdapterRows | None = None):
+        gate, up = project(self.gate_proj, x, policy, rows), project(self.up_proj, x, policy, rows)
+        return project(self.down_proj, swiglu(gate, up, policy), policy, rows)  # silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -179,14 +197,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv_cache, cache_start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, kv_cache, cache_start, policy: KernelPolicy = KernelPolicy(),
+                rows: AdapterRows | None = None):
+        x = x + self.self_attn(self.input_layernorm(x, policy), cos, sin, mask, kv_cache, cache_start, policy, rows)
+        return x + self.mlp(self.post_attention_layernorm(x, policy), policy, rows)
 
 
 class Qwen2Model(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, policy: KernelPolicy = KernelPolicy()):
         super().__init__()
+        self.policy = policy  # which kernels run, handed to every call that dispatches
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -202,6 +222,7 @@ class Qwen2Model(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, S) bool, True = real token in that slot
         kv_caches: list[KVCache] | None = None,
         cache_start: int = 0,
+        adapter_ids: torch.Tensor | None = None,  # (B,) int: each row's adapter of a stacked set, -1 = none
     ) -> torch.Tensor:
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, C)
@@ -211,18 +232,20 @@ class Qwen2Model(nn.Module):
         mask = None
         if attention_mask is not None or cache_start > 0:
             mask = self.build_mask(attention_mask, B, T, cache_start, x.device)
-        return self.run_layers(x, cos, sin, mask, kv_caches, cache_start)
+        rows = adapter_rows(adapter_ids, x, self.policy) if adapter_ids is not None else None  # planned once
+        return self.run_layers(x, cos, sin, mask, kv_caches, cache_start, rows)
 
-    def run_layers(self, x, cos, sin, mask, kv_caches: list[KVCache] | None = None, cache_start: int = 0):
+    def run_layers(self, x, cos, sin, mask, kv_caches: list[KVCache] | None = None, cache_start: int = 0,
+                   rows: AdapterRows | None = None):
         """The decoder layers and the final norm over embedded tokens x (B, T, C) -> (B, T, C)."""
         for i, layer in enumerate(self.layers):
             kv_cache = kv_caches[i] if kv_caches is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv_cache, cache_start,
-                                                      use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv_cache, cache_start, self.policy,
+                                                      rows, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache, cache_start)
-        return self.norm(x)  # (B, T, C)
+                x = layer(x, cos, sin, mask, kv_cache, cache_start, self.policy, rows)
+        return self.norm(x, self.policy)  # (B, T, C)
 
     def forward_shared_prefix(self, input_ids: torch.Tensor, prefix_len: int) -> torch.Tensor:
         """Hidden states (B, T, C) of rows that all start with the same prefix_len tokens, that prefix computed once.
@@ -268,10 +291,10 @@ class Qwen2Model(nn.Module):
 
 
 class Qwen2ForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, policy: KernelPolicy = KernelPolicy()):
         super().__init__()
         self.config = cfg
-        self.model = Qwen2Model(cfg)
+        self.model = Qwen2Model(cfg, policy)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
@@ -279,9 +302,10 @@ class Qwen2ForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, kv_caches=None, cache_start=0):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, kv_caches=None, cache_start=0,
+                adapter_ids=None):
         """Logits (B, T, vocab). Training code should use `model.model(...)` and a chunked loss instead."""
-        return self.lm_head(self.model(input_ids, position_ids, attention_mask, kv_caches, cache_start))
+        return self.lm_head(self.model(input_ids, position_ids, attention_mask, kv_caches, cache_start, adapter_ids))
 
     def new_kv_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
         cfg, p = self.config, self.lm_head.weight
