@@ -51,8 +51,10 @@ from lora_mem.cli import Parser, fail, float_in, id_list, int_at_least, non_nega
     positive_int
 from lora_mem.lora_core.adapter_io import AdapterError
 from lora_mem.lora_core.inject import trainable_summary
-from lora_mem.lora_core.memory import QUESTION_TEMPLATE, Memory, MemoryConfig, answer_prompts, chat_prompts
-from lora_mem.lora_core.recipes import ABSTENTION_STYLES, MIN_SEQ_LEN, QA_SOURCES, TRAIN_FORMATS
+from lora_mem.lora_core.distill import ANSWER_SOURCES
+from lora_mem.lora_core.memory import ANSWER_MODES, QUESTION_TEMPLATE, Memory, MemoryConfig, answer_prompts, \
+    chat_prompts, recite_then_answer
+from lora_mem.lora_core.recipes import ABSTENTION_STYLES, MIN_SEQ_LEN, QA_SOURCES, TRAIN_PARTS
 from lora_mem.model.config import ConfigError, ModelConfig
 from lora_mem.model.loader import CheckpointError, LoadedModel, load_model, resolve_checkpoint
 from lora_mem.model.packaged import PackagedModelError
@@ -116,6 +118,15 @@ class Option:
         return self.flag.lstrip("-").replace("-", "_")
 
 
+def train_format(text: str) -> str:
+    """A --train-format: parts joined by '+', each once."""
+    parts = text.split("+")
+    if not text or any(p not in TRAIN_PARTS for p in parts) or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"parts joined by '+', each once, from {', '.join(TRAIN_PARTS)}; got "
+                                         f"{text!r}")
+    return text
+
+
 OPTIONS = (
     Option("--method", "method", dict(choices=METHODS, help="lora: train an adapter per conversation, ask without "
            "context; base: the model alone; icl: the latest sessions that fit the context window; rag: "
@@ -135,9 +146,11 @@ OPTIONS = (
     Option("--shared-batches", "shared_batches", dict(action="store_true", help="answer all conversations' "
            "questions in shared batches, each with its own adapter; predictions equal one adapter at a time"),
            "adapter and training"),
-    Option("--train-format", "memory.recipe.train_format", dict(choices=TRAIN_FORMATS, help="text: next-token loss "
-           "on the conversation (the experiment); qa: template questions about the turns (who said what, when) "
-           "in the chat format, loss on answers; text+qa: both"), "adapter and training"),
+    Option("--train-format", "memory.recipe.train_format", dict(type=train_format, help="parts joined by '+' (e.g. "
+           "text+distill): text: next-token loss on the conversation (the experiment); qa: template questions "
+           "about quotes and dates; queries: questions covering each turn's statements, several phrasings; "
+           "distill: the same questions, matching the base model holding the session in context; recite: the "
+           "same questions answered by reciting the turn (for --answer-mode recite)"), "adapter and training"),
     Option("--timestamps", "memory.recipe.timestamps", dict(action="store_true",
            help="session dates in the training text (the experiment had none)"), "adapter and training"),
     Option("--resolve-dates", "memory.recipe.resolve_dates", dict(action="store_true", help="timestamps, and "
@@ -155,6 +168,19 @@ OPTIONS = (
     Option("--abstention-style", "memory.recipe.abstention_style", dict(choices=ABSTENTION_STYLES,
            help="unmentioned: questions about subjects the conversation never mentions; contrastive: each question "
                 "form asked of the speaker who said a subject and of the other one, who never did"),
+           "adapter and training"),
+    Option("--queries-per-turn", "memory.recipe.queries_per_turn", dict(type=positive_int, help="queries, "
+           "distill, recite: facts asked about per turn"), "adapter and training"),
+    Option("--query-phrasings", "memory.recipe.query_phrasings", dict(type=positive_int, help="queries, distill: "
+           "phrasings of each fact"), "adapter and training"),
+    Option("--distill-top-k", "memory.recipe.distill_top_k", dict(type=positive_int, help="distill: the teacher's "
+           "top-k tokens kept per answer position (the rest is one bucket)"), "adapter and training"),
+    Option("--distill-temperature", "memory.recipe.distill_temperature", dict(type=positive_float,
+           help="distill: softmax temperature of teacher and student"), "adapter and training"),
+    Option("--distill-hard-weight", "memory.recipe.distill_hard_weight", dict(type=float_in(0.0, 1.0, low_open=False),
+           help="distill: weight of the cross-entropy on the answer tokens beside the KL"), "adapter and training"),
+    Option("--distill-answers", "memory.recipe.distill_answers", dict(choices=ANSWER_SOURCES, help="distill: whose "
+           "answer tokens the student learns: the teacher's greedy answer, or the query's rule-made answer"),
            "adapter and training"),
     Option("--seq-len", "memory.recipe.seq_len", dict(type=int_at_least(MIN_SEQ_LEN),
            help="tokens per training window"), "adapter and training"),
@@ -177,6 +203,9 @@ OPTIONS = (
     Option("--seed", "memory.train.seed", dict(type=non_negative_int), "adapter and training"),
     Option("--grad-checkpointing", "memory.train.gradient_checkpointing", dict(action="store_true",
            help="recompute decoder layers in backward: less memory, ~1/3 more compute"), "adapter and training"),
+    Option("--answer-mode", "memory.answer.mode", dict(choices=ANSWER_MODES, help="direct: answer the question; "
+           "recite: the adapter first recites the turn the question is about, then the base model answers with "
+           "it in context (needs a recipe with the recite part)"), "answering and runtime"),
     Option("--max-new-tokens", "memory.answer.max_new_tokens", dict(type=positive_int), "answering and runtime"),
     Option("--answer-batch-size", "memory.answer.batch_size", dict(type=positive_int), "answering and runtime"),
     Option("--device", "device", dict(choices=("cpu", "cuda"), help="default: cuda if available"),
@@ -194,18 +223,25 @@ RESULT_SETTINGS = (
     "grad_accum", "warmup_ratio", "seq_len", "seed", "max_new_tokens", "max_questions", "with_adversarial",
     "timestamps", "train_format", "context_tokens", "top_k", "rag_unit", "adapters_from",
     "resolve_dates", "qa_per_turn", "train_abstention", "abstention_ratio", "qa_source", "abstention_style",
-    "device_type", "threads", "data_sha256",
+    "device_type", "threads", "data_sha256", "queries_per_turn", "query_phrasings", "distill_top_k",
+    "distill_temperature", "distill_hard_weight", "distill_answers", "answer_mode",
 )
 # Settings newer than the first runs, with the value an older run_config.json implies.
 SETTINGS_ADDED_LATER = {"train_format": "text", "context_tokens": None, "top_k": None, "rag_unit": None,
                         "adapters_from": None, "resolve_dates": False, "qa_per_turn": None,
                         "train_abstention": False, "abstention_ratio": None, "qa_source": "templates",
-                        "abstention_style": "unmentioned"}
+                        "abstention_style": "unmentioned", "queries_per_turn": None, "query_phrasings": None,
+                        "distill_top_k": None, "distill_temperature": None, "distill_hard_weight": None,
+                        "distill_answers": None, "answer_mode": "direct"}
 # Recorded only by newer runs; an older run_config.json that lacks them resumes without the check.
 RECORDED_LATER = ("device_type", "threads", "data_sha256")
 TRAINING_SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size", "grad_accum",
                      "warmup_ratio", "seq_len", "timestamps", "train_format", "resolve_dates", "qa_per_turn",
-                     "train_abstention", "abstention_ratio", "qa_source", "abstention_style")
+                     "train_abstention", "abstention_ratio", "qa_source", "abstention_style", "queries_per_turn",
+                     "query_phrasings", "distill_top_k", "distill_temperature", "distill_hard_weight",
+                     "distill_answers")
+QUERY_SETTINGS = ("queries_per_turn", "query_phrasings")
+DISTILL_SETTINGS = ("distill_top_k", "distill_temperature", "distill_hard_weight", "distill_answers")
 QA_SOURCE_LABELS = {"model": "the base model", "both": "templates + base model"}
 
 
@@ -268,7 +304,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Locom
         ap.error(str(e).replace("qa_source=", "--qa-source "))
     if (config.adapters_from or config.shared_batches) and not config.uses_adapter:
         ap.error(f"--adapters-from and --shared-batches need an adapter method (lora, lora+rag), not {config.method}")
+    if config.memory.answer.mode == "recite" and (config.method != "lora" or config.shared_batches):
+        ap.error("--answer-mode recite answers with the adapter's own recitation: method lora, no --shared-batches")
+    if config.memory.answer.mode == "recite" and not config.adapters_from \
+            and "recite" not in config.memory.recipe.parts:
+        ap.error(f"--answer-mode recite needs an adapter trained to recite (a --train-format with recite, got "
+                 f"{config.memory.recipe.train_format})")
     return args, config
+
 
 
 def settings_of(config: LocomoConfig) -> dict:
@@ -284,6 +327,10 @@ def settings_of(config: LocomoConfig) -> dict:
         not_applicable += ("top_k", "rag_unit")
     if not config.memory.recipe.abstention:
         not_applicable += ("abstention_ratio", "abstention_style")
+    if not config.memory.recipe.uses_queries:
+        not_applicable += QUERY_SETTINGS
+    if "distill" not in config.memory.recipe.parts:
+        not_applicable += DISTILL_SETTINGS
     for k in not_applicable:
         settings[k] = None
     return settings
@@ -312,7 +359,9 @@ def _method_label(config: LocomoConfig) -> str:
                       f"{r.abstention_ratio:g}" if r.abstention else "",
                       # text format: the template pool that sets how many abstention pairs there are
                       f" ({r.qa_per_turn}/turn)" if r.qa_per_turn and r.train_format == "text" and r.abstention
-                      else ""])
+                      else "",
+                      f", answers from {r.distill_answers}" if "distill" in r.parts else "",
+                      ", recite-then-answer" if config.memory.answer.mode == "recite" else ""])
     lora = f"LoRA-Mem (r={config.memory.lora.rank}{extras})"
     return f"{lora} + {rag}" if config.method == "lora+rag" else lora
 
@@ -414,17 +463,17 @@ def prepare_adapter(sample: Sample, memory: Memory, config: LocomoConfig, out: P
 
 def finish_conversation(sample: Sample, questions: list, answers: list[str], prompts: list[list[int]],
                         context: dict, result: dict, seconds: float, out: Path) -> dict:
-    """Score and write one conversation's predictions; result.json last, as the 'finished' mark."""
+    """Score and write one conversation's predictions; result.json last, as the 'finished' mark. Lists in
+    ``context`` under "retrieved" / "recitation" are per question and go into the predictions' rows."""
     conv_dir = out / "conversations" / sample.sample_id
-    retrieved = context.pop("retrieved", None)
+    per_question = {k: context.pop(k) for k in ("retrieved", "recitation") if k in context}
     rows = []
     for i, (qa, pred) in enumerate(zip(questions, answers)):
         gold = gold_answer(qa)
         row = {"sample_id": sample.sample_id, "question": qa.question, "answer": gold,
                "category": qa.category, "prediction": pred, "f1": score_qa(pred, gold, qa.category),
                "prompt_tokens": len(prompts[i])}
-        if retrieved is not None:
-            row["retrieved"] = retrieved[i]
+        row.update({k: v[i] for k, v in per_question.items()})
         rows.append(row)
     write_jsonl(conv_dir / "predictions.jsonl", rows)
     result.update(answer_seconds=seconds, f1=aggregate(rows), context=context or None,
@@ -454,6 +503,12 @@ def run_conversation(sample: Sample, lm: LoadedModel, memory: Memory | None, con
         result.update(prepare_adapter(sample, memory, config, out, quiet))
         if result["error"]:
             return record_failure(out, result)
+    if config.memory.answer.mode == "recite":
+        t0 = time.perf_counter()
+        answers, recitations, prompts = recite_then_answer(lm, [q.question for q in questions], config.memory.answer,
+                                                           progress=not quiet)
+        return finish_conversation(sample, questions, answers, prompts, {"recitation": recitations}, result,
+                                   time.perf_counter() - t0, out)
     prompts, context = question_prompts(sample, questions, lm, config)
     answers, seconds = answer(lm, prompts, config, quiet)
     return finish_conversation(sample, questions, answers, prompts, context, result, seconds, out)
@@ -600,7 +655,8 @@ def take_over_training_settings(config: LocomoConfig) -> LocomoConfig:
     values = {}
     for k in TRAINING_SETTINGS + ("seed",):
         value = source[k] if k in source else SETTINGS_ADDED_LATER.get(k)  # added later: it was off there
-        if value is not None or k not in ("abstention_ratio", "abstention_style"):  # None: did not apply there
+        if value is not None or k not in ("abstention_ratio", "abstention_style") + QUERY_SETTINGS + DISTILL_SETTINGS:
+            # None: it did not apply there (the default stays)
             values[k] = value
     return config_from(values | {"adapters_from": str(Path(config.adapters_from))}, config)
 
@@ -608,7 +664,7 @@ def take_over_training_settings(config: LocomoConfig) -> LocomoConfig:
 def check_seq_len(config: LocomoConfig, tok: Tokenizer) -> None:
     """A chat-QA window holds the system turn and at least one short exchange; say so before any work."""
     recipe = config.memory.recipe
-    if not config.uses_adapter or config.adapters_from or not recipe.has_qa:
+    if not config.uses_adapter or config.adapters_from or not recipe.uses_chat:
         return
     system = tok.default_system_prompt
     head = len(tok.encode(tok.format_chat([{"role": "system", "content": system}], add_generation_prompt=False))
@@ -677,6 +733,9 @@ def run(args: argparse.Namespace, config: LocomoConfig, dist: Dist, t_start: flo
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if config.adapters_from:
         config = take_over_training_settings(config)
+        if config.memory.answer.mode == "recite" and "recite" not in config.memory.recipe.parts:
+            raise RunConfigMismatch(f"--answer-mode recite: the adapters of {config.adapters_from} were not trained "
+                                    f"to recite (train_format {config.memory.recipe.train_format})")
         missing = [s.sample_id for s in samples if not adapter_dir(out, config, s.sample_id).is_dir()]
         if missing:
             raise RunConfigMismatch(f"--adapters-from {config.adapters_from}: no adapter for {', '.join(missing)}")

@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_mem.lora_core.distill import (
-    DistillSettings,
-    SoftTargets,
-    TeacherExample,
-    distill_windows,
-    score_answers,
-    soft_target_loss,
-    soft_target_loss_reference,
-    teacher_examples,
-)
+from lora_mem.lora_core.distill import DistillSettings, TeacherExample, distill_windows, score_answers, teacher_examples
+from lora_mem.lora_core.losses import SoftTargets, soft_target_loss, soft_target_loss_reference
 from lora_mem.lora_core.memory import QUESTION_TEMPLATE
 from lora_mem.lora_core.queries import coverage_queries
 from lora_mem.lora_core.train import IGNORE_INDEX

@@ -368,3 +368,28 @@ def test_qa_source_both_generates_with_the_base_model_and_caches(ckpt, tmp_path,
     assert len(cached) == 1 and len(json.loads(cached[0].read_text())["raw"]) > 0
     with pytest.raises(SystemExit):  # templates are the only source for plain text training
         run(ckpt, tmp_path / "bad", "--qa-source", "model")
+
+
+def test_distill_and_recite_recipes_run_end_to_end(long_ckpt, tmp_path, monkeypatch):
+    """text+distill+recite trains with the teacher's soft targets (cached on disk), and --answer-mode recite
+    answers after reciting: each prediction keeps its recitation."""
+    monkeypatch.setenv("LORA_MEM_CACHE", str(tmp_path / "cache"))
+    args = ["--train-format", "text+distill+recite", "--answer-mode", "recite", "--seq-len", "256",
+            "--epochs", "1", "--conversations", "tiny-1", "--max-questions", "3", "--distill-top-k", "4"]
+    results = run(long_ckpt, tmp_path / "dr", *args)
+    assert not results["failed"]
+    assert results["method"] == "LoRA-Mem (r=4, text+distill+recite, answers from teacher, recite-then-answer)"
+    assert results["settings"]["distill_top_k"] == 4 and results["settings"]["answer_mode"] == "recite"
+    assert results["config"]["memory"]["recipe"]["train_format"] == "text+distill+recite"
+    rows = read_jsonl(tmp_path / "dr" / "predictions.jsonl")
+    assert len(rows) == 3 and all("recitation" in r for r in rows)
+    train = json.loads((tmp_path / "dr" / "conversations" / "tiny-1" / "train.json").read_text())
+    assert train["error"] is None and train["teacher_seconds"] > 0
+    cached = list((tmp_path / "cache" / "teacher").rglob("*.pt"))
+    assert cached
+    # a second run reads the teacher from the cache (same settings, another --out) and trains the same adapter
+    again = run(long_ckpt, tmp_path / "dr2", *args)
+    assert sorted((tmp_path / "cache" / "teacher").rglob("*.pt")) == sorted(cached)
+    assert read_jsonl(tmp_path / "dr2" / "predictions.jsonl") == rows and again["scores"] == results["scores"]
+    with pytest.raises(SystemExit):  # reciting needs an adapter trained to recite
+        run(long_ckpt, tmp_path / "bad", "--answer-mode", "recite")

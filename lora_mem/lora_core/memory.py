@@ -16,6 +16,7 @@ holds every setting of the product, each default once: the adapter's shape, the 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -25,23 +26,33 @@ import torch
 
 from lora_mem.lora_core.adapter_io import load_adapter, save_adapter
 from lora_mem.lora_core.conversation import Conversation, conversation_only
+from lora_mem.lora_core.distill import DistillSettings, SoftTargets, distill_windows, teacher_examples
 from lora_mem.lora_core.generated_qa import generate_qa
-from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_parameters, reset_lora
+from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_disabled, lora_parameters, reset_lora
 from lora_mem.lora_core.multi_adapter import stack_adapters, unstack_adapters
-from lora_mem.lora_core.recipes import Recipe, training_data
+from lora_mem.lora_core.recipes import RECITE_TEMPLATE, Recipe, recipe_queries, training_data
 from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, TrainResult, train_lora
 from lora_mem.model.generate import generate
 from lora_mem.model.loader import LoadedModel
 
 # The instruction that turns a question into a chat turn: the same in training data and at answer time.
 QUESTION_TEMPLATE = "Answer the question in a few words.\nQuestion: {question}"
+# Recite-then-answer: the adapter's recitation goes ahead of the question, as retrieved text would.
+RECITED_CONTEXT = "Here is a message from our conversation, with its date:\n\n{recitation}\n\n"
+RECITE_MAX_NEW_TOKENS = 96
+ANSWER_MODES = ("direct", "recite")
 
 
 @dataclass(frozen=True)
 class AnswerConfig:
+    """How questions are answered. ``mode``: "direct" (the question alone) or "recite" (the adapter first recites
+    the turn the question is about, `recipes.RECITE_TEMPLATE`; the base model then answers with that recitation
+    ahead of the question: nothing is retrieved from outside the weights)."""
+
     question_template: str = QUESTION_TEMPLATE
     max_new_tokens: int = 32
     batch_size: int = 64  # questions decoded at once (greedy, continuous batching)
+    mode: str = "direct"
 
     def __post_init__(self):
         if "{question}" not in self.question_template:
@@ -49,6 +60,8 @@ class AnswerConfig:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {self.max_new_tokens}, "
                              f"{self.batch_size}")
+        if self.mode not in ANSWER_MODES:
+            raise ValueError(f"answer mode: unknown {self.mode!r} (choose from {', '.join(ANSWER_MODES)})")
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,15 @@ class MemoryConfig:
 
 
 @dataclass
+class TrainingData:
+    input_ids: torch.Tensor  # (N, L) windows
+    labels: torch.Tensor  # (N, L) next-token targets, IGNORE_INDEX where unsupervised
+    soft_targets: SoftTargets | None = None  # the teacher's distributions (distill recipes)
+    teacher_seconds: float = 0.0  # the teacher's part of building it (0 when cached)
+    seconds: float = 0.0  # building all of it
+
+
+@dataclass
 class WriteResult:
     """One conversation written into the adapter: the data it was trained on and how training went."""
 
@@ -70,12 +92,14 @@ class WriteResult:
     windows: int
     target_tokens: int  # labelled positions per epoch
     train: TrainResult
-    data_seconds: float  # building the training data (model-written questions included)
+    data_seconds: float  # building the training data (the teacher's and model-written questions included)
+    teacher_seconds: float = 0.0
     error: str | None = None  # training diverged or left non-finite weights: the adapter is not a result
 
     def to_dict(self) -> dict:
         return {"sample_id": self.sample_id, "windows": self.windows, "target_tokens": self.target_tokens,
-                "data_seconds": self.data_seconds, **self.train.to_dict(), "error": self.error}
+                "data_seconds": self.data_seconds, "teacher_seconds": self.teacher_seconds, **self.train.to_dict(),
+                "error": self.error}
 
 
 def chat_prompts(lm: LoadedModel, user_messages: list[str]) -> list[list[int]]:
@@ -105,6 +129,20 @@ def question_messages(questions: list[str], cfg: AnswerConfig = AnswerConfig(),
     return [c + a for c, a in zip(contexts, asks)]
 
 
+def recite_then_answer(lm: LoadedModel, questions: list[str], cfg: AnswerConfig = AnswerConfig(), *,
+                       progress: bool = False) -> tuple[list[str], list[str], list[list[int]]]:
+    """The adapter recites the turn each question is about; the base model answers with that recitation ahead of
+    the question. Returns (answers, recitations, the answering prompts)."""
+    recite = dataclasses.replace(cfg, max_new_tokens=RECITE_MAX_NEW_TOKENS)
+    recitations = answer_prompts(lm, chat_prompts(lm, [RECITE_TEMPLATE.format(question=q) for q in questions]),
+                                 recite, progress=progress)
+    prompts = chat_prompts(lm, question_messages(questions, cfg, [RECITED_CONTEXT.format(recitation=r)
+                                                                   for r in recitations]))
+    with lora_disabled(lm.model):
+        answers = answer_prompts(lm, prompts, cfg, progress=progress)
+    return answers, recitations, prompts
+
+
 def adapter_is_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in lora_parameters(model))
 
@@ -116,27 +154,42 @@ class Memory:
         self.lm, self.config = lm, config
         inject_lora(lm.model, config.lora)
 
-    def training_data(self, conv: Conversation, *, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, targets) windows the recipe makes of ``conv`` (built from the conversation alone)."""
+    def training_data(self, conv: Conversation, *, progress: bool = False) -> TrainingData:
+        """The windows the recipe makes of ``conv`` (built from the conversation alone; the distill part asks the
+        base model holding each session in context, `distill`)."""
+        t0 = time.perf_counter()
         conv = conversation_only(conv)
-        recipe = self.config.recipe
+        recipe, template = self.config.recipe, self.config.answer.question_template
         generated = generate_qa(conv, self.lm, progress=progress).pairs if recipe.needs_generated_qa else None
-        return training_data(conv, self.lm.tokenizer, recipe, self.config.answer.question_template,
-                             seed=self.config.train.seed, generated=generated)
+        ids, labels = training_data(conv, self.lm.tokenizer, recipe, template, seed=self.config.train.seed,
+                                    generated=generated)
+        if "distill" not in recipe.parts:
+            return TrainingData(ids, labels, seconds=time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        settings = DistillSettings(recipe.distill_top_k, recipe.distill_temperature, recipe.distill_answers)
+        examples = teacher_examples(self.lm, conv, recipe_queries(conv, recipe), settings, template,
+                                    progress=progress)
+        teacher_seconds = time.perf_counter() - t1
+        d_ids, d_labels, d_soft = distill_windows(examples, self.lm.tokenizer, recipe.seq_len, template)
+        soft = SoftTargets.cat([SoftTargets.hard(labels, recipe.distill_top_k), d_soft])
+        return TrainingData(torch.cat([ids, d_ids]), torch.cat([labels, d_labels]), soft, teacher_seconds,
+                            time.perf_counter() - t0)
 
     def write(self, conv: Conversation, *, progress: bool = False) -> WriteResult:
         """Train a fresh adapter (same initialisation every time) on ``conv``; it stays in the model."""
         reset_lora(self.lm.model, torch.Generator().manual_seed(self.config.train.seed))
-        t0 = time.perf_counter()
-        ids, labels = self.training_data(conv, progress=progress)
-        data_seconds = time.perf_counter() - t0
-        result = train_lora(self.lm.model, ids, labels, self.config.train, progress=progress,
-                            desc=f"train {conv.sample_id}")
+        data = self.training_data(conv, progress=progress)
+        recipe = self.config.recipe
+        soft = None if data.soft_targets is None else (data.soft_targets, recipe.distill_temperature,
+                                                       recipe.distill_hard_weight)
+        result = train_lora(self.lm.model, data.input_ids, data.labels, self.config.train, progress=progress,
+                            desc=f"train {conv.sample_id}", soft_targets=soft)
         error = result.error
         if error is None and not adapter_is_finite(self.lm.model):
             error = "the trained adapter has non-finite weights"
-        return WriteResult(conv.sample_id, windows=ids.shape[0], target_tokens=int((labels != IGNORE_INDEX).sum()),
-                           train=result, data_seconds=data_seconds, error=error)
+        return WriteResult(conv.sample_id, windows=data.input_ids.shape[0],
+                           target_tokens=int((data.labels != IGNORE_INDEX).sum()), train=result,
+                           data_seconds=data.seconds, teacher_seconds=data.teacher_seconds, error=error)
 
     def save(self, path: str | Path) -> Path:
         return save_adapter(self.lm.model, path, self.config.lora, base_model=self.lm.name)
@@ -146,8 +199,13 @@ class Memory:
 
     def answer(self, questions: list[str], *, contexts: list[str] | None = None,
                adapter_ids: list[int] | None = None, progress: bool = False) -> list[str]:
-        """Answers from the adapter in the model (or, inside :meth:`stacked`, each question's own adapter)."""
+        """Answers from the adapter in the model (or, inside :meth:`stacked`, each question's own adapter), in
+        the configured mode."""
         cfg = self.config.answer
+        if cfg.mode == "recite":
+            if contexts is not None or adapter_ids is not None:
+                raise ValueError("recite-then-answer takes the questions alone, with the adapter in the model")
+            return recite_then_answer(self.lm, questions, cfg, progress=progress)[0]
         prompts = chat_prompts(self.lm, question_messages(questions, cfg, contexts))
         return answer_prompts(self.lm, prompts, cfg, adapter_ids=adapter_ids, progress=progress)
 

@@ -292,6 +292,31 @@ def _other_facts(sentence: str, speaker: str, day: str | None) -> list[tuple[str
 # A turn, a conversation
 # ----------------------------------------------------------------------------------------------------------------
 
+# A noun, with no tagger at hand: the head of a determiner phrase stands for one: the last of the
+# (at most three) words after a determiner ("a local church" -> church, "my pottery class" -> class).
+_DETERMINERS = frozenset("a an the my our your his her their some this these those".split())
+_PHRASE_ENDS = frozenset("""
+and or but so to of in on at for with from by as is are was were be been am it that than then when if because
+about into like just very really too also not no who whom whose which what where how""".split())
+
+
+def phrase_heads(text: str) -> list[str]:
+    """The heads of the text's determiner phrases (see above), as written, in order."""
+    tokens = re.findall(r"[A-Za-z]+|[^\sA-Za-z]", text)
+    heads = []
+    for i, t in enumerate(tokens):
+        if t.lower() not in _DETERMINERS:
+            continue
+        run = []
+        for u in tokens[i + 1:i + 4]:
+            if not u.isalpha() or u.lower() in _PHRASE_ENDS or u.lower() in _DETERMINERS:
+                break
+            run.append(u)
+        if run:
+            heads.append(run[-1])
+    return heads
+
+
 _KEYWORD_SKIP = frozenset("""time times thing things stuff kind lot week weeks weekend month months year years today
 moment way day days life people guys friend friends family something anything everything nothing glad great good
 nice cool amazing awesome""".split())
@@ -300,8 +325,6 @@ nice cool amazing awesome""".split())
 def _keyword(sentence: str, speakers: tuple[str, ...]) -> str | None:
     """The sentence's longest noun: the head of a determiner phrase ("my pottery class" -> class), not a speaker
     or a common word."""
-    from lora_mem.lora_core.recipes import phrase_heads
-
     names = {s.lower() for s in speakers}
     words = [w for w in phrase_heads(sentence)
              if len(w) >= 4 and w.lower() not in _KEYWORD_SKIP and w.lower() not in names and not w.endswith("ly")]

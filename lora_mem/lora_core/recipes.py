@@ -38,6 +38,7 @@ import torch
 from nltk.stem import PorterStemmer
 
 from lora_mem.lora_core.conversation import (
+    FORMATS,
     Conversation,
     ConversationError,
     Turn,
@@ -48,10 +49,12 @@ from lora_mem.lora_core.conversation import (
     resolve_relative_dates,
     session_date,
 )
+from lora_mem.lora_core.queries import Query, coverage_queries, phrase_heads
 from lora_mem.lora_core.train import IGNORE_INDEX, make_lm_windows
 from lora_mem.model.tokenizer import Tokenizer
 
-TRAIN_FORMATS = ("text", "qa", "text+qa")
+TRAIN_PARTS = ("text", "qa", "queries", "distill", "recite")
+TRAIN_FORMATS = ("text", "qa", "text+qa")  # the original experiment's and its first fixes (any "+" join of parts works)
 QA_SOURCES = ("templates", "model", "both")  # who writes the questions: templates, the base model, or both
 SNIPPET_WORDS = 12  # a quote long enough to identify a turn, short enough to be a question
 ANSWER_WORDS = 40  # long turns are cut: answers are meant to be short
@@ -247,12 +250,6 @@ def abstention_pairs(conv: Conversation, n: int, seed: int) -> list[QAPair]:
 ABSTENTION_STYLES = ("unmentioned", "contrastive")
 CONTRASTIVE_FORMS = ("What did {s} say about {x}?", "When did {s} talk about {x}?")
 KEYWORD_MIN_LETTERS = 4
-# A subject is a noun; with no tagger at hand, the head of a determiner phrase stands for one: the last of the
-# (at most three) words after a determiner ("a local church" -> church, "my pottery class" -> class).
-_DETERMINERS = frozenset("a an the my our your his her their some this these those".split())
-_PHRASE_ENDS = frozenset("""
-and or but so to of in on at for with from by as is are was were be been am it that than then when if because
-about into like just very really too also not no who whom whose which what where how""".split())
 # Heads that are not subjects (time words, vague nouns, adjectives ending a phrase); months and weekdays are dates.
 _NOT_KEYWORDS = frozenset("""
 time times while thing things stuff kind sort part week weeks weekend month months year years today tonight moment
@@ -264,23 +261,6 @@ thursday friday saturday sunday""".split())
 
 def _turn_words(text: str) -> list[str]:
     return re.findall(r"[A-Za-z]+", text)
-
-
-def phrase_heads(text: str) -> list[str]:
-    """The heads of the text's determiner phrases (see above), as written, in order."""
-    tokens = re.findall(r"[A-Za-z]+|[^\sA-Za-z]", text)
-    heads = []
-    for i, t in enumerate(tokens):
-        if t.lower() not in _DETERMINERS:
-            continue
-        run = []
-        for u in tokens[i + 1:i + 4]:
-            if not u.isalpha() or u.lower() in _PHRASE_ENDS or u.lower() in _DETERMINERS:
-                break
-            run.append(u)
-        if run:
-            heads.append(run[-1])
-    return heads
 
 
 def turn_keyword(text: str, turn_counts: dict[str, int], exclude: set[str]) -> str | None:
@@ -428,9 +408,14 @@ def chat_qa_windows(pairs: list[QAPair], tok: Tokenizer, seq_len: int, question_
 class Recipe:
     """What a conversation is turned into for training. Every default is the original experiment's.
 
-    ``train_format`` joins parts with "+": ``text`` (next-token loss on the conversation text) and ``qa`` (chat
-    question-answer pairs, loss on the answers). The other fields are the options documented at the top of
-    this module; ``seq_len`` is the length of a training window."""
+    ``train_format`` joins parts with "+" (each once):
+      text     next-token loss on the conversation text
+      qa       template questions about quotes and dates (who said what, when), loss on the answers
+      queries  questions covering each turn's statements in several phrasings (`queries`), loss on the answers
+      distill  the same questions, the student matching a teacher that holds the session in context (`distill`)
+      recite   the same questions, answered by reciting the turn with its date (for ``AnswerConfig.mode="recite"``)
+    The other fields are the options documented at the top of this module; ``seq_len`` is the length of a training
+    window; ``queries_per_turn`` and ``query_phrasings`` size the queries, distill and recite parts."""
 
     train_format: str = "text"
     seq_len: int = 512
@@ -441,10 +426,23 @@ class Recipe:
     abstention: bool = False
     abstention_ratio: float = 0.1
     abstention_style: str = "unmentioned"
+    queries_per_turn: int | None = 2
+    query_phrasings: int = 2
+    distill_top_k: int = 16
+    distill_temperature: float = 1.0
+    distill_hard_weight: float = 0.0
+    distill_answers: str = "teacher"
 
     def __post_init__(self):
-        if self.train_format not in TRAIN_FORMATS:
-            raise ValueError(f"train_format: unknown {self.train_format!r} (choose from {', '.join(TRAIN_FORMATS)})")
+        parts = self.train_format.split("+")
+        if not parts or any(p not in TRAIN_PARTS for p in parts) or len(set(parts)) != len(parts):
+            raise ValueError(f"train_format: unknown {self.train_format!r} (parts joined by '+', each once, from "
+                             f"{', '.join(TRAIN_PARTS)})")
+        if self.queries_per_turn is not None and self.queries_per_turn < 1 or self.query_phrasings < 1:
+            raise ValueError(f"queries_per_turn and query_phrasings must be >= 1, got {self.queries_per_turn}, "
+                             f"{self.query_phrasings}")
+        if not 0 <= self.distill_hard_weight <= 1:
+            raise ValueError(f"distill_hard_weight: must be in [0, 1], got {self.distill_hard_weight}")
         if self.seq_len < MIN_SEQ_LEN:
             raise ValueError(f"seq_len: must be at least {MIN_SEQ_LEN} tokens, got {self.seq_len}")
         if self.qa_per_turn is not None and self.qa_per_turn < 1:
@@ -472,6 +470,15 @@ class Recipe:
     def needs_generated_qa(self) -> bool:
         """Whether the base model must first write questions about the turns (`generated_qa`)."""
         return self.qa_source != "templates" and self.has_qa
+
+    @property
+    def uses_queries(self) -> bool:
+        return any(p in self.parts for p in ("queries", "distill", "recite"))
+
+    @property
+    def uses_chat(self) -> bool:
+        """Whether any window is a chat of questions and answers (which must fit a system turn and one exchange)."""
+        return self.has_qa or self.uses_queries
 
     @property
     def text_format(self) -> str:
@@ -523,20 +530,62 @@ def training_qa_pairs(conv: Conversation, recipe: Recipe, *, seed: int = 0,
     return _interleave(pairs, negatives)
 
 
+def recipe_queries(conv: Conversation, recipe: Recipe) -> list[Query]:
+    """The questions the queries, distill and recite parts ask about ``conv``."""
+    return coverage_queries(conv, phrasings=recipe.query_phrasings, per_turn=recipe.queries_per_turn)
+
+
+# The instruction of the recite part and of recite-then-answer: the adapter says the turn a question is about.
+RECITE_TEMPLATE = "Recite the message of our conversation that answers the question.\nQuestion: {question}"
+RECITATION_WORDS = 60
+
+
+def recitation_pairs(conv: Conversation, queries: list[Query]) -> list[QAPair]:
+    """Each query (its first phrasing per fact and turn: the key) with the recitation of its turn (the value):
+    "On 8 May 2023, Caroline said: <the turn, relative dates resolved>"; a turn no query asks about is keyed by
+    "What did <speaker> say on <date>?"."""
+    source = conversation_only(conv)
+    header, line = FORMATS["timestamped+dates"]
+    recitation, keyed = {}, {}
+    for session in source.sessions:
+        for turn in session.turns:
+            recitation[turn.dia_id] = _words(line(source, session, turn), RECITATION_WORDS)
+            keyed[turn.dia_id] = f"What did {turn.speaker} say on {session_date(session.date_time)}?" \
+                if session.date_time else None
+    pairs, asked = [], set()
+    for q in queries:
+        if q.dia_id in recitation and (q.dia_id, q.kind) not in asked:
+            asked.add((q.dia_id, q.kind))
+            pairs.append(QAPair(q.question, recitation[q.dia_id]))
+    for dia_id, key in keyed.items():
+        if key and not any(d == dia_id for d, _ in asked):
+            pairs.append(QAPair(key, recitation[dia_id]))
+    return pairs
+
+
 def training_data(conv: Conversation, tok: Tokenizer, recipe: Recipe, question_template: str, *, seed: int = 0,
                   generated: list[QAPair] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, targets) windows of one conversation under ``recipe``: the conversation text in
-    ``recipe.text_format`` (the "text" part), then the chat-QA pairs of :func:`training_qa_pairs`, each packed
-    into ``recipe.seq_len``-token windows. The recipe's defaults give exactly the original experiment's data."""
+    """(input_ids, targets) windows of one conversation under ``recipe``, in order: the conversation text in
+    ``recipe.text_format`` (the "text" part), the chat-QA pairs of :func:`training_qa_pairs`, the coverage
+    queries with their answers ("queries"), the recitations ("recite"), each packed into ``recipe.seq_len``-token
+    windows. The "distill" part needs the teacher: `memory.Memory.training_data` adds it. The recipe's defaults
+    give exactly the original experiment's data."""
     pairs = training_qa_pairs(conv, recipe, seed=seed, generated=generated)
     source = conversation_only(conv)
+    queries = recipe_queries(source, recipe) if recipe.uses_queries else []
     parts = []
     if "text" in recipe.parts:
         text = conversation_text(source, format=recipe.text_format)
         parts.append(make_lm_windows(tok.encode(text), recipe.seq_len, tok.pad_id))
     if pairs:
         parts.append(chat_qa_windows(pairs, tok, recipe.seq_len, question_template))
-    if not parts:  # qa_source "model" where the model wrote no grounded question
+    if "queries" in recipe.parts and queries:
+        parts.append(chat_qa_windows([QAPair(*q.pair) for q in queries], tok, recipe.seq_len, question_template))
+    if "recite" in recipe.parts:
+        parts.append(chat_qa_windows(recitation_pairs(source, queries), tok, recipe.seq_len, RECITE_TEMPLATE))
+    if not parts:
+        if recipe.parts == ("distill",):  # the teacher's part alone: nothing model-free to add
+            return (torch.empty(0, recipe.seq_len, dtype=torch.long),) * 2
         raise ConversationError(f"{conv.sample_id}: no training data for train_format={recipe.train_format!r}, "
                                 f"qa_source={recipe.qa_source!r}: no question-answer pairs")
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
