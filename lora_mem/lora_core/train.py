@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lora_mem.lora_core.inject import lora_parameters
+from lora_mem.lora_core.losses import IGNORE_INDEX, SoftTargets, soft_target_loss
 
-IGNORE_INDEX = -100
 # Compute a prefix shared by every row of a micro-batch once only when that saves at least this fraction of
 # the micro-batch's token positions: below it the masked attention over the longer shared layout and its copies
 # may cost more than the positions saved (one-fact capacity windows at batch 2 save 24 of 96 positions, packed
@@ -155,10 +155,13 @@ def train_lora(
     cfg: TrainConfig,
     progress: bool = False,
     desc: str = "training",
+    soft_targets: tuple[SoftTargets, float, float] | None = None,
 ) -> TrainResult:
     """Train the model's LoRA parameters in place. A non-finite loss stops training and is recorded
     in `result.error` (the caller decides what to do with the run). The model's mode (train / eval) and its
-    activation checkpointing are as they were on return, and so is every random generator of torch's."""
+    activation checkpointing are as they were on return, and so is every random generator of torch's.
+    ``soft_targets``: (targets aligned with the windows, temperature, hard-label weight): the loss is then
+    `losses.soft_target_loss` (context distillation) instead of the cross-entropy."""
     params = lora_parameters(model)
     if not params:
         raise ValueError("the model has no LoRA parameters to train (inject_lora first)")
@@ -197,8 +200,11 @@ def train_lora(
                     first = s * cfg.grad_accum  # this step's first micro-batch
                     micro = [order[(first + k) * cfg.batch_size:(first + k + 1) * cfg.batch_size]
                              for k in range(cfg.grad_accum)]
+                    micro = [idx for idx in micro if len(idx)]
                     step_loss, tokens, computed = backward_step(
-                        model, [(input_ids[idx], labels[idx]) for idx in micro if len(idx)], cfg)
+                        model, [(input_ids[idx], labels[idx]) for idx in micro], cfg,
+                        [soft_targets[0][idx] for idx in micro] if soft_targets else None,
+                        *(soft_targets[1:] if soft_targets else ()))
                     result.tokens += tokens
                     result.tokens_computed += computed
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -225,8 +231,9 @@ def train_lora(
     return result
 
 
-def backward_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-                  cfg: TrainConfig) -> tuple[float, int, int]:
+def backward_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
+                  soft_targets: list[SoftTargets] | None = None, temperature: float = 1.0,
+                  hard_weight: float = 0.0) -> tuple[float, int, int]:
     """Forward and backward of one optimizer step's micro-batches of (input_ids, labels) windows, the gradients
     accumulated in the parameters' `.grad`. Each micro-batch's mean loss is weighted by its share of the step's
     labelled tokens, so the step's loss and gradient are those of the mean token loss over all its windows, as one
@@ -237,12 +244,19 @@ def backward_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     labelled = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]
     total = max(sum(labelled), 1)
     step_loss, tokens, computed_total = 0.0, 0, 0
-    for (x, y), n_labelled in zip(micro_batches, labelled):
+    for i, ((x, y), n_labelled) in enumerate(zip(micro_batches, labelled)):
+        targets = soft_targets[i] if soft_targets is not None else None
         x, y = trim_unlabelled_tail(x, y)
         x, y = x.to(device), y.to(device)
         with autocast:
             hidden, computed = hidden_states(model, x, cfg.share_prefix)  # (b, L, C)
-            loss = chunked_lm_loss(hidden, model.lm_head.weight, y, cfg.loss_chunk_size)
+            if targets is None:
+                loss = chunked_lm_loss(hidden, model.lm_head.weight, y, cfg.loss_chunk_size)
+            else:
+                targets = SoftTargets(targets.top_ids[:, :x.shape[1]].to(device),
+                                      targets.top_logprobs[:, :x.shape[1]].to(device))
+                loss = soft_target_loss(hidden, model.lm_head.weight, y, targets, temperature, hard_weight,
+                                        cfg.loss_chunk_size)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite loss {loss.item()}")
         share = n_labelled / total  # exactly 1.0 for a step of one micro-batch

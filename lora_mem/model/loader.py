@@ -71,7 +71,14 @@ def resolve_checkpoint(name_or_path: str) -> Path:
             raise CheckpointError(f"{path}: expected a checkpoint directory with config.json, got a file")
         return path
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
-        return download_from_hub(name_or_path)
+        if Path(name_or_path.split("/")[0]).expanduser().is_dir():  # "mymodels/smol" with a folder mymodels/
+            raise CheckpointError(f"{name_or_path}: no such directory (its parent {name_or_path.split('/')[0]}/ "
+                                  "exists, so this reads as a local path, not a hub repo id)")
+        try:
+            return download_from_hub(name_or_path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{name_or_path}: not a local directory (no such path), and as a hub repo id: "
+                                  f"{e}") from e
     raise CheckpointError(
         f"unknown model '{name_or_path}': not a packaged model ({', '.join(sorted(PACKAGED_MODELS))}), "
         "not an existing directory, and not a hub repo id of the form 'org/name'"
