@@ -36,6 +36,8 @@ from lora_mem.lora_core.conversation import (  # noqa: F401  (re-exported: the h
 )
 
 CATEGORY_NAMES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
+# Recipes and settings are chosen on these two conversations; the other eight are the test split.
+DEV_SPLIT = ("conv-26", "conv-30")
 
 # The official file at a fixed commit, and the sha256 of its bytes: a download is checked before it is cached.
 LOCOMO_COMMIT = "3eb6f2c585f5e1699204e3c3bdf7adc5c28cb376"
