@@ -501,10 +501,10 @@ def test_dispatch_triton_mode_and_unsupported_inputs(monkeypatch):
 @pytest.mark.parametrize("kind,lora_kernels", [("qwen2", False), ("llama", False), ("qwen2", True)],
                          ids=["qwen2", "llama", "qwen2-all-kernels"])
 def test_model_with_kernels_matches_reference_path(monkeypatch, tiny_dirs, kind, lora_kernels):
-    """The tiny model with LoRA, kernels="triton" and fused ops (the interpreter on CPU) against the reference path: logits
-    and every LoRA gradient; RMSNorm, rope and SwiGLU must all actually run as kernels. Without ``lora_kernels`` the
-    LoRA linear is held on its reference, which isolates the three new kernels; with it, every kernel of the model
-    runs (the LoRA kernels also have their own model test in tests/test_lora.py)."""
+    """The tiny model with LoRA, kernels="triton" and fused ops (the interpreter on CPU) against the reference path:
+    logits and every LoRA gradient; RMSNorm, rope and SwiGLU must all actually run as kernels. Without
+    ``lora_kernels`` the LoRA linear is held on its reference, which isolates the three new kernels; with it, every
+    kernel of the model runs (the LoRA kernels also have their own model test in tests/test_lora.py)."""
     from lora_mem.kernels.lora_reference import lora_linear_reference
     from lora_mem.lora_core import lora as lora_module
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -184,11 +184,7 @@ def train_lora(
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
     t0 = time.perf_counter()
     step = epoch = 0
-    # The dropout masks come from torch's default generators, seeded here inside a fork that restores the caller's
-    # state on exit: activation checkpointing replays those generators (and no other) when it recomputes a layer,
-    # so a recomputed layer draws the masks its forward drew.
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
+    with seeded_default_generators(cfg.seed, model.lm_head.weight.device):  # the LoRA dropout masks
         try:
             for epoch in range(cfg.epochs):
                 order = torch.randperm(n, generator=gen)
@@ -229,6 +225,21 @@ def train_lora(
                 p.grad = None
             result.seconds = time.perf_counter() - t0
     return result
+
+
+@contextmanager
+def seeded_default_generators(seed: int, device: torch.device):
+    """Within the block, torch's default generators of the CPU and of `device` start from `seed`; after it, they are
+    where the caller left them. The LoRA dropout masks come from these generators (not from a generator of our own)
+    because activation checkpointing replays them, and no other, when it recomputes a layer: a recomputed layer draws
+    the masks its forward drew."""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def backward_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
