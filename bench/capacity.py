@@ -53,31 +53,44 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from bench.common import atomic_write_json, atomic_write_text, int_list, read_jsonl, run_info, write_jsonl
-from lora_mem.lora_core.recipes import QAPair, chat_qa_windows
-from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules, lora_parameters, reset_lora
+from lora_mem.cli import Parser, float_in, int_at_least, non_negative_int, output_dir, positive_float, positive_int
+from lora_mem.lora_core.conversation import Conversation, Session, Turn
+from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_parameters, remove_lora, reset_lora
+from lora_mem.lora_core.memory import QUESTION_TEMPLATE as CONVERSATION_QUESTION_TEMPLATE
+from lora_mem.lora_core.memory import build_training_data, soft_training
+from lora_mem.lora_core.recipes import TRAIN_PARTS, QAPair, Recipe, chat_qa_windows
 from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, make_lm_windows, train_lora
 from lora_mem.model.generate import generate
-from lora_mem.model.loader import LoadedModel, load_model
+from lora_mem.model.loader import LoadedModel, load_model, parse_dtype
 
 # The user turn a fact's question is asked (and trained) in. Kept in one place and recorded.
 QUESTION_TEMPLATE = "{question}"
 TRAIN_FORMATS = ("qa", "statements", "qa+statements")
+# --facts-as conversation: the facts said as turns of a conversation, trained with a memory recipe, asked as
+# LoCoMo asks (its instruction and question style), which the recipe's own questions need not match.
+FACTS_AS = ("qa", "conversation")
+TURNS = {
+    "birth_date": "Hi! I was born on {value}, by the way.",
+    "home_town": "I'm from {value}, a small town.",
+    "profession": "I work as {article} {value}.",
+}
+FACTS_PER_SESSION = 30
+SESSION_DATE = "1:00 pm on 5 May, 2023"
 
 # Option defaults by preset; explicit options win. `cpu` is sized for the default model on a 2-core CPU.
 PRESETS: dict[str, dict] = {
-    "cpu": dict(ranks=[1, 4, 16], facts=[10, 30, 100], epochs=6, min_steps=40, lr=2e-3, batch_size=2,
+    "cpu": dict(ranks=[1, 4, 16], facts=[10, 30, 100], epochs=6, min_steps=40, batch_size=2,
                 seq_len=128, answer_batch_size=64),
     "gpu": dict(ranks=[1, 2, 4, 8, 16, 32, 64], facts=[10, 30, 100, 300, 1000, 3000, 10000], epochs=20,
-                min_steps=100, lr=2e-3, batch_size=32, seq_len=256, answer_batch_size=256),
+                min_steps=100, batch_size=32, seq_len=256, answer_batch_size=256),
 }
 
 # Settings that change results: a resumed run must agree on all of them.
 RESULT_SETTINGS = (
     "model", "dtype", "seed", "attributes", "train_format", "pack", "alpha", "dropout", "epochs", "min_steps", "lr",
-    "batch_size", "grad_accum", "warmup_ratio", "seq_len", "max_new_tokens", "question_template",
+    "batch_size", "grad_accum", "warmup_ratio", "seq_len", "max_new_tokens", "question_template", "facts_as",
 )
 
 
@@ -183,6 +196,20 @@ def generate_facts(n: int, seed: int = 0, attributes: tuple[str, ...] | list[str
     return facts[:n]
 
 
+def facts_conversation(facts: list[Fact]) -> Conversation:
+    """The facts said by the invented people themselves, one turn each ("I'm from Xexyuthmar, a small town."),
+    FACTS_PER_SESSION turns a session, every session on one date."""
+    turns = []
+    for i, f in enumerate(facts):
+        article = "an" if f.answer[0] in "aeiou" else "a"
+        dia_id = f"D{i // FACTS_PER_SESSION + 1}:{i % FACTS_PER_SESSION + 1}"
+        turns.append(Turn(f.subject, dia_id, TURNS[f.attribute].format(value=f.answer, article=article)))
+    sessions = [Session(i + 1, SESSION_DATE, turns[start:start + FACTS_PER_SESSION])
+                for i, start in enumerate(range(0, len(turns), FACTS_PER_SESSION))]
+    speakers = list(dict.fromkeys(t.speaker for t in turns)) + ["Sam"]  # a listener when one person speaks
+    return Conversation("facts", speakers[0], speakers[1], sessions)
+
+
 # ---------------------------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------------------------
@@ -259,10 +286,11 @@ def trim_windows(ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     return ids[:, :end].contiguous(), targets[:, :end].contiguous()
 
 
-def answer(lm: LoadedModel, facts: list[Fact], max_new_tokens: int, batch_size: int, progress: bool):
+def answer(lm: LoadedModel, facts: list[Fact], max_new_tokens: int, batch_size: int, progress: bool,
+           question_template: str = QUESTION_TEMPLATE):
     """Greedy answers to the facts' questions in the chat format, no context. Returns (answers, seconds)."""
     tok = lm.tokenizer
-    prompts = [tok.encode_chat([{"role": "user", "content": QUESTION_TEMPLATE.format(question=f.question)}])
+    prompts = [tok.encode_chat([{"role": "user", "content": question_template.format(question=f.question)}])
                for f in facts]
     t0 = time.perf_counter()
     outs = generate(lm.model, prompts, max_new_tokens, tok.stop_ids, tok.pad_id, batch_size=batch_size,
@@ -270,26 +298,17 @@ def answer(lm: LoadedModel, facts: list[Fact], max_new_tokens: int, batch_size: 
     return [tok.decode(o).strip() for o in outs], time.perf_counter() - t0
 
 
-def remove_lora(model: nn.Module) -> None:
-    """Put plain nn.Linear layers (the same weight and bias tensors) back where inject_lora put LoRALinear,
-    so the next rank can be injected into the exact base model."""
-    for name, m in lora_modules(model).items():
-        m.unmerge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        linear.weight = m.weight
-        linear.bias = m.bias
-        setattr(parent, child, linear)
-
-
 def lora_config(args, rank: int) -> LoRAConfig:
-    return LoRAConfig(rank=rank, alpha=args.alpha if args.alpha is not None else 2.0 * rank, dropout=args.dropout)
+    return LoRAConfig(rank=rank, alpha=args.alpha, dropout=args.dropout)
 
 
-def train_config(args) -> TrainConfig:
-    return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+def train_config(args, epochs: int) -> TrainConfig:
+    return TrainConfig(epochs=epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        warmup_ratio=args.warmup_ratio, seed=args.seed, share_prefix=args.share_prefix)
+
+
+def conversation_recipe(args) -> Recipe:
+    return Recipe(train_format=args.train_format, seq_len=args.seq_len)
 
 
 def cell_epochs(n_windows: int, args) -> int:
@@ -315,11 +334,16 @@ def run_cell(lm: LoadedModel, facts: list[Fact], rank: int, args, out: Path) -> 
     """One fresh adapter (same seeded init for every cell of a rank) trained on `facts`, then every fact asked."""
     device = lm.model.lm_head.weight.device
     reset_lora(lm.model, torch.Generator(device=device).manual_seed(args.seed))
-    ids, targets = training_windows(facts, lm, args.train_format, args.seq_len, args.pack)
-    tcfg = train_config(args)
-    tcfg.epochs = cell_epochs(ids.shape[0], args)
+    soft = None
+    if args.facts_as == "conversation":
+        recipe = conversation_recipe(args)
+        data = build_training_data(lm, facts_conversation(facts), recipe, args.question_template, seed=args.seed)
+        ids, targets, soft = data.input_ids, data.labels, soft_training(data, recipe)
+    else:
+        ids, targets = training_windows(facts, lm, args.train_format, args.seq_len, args.pack)
+    tcfg = train_config(args, cell_epochs(ids.shape[0], args))
     train = train_lora(lm.model, ids, targets, tcfg, progress=not args.quiet,
-                       desc=f"train {cell_name(rank, len(facts))}")
+                       desc=f"train {cell_name(rank, len(facts))}", soft_targets=soft)
     cell = {
         "rank": rank, "n_facts": len(facts), "alpha": lora_config(args, rank).alpha,
         "lora_params": sum(p.numel() for p in lora_parameters(lm.model)),
@@ -334,7 +358,8 @@ def run_cell(lm: LoadedModel, facts: list[Fact], rank: int, args, out: Path) -> 
         cell["error"] = f"training stopped: {train.error}"
         cell.update(exact_match=None, token_f1=None, contains=None, facts_recalled=None)
     else:
-        preds, seconds = answer(lm, facts, args.max_new_tokens, args.answer_batch_size, not args.quiet)
+        preds, seconds = answer(lm, facts, args.max_new_tokens, args.answer_batch_size, not args.quiet,
+                                args.question_template)
         rows, scores = score_answers(facts, preds)
         write_jsonl(cell_path(out, rank, len(facts)).with_suffix(".predictions.jsonl"), rows)
         cell.update(scores, answer_seconds=seconds)
@@ -344,7 +369,8 @@ def run_cell(lm: LoadedModel, facts: list[Fact], rank: int, args, out: Path) -> 
 
 def run_base(lm: LoadedModel, facts: list[Fact], args, out: Path) -> dict:
     """The base model (no adapter) on the facts: what is recalled without training (expected ~0)."""
-    preds, seconds = answer(lm, facts, args.max_new_tokens, args.answer_batch_size, not args.quiet)
+    preds, seconds = answer(lm, facts, args.max_new_tokens, args.answer_batch_size, not args.quiet,
+                            args.question_template)
     rows, scores = score_answers(facts, preds)
     write_jsonl(out / "base.predictions.jsonl", rows)
     base = {**scores, "answer_seconds": seconds}
@@ -472,7 +498,7 @@ def summarise(out: Path, lm: LoadedModel, args, settings: dict, info: dict, wall
     results = {
         "benchmark": "capacity",
         "settings": settings,
-        "question_template": QUESTION_TEMPLATE,
+        "question_template": args.question_template,
         "example_facts": [asdict(f) for f in generate_facts(min(6, max(args.facts)), args.seed, args.attributes)],
         "model": {"name": lm.name, "path": str(lm.path), "config": lm.config.to_dict()},
         **info,
@@ -505,104 +531,137 @@ def summarise(out: Path, lm: LoadedModel, args, settings: dict, info: dict, wall
 # Options and the run
 # ---------------------------------------------------------------------------------------------
 
+def positive_int_list(text: str) -> list[int]:
+    try:
+        return int_list("", text, ValueError)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).lstrip(": ")) from None
+
+
+def capacity_train_format(text: str) -> str:
+    if text in TRAIN_FORMATS or all(p in TRAIN_PARTS for p in text.split("+")):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown --train-format {text!r} (with --facts-as qa: "
+                                     f"{', '.join(TRAIN_FORMATS)}; with --facts-as conversation a recipe, parts "
+                                     f"of {', '.join(TRAIN_PARTS)} joined by '+')")
+
+
+def preset_name(text: str) -> str:
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {text!r} (choose from {', '.join(PRESETS)})")
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m bench.capacity",
         description="How many synthetic facts a LoRA adapter of rank r stores: one adapter per (rank, number of "
                     "facts), exact-match recall of every trained fact, a curve per rank.")
-    ap.add_argument("--preset", default=None,
+    ap.add_argument("--preset", type=preset_name, default=None,
                     help="option defaults: cpu (ranks 1,4,16 x 10,30,100 facts, an estimated 13-17 min on 2 CPU "
                          "cores with the default model) or gpu (ranks 1..64 x 10..10,000 facts); default: gpu "
                          "when CUDA is available, else cpu. Explicit options override the preset")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, local checkpoint dir or hub id")
-    ap.add_argument("--out", default=None, help="run directory (default runs/capacity-<time>); reuse it to resume")
+    ap.add_argument("--out", type=output_dir, default=None,
+                    help="run directory (default runs/capacity-<time>); reuse it to resume")
     ap.add_argument("--results-file", default=None,
                     help="also write the summary here (e.g. bench/results/capacity_cpu.json), "
                          "the plot beside it (.png)")
     g = ap.add_argument_group("grid and facts")
-    g.add_argument("--ranks", default=None, help="comma-separated LoRA ranks (cpu: 1,4,16; gpu: 1,2,4,8,16,32,64)")
-    g.add_argument("--facts", default=None,
+    g.add_argument("--ranks", type=positive_int_list, default=None,
+                   help="comma-separated LoRA ranks (cpu: 1,4,16; gpu: 1,2,4,8,16,32,64)")
+    g.add_argument("--facts", type=positive_int_list, default=None,
                    help="comma-separated fact counts (cpu: 10,30,100; gpu: 10,30,100,300,1000,3000,10000)")
     g.add_argument("--attributes", default=",".join(ATTRIBUTES),
                    help=f"comma-separated attributes per invented person, each one fact ({', '.join(ATTRIBUTES)})")
-    g.add_argument("--seed", type=int, default=0, help="facts, adapter init, window order")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="facts, adapter init, window order")
     g.add_argument("--no-base", action="store_true", help="skip asking the base model (no adapter)")
     g = ap.add_argument_group("LoRA and training")
-    g.add_argument("--train-format", default="qa",
-                   help="qa: chat QA, loss on the answers; statements: one sentence per fact, next-token loss; "
-                        "qa+statements: both (default qa)")
+    g.add_argument("--facts-as", choices=FACTS_AS, default="qa",
+                   help="qa: each fact trained as its own question; conversation: the facts said as turns of a "
+                        "conversation, trained with a memory recipe (--train-format), asked as LoCoMo asks")
+    g.add_argument("--train-format", type=capacity_train_format, default=None,
+                   help="facts as qa: qa (chat QA, loss on the answers), statements (one sentence per fact, "
+                        "next-token loss) or qa+statements (default qa); facts as conversation: a memory recipe "
+                        "(default text+queries)")
     g.add_argument("--pack", action="store_true",
                    help="pack several facts into each seq-len window (cheaper; each answer then also sees the "
                         "facts before it, unlike when asked); default: one fact per window, as it is asked")
-    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch")
-    g.add_argument("--epochs", type=int, default=None, help="passes over the facts (cpu 6, gpu 20)")
-    g.add_argument("--min-steps", type=int, default=None,
+    g.add_argument("--alpha", type=positive_float, default=None, help="LoRA alpha (default 2 x rank)")
+    g.add_argument("--dropout", type=float_in(0.0, 1.0, low_open=False, high_open=True), default=0.0,
+                   help="dropout on the LoRA branch")
+    g.add_argument("--epochs", type=positive_int, default=None, help="passes over the facts (cpu 6, gpu 20)")
+    g.add_argument("--min-steps", type=non_negative_int, default=None,
                    help="raise the epochs of a cell until it takes at least this many optimizer steps "
                         "(cpu 40, gpu 100)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate, AdamW (default 2e-3)")
-    g.add_argument("--batch-size", type=int, default=None, help="windows per micro-batch (cpu 2, gpu 32)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=positive_float, default=TrainConfig.lr, help="peak learning rate, AdamW")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="windows per micro-batch (cpu 2, gpu 32)")
+    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
                    help="compute the system turn and user header that every window of a micro-batch opens with once "
-                        "per micro-batch (lora_mem.lora_core.train.hidden_states: the same training up to rounding, for "
-                        "fewer positions: a cell's train_tokens_computed against its train_tokens)")
-    g.add_argument("--warmup-ratio", type=float, default=0.1)
-    g.add_argument("--seq-len", type=int, default=None,
+                        "per micro-batch (the same training up to rounding, for fewer positions: a cell's "
+                        "train_tokens_computed against its train_tokens)")
+    g.add_argument("--warmup-ratio", type=float_in(0.0, 1.0, low_open=False, high_open=True),
+                   default=TrainConfig.warmup_ratio)
+    g.add_argument("--seq-len", type=int_at_least(16), default=None,
                    help="longest training window in tokens (with --pack: the window length); cpu 128, gpu 256")
     g = ap.add_argument_group("answering and runtime")
-    g.add_argument("--max-new-tokens", type=int, default=16)
-    g.add_argument("--answer-batch-size", type=int, default=None, help="questions per decoding batch (cpu 64, gpu 256)")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    g.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default fp32 on CPU, bf16 on CUDA)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=16)
+    g.add_argument("--answer-batch-size", type=positive_int, default=None,
+                   help="questions per decoding batch (cpu 64, gpu 256)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: float32 on CPU, bfloat16 on CUDA")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    return resolve_args(args)
+    try:
+        return resolve_args(args)
+    except CapacityError as e:
+        ap.error(str(e))
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset options from the preset and check every value; errors are CapacityError (one line)."""
+    """Fill unset options from the preset and check what single options cannot (combinations, attribute names)."""
     if args.preset is None:
         cuda = torch.cuda.is_available() and (args.device is None or str(args.device).startswith("cuda"))
         args.preset = "gpu" if cuda else "cpu"
-    if args.preset not in PRESETS:
-        raise CapacityError(f"unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
     preset = PRESETS[args.preset]
-    args.ranks = int_list("--ranks", args.ranks, CapacityError) if args.ranks is not None else list(preset["ranks"])
-    args.facts = int_list("--facts", args.facts, CapacityError) if args.facts is not None else list(preset["facts"])
-    for key in ("epochs", "min_steps", "lr", "batch_size", "seq_len", "answer_batch_size"):
+    for key in ("ranks", "facts", "epochs", "min_steps", "batch_size", "seq_len", "answer_batch_size"):
         if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+            setattr(args, key, list(preset[key]) if isinstance(preset[key], list) else preset[key])
     args.attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
     generate_facts(0, args.seed, args.attributes)  # checks the attribute names
-    if args.train_format not in TRAIN_FORMATS:
-        raise CapacityError(f"unknown --train-format {args.train_format!r} (choose from {', '.join(TRAIN_FORMATS)})")
-    for key, low in (("epochs", 1), ("min_steps", 0), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 16),
-                     ("max_new_tokens", 1), ("answer_batch_size", 1)):
-        if getattr(args, key) < low:
-            raise CapacityError(f"--{key.replace('_', '-')} must be >= {low}, got {getattr(args, key)}")
-    if not args.lr > 0:
-        raise CapacityError(f"--lr must be > 0, got {args.lr}")
-    if args.alpha is not None and not args.alpha > 0:
-        raise CapacityError(f"--alpha must be > 0, got {args.alpha}")
-    if not 0 <= args.dropout < 1:
-        raise CapacityError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not 0 <= args.warmup_ratio < 1:
-        raise CapacityError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-    args.question_template = QUESTION_TEMPLATE
+    conversation = args.facts_as == "conversation"
+    if args.train_format is None:
+        args.train_format = "text+queries" if conversation else "qa"
+    if conversation:
+        try:
+            Recipe(train_format=args.train_format, seq_len=args.seq_len)
+        except ValueError as e:
+            raise CapacityError(f"--train-format: {e}") from None
+        if args.pack:
+            raise CapacityError("--pack applies to --facts-as qa (a conversation is windowed by its recipe)")
+    elif args.train_format not in TRAIN_FORMATS:
+        raise CapacityError(f"--train-format {args.train_format!r} with --facts-as qa: choose from "
+                            f"{', '.join(TRAIN_FORMATS)}")
+    args.question_template = CONVERSATION_QUESTION_TEMPLATE if conversation else QUESTION_TEMPLATE
     return args
 
 
-def check_or_write_run_config(out: Path, settings: dict) -> None:
+def check_or_write_run_config(out: Path, settings: dict, write: bool = True) -> None:
     path = out / "run_config.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CapacityError(f"{path}: unreadable ({type(e).__name__}: {e}); move it away or use another --out") \
+                from None
         diffs = [f"{k}: saved {old.get(k)!r} vs now {settings.get(k)!r}"
                  for k in RESULT_SETTINGS if old.get(k) != settings.get(k)]
         if diffs:
             raise RunConfigMismatch(f"{out} holds a run with other settings ({'; '.join(diffs)}): "
                                     "use another --out, or the same settings to resume")
-    else:
+    elif write:
         atomic_write_json(path, settings)
 
 
@@ -610,11 +669,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
     out = Path(args.out or Path("runs") / time.strftime("capacity-%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
-    dtype = str(lm.model.lm_head.weight.dtype).replace("torch.", "")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = str(parse_dtype(args.dtype, device)).replace("torch.", "")
     settings = {k: getattr(args, k) for k in RESULT_SETTINGS} | {"dtype": dtype, "preset": args.preset}
+    check_or_write_run_config(out, settings, write=False)  # a mismatch is refused before anything loads
+    out.mkdir(parents=True, exist_ok=True)
     check_or_write_run_config(out, settings)
+    lm = load_model(args.model, device=device, dtype=args.dtype, progress=not args.quiet)
     info = run_info(lm.model.lm_head.weight.device)
     info["dtype"] = dtype
     # The stream's first max(facts) facts; every cell takes a prefix.

@@ -202,8 +202,8 @@ def _has_matplotlib() -> bool:
     (["--preset", "tpu"], "unknown preset 'tpu' (choose from cpu, gpu)"),
     (["--attributes", "eye_colour"], "unknown attribute(s) eye_colour"),
     (["--train-format", "prose"], "unknown --train-format 'prose'"),
-    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
-    (["--lr", "0"], "--lr must be > 0"),
+    (["--epochs", "0"], "--epochs: must be an integer >= 1, got 0"),
+    (["--lr", "0"], "--lr: must be a finite number in (0, inf), got 0"),
 ])
 def test_cli_reports_bad_input_in_one_line(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench.capacity", *argv])
@@ -276,3 +276,26 @@ def test_shared_prefix_trains_the_same_cell_for_fewer_positions(ckpt, tmp_path):
     assert shared["steps"] == unshared["steps"] == 4
     assert shared["epochs_loss"] == pytest.approx(unshared["epochs_loss"], rel=1e-4)
     assert shared["final_loss"] == pytest.approx(unshared["final_loss"], rel=1e-4)
+
+
+def test_facts_as_a_conversation_are_said_by_their_people_and_asked_as_locomo_asks(ckpt, tmp_path):
+    """--facts-as conversation: the facts become first-person turns, a memory recipe builds the training data
+    from that conversation alone, and every fact is asked with LoCoMo's instruction (not a training template)."""
+    from lora_mem.lora_core.memory import QUESTION_TEMPLATE as LOCOMO_TEMPLATE
+    from lora_mem.lora_core.queries import coverage_queries
+
+    facts = generate_facts(6)
+    conv = capacity.facts_conversation(facts)
+    said = [t for s in conv.sessions for t in s.turns]
+    assert [t.speaker for t in said] == [f.subject for f in facts]
+    assert all(f.answer in t.text for f, t in zip(facts, said))
+    asked = {q.question for q in coverage_queries(conv, phrasings=2)}
+    assert f"When was {facts[0].subject} born?" in asked and f"Where is {facts[1].subject} from?" in asked
+    assert not asked & {f.question for f in facts if f.attribute != "birth_date"}  # other forms than it is asked in
+    results = run(ckpt, tmp_path / "conv", "--facts-as", "conversation", "--train-format", "text+queries",
+                  "--ranks", "2", "--facts", "3", "--seq-len", "128")
+    assert results["settings"]["facts_as"] == "conversation" and results["question_template"] == LOCOMO_TEMPLATE
+    cell = results["cells"][0]
+    assert cell["error"] is None and cell["windows"] >= 2 and cell["n_facts"] == 3
+    rows = read_jsonl(tmp_path / "conv" / "cells" / "r2-n3.predictions.jsonl")
+    assert [r["question"] for r in rows] == [f.question for f in facts[:3]]

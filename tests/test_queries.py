@@ -57,6 +57,12 @@ def test_names_plans_durations_and_photos():
     assert photo["What did Melanie share a photo of?"] == "a lake at sunrise"
 
 
+def test_birth_origin_and_work():
+    assert asked("I was born on 3 March 1990.")["When was Melanie born?"] == "3 March 1990"
+    assert asked("I'm from Xexholm, a small town.")["Where is Melanie from?"] == "Xexholm"
+    assert asked("I work as a cheesemaker.")["What is Melanie's job?"] == "cheesemaker"
+
+
 def test_relative_clauses_obligations_and_questions():
     q = asked("This book I read last year reminds me to pursue my dreams.")
     assert q["When did Melanie read this book?"] == "2022"

@@ -147,6 +147,35 @@ def adapter_is_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in lora_parameters(model))
 
 
+def build_training_data(lm: LoadedModel, conv: Conversation, recipe: Recipe, question_template: str = QUESTION_TEMPLATE,
+                        *, seed: int = 0, progress: bool = False) -> TrainingData:
+    """The windows ``recipe`` makes of ``conv``, built from the conversation alone: the base model writes questions
+    first where the recipe asks for them (`generated_qa`), and the distill part asks it holding each session in
+    context (`distill`; adapters are off while it does)."""
+    t0 = time.perf_counter()
+    conv = conversation_only(conv)
+    generated = generate_qa(conv, lm, progress=progress).pairs if recipe.needs_generated_qa else None
+    ids, labels = training_data(conv, lm.tokenizer, recipe, question_template, seed=seed, generated=generated)
+    if "distill" not in recipe.parts:
+        return TrainingData(ids, labels, seconds=time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    settings = DistillSettings(recipe.distill_top_k, recipe.distill_temperature, recipe.distill_answers)
+    examples = teacher_examples(lm, conv, recipe_queries(conv, recipe), settings, question_template,
+                                progress=progress)
+    teacher_seconds = time.perf_counter() - t1
+    d_ids, d_labels, d_soft = distill_windows(examples, lm.tokenizer, recipe.seq_len, question_template)
+    soft = SoftTargets.cat([SoftTargets.hard(labels, recipe.distill_top_k), d_soft])
+    return TrainingData(torch.cat([ids, d_ids]), torch.cat([labels, d_labels]), soft, teacher_seconds,
+                        time.perf_counter() - t0)
+
+
+def soft_training(data: TrainingData, recipe: Recipe) -> tuple[SoftTargets, float, float] | None:
+    """train_lora's soft_targets argument for this data (None: plain cross-entropy)."""
+    if data.soft_targets is None:
+        return None
+    return data.soft_targets, recipe.distill_temperature, recipe.distill_hard_weight
+
+
 class Memory:
     """A model with LoRA layers that conversations are written into, one adapter at a time."""
 
@@ -155,35 +184,15 @@ class Memory:
         inject_lora(lm.model, config.lora)
 
     def training_data(self, conv: Conversation, *, progress: bool = False) -> TrainingData:
-        """The windows the recipe makes of ``conv`` (built from the conversation alone; the distill part asks the
-        base model holding each session in context, `distill`)."""
-        t0 = time.perf_counter()
-        conv = conversation_only(conv)
-        recipe, template = self.config.recipe, self.config.answer.question_template
-        generated = generate_qa(conv, self.lm, progress=progress).pairs if recipe.needs_generated_qa else None
-        ids, labels = training_data(conv, self.lm.tokenizer, recipe, template, seed=self.config.train.seed,
-                                    generated=generated)
-        if "distill" not in recipe.parts:
-            return TrainingData(ids, labels, seconds=time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        settings = DistillSettings(recipe.distill_top_k, recipe.distill_temperature, recipe.distill_answers)
-        examples = teacher_examples(self.lm, conv, recipe_queries(conv, recipe), settings, template,
-                                    progress=progress)
-        teacher_seconds = time.perf_counter() - t1
-        d_ids, d_labels, d_soft = distill_windows(examples, self.lm.tokenizer, recipe.seq_len, template)
-        soft = SoftTargets.cat([SoftTargets.hard(labels, recipe.distill_top_k), d_soft])
-        return TrainingData(torch.cat([ids, d_ids]), torch.cat([labels, d_labels]), soft, teacher_seconds,
-                            time.perf_counter() - t0)
+        return build_training_data(self.lm, conv, self.config.recipe, self.config.answer.question_template,
+                                   seed=self.config.train.seed, progress=progress)
 
     def write(self, conv: Conversation, *, progress: bool = False) -> WriteResult:
         """Train a fresh adapter (same initialisation every time) on ``conv``; it stays in the model."""
         reset_lora(self.lm.model, torch.Generator().manual_seed(self.config.train.seed))
         data = self.training_data(conv, progress=progress)
-        recipe = self.config.recipe
-        soft = None if data.soft_targets is None else (data.soft_targets, recipe.distill_temperature,
-                                                       recipe.distill_hard_weight)
         result = train_lora(self.lm.model, data.input_ids, data.labels, self.config.train, progress=progress,
-                            desc=f"train {conv.sample_id}", soft_targets=soft)
+                            desc=f"train {conv.sample_id}", soft_targets=soft_training(data, self.config.recipe))
         error = result.error
         if error is None and not adapter_is_finite(self.lm.model):
             error = "the trained adapter has non-finite weights"

@@ -126,6 +126,9 @@ _NAME = re.compile(r"\b(?P<noun>[a-z]+),?\s+(?:named|called)\s+(?P<name>[A-Z][\w
 _HOW_LONG = re.compile(r"\b(?:I|[Ww]e)(?:'ve|’ve| have)\s+been\s+(?P<verb>[a-z]+ing)\b(?P<mid>[^,.;:!?()]*?)\s+"
                        r"for\s+(?P<dur>(?:about\s+|over\s+|almost\s+)?(?:\d+|a|an|one|two|three|four|five|six|seven|"
                        r"eight|nine|ten|a few|a couple of|several)\s+(?:years?|months?|weeks?|days?))")
+_BORN = re.compile(r"\b(?:I|[Ww]e)\s+(?:was|were)\s+born\s+(?P<prep>on|in)\s+" + _REST)
+_FROM = re.compile(r"\b(?:I'm|I am|I’m)\s+(?:originally\s+)?from\s+" + _REST)
+_WORK = re.compile(r"\bI\s+(?:work|worked|have worked|'ve worked)\s+as\s+(?:a|an)\s+" + _REST)
 _HAVE_N = re.compile(r"\b(?:I|[Ww]e)\s+(?:have|had|'ve got|’ve got)\s+(?P<n>\d+|two|three|four|five|six|seven|eight|"
                      r"nine|ten)\s+(?P<noun>[a-z]+s)\b")
 _CLAUSE_END = re.compile(r"\s+(?:and|but|so|because|cause|since|while|when|which|who|where|as|if|though|until|"
@@ -283,6 +286,21 @@ def _other_facts(sentence: str, speaker: str, day: str | None) -> list[tuple[str
         what = f"{m.group('verb')}{' ' + mid if mid else ''}"
         facts.append(("how_long", [(f"How long has {speaker} been {what}?", m.group("dur")),
                                    (f"For how long has {speaker} been {what}?", m.group("dur"))]))
+    for m in _BORN.finditer(sentence):
+        obj, _ = _clean_object(m.group("rest"))
+        if obj:
+            dated = bool(re.search(r"\d", obj))
+            facts.append(("when" if dated else "where",
+                          [(f"When was {speaker} born?", obj), (f"What is {speaker}'s date of birth?", obj)] if dated
+                          else [(f"Where was {speaker} born?", obj), (f"In which place was {speaker} born?", obj)]))
+    for m in _FROM.finditer(sentence):
+        obj, _ = _clean_object(m.group("rest"))
+        if obj and _has_content(obj):
+            facts.append(("where", [(f"Where is {speaker} from?", obj), (f"Where does {speaker} come from?", obj)]))
+    for m in _WORK.finditer(sentence):
+        obj, _ = _clean_object(m.group("rest"))
+        if obj and _has_content(obj):
+            facts.append(("what", [(f"What does {speaker} do for work?", obj), (f"What is {speaker}'s job?", obj)]))
     for m in _HAVE_N.finditer(sentence):
         facts.append(("how_many", [(f"How many {m.group('noun')} does {speaker} have?", m.group("n"))]))
     return facts
