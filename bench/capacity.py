@@ -56,6 +56,7 @@ import torch
 
 from bench.common import atomic_write_json, atomic_write_text, int_list, read_jsonl, run_info, write_jsonl
 from lora_mem.cli import Parser, float_in, int_at_least, non_negative_int, output_dir, positive_float, positive_int
+from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
 from lora_mem.lora_core.conversation import Conversation, Session, Turn
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_parameters, remove_lora, reset_lora
 from lora_mem.lora_core.memory import QUESTION_TEMPLATE as CONVERSATION_QUESTION_TEMPLATE
@@ -613,10 +614,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_kernel_args(ap)
     args = ap.parse_args(argv)
     try:
+        args.policy = KernelPolicy.from_args(args)
         return resolve_args(args)
-    except CapacityError as e:
+    except (CapacityError, ValueError) as e:
         ap.error(str(e))
 
 
@@ -671,12 +674,13 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out or Path("runs") / time.strftime("capacity-%Y%m%d-%H%M%S"))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = str(parse_dtype(args.dtype, device)).replace("torch.", "")
-    settings = {k: getattr(args, k) for k in RESULT_SETTINGS} | {"dtype": dtype, "preset": args.preset}
+    settings = {k: getattr(args, k) for k in RESULT_SETTINGS} | {"dtype": dtype, "preset": args.preset,
+                                                                 "kernel_policy": args.policy.to_dict()}
     check_or_write_run_config(out, settings, write=False)  # a mismatch is refused before anything loads
     out.mkdir(parents=True, exist_ok=True)
     check_or_write_run_config(out, settings)
-    lm = load_model(args.model, device=device, dtype=args.dtype, progress=not args.quiet)
-    info = run_info(lm.model.lm_head.weight.device)
+    lm = load_model(args.model, device=device, dtype=args.dtype, progress=not args.quiet, policy=args.policy)
+    info = run_info(lm.model.lm_head.weight.device, args.policy)
     info["dtype"] = dtype
     # The stream's first max(facts) facts; every cell takes a prefix.
     all_facts = generate_facts(max(args.facts), args.seed, args.attributes)

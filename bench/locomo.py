@@ -49,6 +49,7 @@ from bench.locomo_data import (
 from bench.locomo_score import aggregate, format_table, score_qa
 from lora_mem.cli import Parser, fail, float_in, id_list, int_at_least, non_negative_int, output_dir, positive_float, \
     positive_int
+from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
 from lora_mem.lora_core.adapter_io import AdapterError
 from lora_mem.lora_core.inject import trainable_summary
 from lora_mem.lora_core.distill import ANSWER_SOURCES
@@ -83,6 +84,7 @@ class LocomoConfig:
     device: str | None = None  # None: cuda if available
     dtype: str | None = None  # None: fp32 on CPU, bf16 on CUDA
     threads: int | None = None  # torch CPU threads; None: torch's default
+    kernels: KernelPolicy = field(default_factory=KernelPolicy)  # which kernels the model runs
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self):
@@ -224,7 +226,7 @@ RESULT_SETTINGS = (
     "timestamps", "train_format", "context_tokens", "top_k", "rag_unit", "adapters_from",
     "resolve_dates", "qa_per_turn", "train_abstention", "abstention_ratio", "qa_source", "abstention_style",
     "device_type", "threads", "data_sha256", "queries_per_turn", "query_phrasings", "distill_top_k",
-    "distill_temperature", "distill_hard_weight", "distill_answers", "answer_mode",
+    "distill_temperature", "distill_hard_weight", "distill_answers", "answer_mode", "kernel_policy",
 )
 # Settings newer than the first runs, with the value an older run_config.json implies.
 SETTINGS_ADDED_LATER = {"train_format": "text", "context_tokens": None, "top_k": None, "rag_unit": None,
@@ -234,7 +236,7 @@ SETTINGS_ADDED_LATER = {"train_format": "text", "context_tokens": None, "top_k":
                         "distill_top_k": None, "distill_temperature": None, "distill_hard_weight": None,
                         "distill_answers": None, "answer_mode": "direct"}
 # Recorded only by newer runs; an older run_config.json that lacks them resumes without the check.
-RECORDED_LATER = ("device_type", "threads", "data_sha256")
+RECORDED_LATER = ("device_type", "threads", "data_sha256", "kernel_policy")
 TRAINING_SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size", "grad_accum",
                      "warmup_ratio", "seq_len", "timestamps", "train_format", "resolve_dates", "qa_per_turn",
                      "train_abstention", "abstention_ratio", "qa_source", "abstention_style", "queries_per_turn",
@@ -291,6 +293,7 @@ def build_parser() -> Parser:
         group = groups.get(o.group) or groups.setdefault(o.group, ap.add_argument_group(o.group))
         kwargs = {"default": config_value(defaults, o.path), **o.kwargs}  # an option may name its own default
         group.add_argument(o.flag, dest=o.dest, **kwargs)
+    add_kernel_args(ap)
     return ap
 
 
@@ -298,8 +301,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Locom
     """The run inputs (--data, --out, --conversations, --quiet) and the config; bad values exit with one line."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    try:  # the dataclasses check what single options cannot (combinations)
+    try:  # the dataclasses check what single options cannot (combinations); the kernel policy reads LORA_MEM_*
         config = config_from({o.dest: getattr(args, o.dest) for o in OPTIONS}, LocomoConfig())
+        config = dataclasses.replace(config, kernels=KernelPolicy.from_args(args))
     except ValueError as e:
         ap.error(str(e).replace("qa_source=", "--qa-source "))
     if (config.adapters_from or config.shared_batches) and not config.uses_adapter:
@@ -750,7 +754,7 @@ def run(args: argparse.Namespace, config: LocomoConfig, dist: Dist, t_start: flo
     settings = settings_of(config) | {
         "data": str(data_path), "data_sha256": file_sha256(data_path), "device_type": device.type,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "conversations": [s.sample_id for s in samples],
+        "kernel_policy": config.kernels.to_dict(), "conversations": [s.sample_id for s in samples],
     }
     check_or_write_run_config(out, settings, write=False)
     states = {s.sample_id: conversation_state(out, s.sample_id) for s in samples}
@@ -759,13 +763,13 @@ def run(args: argparse.Namespace, config: LocomoConfig, dist: Dist, t_start: flo
         check_or_write_run_config(out, settings)
     dist.barrier()
 
-    lm = load_model(config.model, device=device, dtype=config.dtype, progress=not args.quiet)
+    lm = load_model(config.model, device=device, dtype=config.dtype, progress=not args.quiet, policy=config.kernels)
     memory = None
     if config.uses_adapter:
         memory = Memory(lm, config.memory)
         if dist.rank == 0:
             print(trainable_summary(lm.model), file=sys.stderr)
-    info = run_info(lm.model.lm_head.weight.device)
+    info = run_info(lm.model.lm_head.weight.device, config.kernels)
     info["dtype"] = str(lm.model.lm_head.weight.dtype).replace("torch.", "")
 
     todo = [s for s in samples[dist.rank::dist.world_size] if states[s.sample_id] != "finished"]

@@ -254,3 +254,21 @@ def test_download_is_pinned_and_checked(tmp_path, monkeypatch):
     with pytest.raises(ld.LocomoDataError, match="sha256"):
         ld.resolve_data_path(None)
     assert seen == [ld.LOCOMO_URL] and not ld.default_cache_path().exists()
+
+
+def test_loading_an_adapter_with_non_finite_weights_is_an_error(ckpt, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lora_mem.lora_core.adapter_io import AdapterError, load_adapter
+    from lora_mem.model.loader import load_model
+
+    locomo.main(base_args(ckpt, tmp_path / "run") + ["--conversations", "tiny-1", "--max-questions", "1"])
+    adapter = tmp_path / "run" / "adapters" / "tiny-1"
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = sorted(weights)[0]
+    weights[key][0, 0] = float("inf")
+    save_file(weights, adapter / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=f"{key} has non-finite values"):
+        load_adapter(load_model(str(ckpt)).model, adapter)
+    assert torch.isinf(weights[key]).any()

@@ -123,7 +123,8 @@ def read_adapter_config(adapter_dir: Path) -> LoRAConfig:
 
 
 def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """{module name: tensor} keyed as `<module>.lora_A` / `<module>.lora_B`."""
+    """{module name: tensor} keyed as `<module>.lora_A` / `<module>.lora_B`; a tensor with NaN or Inf is an
+    error naming it (such an adapter answers nothing)."""
     path = adapter_dir / WEIGHTS_NAME
     if not path.is_file():
         raise AdapterError(f"{adapter_dir}: no {WEIGHTS_NAME}")
@@ -137,6 +138,8 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
         # PEFT may keep the adapter name in keys ("lora_A.default.weight"); drop it.
         name = name.replace(".lora_A.default.weight", ".lora_A").replace(".lora_B.default.weight", ".lora_B")
         name = name.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{path}: {key} has non-finite values (NaN or Inf): the adapter is unusable")
         out[name] = t
     return out
 
