@@ -20,7 +20,7 @@ bench/results/train_<device>.json. Two more sides are lora-mem before a piece of
 `lora-mem-sdpa` before its CPU block-causal attention (PyTorch's SDPA kernel, a policy with `cpu_attention="sdpa"`),
 `lora-mem-unshared` before it computed a prefix shared by a micro-batch's rows once (`--targets facts`).
 
-Workloads (`--targets`): `all`, plain text, every next token trained (the issue's setup); `answers`, chat-QA
+Workloads (`--targets`): `all`, plain text, every next token trained (the LoCoMo experiment's text recipe); `answers`, chat-QA
 windows, the last 16 of every 64 positions trained; `facts`, the capacity benchmark's one-fact chat windows
 (bench.capacity): 48 tokens whose first 24 are the same in every row (the system turn and the user header),
 the last 6 positions trained, at the capacity presets' batch sizes (2 and 8 on cpu, 32 on gpu). There

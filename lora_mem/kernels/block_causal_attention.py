@@ -1,9 +1,8 @@
 """Causal self-attention as block GEMMs that skip the masked half: the CPU training path.
 
 On CPU, PyTorch's fused SDPA kernel (flash attention for CPU) runs its forward and backward at a fraction of
-the GEMM rate: the step floor of `bench/results/train_cpu.json` at commit 23504b5 has causal attention at 53
-GFLOP/s beside 181 GFLOP/s for the base GEMMs, so attention was 22% of the floor for 9% of its FLOPs. Here the
-queries are cut into blocks of `block` rows; block i attends keys [0, end_i) only, so the upper triangle
+the GEMM rate (`bench.perf.step_floor` times both), so attention costs far more of a training step than its
+share of the FLOPs. Here the queries are cut into blocks of `block` rows; block i attends keys [0, end_i) only, so the upper triangle
 beyond each block's diagonal is never computed (with 128-row blocks at T = 512, 62.5% of the full
 T x T products), and every product is one batched GEMM that MKL runs at its GEMM rate:
 
@@ -30,10 +29,9 @@ import torch
 from lora_mem.kernels.policy import KernelPolicy
 
 DEFAULT_BLOCK = 128
-# Where the block path runs (bench/results/attention_cpu.json, forward + backward against the faster SDPA
-# variant, default model's heads): 0.87x at T = 128 (one block, nothing skipped), 1.07x at 256, 1.30x at 512,
-# 1.15x at 1024. Past BLOCK_CAUSAL_MAX_T the saved probabilities (quadratic in T) cost more memory than a
-# training step should spend on attention; SDPA's flash kernel, which keeps none, is used instead.
+# Where the block path runs: from the length where it beats SDPA forward + backward (`bench.perf.attention`; at
+# 128 tokens there is one block and nothing to skip). Past BLOCK_CAUSAL_MAX_T the saved probabilities (quadratic in
+# T) cost more memory than a training step should spend on attention; SDPA's flash kernel, which keeps none, runs.
 BLOCK_CAUSAL_MIN_T = 256
 BLOCK_CAUSAL_MAX_T = 1024
 

@@ -79,8 +79,8 @@ CASCADE_MIN_TOKENS = 256
 
 # Greedy decoding needs each row's best token, not its logits. On a CPU the LM head's product
 # (B x hidden) @ (hidden x vocab) runs faster in vocabulary slices whose weights and logits stay in
-# cache than as one (B, vocab) product, once a batch has several rows (bench.perf.greedy_head: 1.07-1.16x at
-# 8-64 rows on a 2-core CPU, noisy; a single row reads the weights once either way, slices only add calls). Each slice
+# cache than as one (B, vocab) product, once a batch has several rows (`bench.perf.greedy_head` measures it; a
+# single row reads the weights once either way, slices only add calls). Each slice
 # computes the same dot products, so the tokens are those of the full product's argmax. On CUDA one
 # product is best.
 CPU_VOCAB_SLICE = 2048
