@@ -12,7 +12,8 @@ from lora_mem.model.generate import cli as run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = cli_parser("Greedy chat answers from a Qwen2-family model, optionally with LoRA adapters.")
+    ap = cli_parser("Greedy chat answers from a Qwen2-family model, optionally with LoRA adapters.",
+                    prog="python -m lora_mem.lora_core.generate")
     ap.add_argument("--adapter", action="append", default=[],
                     help="a LoRA adapter directory in PEFT format; repeat to answer with each adapter in turn")
     args = ap.parse_args(argv)

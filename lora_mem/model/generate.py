@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lora_mem.cli import Parser, fail, positive_int
 from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
 from lora_mem.model.qwen2 import KVCache, Qwen2ForCausalLM
 
@@ -414,15 +415,17 @@ def generate(
             bar.close()
 
 
-def cli_parser(description: str) -> argparse.ArgumentParser:
-    """The options of the generate command lines (this one, and lora_mem.lora_core.generate's with adapters)."""
-    ap = argparse.ArgumentParser(description=description)
+def cli_parser(description: str, prog: str = "python -m lora_mem.model.generate") -> argparse.ArgumentParser:
+    """The options of the generate command lines (this one, and lora_mem.lora_core.generate's with adapters); bad
+    values are one error line."""
+    ap = Parser(prog=prog, description=description)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, local checkpoint dir or hub id")
     ap.add_argument("--prompt", action="append", required=True, help="a user message; repeat for a batch")
     ap.add_argument("--system", default=None, help="system prompt (default: the model family's own)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=64)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="default: float32 on CPU, bfloat16 on CUDA")
     add_kernel_args(ap)
     return ap
 
@@ -431,8 +434,11 @@ def load_for_cli(args: argparse.Namespace):
     """The model the options name, with the kernel policy they (or the environment) give."""
     from lora_mem.model.loader import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, progress=True,
-                      policy=KernelPolicy.from_args(args))
+    try:
+        policy = KernelPolicy.from_args(args)
+    except ValueError as e:  # a LORA_MEM_* variable with a value it cannot have
+        fail(str(e))
+    return load_model(args.model, device=args.device, dtype=args.dtype, progress=True, policy=policy)
 
 
 def answer_and_print(lm, args: argparse.Namespace) -> None:
