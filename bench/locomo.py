@@ -47,14 +47,29 @@ from bench.locomo_data import (
     training_source,
 )
 from bench.locomo_score import aggregate, format_table, score_qa
-from lora_mem.cli import Parser, fail, float_in, id_list, int_at_least, non_negative_int, output_dir, positive_float, \
-    positive_int
+from lora_mem.cli import (
+    Parser,
+    fail,
+    float_in,
+    id_list,
+    int_at_least,
+    non_negative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+)
 from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
 from lora_mem.lora_core.adapter_io import AdapterError
-from lora_mem.lora_core.inject import trainable_summary
 from lora_mem.lora_core.distill import ANSWER_SOURCES
-from lora_mem.lora_core.memory import ANSWER_MODES, QUESTION_TEMPLATE, Memory, MemoryConfig, answer_prompts, \
-    chat_prompts, recite_then_answer
+from lora_mem.lora_core.inject import trainable_summary
+from lora_mem.lora_core.memory import (
+    ANSWER_MODES,
+    Memory,
+    MemoryConfig,
+    answer_prompts,
+    chat_prompts,
+    recite_then_answer,
+)
 from lora_mem.lora_core.recipes import ABSTENTION_STYLES, MIN_SEQ_LEN, QA_SOURCES, TRAIN_PARTS
 from lora_mem.model.config import ConfigError, ModelConfig
 from lora_mem.model.loader import CheckpointError, LoadedModel, load_model, resolve_checkpoint

@@ -113,9 +113,8 @@ def test_student_windows_align_targets_with_the_teacher(lm):
 
 
 def test_teacher_examples_are_cached_per_session(lm, tmp_path, monkeypatch):
-    from bench.locomo_data import load_locomo, training_source
-
     import lora_mem.lora_core.distill as distill
+    from bench.locomo_data import load_locomo, training_source
 
     conv = training_source(load_locomo(FIXTURE)[0])
     queries = coverage_queries(conv, phrasings=1)

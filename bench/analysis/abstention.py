@@ -15,12 +15,12 @@ other run got wrong, abstention picked the questions the adapter did not know. R
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from bench.analysis.report import load_run
 from bench.common import atomic_write_json, atomic_write_text, read_jsonl
 from bench.locomo_score import TABLE_CATEGORIES, declined_percent, is_abstention
-from bench.analysis.report import load_run
+from lora_mem.cli import Parser
 
 CATEGORY_NAMES = dict(TABLE_CATEGORIES) | {5: "Adversarial"}  # the results table's order, then category 5
 
@@ -84,7 +84,7 @@ def render(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m bench.analysis.abstention", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="bench.locomo run directories (or their results.json)")
     ap.add_argument("--compare", default=None, help="a run asked the same questions, without abstention training")
     ap.add_argument("--out", default=None, help="output prefix: writes <out>.md and <out>.json")

@@ -18,12 +18,12 @@ table) and <out>.png (the plot, with matplotlib).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from bench.capacity import format_table, plot_curves
 from bench.common import atomic_write_json, atomic_write_text, git_commit, read_results_json
+from lora_mem.cli import Parser
 
 # Settings under which cells from different files measure the same thing; a file differing in one is refused.
 MUST_AGREE = ("model", "dtype", "seed", "attributes", "question_template")
@@ -117,7 +117,7 @@ def curve_styles(curves: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench.analysis.capacity_combine", description=__doc__.split("\n")[0])
+    ap = Parser(prog="python -m bench.analysis.capacity_combine", description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="+", help="bench.capacity results files")
     ap.add_argument("--out", required=True, help="output path without suffix: writes .json, .md and .png")
     args = ap.parse_args(argv)

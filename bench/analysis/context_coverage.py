@@ -21,15 +21,15 @@ the same questions there: the gain that the context brought where it held the an
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections import defaultdict
 from pathlib import Path
 
+from bench.analysis.report import load_run
 from bench.common import atomic_write_json, atomic_write_text, read_jsonl
 from bench.context import icl_context
 from bench.locomo_data import load_locomo, resolve_data_path, select_questions, training_source
-from bench.analysis.report import load_run
+from lora_mem.cli import Parser
 from lora_mem.model.loader import resolve_checkpoint
 from lora_mem.model.tokenizer import Tokenizer
 
@@ -152,7 +152,7 @@ def render(reports: list[dict], compare: list[tuple[str, Path]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(prog="python -m bench.analysis.context_coverage", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m bench.analysis.context_coverage", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="finished icl / rag / lora+rag run directories")
     ap.add_argument("--compare", action="append", default=[], metavar="RUN_DIR",
                     help="a finished run (e.g. base) whose F1 on the same questions is shown beside; repeatable")

@@ -6,12 +6,12 @@ grounded and kept (`lora_mem.lora_core.generated_qa`).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from bench.common import atomic_write_json
+from lora_mem.cli import Parser, positive_int
 from lora_mem.lora_core.generated_qa import ASSISTANT_START, ONE_SHOT, GenerationSettings, generate_qa
 
 
@@ -19,20 +19,18 @@ def main(argv: list[str] | None = None) -> dict:
     from bench.locomo_data import iter_samples, load_locomo, resolve_data_path
     from lora_mem.model.loader import load_model
 
-    ap = argparse.ArgumentParser(prog="python -m bench.analysis.generated_qa",
+    ap = Parser(prog="python -m bench.analysis.generated_qa",
                                  description="QA pairs the base model writes about each turn (what "
                                              "--qa-source model trains on), with the share that is grounded.")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--data", default=None, help="locomo10.json (else $LOCOMO_DATA, the cache, or a download)")
     ap.add_argument("--conversations", default=None, help="comma-separated sample ids (default: all)")
-    ap.add_argument("--max-turns", type=int, default=None, help="first N askable turns of each conversation")
-    ap.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
-    ap.add_argument("--batch-size", type=int, default=GenerationSettings.batch_size)
+    ap.add_argument("--max-turns", type=positive_int, default=None, help="first N askable turns of each conversation")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=GenerationSettings.max_new_tokens)
+    ap.add_argument("--batch-size", type=positive_int, default=GenerationSettings.batch_size)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None, help="summary JSON (kept share per conversation, example records)")
     args = ap.parse_args(argv)
-    if args.max_turns is not None and args.max_turns < 1:
-        ap.error(f"--max-turns must be at least 1, got {args.max_turns}")
     data = resolve_data_path(args.data)
     samples = load_locomo(data)
     if args.conversations:

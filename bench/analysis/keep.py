@@ -9,10 +9,11 @@ Copies results.json, predictions.jsonl and table.md, and each conversation's tra
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
+
+from lora_mem.cli import Parser
 
 RUN_FILES = ("results.json", "predictions.jsonl", "table.md")
 
@@ -36,7 +37,7 @@ def keep(run_dir: Path, dest: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    ap = argparse.ArgumentParser(prog="python -m bench.analysis.keep", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m bench.analysis.keep", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", help="a finished bench.locomo --out directory")
     ap.add_argument("dest", help="where the small files go, e.g. bench/results/locomo/<name>")
     args = ap.parse_args(argv)

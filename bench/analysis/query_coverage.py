@@ -17,15 +17,20 @@ names, question words and auxiliaries. Against each set of training questions bu
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
 from nltk.stem import PorterStemmer
 
 from bench.common import atomic_write_json, atomic_write_text
-from bench.locomo_data import CATEGORY_NAMES, iter_samples, load_locomo, resolve_data_path, select_questions, \
-    training_source
+from bench.locomo_data import (
+    CATEGORY_NAMES,
+    iter_samples,
+    load_locomo,
+    resolve_data_path,
+    select_questions,
+    training_source,
+)
 from bench.locomo_score import score_qa
 from lora_mem.cli import Parser, id_list
 from lora_mem.lora_core.queries import coverage_queries

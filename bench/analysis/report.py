@@ -10,12 +10,12 @@ Writes <out>.md (table with model, device, wall and compute time) and, when matp
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from bench.common import atomic_write_text, read_jsonl
 from bench.locomo_score import declined_percent, format_table
+from lora_mem.cli import Parser
 
 # The experiment's table (Qwen2.5-1.5B-Instruct, LoCoMo categories 1-4), as published.
 PUBLISHED = [
@@ -126,7 +126,7 @@ def plot(runs: list[tuple[dict, Path]], published: bool, out: Path) -> list[Path
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description="Combine bench.locomo runs into one table and plots.")
+    ap = Parser(prog="python -m bench.analysis.report", description="Combine bench.locomo runs into one table and plots.")
     ap.add_argument("runs", nargs="+", help="run directories (or results.json files)")
     ap.add_argument("--published", action="store_true", help="add the experiment's published rows")
     ap.add_argument("--out", default=None, help="output path prefix (writes <out>.md and <out>_*.png)")

@@ -13,14 +13,14 @@ predictions.jsonl (committed runs under bench/results/locomo/ have it); writes <
 
 from __future__ import annotations
 
-import argparse
 import random
 from collections import defaultdict
 from pathlib import Path
 
+from bench.analysis.report import load_run
 from bench.common import atomic_write_json, atomic_write_text, read_jsonl
 from bench.locomo_score import TABLE_CATEGORIES, score_qa
-from bench.analysis.report import load_run
+from lora_mem.cli import Parser, positive_int
 
 
 def shuffled_f1(rows: list[dict], seeds: int = 10) -> float:
@@ -70,13 +70,11 @@ def render(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m bench.analysis.shuffle_control", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m bench.analysis.shuffle_control", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="bench.locomo run directories (or their results.json)")
-    ap.add_argument("--seeds", type=int, default=10, help="shuffles averaged per run")
+    ap.add_argument("--seeds", type=positive_int, default=10, help="shuffles averaged per run")
     ap.add_argument("--out", default=None, help="output prefix: writes <out>.md and <out>.json")
     args = ap.parse_args(argv)
-    if args.seeds < 1:
-        ap.error(f"--seeds must be at least 1, got {args.seeds}")
     results = []
     for path in args.runs:
         res, run_dir = load_run(Path(path))

@@ -35,8 +35,8 @@ import torch
 
 from lora_mem.lora_core.conversation import Conversation, conversation_only, session_texts
 from lora_mem.lora_core.inject import lora_disabled
-from lora_mem.lora_core.queries import Query
 from lora_mem.lora_core.losses import IGNORE_INDEX, SoftTargets
+from lora_mem.lora_core.queries import Query
 from lora_mem.model.generate import common_prefix_len, generate
 from lora_mem.model.packaged import default_cache_dir
 

@@ -21,11 +21,9 @@ filter are cheap and run again on every read, so changing them needs no new gene
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
