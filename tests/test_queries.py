@@ -118,6 +118,16 @@ def test_queries_and_recite_parts_never_read_the_annotations(tmp_path):
     assert "{question}" in RECITE_TEMPLATE
 
 
+def test_a_question_several_turns_answer_is_asked_once_with_their_answers():
+    from lora_mem.lora_core.conversation import Conversation, Session
+
+    turns = [Turn("Melanie", "D1:1", "I painted a lake sunrise."), Turn("Caroline", "D1:2", "Nice!"),
+             Turn("Melanie", "D1:3", "I painted a horse too."), Turn("Melanie", "D1:4", "I painted a horse.")]
+    conv = Conversation("x", "Melanie", "Caroline", [Session(1, "1:00 pm on 25 May, 2023", turns)])
+    q = [x for x in coverage_queries(conv, phrasings=1) if x.question == "What did Melanie paint?"]
+    assert len(q) == 1 and q[0].answer == "a lake sunrise, a horse" and q[0].dia_id == "D1:1"
+
+
 def test_recipe_train_format_is_checked():
     assert Recipe("text+distill+recite").parts == ("text", "distill", "recite")
     for bad in ("text+text", "nope", "text+"):

@@ -385,9 +385,16 @@ def turn_facts(turn: Turn, speakers: tuple[str, str], day: str | None, resolve_a
     return facts
 
 
+MAX_MERGED_ANSWERS = 5  # a question asked of several turns lists at most this many answers
+
+
 def coverage_queries(conv: Conversation, *, phrasings: int = 2, per_turn: int | None = None) -> list[Query]:
     """Questions about every turn of ``conv`` (:func:`turn_facts`), ``phrasings`` of each fact, at most
     ``per_turn`` facts of a turn (its statements first, in the order they are said), in conversation order.
+
+    A question that several turns answer ("What did Melanie paint?") is asked once, where it is first answered,
+    with their answers listed in the order they were said ("a lake sunrise, a horse"): one question never trains
+    two answers, and a question about several events learns to list them, as multi-hop questions ask.
 
     Built from the conversation alone; relative dates are resolved from each session's date (its day answers
     "When" questions about statements with no date of their own)."""
@@ -395,11 +402,15 @@ def coverage_queries(conv: Conversation, *, phrasings: int = 2, per_turn: int | 
         raise ValueError(f"phrasings and per_turn must be >= 1, got {phrasings}, {per_turn}")
     source = conversation_only(conv)
     speakers = (source.speaker_a, source.speaker_b)
-    out = []
+    asked: dict[str, list] = {}  # question (lowercase) -> [first query, its answers]
     for session in source.sessions:
         day, resolve_at = session_date(session.date_time), parsed_date_time(session.date_time)
         for turn in session.turns:
-            facts = turn_facts(turn, speakers, day, resolve_at)
-            for fact in facts[:per_turn]:
-                out += [Query(q.question, q.answer, q.kind, q.dia_id, session.index) for q in fact[:phrasings]]
-    return out
+            for fact in turn_facts(turn, speakers, day, resolve_at)[:per_turn]:
+                for q in fact[:phrasings]:
+                    entry = asked.setdefault(q.question.lower(), [Query(q.question, q.answer, q.kind, q.dia_id,
+                                                                        session.index), []])
+                    if q.answer not in entry[1]:
+                        entry[1].append(q.answer)
+    return [Query(q.question, ", ".join(answers[:MAX_MERGED_ANSWERS]), q.kind, q.dia_id, q.session)
+            for q, answers in asked.values()]
