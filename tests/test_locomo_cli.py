@@ -217,6 +217,12 @@ def test_runs_with_one_and_two_threads_give_identical_predictions(ckpt, tmp_path
     two = locomo.main(base_args(ckpt, tmp_path / "two") + ["--threads", "2"])
     assert read_jsonl(tmp_path / "one" / "predictions.jsonl") == read_jsonl(tmp_path / "two" / "predictions.jsonl")
     assert one["scores"] == two["scores"]
+    from bench.analysis.compare_runs import compare
+
+    same = compare(tmp_path / "one", tmp_path / "two")
+    assert same["predictions_identical"] == same["questions"] == 14
+    assert same["settings_that_differ"] == {"threads": [1, 2]}
+    assert all(c["steps"] > 0 and c["max_weight_difference"] < 1e-5 for c in same["conversations"].values())
 
 
 def test_local_path_that_does_not_exist_is_named_before_the_hub(tmp_path, monkeypatch):
