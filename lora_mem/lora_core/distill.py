@@ -35,8 +35,9 @@ import torch
 
 from lora_mem.lora_core.conversation import Conversation, conversation_only, session_texts
 from lora_mem.lora_core.inject import lora_disabled
-from lora_mem.lora_core.losses import IGNORE_INDEX, SoftTargets
+from lora_mem.lora_core.losses import SoftTargets
 from lora_mem.lora_core.queries import Query
+from lora_mem.lora_core.recipes import pack_chat_windows
 from lora_mem.model.generate import common_prefix_len, generate
 from lora_mem.model.packaged import default_cache_dir
 
@@ -176,42 +177,16 @@ def _safe(name: str) -> str:
 
 def distill_windows(examples: list[TeacherExample], tok, seq_len: int,
                     question_template: str) -> tuple[torch.Tensor, torch.Tensor, SoftTargets]:
-    """Pack the student's side of the examples into chat windows of at most seq_len tokens, as `recipes`'
-    chat_qa_windows does (system turn once per window, then user/assistant turns), with the teacher's distribution
-    at every answer position and the answer tokens as the hard labels."""
+    """The student's side of the examples packed into chat windows as every QA part is (`recipes.pack_chat_windows`),
+    with the teacher's distribution at every answer position and the answer tokens as the hard labels."""
     if not examples:
         raise ValueError("no teacher examples to train on")
+    packed = pack_chat_windows([(e.question, e.answer_ids) for e in examples], tok, seq_len, question_template)
     k = examples[0].top_ids.shape[1]
-    system = tok.default_system_prompt
-    head = tok.encode(tok.format_chat([{"role": "system", "content": system}], add_generation_prompt=False)
-                      if system is not None else "")
-    newline = tok.encode("\n")
-    windows: list[tuple[list[int], list[int], list]] = []
-    ids, labels, soft = list(head), [IGNORE_INDEX] * len(head), [None] * len(head)
-    for e in examples:
-        user = tok.encode(f"<|im_start|>user\n{question_template.format(question=e.question)}<|im_end|>\n"
-                          "<|im_start|>assistant\n")
-        n = len(user) + len(e.answer_ids) + len(newline)
-        if len(head) + n > seq_len:
-            continue
-        if len(ids) + n > seq_len:
-            windows.append((ids, labels, soft))
-            ids, labels, soft = list(head), [IGNORE_INDEX] * len(head), [None] * len(head)
-        ids += user + e.answer_ids + newline
-        labels += [IGNORE_INDEX] * len(user) + e.answer_ids + [IGNORE_INDEX] * len(newline)
-        soft += [None] * len(user) + [(e.top_ids[j], e.top_logprobs[j]) for j in range(len(e.answer_ids))] \
-            + [None] * len(newline)
-    if len(ids) > len(head):
-        windows.append((ids, labels, soft))
-    N = len(windows)
-    input_ids = torch.full((N, seq_len), tok.pad_id, dtype=torch.long)
-    targets = torch.full((N, seq_len), IGNORE_INDEX, dtype=torch.long)
-    top_ids = torch.zeros(N, seq_len, k, dtype=torch.long)
-    top_logprobs = torch.full((N, seq_len, k), -math.inf)
-    for i, (w_ids, w_labels, w_soft) in enumerate(windows):
-        input_ids[i, :len(w_ids)] = torch.tensor(w_ids)
-        targets[i, :len(w_ids) - 1] = torch.tensor(w_labels[1:])  # position t predicts token t+1
-        for t, s in enumerate(w_soft[1:]):
-            if s is not None:
-                top_ids[i, t], top_logprobs[i, t] = s
-    return input_ids, targets, SoftTargets(top_ids, top_logprobs)
+    soft = SoftTargets(torch.zeros(*packed.targets.shape, k, dtype=torch.long),
+                       torch.full((*packed.targets.shape, k), -math.inf))
+    for i, window, first in packed.placed:
+        n = len(examples[i].answer_ids)
+        soft.top_ids[window, first:first + n] = examples[i].top_ids
+        soft.top_logprobs[window, first:first + n] = examples[i].top_logprobs
+    return packed.input_ids, packed.targets, soft

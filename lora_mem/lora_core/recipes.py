@@ -371,37 +371,54 @@ def _interleave(positives: list[QAPair], negatives: list[QAPair]) -> list[QAPair
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def chat_qa_windows(pairs: list[QAPair], tok: Tokenizer, seq_len: int, question_template: str):
-    """Pack QA exchanges into multi-turn chats of at most seq_len tokens: the system prompt once per
-    window, then user/assistant turns; targets only on the assistant's answer tokens and its end marker."""
-    if not pairs:
-        raise ValueError("no question-answer pairs to train on")
+@dataclass
+class ChatWindows:
+    input_ids: torch.Tensor  # (N, seq_len)
+    targets: torch.Tensor  # (N, seq_len): position t predicts token t+1; IGNORE_INDEX but on answers
+    placed: list[tuple[int, int, int]]  # per exchange packed: (its index, its window, first target of its answer)
+
+
+def pack_chat_windows(exchanges: list[tuple[str, list[int]]], tok: Tokenizer, seq_len: int,
+                      question_template: str) -> ChatWindows:
+    """Pack (question, answer token ids with the end marker) exchanges into multi-turn chats of at most seq_len
+    tokens: the system turn once per window, as at question time, then user/assistant turns; targets only on the
+    answers. An exchange too long for any window is left out (absent from ``placed``)."""
     system = tok.default_system_prompt
     head = tok.encode(tok.format_chat([{"role": "system", "content": system}], add_generation_prompt=False)
-                      if system is not None else "")  # the system turn, as at question time
+                      if system is not None else "")
+    newline = tok.encode("\n")
     windows: list[tuple[list[int], list[int]]] = []
-    ids, labels = list(head), [IGNORE_INDEX] * len(head)
-    for pair in pairs:
-        user = tok.encode(f"<|im_start|>user\n{question_template.format(question=pair.question)}<|im_end|>\n"
+    ids, labels, placed = list(head), [IGNORE_INDEX] * len(head), []
+    for i, (question, answer) in enumerate(exchanges):
+        user = tok.encode(f"<|im_start|>user\n{question_template.format(question=question)}<|im_end|>\n"
                           "<|im_start|>assistant\n")
-        answer = tok.encode(f"{pair.answer}<|im_end|>")
-        newline = tok.encode("\n")
-        if len(head) + len(user) + len(answer) + len(newline) > seq_len:
-            continue  # a pair too long for any window
-        if len(ids) + len(user) + len(answer) + len(newline) > seq_len:
+        n = len(user) + len(answer) + len(newline)
+        if len(head) + n > seq_len:
+            continue
+        if len(ids) + n > seq_len:
             windows.append((ids, labels))
             ids, labels = list(head), [IGNORE_INDEX] * len(head)
+        placed.append((i, len(windows), len(ids) + len(user) - 1))  # the position that predicts its first token
         ids += user + answer + newline
         labels += [IGNORE_INDEX] * len(user) + answer + [IGNORE_INDEX] * len(newline)
     if len(ids) > len(head):
         windows.append((ids, labels))
     input_ids = torch.full((len(windows), seq_len), tok.pad_id, dtype=torch.long)
     targets = torch.full((len(windows), seq_len), IGNORE_INDEX, dtype=torch.long)
-    for i, (w_ids, w_labels) in enumerate(windows):
-        input_ids[i, :len(w_ids)] = torch.tensor(w_ids)
-        # position t predicts token t+1: shift the labels left by one
-        targets[i, :len(w_ids) - 1] = torch.tensor(w_labels[1:])
-    return input_ids, targets
+    for w, (w_ids, w_labels) in enumerate(windows):
+        input_ids[w, :len(w_ids)] = torch.tensor(w_ids)
+        targets[w, :len(w_ids) - 1] = torch.tensor(w_labels[1:])  # position t predicts token t+1
+    return ChatWindows(input_ids, targets, placed)
+
+
+def chat_qa_windows(pairs: list[QAPair], tok: Tokenizer, seq_len: int, question_template: str):
+    """(input_ids, targets) of the pairs packed into chat windows (:func:`pack_chat_windows`), the loss on each
+    answer and its end marker."""
+    if not pairs:
+        raise ValueError("no question-answer pairs to train on")
+    packed = pack_chat_windows([(p.question, tok.encode(f"{p.answer}<|im_end|>")) for p in pairs], tok, seq_len,
+                               question_template)
+    return packed.input_ids, packed.targets
 
 
 @dataclass(frozen=True)
