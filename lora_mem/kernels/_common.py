@@ -77,3 +77,22 @@ def sm_count(device: torch.device) -> int:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
+
+
+_TARGET_LIMITS: dict = {}
+
+
+def target_limits() -> tuple[int, int, int]:
+    """(compute capability as 90 / 80, opt-in shared memory per block in bytes, SM count) of the GPU Triton compiles
+    for: its active driver's current device, where every launch runs. Asked of Triton rather than torch, so that a
+    stand-in driver (bench/perf/compile_check.py) answers for a GPU that is not there."""
+    from triton.runtime.driver import driver
+
+    active = driver.active
+    device = active.get_current_device()
+    key = (active, device)  # the driver itself, not its id: a stand-in replaced by another must not reuse an entry
+    if key not in _TARGET_LIMITS:
+        props = active.utils.get_device_properties(device)
+        _TARGET_LIMITS[key] = (active.get_current_target().arch, props["max_shared_mem"],
+                               props["multiprocessor_count"])
+    return _TARGET_LIMITS[key]

@@ -12,7 +12,8 @@ Backward (W and b frozen; derivation in :class:`LoRALinearFunction`), four launc
   dt = s dY B        thin      (M, r)
   dB = dY^T u        thin, reduction over M split across programs (fp32 partials summed by torch)
   dA = dt^T x_drop   thin, likewise, written straight into A's (r, K) layout
-  dX = dY W + (dt A) * keep / (1 - p)    fused GEMM, same trick as the forward (an epilogue when dropout is on)
+  dX = dY W + (dt A) * keep / (1 - p)    fused GEMM, same trick as the forward (with dropout the masked LoRA term
+                                          is formed first and starts the accumulator)
 
 Saved for backward: x (a view of the input, no copy), the thin s t (M x r), and with dropout the uint8 keep-mask.
 Never y.
@@ -33,7 +34,7 @@ from lora_mem.kernels._common import (
     interpreting,
     next_pow2,
     rank_block,
-    sm_count,
+    target_limits,
 )
 from lora_mem.kernels.lora_reference import dropout_keep_mask, dropout_keep_scale, lora_linear_reference
 from lora_mem.kernels.policy import KernelPolicy
@@ -108,10 +109,10 @@ if HAS_TRITON:
         for q0 in range(q_start, q_end, BLOCK_Q):
             q_mask = (q0 + offs_q) < q_end
             x_mask = p_mask[:, None] & q_mask[None, :]
-            if HAS_KEEP:  # dropout: a dropped element is simply not loaded
-                keep = tl.load(keep_ptrs, mask=x_mask, other=0)
-                x_mask = x_mask & (keep != 0)
             x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            if HAS_KEEP:  # dropout: zero the dropped elements (masking x's load by keep would serialise the two)
+                keep = tl.load(keep_ptrs, mask=x_mask, other=0)
+                x = tl.where(keep != 0, x, 0.0)
             y = tl.load(y_ptrs, mask=q_mask[:, None] & r_mask[None, :], other=0.0)
             if DOT_FP32:
                 acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
@@ -174,15 +175,39 @@ if HAS_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        offs_r = tl.arange(0, BLOCK_R)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        r_mask = offs_r < R  # pads the rank up to BLOCK_R with zeros
+        # The LoRA reduction (the rank, padded to BLOCK_R) runs in steps of at most BLOCK_K, as the base K-loop does:
+        # one step of the whole rank holds rank-wide operand fragments at once, which spills at rank 128.
+        R_STEP: tl.constexpr = BLOCK_K if BLOCK_K < BLOCK_R else BLOCK_R
+        offs_r = tl.arange(0, R_STEP)
+        t_ptrs = t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr
+        u_ptrs = u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :].to(tl.int64) * stride_un
 
-        # --- base GEMM: acc = A @ Bm --------------------------------------------------------------------------------
+        if HAS_KEEP:
+            # Dropout acts elementwise on the (M, N) LoRA term, so it is not more steps of the base reduction: it is
+            # formed first and starts the accumulator, so one BLOCK_M x BLOCK_N fp32 tile is live during the K-loop,
+            # not two (large tiles spill with two).
+            lora = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+            for r0 in range(0, R, R_STEP):
+                r_mask = offs_r < R - r0  # pads the rank up to the step with zeros
+                t = tl.load(t_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                if DOT_FP32:
+                    lora = tl.dot(t.to(tl.float32), u.to(tl.float32), lora, input_precision="ieee")
+                else:
+                    lora = tl.dot(t, u, lora, input_precision=INPUT_PRECISION)
+                t_ptrs += R_STEP * stride_tr
+                u_ptrs += R_STEP * stride_ur
+            keep = tl.load(keep_ptr + offs_m[:, None].to(tl.int64) * stride_km + offs_n[None, :] * stride_kn,
+                           mask=m_mask[:, None] & n_mask[None, :], other=0)
+            acc = tl.where(keep != 0, lora * keep_scale, 0.0)
+        else:
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+
+        # --- base GEMM: acc += A @ Bm -------------------------------------------------------------------------------
         a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
-        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
         for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
             k_mask = offs_k < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -194,27 +219,20 @@ if HAS_TRITON:
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
-        # --- LoRA term: one more reduction step of width R over [T | U] ---------------------------------------------
-        t = tl.load(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr,
-                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        u = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :].to(tl.int64) * stride_un,
-                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        if HAS_KEEP:
-            # Dropout acts elementwise on the (M, N) LoRA term, so it needs its own accumulator (slower path).
-            if DOT_FP32:
-                lora = tl.dot(t.to(tl.float32), u.to(tl.float32), input_precision="ieee")
-            else:
-                lora = tl.dot(t, u, input_precision=INPUT_PRECISION)
-            keep = tl.load(keep_ptr + offs_m[:, None].to(tl.int64) * stride_km + offs_n[None, :] * stride_kn,
-                           mask=m_mask[:, None] & n_mask[None, :], other=0)
-            acc += tl.where(keep != 0, lora * keep_scale, 0.0)
-        else:
+        # --- LoRA term without dropout: more steps of the same reduction, over [T | U] -------------------------------
+        if not HAS_KEEP:
             # Concatenated reduction: the LoRA product accumulates into the same registers as the base GEMM (no second
             # BLOCK_M x BLOCK_N fp32 tile, no write and re-read of out).
-            if DOT_FP32:
-                acc = tl.dot(t.to(tl.float32), u.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(t, u, acc, input_precision=INPUT_PRECISION)
+            for r0 in range(0, R, R_STEP):
+                r_mask = offs_r < R - r0  # pads the rank up to the step with zeros
+                t = tl.load(t_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                if DOT_FP32:
+                    acc = tl.dot(t.to(tl.float32), u.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(t, u, acc, input_precision=INPUT_PRECISION)
+                t_ptrs += R_STEP * stride_tr
+                u_ptrs += R_STEP * stride_ur
 
         # --- epilogue -----------------------------------------------------------------------------------------------
         if HAS_BIAS:
@@ -223,8 +241,11 @@ if HAS_TRITON:
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
-    # GPU block sizes, tuned per (size bucket, dtype). Configs that overflow shared memory (large tiles with BLOCK_R =
-    # 128) are skipped by the autotuner, which catches OutOfResources. The chosen config is cached per key.
+    # GPU configs, one pool per kind of tl.dot. Tensor cores (bf16, fp16, fp32 in TF32) and the FMA units (fp32 at
+    # full precision): there the operand fragments sit in registers, and the tensor-core tiles compile to code that
+    # spills heavily, so fp32 has smaller tiles with a 32-wide reduction step. The prune functions take the pool of
+    # the launch's dot, then drop what would not fit the GPU. bench/perf/compile_check.py compiles every pool for
+    # sm_80 and sm_90 and is the measure behind each limit below.
     _FUSED_CONFIGS = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
         triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
@@ -234,6 +255,12 @@ if HAS_TRITON:
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=5, num_warps=4),
     ]
+    _FUSED_FP32_CONFIGS = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
+    ]
     _THIN_CONFIGS = [
         triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64}, num_stages=4, num_warps=4),
         triton.Config({"BLOCK_P": 128, "BLOCK_Q": 64}, num_stages=3, num_warps=4),
@@ -242,9 +269,61 @@ if HAS_TRITON:
         triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128}, num_stages=3, num_warps=8),
         triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128}, num_stages=4, num_warps=4),
     ]
+    _THIN_FP32_CONFIGS = [  # kept per rank by _FMA_MAX_OPERANDS_PER_THREAD
+        triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128}, num_stages=3, num_warps=4),
+        triton.Config({"BLOCK_P": 128, "BLOCK_Q": 64}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_P": 32, "BLOCK_Q": 64}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 32}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_P": 32, "BLOCK_Q": 32}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_P": 16, "BLOCK_Q": 32}, num_stages=3, num_warps=4),
+    ]
+    # With dropout at ranks from 64 the thin kernel's tensor-core tiles spill beside the keep-mask tile; these do not.
+    _THIN_KEEP_WIDE_RANK_CONFIGS = [
+        triton.Config({"BLOCK_P": 32, "BLOCK_Q": 64}, num_stages=3, num_warps=4),
+        triton.Config({"BLOCK_P": 16, "BLOCK_Q": 128}, num_stages=3, num_warps=4),
+        triton.Config({"BLOCK_P": 16, "BLOCK_Q": 64}, num_stages=3, num_warps=4),
+    ]
+    # The thin kernel on the FMA units holds its X, Y and output tiles in registers: configs with more elements of the
+    # three per thread than this spill (ranks 16 to 128, with and without dropout).
+    _FMA_MAX_OPERANDS_PER_THREAD = 52
+    # Past these the tensor-core tiles spill. On sm_80, accumulator elements per thread (fused and multi-LoRA product
+    # kernels). Elsewhere accumulator elements per thread times the operands' element size (fp32 in TF32 has twice
+    # the operand registers of bf16): with dropout in the fused kernel, where the masked LoRA term is formed before
+    # the K-loop, _KEEP_ACC_BYTES; in the thin and the multi-LoRA product kernels _ACC_BYTES.
+    _SM80_MAX_ACC_PER_THREAD = 64
+    _KEEP_ACC_BYTES = 128
+    _ACC_BYTES = 256
+
+    def _tensor_cores(x: torch.Tensor, precision: str) -> bool:
+        """Whether tl.dot runs on tensor cores for operands like x: every 16-bit dtype, fp32 only in TF32."""
+        return x.dtype != torch.float32 or precision == "tf32"
+
+    def _pool(configs, fp32_pool, tensor_cores: bool) -> list:
+        return [c for c in configs if (c in fp32_pool) != tensor_cores]
+
+    def _pipeline_smem(stage_bytes: int, num_stages: int, tensor_cores: bool) -> int:
+        """Shared memory of a K-loop pipelined over num_stages whose stage loads stage_bytes: Hopper's tensor-core
+        loop keeps every stage in shared memory, Ampere's and the FMA loop one fewer (what the compiler allocates)."""
+        arch, _, _ = target_limits()
+        return (num_stages if tensor_cores and arch >= 90 else num_stages - 1) * stage_bytes
+
+    def _acc_per_thread(rows: int, cols: int, num_warps: int) -> float:
+        return rows * cols / (32 * num_warps)
+
+    def _fused_smem(c, elsize: int, block_r: int, has_keep: bool, tensor_cores: bool) -> int:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        lora = (bm + bn) * min(bk, block_r) * elsize if has_keep else 0  # the LoRA step's tiles, loaded before
+        return _pipeline_smem((bm + bn) * bk * elsize, c.num_stages, tensor_cores) + lora
+
+    def _thin_smem(c, elsize: int, block_r: int, has_keep: bool, tensor_cores: bool) -> int:
+        bp, bq = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
+        stage = (bp * bq + bq * block_r) * elsize + (bp * bq if has_keep else 0)  # + the uint8 keep-mask tile
+        return _pipeline_smem(stage, c.num_stages, tensor_cores) + (4 * bp * bq if has_keep else 0)
+
     def _prune_fused_configs(configs, named_args, **kwargs):
         """Drop tiles far larger than the problem (few tokens, the 256-wide k/v projections): they only add masked
-        work and compile time. Keeps at least one config; with one left the autotuner measures nothing."""
+        work and compile time. Keeps at least one config."""
         m_cap = max(named_args["M_BUCKET"], 64)
         n_cap = max(triton.next_power_of_2(named_args["N"]), 64)
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
@@ -257,16 +336,70 @@ if HAS_TRITON:
         kept = [c for c in configs if c.kwargs["BLOCK_P"] <= p_cap and c.kwargs["BLOCK_Q"] <= q_cap]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"])]
 
+    def _fused_configs_for_launch(configs, named_args, **kwargs):
+        """The fused kernel's early_config_prune: the pool of the launch's dot, sized to the problem
+        (:func:`_prune_fused_configs`), less what would not fit the GPU: over its shared memory (estimated), or more
+        accumulator per thread than _SM80_MAX_ACC_PER_THREAD on sm_80 or _KEEP_ACC_BYTES with dropout (those spill).
+        Keeps at least one config; with one left the autotuner measures nothing."""
+        a = named_args["a_ptr"]
+        tensor_cores = _tensor_cores(a, kwargs["INPUT_PRECISION"])
+        pool = _pool(configs, _FUSED_FP32_CONFIGS, tensor_cores)
+        arch, smem_limit, _ = target_limits()
+        keep = kwargs["HAS_KEEP"]
+
+        def smem(c):
+            return _fused_smem(c, a.element_size(), kwargs["BLOCK_R"], keep, tensor_cores)
+
+        def spills(c):
+            acc = _acc_per_thread(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+            return (arch < 90 and acc > _SM80_MAX_ACC_PER_THREAD) or (keep and acc * a.element_size() > _KEEP_ACC_BYTES)
+
+        kept = [c for c in _prune_fused_configs(pool, named_args) if smem(c) <= smem_limit and not spills(c)]
+        return kept or [min(pool, key=smem)]
+
+    def _thin_configs_for_launch(configs, named_args, **kwargs):
+        """As above for the thin kernel, whose pools are three: tensor cores (at most _ACC_BYTES of accumulator per
+        thread), with dropout at ranks from 64 its own small tiles, and on the FMA units those with at most
+        _FMA_MAX_OPERANDS_PER_THREAD elements of the X, Y and output tiles per thread."""
+        x = named_args["x_ptr"]
+        tensor_cores = _tensor_cores(x, kwargs["INPUT_PRECISION"])
+        _, smem_limit, _ = target_limits()
+        keep, block_r = kwargs["HAS_KEEP"], kwargs["BLOCK_R"]
+
+        def smem(c):
+            return _thin_smem(c, x.element_size(), block_r, keep, tensor_cores)
+
+        def fma_operands(c):
+            bp, bq = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
+            return (bp * bq + bq * block_r + bp * block_r) / (32 * c.num_warps)
+
+        if not tensor_cores:
+            fp32 = [c for c in configs if c in _THIN_FP32_CONFIGS]
+            pool = [c for c in fp32 if fma_operands(c) <= _FMA_MAX_OPERANDS_PER_THREAD] or fp32
+        elif keep and block_r >= 64:
+            pool = [c for c in configs if c in _THIN_KEEP_WIDE_RANK_CONFIGS]
+        else:
+            tiles = [c for c in configs if c in _THIN_CONFIGS]
+            pool = [c for c in tiles if _acc_per_thread(c.kwargs["BLOCK_P"], block_r, c.num_warps) * x.element_size()
+                    <= _ACC_BYTES] or tiles
+        kept = [c for c in _prune_thin_configs(pool, named_args) if smem(c) <= smem_limit]
+        return kept or [min(pool, key=smem)]
+
     # Layout strides are in the keys because the same kernel reads its operands row-major or transposed (fused: W^T in
     # forward, W for dX, which have the same sizes for square layers; thin: x/dY for t, dt, their transposes for dA,
-    # dB), and those want different tiles. BLOCK_R: the rank changes the tiles' register and shared-memory footprint.
+    # dB), and those want different tiles. BLOCK_R: the rank changes the tiles' register and shared-memory footprint;
+    # INPUT_PRECISION: fp32 in TF32 takes the other pool. cache_results: the chosen config of a key is stored beside
+    # the compiled binaries in Triton's cache directory (TRITON_CACHE_DIR, default ~/.triton/cache), so a process
+    # that finds it there neither benchmarks the configs again nor compiles the ones it does not use.
     _fused_lora_matmul_autotuned = triton.autotune(
-        configs=_FUSED_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_KEEP", "stride_bk"],
-        prune_configs_by={"early_config_prune": _prune_fused_configs},
+        configs=_FUSED_CONFIGS + _FUSED_FP32_CONFIGS,
+        key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_KEEP", "stride_bk", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": _fused_configs_for_launch}, cache_results=True,
     )(_fused_lora_matmul_kernel)
     _thin_matmul_autotuned = triton.autotune(
-        configs=_THIN_CONFIGS, key=["P_BUCKET", "Q_BUCKET", "BLOCK_R", "stride_xq", "HAS_KEEP"],
-        prune_configs_by={"early_config_prune": _prune_thin_configs},
+        configs=_THIN_CONFIGS + _THIN_KEEP_WIDE_RANK_CONFIGS + _THIN_FP32_CONFIGS,
+        key=["P_BUCKET", "Q_BUCKET", "BLOCK_R", "stride_xq", "HAS_KEEP", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": _thin_configs_for_launch}, cache_results=True,
     )(_thin_matmul_kernel)
 
 # Under the interpreter autotuning measures nothing, so one small fixed config (blocks of 16 are tl.dot's minimum;
@@ -289,8 +422,9 @@ def _q_per_split(P: int, Q: int, device: torch.device, interpret: bool) -> int:
     """
     if interpret:
         return _INTERPRET_Q_PER_SPLIT
+    _, _, sms = target_limits()
     row_blocks = triton.cdiv(P, 64)
-    splits = min(max(triton.cdiv(2 * sm_count(device), row_blocks), 1), max(triton.cdiv(Q, 512), 1))
+    splits = min(max(triton.cdiv(2 * sms, row_blocks), 1), max(triton.cdiv(Q, 512), 1))
     return triton.cdiv(triton.cdiv(Q, splits), 256) * 256
 
 

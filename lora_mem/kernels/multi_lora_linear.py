@@ -49,7 +49,7 @@ import torch
 
 from lora_mem.kernels import lora_linear as _single
 from lora_mem.kernels._common import (HAS_TRITON, SUPPORTED_DTYPES, dot_flags, interpreted, interpreting, next_pow2,
-                                      rank_block)
+                                      rank_block, target_limits)
 from lora_mem.kernels.lora_linear import MAX_RANK
 from lora_mem.kernels.multi_lora_reference import check_multi_lora_args, multi_lora_linear_reference, token_adapter_ids
 from lora_mem.kernels.policy import KernelPolicy
@@ -177,10 +177,12 @@ if HAS_TRITON:
         offs_m = tile_start + tl.arange(0, BLOCK_M)  # sorted positions
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        offs_r = tl.arange(0, BLOCK_R)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        r_mask = offs_r < R  # pads the rank up to BLOCK_R with zeros
+        # The expand reduction (the rank) runs in steps of at most BLOCK_K and 64, as lora_mem.kernels.lora_linear's
+        # does: one step of the whole rank holds rank-wide operand fragments at once (rank 128 spills).
+        R_STEP: tl.constexpr = min(BLOCK_K, BLOCK_R, 64)
+        offs_r = tl.arange(0, R_STEP)
         rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)  # (BLOCK_M,): rows of x and out
 
         # --- base GEMM: acc = x[rows] @ W^T ----------------------------------------------------------------------
@@ -198,8 +200,8 @@ if HAS_TRITON:
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
 
-        # --- expand: per adapter segment of the tile, one more reduction step t_seg @ B[a]^T ------------------------
-        t_ptrs = t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr
+        # --- expand: per adapter segment of the tile, more reduction steps t_seg @ B[a]^T --------------------------
+        t_rows = t_ptr + offs_m[:, None].to(tl.int64) * stride_tm
         pos = tile_start
         tile_end = tl.minimum(tile_start + BLOCK_M, M)
         while pos < tile_end:
@@ -207,14 +209,17 @@ if HAS_TRITON:
             seg_end = tl.load(seg_end_ptr + pos)
             if adapter >= 0:
                 seg = (offs_m >= pos) & (offs_m < seg_end)  # this segment's rows; the others load as zeros
-                t = tl.load(t_ptrs, mask=seg[:, None] & r_mask[None, :], other=0.0)
-                u = tl.load(lb_ptr + adapter.to(tl.int64) * stride_bn  # B[adapter]^T as an (R, N) view
-                            + offs_r[:, None] * stride_br + offs_n[None, :].to(tl.int64) * stride_bo,
-                            mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                if DOT_FP32:
-                    acc = tl.dot(t.to(tl.float32), u.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(t, u, acc, input_precision=INPUT_PRECISION)
+                u_cols = lb_ptr + adapter.to(tl.int64) * stride_bn + offs_n[None, :].to(tl.int64) * stride_bo
+                for r0 in range(0, R, R_STEP):
+                    r_mask = offs_r < R - r0  # pads the rank up to the step with zeros
+                    t = tl.load(t_rows + (r0 + offs_r)[None, :] * stride_tr, mask=seg[:, None] & r_mask[None, :],
+                                other=0.0)
+                    u = tl.load(u_cols + (r0 + offs_r)[:, None] * stride_br,  # B[adapter]^T as an (R, N) view
+                                mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                    if DOT_FP32:
+                        acc = tl.dot(t.to(tl.float32), u.to(tl.float32), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(t, u, acc, input_precision=INPUT_PRECISION)
             pos = seg_end
 
         # --- epilogue: bias, one store scattered back to the caller's row order ------------------------------------
@@ -224,12 +229,21 @@ if HAS_TRITON:
         out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
-    # GPU configs: the single-adapter kernel's tiles plus small row blocks for decode (a few tokens per step, often
-    # each with its own adapter, where a tall tile only adds masked rows and masked segment steps).
+    # GPU configs: the single-adapter kernel's pools (tensor cores; fp32 at full precision on the FMA units) plus small
+    # row blocks for decode (a few tokens per step, often each with its own adapter, where a tall tile only adds
+    # masked rows and masked segment steps).
     _MULTI_FUSED_CONFIGS = _single._FUSED_CONFIGS + [
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    ]
+    # fp32 on the FMA units: smaller than the single-adapter kernel's (its tiles spill beside the row gather); these
+    # compile without spills at ranks 16 to 128 (bench/perf/compile_check.py).
+    _MULTI_FUSED_FP32_CONFIGS = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_stages=3, num_warps=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
     ]
     _MULTI_SHRINK_CONFIGS = [
         triton.Config({"BLOCK_M": 16, "BLOCK_K": 128}, num_stages=4, num_warps=4),
@@ -237,6 +251,18 @@ if HAS_TRITON:
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_stages=4, num_warps=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_stages=3, num_warps=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_stages=3, num_warps=8),
+    ]
+    _MULTI_SHRINK_FP32_CONFIGS = [  # likewise
+        triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_stages=3, num_warps=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 16}, num_stages=3, num_warps=4),
+    ]
+    # At ranks from 64 the shrink kernel's tensor-core tiles spill (its A tile, BLOCK_K x rank, is live whole); these
+    # do not, in bf16 or in TF32.
+    _MULTI_SHRINK_WIDE_RANK_CONFIGS = [
+        triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_stages=3, num_warps=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_stages=3, num_warps=8),
     ]
 
     def _prune_multi_configs(configs, named_args, **kwargs):
@@ -248,14 +274,52 @@ if HAS_TRITON:
                 if c.kwargs["BLOCK_M"] <= m_cap and (n_cap is None or c.kwargs["BLOCK_N"] <= n_cap)]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_N", 1))]
 
+    def _multi_configs_for_launch(configs, named_args, **kwargs):
+        """Both kernels' early_config_prune: the pool of the launch's dot, sized to the problem
+        (:func:`_prune_multi_configs`), less what would not fit the GPU, by the single-adapter kernels' measures
+        (:func:`lora_mem.kernels.lora_linear._fused_configs_for_launch`): shared memory and the product kernel's
+        accumulator per thread; the shrink kernel's tensor-core pool at ranks from 64 is its own small tiles."""
+        x = named_args["x_ptr"]
+        tensor_cores = _single._tensor_cores(x, kwargs["INPUT_PRECISION"])
+        matmul = "N" in named_args  # else the shrink kernel
+        arch, smem_limit, _ = target_limits()
+        block_r = kwargs["BLOCK_R"]
+        if matmul:
+            pool = _single._pool(configs, _MULTI_FUSED_FP32_CONFIGS, tensor_cores)
+        elif not tensor_cores:
+            pool = [c for c in configs if c in _MULTI_SHRINK_FP32_CONFIGS]
+        elif block_r >= 64:
+            pool = [c for c in configs if c in _MULTI_SHRINK_WIDE_RANK_CONFIGS]
+        else:
+            pool = [c for c in configs if c in _MULTI_SHRINK_CONFIGS]
+
+        def smem(c):
+            bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
+            cols = c.kwargs["BLOCK_N"] if matmul else block_r
+            return _single._pipeline_smem((bm + cols) * bk * x.element_size(), c.num_stages, tensor_cores)
+
+        def spills(c):
+            if not matmul:
+                return False
+            acc = _single._acc_per_thread(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+            return ((arch < 90 and acc > _single._SM80_MAX_ACC_PER_THREAD)
+                    or (tensor_cores and acc * x.element_size() > _single._ACC_BYTES))
+
+        pool = [c for c in pool if not spills(c)] or pool
+        kept = [c for c in _prune_multi_configs(pool, named_args) if smem(c) <= smem_limit]
+        return kept or [min(pool, key=smem)]
+
     # Both kernels only read their inputs and overwrite their output, so autotuning's repeated launches are harmless.
+    # cache_results: the choice persists in Triton's cache directory (see lora_mem.kernels.lora_linear).
     _multi_lora_matmul_autotuned = triton.autotune(
-        configs=_MULTI_FUSED_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R"],
-        prune_configs_by={"early_config_prune": _prune_multi_configs},
+        configs=_MULTI_FUSED_CONFIGS + _MULTI_FUSED_FP32_CONFIGS,
+        key=["M_BUCKET", "N", "K", "BLOCK_R", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": _multi_configs_for_launch}, cache_results=True,
     )(_multi_lora_matmul_kernel)
     _multi_shrink_autotuned = triton.autotune(
-        configs=_MULTI_SHRINK_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R"],
-        prune_configs_by={"early_config_prune": _prune_multi_configs},
+        configs=_MULTI_SHRINK_CONFIGS + _MULTI_SHRINK_WIDE_RANK_CONFIGS + _MULTI_SHRINK_FP32_CONFIGS,
+        key=["M_BUCKET", "K", "BLOCK_R", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": _multi_configs_for_launch}, cache_results=True,
     )(_multi_shrink_kernel)
 
 # Under the interpreter autotuning measures nothing: one small fixed config (16 is tl.dot's minimum tile side).

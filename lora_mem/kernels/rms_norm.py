@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_mem.kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting, sm_count
+from lora_mem.kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting, target_limits
 from lora_mem.kernels.policy import KernelPolicy
 
 if HAS_TRITON:
@@ -36,7 +36,8 @@ if HAS_TRITON:
 
 __all__ = ["rms_norm", "rms_norm_reference", "rms_norm_triton", "RMSNormFunction", "MAX_HIDDEN"]
 
-MAX_HIDDEN = 65536  # one row must fit one block (registers); larger rows take the reference
+MAX_HIDDEN = 8192  # one row fits one block (registers); larger rows take the reference. Wider rows spill: the
+# backward holds about seven row-wide fp32 values per thread (bench/perf/compile_check.py compiles this width)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def _rms_norm_backward(
     if interpreting():
         programs = min(M, _INTERPRET_PROGRAMS)
     else:  # about two programs per SM: each keeps one dW partial row, so fewer programs = less to sum afterwards
-        programs = min(M, 2 * sm_count(x.device))
+        programs = min(M, 2 * target_limits()[2])
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program)
 
