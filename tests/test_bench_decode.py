@@ -136,7 +136,7 @@ def test_locomo_profile(locomo):
 
 
 def test_locomo_given_adapter_is_used_by_both_sides(ckpt, tmp_path):
-    from bench.locomo import QUESTION_TEMPLATE
+    from lora_mem.lora_core.memory import QUESTION_TEMPLATE
     from lora_mem.model.generate import generate
     from lora_mem.model.loader import load_model
 

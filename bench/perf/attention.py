@@ -7,7 +7,7 @@ For every sequence length: SDPA with GQA inside the kernel (`enable_gqa=True`, w
 with key/value heads repeated (what transformers' eager-to-SDPA path does), and
 `lora_mem.kernels.block_causal_attention` at each block size; each timed forward + backward (what a training step
 runs) and forward alone under no_grad (what answering runs). The variants take turns within each repeat
-(`bench.perf.decode.timed`), so a change in a shared machine's load hits all alike; the median is reported, and
+(`bench.perf.timing.timed`), so a change in a shared machine's load hits all alike; the median is reported, and
 each block variant's speed-up over the faster SDPA variant. `saved_probs_mb` is what the block path keeps for
 backward per layer, in MiB (its price; flash attention keeps one float per row). Writes
 bench/results/attention_<device>.json.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import atomic_write_json, device_slug, int_list, run_info
-from bench.perf.decode import timed
+from bench.perf.timing import timed
 from lora_mem.kernels.block_causal_attention import DEFAULT_BLOCK, block_causal_attention
 
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
               + "  | answer ms: " + "  ".join(f"{n} {v['ms_median']:.2f}" for n, v in r["answer"].items()),
               flush=True)
     results = {"benchmark": "causal attention: SDPA vs block-causal GEMMs (lora_mem.kernels.block_causal_attention)",
-               "method": "median of --repeats calls, variants interleaved within each repeat (bench.perf.decode.timed), "
+               "method": "median of --repeats calls, variants interleaved within each repeat (bench.perf.timing.timed), "
                          "one warm-up call each; train = forward + backward, answer = forward under no_grad",
                "dtype": args.dtype, "repeats": args.repeats, "default_block": DEFAULT_BLOCK, **info, "rows": rows}
     out = Path(args.out or Path("bench/results") / f"attention_{device_slug(device)}.json")

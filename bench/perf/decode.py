@@ -20,8 +20,8 @@ batched
 locomo
     The LoCoMo answering workload with an adapter: the real questions of categories 1-4
     (`bench.locomo_data.select_questions`, all 10 conversations = 1,540; `--locomo-questions N`
-    takes the first N), asked as bench.locomo asks them (`QUESTION_TEMPLATE` in a chat turn,
-    `tokenizer.encode_chat`), answered with ONE LoRA adapter (`--adapter DIR`, PEFT format, e.g.
+    takes the first N), asked as bench.locomo asks them (lora_mem.lora_core.memory.QUESTION_TEMPLATE
+    in a chat turn, `tokenizer.encode_chat`), answered with ONE LoRA adapter (`--adapter DIR`, PEFT format, e.g.
     runs/locomo-r8/adapters/conv-26; without it a seeded random rank-`--random-adapter-rank`
     adapter with non-zero B, saved to a temporary directory, so it runs on any machine).
     lora-mem: `load_model` + `load_adapter` (the unmerged LoRA path bench.locomo answers with) +
@@ -78,13 +78,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from bench.common import RESULTS_DIR, atomic_write_json, cpu_name, device_slug, git_commit, versions
+from bench.perf.timing import format_profile, loadavg, profile_ops, timed
 import lora_mem.model.generate as gen
 from lora_mem.model.generate import generate
 from lora_mem.model.loader import LoadedModel, load_model
@@ -147,24 +147,8 @@ def batched_questions(n: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Machine and run metadata
-# ---------------------------------------------------------------------------------------------
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
 # The two sides
 # ---------------------------------------------------------------------------------------------
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def load_reference(path: Path, device: torch.device, dtype: torch.dtype):
     """The same checkpoint through transformers (eval, no grad), in the same dtype on the same device."""
@@ -240,24 +224,6 @@ def hf_generate(ref, prompts: list[list[int]], max_new_tokens: int, stop_ids: li
             for row in out[:, T:].tolist():
                 results.append(cut_at_stop(row, stop_ids))
     return results
-
-
-def timed(fns: list, repeats: int, device: torch.device) -> list[tuple[list[float], object]]:
-    """Wall seconds of `repeats` calls of each fn() (synchronised) and each one's last result.
-
-    The functions take turns within each repeat (A B C A B C ...), so a change in the load of a
-    shared machine hits every side alike instead of whichever happened to run last.
-    """
-    times: list[list[float]] = [[] for _ in fns]
-    results: list[object] = [None] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            sync(device)
-            t0 = time.perf_counter()
-            results[i] = fn()
-            sync(device)
-            times[i].append(time.perf_counter() - t0)
-    return list(zip(times, results))
 
 
 def side_row(times: list[float], n_tokens: int, n_questions: int) -> dict:
@@ -386,8 +352,6 @@ def run_batched(lm: LoadedModel, ref, args, device: torch.device, log) -> dict:
     row["ratio_questions_per_s_vs_transformers_batch1"] = ratio(q["lora_mem_batched"], q["transformers_batch1"])
     row["ratio_questions_per_s_vs_transformers_batched"] = ratio(q["lora_mem_batched"], q["transformers_batched"])
     if args.profile:
-        from bench.perf.train_throughput import profile_ops
-
         row["profile"] = {"what": "one more lora-mem call of this workload", **profile_ops(ours, 1, device, label="generate")}
     return row
 
@@ -554,8 +518,6 @@ def adapter_for(lm: LoadedModel, ref, args, tmp: str, device: torch.device) -> t
 def add_profile(row: dict, model, prompts: list[list[int]], B: int, n_new: int, stop: list[int], pad: int,
                 device: torch.device) -> None:
     """--profile: lora-mem's generate of the 4B shortest prompts (several batches' worth: rows are refilled)."""
-    from bench.perf.train_throughput import profile_ops
-
     first = sorted(prompts, key=len)[:4 * B]
     row["profile"] = {"what": f"lora-mem generate of the {len(first)} shortest questions at batch {B}",
                       **profile_ops(lambda: generate(model, first, n_new, stop_ids=stop, pad_id=pad, batch_size=B),
@@ -566,7 +528,7 @@ def run_locomo(lm: LoadedModel, ref, args, device: torch.device, log,
                inputs: tuple[Path, list] | None = None) -> dict:
     """The LoCoMo answering workload with one adapter (see the module docstring). Leaves the adapter
     in `lm.model` (lora_core LoRA layers) and `ref` (peft layers): run it last."""
-    from bench.locomo import QUESTION_TEMPLATE
+    from lora_mem.lora_core.memory import QUESTION_TEMPLATE
 
     tok, model = lm.tokenizer, lm.model
     data_path, questions = inputs or check_locomo_inputs(args)
@@ -814,8 +776,6 @@ def print_table(result: dict) -> None:
     print("(ratio = lora-mem / that transformers row)")
     for w in result["workloads"]:
         if "profile" in w:
-            from bench.perf.train_throughput import format_profile
-
             print(f"profile of {w['workload']} ({w['profile']['what']}), self time by group:\n{format_profile(w['profile'])}")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, atomic_write_json, device_slug, run_info
-from bench.perf.decode import timed
+from bench.perf.timing import timed
 from lora_mem.model.generate import CPU_SLICE_MIN_ROWS, CPU_VOCAB_SLICE, greedy_tokens
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         fns = [lambda s=s: greedy_tokens(hidden, weight, s) for s in variants]
         for fn in fns:  # warm-up
             fn()
-        # The variants take turns within each repeat (bench.perf.decode.timed), so drift hits all alike.
+        # The variants take turns within each repeat (bench.perf.timing.timed), so drift hits all alike.
         (one_times, reference), *sliced = timed(fns, args.repeats, device)
         one_product = statistics.median(one_times)
         row = {"batch": b, "one_product_ms": round(one_product * 1e3, 3), "slices": []}

@@ -25,7 +25,6 @@ Writes bench/results/locomo_projection_<device>.json (`--out` to choose).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from bench.perf.decode import timed  # the benchmarks' synchronised timer
+from bench.perf.timing import SETUPS, median_seconds, model_config
 from lora_mem.kernels.block_causal_attention import block_causal_attention
 from lora_mem.model.config import ModelConfig
 
@@ -115,14 +114,6 @@ def step_products(cfg: ModelConfig, batch: int, seq_len: int, rank: int, trained
     products.append(Product("attention", "causal attention forward + backward",
                             (batch, cfg.num_attention_heads, cfg.num_key_value_heads, seq_len, cfg.head_dim), L))
     return [p for p in products if p.count > 0]
-
-
-def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of `repeats` synchronised calls of fn(), after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    ((times, _),) = timed([fn], repeats, device)
-    return statistics.median(times)
 
 
 def gemm_operands(shape: tuple[int, int, int], layout: str, dtype: torch.dtype, device: torch.device):
@@ -236,8 +227,6 @@ def count_products(products: list[Product]) -> Counter:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bench.perf.train_throughput import SETUPS, model_config
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setup", choices=sorted(SETUPS), default=None, help="cpu or gpu (default: gpu if CUDA is available)")
     ap.add_argument("--batch", type=int, default=1)

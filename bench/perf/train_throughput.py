@@ -49,20 +49,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from bench.capacity import PRESETS as CAPACITY_PRESETS
 from bench.common import REPO_ROOT, atomic_write_json, device_slug, hf_config, run_info
+from bench.perf.step_floor import compare_to_floor, measure_floor
+from bench.perf.timing import SETUPS as MACHINE_SETUPS
+from bench.perf.timing import (PROFILE_GROUPS, classify_op, format_profile, model_config, peak_rss_bytes,  # noqa: F401
+                               profile_ops, sync)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("lora-mem", "lora-mem-sdpa", "lora-mem-full-logits", "lora-mem-unshared", "peft")
@@ -84,10 +84,8 @@ SETUPS = {
     # minutes); a GPU is steady, and several 1.5B models with their activations would not fit one at a time.
     # sides: lora-mem-sdpa only where the block-causal attention runs (CPU); on a GPU it would be lora-mem again.
     # lora-mem-unshared only with --targets facts: elsewhere no prefix is shared and it is lora-mem again.
-    "cpu": dict(model="smollm2-135m-instruct", dtype="float32", seq_len=512, batch_sizes=[1], device="cpu",
-                interleave=True, sides=[s for s in SIDES if s != "lora-mem-unshared"]),
-    "gpu": dict(model="preset:qwen2.5-1.5b", dtype="bfloat16", seq_len=2048, batch_sizes=[1, 4, 8], device="cuda",
-                interleave=False, sides=["lora-mem", "lora-mem-full-logits", "peft"]),
+    "cpu": dict(MACHINE_SETUPS["cpu"], interleave=True, sides=[s for s in SIDES if s != "lora-mem-unshared"]),
+    "gpu": dict(MACHINE_SETUPS["gpu"], interleave=False, sides=["lora-mem", "lora-mem-full-logits", "peft"]),
 }
 
 
@@ -164,181 +162,6 @@ def build_peft(model_name: str, dtype: torch.dtype, device: torch.device, rank: 
     return params, step
 
 
-# ---------------------------------------------------------------------------------------------
-# Where the time goes: torch.profiler, ops grouped by kind
-# ---------------------------------------------------------------------------------------------
-
-PROFILE_GROUPS = ("gemm", "attention", "elementwise", "optimizer", "loss", "other")
-PROFILE_GROUP_NOTES = {
-    "gemm": "matmul / linear / addmm / bmm and their backward nodes, cuBLAS/CUTLASS kernels, fused LoRA (Triton) kernels",
-    "attention": "scaled_dot_product_attention (flash / efficient / math) forward and backward",
-    "elementwise": "norms (RMSNorm pow/mean/rsqrt or a fused kernel), RoPE (mul/cat/neg or fused), SiLU/SwiGLU, "
-                   "adds, casts, copies, cat",
-    "optimizer": "everything under Optimizer.step / Optimizer.zero_grad (AdamW)",
-    "loss": "cross-entropy: log_softmax/logsumexp/nll and lora-mem's chunked LM-head loss, except its GEMMs",
-    "other": "embedding, views, autograd bookkeeping (AccumulateGrad), allocation, Python time between ops",
-}
-_OPTIMIZER = re.compile(r"^optimizer\.|_foreach_|_fused_adam")
-_ATTENTION = re.compile(r"scaled_dot_product|flash|attention|fmha|sdpa")
-_GEMM = re.compile(r"^(mm|addmm|bmm|baddbmm|matmul|linear|_addmm_activation|addmv|mv|dot|einsum|_scaled_mm)$"
-                   r"|gemm|cublas|cutlass|xmma|matmul|loralinearfunction|_multi_shrink")
-_LOSS = re.compile(r"loss|cross_entropy|log_softmax|logsoftmax|logsumexp|nll")
-_ELEMENTWISE_OPS = {
-    "add", "sub", "rsub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "reciprocal", "exp", "log", "mean", "sum",
-    "silu", "gelu", "sigmoid", "tanh", "relu", "cos", "sin", "cat", "copy", "to", "tocopy", "_to_copy", "clone",
-    "contiguous", "fill", "zero", "zeros", "zeros_like", "ones", "ones_like", "full", "where", "masked_fill",
-    "clamp", "clamp_min", "addcmul", "addcdiv", "lerp", "maximum", "minimum", "abs", "type_as", "index",
-    "index_select", "gather", "scatter", "softmax", "_softmax", "threshold", "isin", "argmax", "cumsum",
-}
-_ELEMENTWISE = re.compile(r"norm|silu|swiglu|rope|rotary|elementwise|reduce_kernel|catarraybatchedcopy|triton_poi"
-                          r"|triton_red")
-
-
-def _normalise_op(name: str) -> str:
-    """'aten::mul_' -> 'mul'; 'autograd::engine::evaluate_function: MmBackward0' -> 'mm'."""
-    n = name.rsplit(": ", 1)[-1].strip().lower()
-    n = n.removeprefix("aten::").removeprefix("torch::autograd::")
-    n = re.sub(r"backward\d*$", "", n)
-    return n.rstrip("_") or n
-
-
-def classify_op(names: list[str]) -> str:
-    """The group of an op from its name and the names of the ops it ran inside (innermost first).
-
-    The enclosing ops decide in this order: optimizer (anything under Optimizer.step/zero_grad),
-    attention (anything under SDPA, so its math path's bmm/softmax count as attention), GEMM
-    (matmul/linear and what runs inside them), loss (labels or ops with 'loss', cross-entropy,
-    log-softmax), elementwise; whatever matches none is 'other'."""
-    norm = [_normalise_op(n) for n in names]
-    if any(_OPTIMIZER.search(n) for n in norm):
-        return "optimizer"
-    if any(_ATTENTION.search(n) for n in norm):
-        return "attention"
-    if any(_GEMM.search(n) for n in norm):
-        return "gemm"
-    if any(_LOSS.search(n) for n in norm):
-        return "loss"
-    if any(n in _ELEMENTWISE_OPS or _ELEMENTWISE.search(n) for n in norm):
-        return "elementwise"
-    return "other"
-
-
-def _chain(evt) -> list[str]:
-    names = []
-    while evt is not None:
-        names.append(evt.name)
-        evt = evt.cpu_parent
-    return names
-
-
-def _shares(totals: dict[str, float], total: float) -> dict:
-    return {g: {"ms": round(totals.get(g, 0.0) / 1e3, 3),
-                "percent": round(100 * totals.get(g, 0.0) / total, 2) if total > 0 else 0.0}
-            for g in PROFILE_GROUPS}
-
-
-def _top(per_op: dict, key: str, total: float, top: int) -> list[dict]:
-    rows = sorted(((k, d) for k, d in per_op.items() if d[key] > 0), key=lambda kv: -kv[1][key])[:top]
-    return [{"op": name, "group": group, "calls": d["calls"], "self_ms": round(d[key] / 1e3, 3),
-             "percent": round(100 * d[key] / total, 2) if total > 0 else 0.0} for (name, group), d in rows]
-
-
-def profile_ops(fn: Callable[[], object], steps: int, device: torch.device, top: int = 15,
-                label: str = "step") -> dict:
-    """Run `fn()` `steps` times under torch.profiler and say where the time went.
-
-    Self time of every op (time in the op itself, not in the ops it calls) is summed by op name
-    and group (`top_cpu`, and `top_cuda` on a GPU: device time of the kernels an op launched; the same
-    op name can appear under two groups, e.g. aten::mul in the model and in AdamW) and by group
-    (`groups_cpu` / `groups_cuda`, see `classify_op`; the groups add up to the total). Each call of
-    `fn` runs inside a `label` range, whose own self time (Python between ops) lands in 'other'."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    if cuda:
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            with record_function(label):
-                fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-    wall = time.perf_counter() - t0
-
-    per_op: dict = defaultdict(lambda: {"calls": 0, "cpu_us": 0.0, "cuda_us": 0.0})  # (name, group) -> totals
-    cpu_groups: dict = defaultdict(float)
-    cuda_groups: dict = defaultdict(float)
-    events = list(prof.events())
-    for e in events:
-        if e.device_type != DeviceType.CPU or e.is_async:
-            continue
-        chain = _chain(e)
-        group = classify_op(chain)
-        d = per_op[(e.name, group)]
-        d["calls"] += 1
-        d["cpu_us"] += e.self_cpu_time_total
-        cpu_groups[group] += e.self_cpu_time_total
-        for k in getattr(e, "kernels", []):  # device kernels this op launched itself
-            kgroup = classify_op([k.name] + chain)
-            per_op[(e.name, kgroup)]["cuda_us"] += k.duration
-            cuda_groups[kgroup] += k.duration
-    cpu_total = sum(cpu_groups.values())
-    out = {
-        "steps": steps,
-        "label": label,
-        "wall_seconds": round(wall, 4),
-        "activities": ["cpu"] + (["cuda"] if cuda else []),
-        "self_cpu_total_ms": round(cpu_total / 1e3, 3),
-        "groups_cpu": _shares(cpu_groups, cpu_total),
-        "top_cpu": _top(per_op, "cpu_us", cpu_total, top),
-        "group_notes": PROFILE_GROUP_NOTES,
-    }
-    if cuda:
-        device_events = sum(e.time_range.elapsed_us() for e in events
-                            if e.device_type != DeviceType.CPU and not e.is_async)
-        attributed = sum(cuda_groups.values())
-        if device_events > attributed:  # kernels no profiled CPU op claimed (rare): counted, as 'other'
-            cuda_groups["other"] += device_events - attributed
-        cuda_total = sum(cuda_groups.values())
-        out.update({"self_cuda_total_ms": round(cuda_total / 1e3, 3),
-                    "cuda_unattributed_ms": round(max(0.0, device_events - attributed) / 1e3, 3),
-                    "groups_cuda": _shares(cuda_groups, cuda_total),
-                    "top_cuda": _top(per_op, "cuda_us", cuda_total, top)})
-    return out
-
-
-def format_profile(p: dict) -> str:
-    """One line per group: 'gemm 61.2% | attention 9.8% | ...' (CPU, and CUDA when there)."""
-    lines = []
-    for kind in ("cpu", "cuda"):
-        g = p.get(f"groups_{kind}")
-        if g:
-            lines.append(f"{kind}: " + " | ".join(f"{k} {v['percent']:.1f}%" for k, v in g.items()))
-    return "\n".join(lines)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. VmHWM rather than ru_maxrss, which Linux carries over
-    execve from the parent that spawned us."""
-    try:
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def model_config(model_name: str):
-    from lora_mem.model.config import PRESETS, ModelConfig
-    from lora_mem.model.loader import resolve_checkpoint
-
-    if model_name.startswith("preset:"):
-        return PRESETS[model_name.split(":", 1)[1]]
-    return ModelConfig.from_file(resolve_checkpoint(model_name) / "config.json")
-
-
 def next_token_targets(x: torch.Tensor, targets: str = "all") -> torch.Tensor:
     """(B, L) targets for input ids x: y[t] = x[t + 1], -100 at the end and, for "answers", outside the answer spans
     (the last ANSWER_SPAN positions of every ANSWER_BLOCK), for "facts", outside the last FACT_ANSWER positions
@@ -400,11 +223,6 @@ def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed_step(one, device: torch.device, times: list[float], losses: list[float]) -> None:
     """Run one training step (synchronised); append its wall seconds and its loss."""
     sync(device)
@@ -460,8 +278,6 @@ def measure_interleaved(sides: list[str], model_name: str, dtype_name: str, devi
     change in a shared machine's speed hits every side alike; with floor_repeats, the step's floor
     (bench.perf.step_floor) is measured once per round too. A side's speed is its median step; a speed-up is the
     median over rounds of the two sides' step ratio in that round (paired)."""
-    from bench.perf.step_floor import measure_floor
-
     torch.manual_seed(0)
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     x, y = step_inputs(model_name, batch, seq_len, device, targets)
@@ -564,8 +380,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = ap.parse_args(argv)
 
     if args.worker and args.side == "floor":  # the step's floor (bench.perf.step_floor), one batch size
-        from bench.perf.step_floor import measure_floor
-
         x = torch.zeros(args.batch, args.seq_len, dtype=torch.long)
         trained = int((next_token_targets(x, args.targets) != -100).sum())
         r = measure_floor(model_config(args.model), args.batch, args.seq_len, args.rank, getattr(torch, args.dtype),
@@ -653,8 +467,6 @@ def main(argv: list[str] | None = None) -> dict | None:
             row["peak_memory_ratio"] = a["peak_memory_bytes"] / b["peak_memory_bytes"]
         floor = row.get("floor", {})
         if "floor_seconds" in floor:
-            from bench.perf.step_floor import compare_to_floor
-
             for side in sides:
                 if "step_seconds_median" in row[side]:
                     row[side].update(compare_to_floor(row[side]["step_seconds_median"], floor))
