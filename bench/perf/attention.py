@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import atomic_write_json, device_slug, int_list, run_info
-from bench.perf.timing import timed
+from bench.perf.timing import device_name, timed
+from lora_mem.cli import Parser, positive_int
 from lora_mem.kernels.block_causal_attention import DEFAULT_BLOCK, block_causal_attention
 
 
@@ -86,25 +87,29 @@ def measure(B: int, H: int, Hkv: int, T: int, D: int, blocks: list[int], dtype, 
     return row
 
 
+def ints(option: str):
+    """A comma-separated option of positive integers, checked while parsing (bench.common.int_list's messages)."""
+    return lambda text: int_list(option, text, argparse.ArgumentTypeError)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--seq-lens", default="128,256,512,1024", help="comma-separated sequence lengths")
-    ap.add_argument("--blocks", default=f"64,{DEFAULT_BLOCK},256", help="comma-separated block sizes")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--heads", type=int, default=9, help="query heads (default: the default model's)")
-    ap.add_argument("--kv-heads", type=int, default=3)
-    ap.add_argument("--head-dim", type=int, default=64)
+    ap = Parser(prog="python -m bench.perf.attention", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--seq-lens", type=ints("--seq-lens"), default=[128, 256, 512, 1024],
+                    help="comma-separated sequence lengths")
+    ap.add_argument("--blocks", type=ints("--blocks"), default=[64, DEFAULT_BLOCK, 256],
+                    help="comma-separated block sizes")
+    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--heads", type=positive_int, default=9, help="query heads (default: the default model's)")
+    ap.add_argument("--kv-heads", type=positive_int, default=3)
+    ap.add_argument("--head-dim", type=positive_int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--device", type=device_name, default="cpu")
+    ap.add_argument("--repeats", type=positive_int, default=9)
     ap.add_argument("--out", default=None, help="results file (default bench/results/attention_<device>.json)")
     args = ap.parse_args(argv)
 
-    try:
-        seq_lens, blocks = int_list("--seq-lens", args.seq_lens), int_list("--blocks", args.blocks)
-    except ValueError as e:
-        ap.error(str(e))
+    seq_lens, blocks = sorted(set(args.seq_lens)), sorted(set(args.blocks))
     if args.heads % args.kv_heads:
         ap.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

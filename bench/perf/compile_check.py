@@ -468,24 +468,15 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def int_choices(option: str, allowed) -> callable:
-    def parse(text: str) -> list[int]:
+def choice_list(allowed, kind=str):
+    """A comma-separated list of values out of `allowed`, at least one."""
+    def parse(text: str) -> list:
         try:
-            values = [int(v) for v in text.split(",") if v.strip()]
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError:
             values = []
         if not values or any(v not in allowed for v in values):
-            raise argparse.ArgumentTypeError(f"{option} takes a comma-separated list out of "
-                                             f"{', '.join(map(str, allowed))}, got {text!r}")
-        return values
-    return parse
-
-
-def str_choices(option: str, allowed) -> callable:
-    def parse(text: str) -> list[str]:
-        values = [v.strip() for v in text.split(",") if v.strip()]
-        if not values or any(v not in allowed for v in values):
-            raise argparse.ArgumentTypeError(f"{option} takes a comma-separated list out of {', '.join(allowed)}, "
+            raise argparse.ArgumentTypeError(f"must be a comma-separated list out of {', '.join(map(str, allowed))}, "
                                              f"got {text!r}")
         return values
     return parse
@@ -495,15 +486,17 @@ def regex(text: str) -> str:
     try:
         re.compile(text)
     except re.error as e:
-        raise argparse.ArgumentTypeError(f"--only takes a regular expression, got {text!r} ({e})") from e
+        raise argparse.ArgumentTypeError(f"must be a regular expression, got {text!r} ({e})") from None
     return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m bench.perf.compile_check", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--archs", type=int_choices("--archs", GPUS), default=list(GPUS),
+    from lora_mem.cli import Parser
+
+    ap = Parser(prog="python -m bench.perf.compile_check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--archs", type=choice_list(sorted(GPUS), int), default=list(GPUS),
                     help="compute capabilities to compile for, out of 90 (H100) and 80 (A100) (default: both)")
-    ap.add_argument("--dtypes", type=str_choices("--dtypes", DTYPES), default=list(DTYPES),
+    ap.add_argument("--dtypes", type=choice_list(DTYPES), default=list(DTYPES),
                     help="activation dtypes, out of bf16, fp16, fp32 and tf32 (fp32 with the kernels' TF32 switch on) "
                          "(default: all)")
     ap.add_argument("--all-configs", action="store_true",

@@ -84,7 +84,8 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, atomic_write_json, cpu_name, device_slug, git_commit, versions
-from bench.perf.timing import format_profile, loadavg, profile_ops, timed
+from bench.perf.timing import DTYPE_NAMES, device_name, format_profile, loadavg, profile_ops, timed
+from lora_mem.cli import Parser, float_in, non_negative_int, positive_int
 import lora_mem.model.generate as gen
 from lora_mem.model.generate import generate
 from lora_mem.model.loader import LoadedModel, load_model
@@ -610,57 +611,58 @@ def run_synthetic(lm: LoadedModel, ref, args, device: torch.device, log) -> dict
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m bench.perf.decode",
         description="Greedy decoding speed of lora-mem vs transformers generate (same model, dtype, machine).",
     )
     ap.add_argument("--model", default="smollm2-135m-instruct",
                     help="packaged name, checkpoint dir or hub id; or preset:NAME, randomly initialised shapes of "
                          "lora_mem.model.config.PRESETS (e.g. preset:qwen2.5-1.5b; synthetic workload only)"),
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--device", type=device_name, default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                    help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--workloads", default=None,
                     help=f"comma-separated, of {', '.join(WORKLOADS)}; 'all' is all three "
                          f"(default: {DEFAULT_WORKLOADS}; locomo needs the LoCoMo data)")
     ap.add_argument("--workload", choices=["all", "single", "batched"], default=None,
                     help="older spelling: all = single_stream,batched; single = single_stream")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="single-stream new tokens, EOS disabled (default 64; quick 16)")
-    ap.add_argument("--single-prompts", type=int, default=None,
+    ap.add_argument("--max-new-tokens", type=positive_int, default=None, help="single-stream new tokens, EOS disabled (default 64; quick 16)")
+    ap.add_argument("--single-prompts", type=positive_int, default=None,
                     help=f"single-stream prompts, at most {len(SINGLE_STREAM_QUESTIONS)} (default all; quick 1)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed single-stream runs, median reported (default 3; quick 1)")
-    ap.add_argument("--num-prompts", type=int, default=None, help="batched: number of questions (default 64; quick 8)")
-    ap.add_argument("--batch-size", type=int, default=None, help="batched: lora-mem and transformers batch size (default 64; quick 8)")
-    ap.add_argument("--batched-max-new-tokens", type=int, default=None, help="batched: max new tokens per answer (default 32; quick 8)")
-    ap.add_argument("--batched-repeats", type=int, default=None, help="timed batched runs, median reported (default 1)")
+    ap.add_argument("--repeats", type=positive_int, default=None, help="timed single-stream runs, median reported (default 3; quick 1)")
+    ap.add_argument("--num-prompts", type=positive_int, default=None, help="batched: number of questions (default 64; quick 8)")
+    ap.add_argument("--batch-size", type=positive_int, default=None, help="batched: lora-mem and transformers batch size (default 64; quick 8)")
+    ap.add_argument("--batched-max-new-tokens", type=positive_int, default=None, help="batched: max new tokens per answer (default 32; quick 8)")
+    ap.add_argument("--batched-repeats", type=positive_int, default=None, help="timed batched runs, median reported (default 1)")
     ap.add_argument("--data", default=None,
                     help="locomo: locomo10.json (default: $LOCOMO_DATA, the cache, or a download)")
     ap.add_argument("--adapter", default=None,
                     help="locomo: a LoRA adapter directory in PEFT format, e.g. runs/locomo-r8/adapters/conv-26 "
                          "(default: a seeded random adapter of --random-adapter-rank, saved to a temp dir)")
-    ap.add_argument("--random-adapter-rank", type=int, default=8, help="locomo: rank of the random adapter (default 8)")
-    ap.add_argument("--random-adapter-b-std", type=float, default=0.02,
+    ap.add_argument("--random-adapter-rank", type=positive_int, default=8, help="locomo: rank of the random adapter (default 8)")
+    ap.add_argument("--random-adapter-b-std", type=float_in(0.0, low_open=False), default=0.02,
                     help="locomo: std of the random adapter's B (A ~ N(0, 1/in)); default 0.02, about the size of "
                          "trained adapters")
-    ap.add_argument("--locomo-questions", type=int, default=None,
+    ap.add_argument("--locomo-questions", type=positive_int, default=None,
                     help="locomo: the first N questions of categories 1-4 (default all: 1,540 in locomo10.json; quick 16)")
-    ap.add_argument("--locomo-batch-size", type=int, default=None,
+    ap.add_argument("--locomo-batch-size", type=positive_int, default=None,
                     help="locomo: batch size of lora-mem and of transformers' batched run (default 64, as "
                          "bench.locomo --answer-batch-size; quick 8)")
-    ap.add_argument("--locomo-max-new-tokens", type=int, default=None,
+    ap.add_argument("--locomo-max-new-tokens", type=positive_int, default=None,
                     help="locomo: max new tokens per answer (default 32, as bench.locomo; quick 8)")
-    ap.add_argument("--synthetic-questions", type=int, default=1540,
+    ap.add_argument("--synthetic-questions", type=positive_int, default=1540,
                     help="synthetic: number of prompts (default 1540, LoCoMo's questions of categories 1-4)")
     ap.add_argument("--synthetic-prompt-tokens", default="45-73",
                     help="synthetic: prompt lengths LO-HI, in turn (default 45-73: the default model's LoCoMo prompts)")
-    ap.add_argument("--synthetic-new-tokens", type=int, default=32,
+    ap.add_argument("--synthetic-new-tokens", type=positive_int, default=32,
                     help="synthetic: new tokens per answer, EOS disabled (default 32, bench.locomo's cap)")
-    ap.add_argument("--hf-bs1-questions", type=int, default=None,
+    ap.add_argument("--hf-bs1-questions", type=non_negative_int, default=None,
                     help="locomo: transformers at batch 1 answers this many evenly spaced questions and its rate is "
                          "extrapolated (default 256; 0 or a value >= the question count: all; quick: all)")
     ap.add_argument("--profile", action="store_true",
                     help="batched and locomo: profile one more lora-mem generate (4 batches' worth for locomo) with "
                          "torch.profiler; top ops and grouped shares go into the workload's 'profile'")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=positive_int, default=None,
                     help="torch.set_num_threads for both sides (default: leave torch's default; recorded either way). "
                          "On a shared CPU, fewer threads than cores avoids OpenMP stalls when a core is taken")
     ap.add_argument("--quick", action="store_true", help="fewer prompts and tokens: a fast smoke run")
@@ -679,14 +681,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.single_prompts = max(1, min(args.single_prompts, len(SINGLE_STREAM_QUESTIONS)))
-    for k in ("max_new_tokens", "repeats", "num_prompts", "batch_size", "batched_max_new_tokens", "batched_repeats",
-              "locomo_batch_size", "locomo_max_new_tokens", "random_adapter_rank"):
-        if getattr(args, k) < 1:
-            ap.error(f"--{k.replace('_', '-')} must be >= 1")
-    if args.locomo_questions is not None and args.locomo_questions < 1:
-        ap.error("--locomo-questions must be >= 1")
-    if args.hf_bs1_questions < 0:
-        ap.error("--hf-bs1-questions must be >= 0 (0: all)")
     if args.workloads is not None and args.workload is not None:
         ap.error("give --workloads or --workload, not both")
     if args.workload is not None:
@@ -714,9 +708,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 1 <= lo <= hi:
         ap.error(f"--synthetic-prompt-tokens {args.synthetic_prompt_tokens!r}: need 1 <= LO <= HI")
     args.synthetic_prompt_tokens = (lo, hi)
-    for k in ("synthetic_questions", "synthetic_new_tokens"):
-        if getattr(args, k) < 1:
-            ap.error(f"--{k.replace('_', '-')} must be >= 1")
     del args.workload
     return args
 

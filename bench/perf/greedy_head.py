@@ -12,7 +12,6 @@ every slice size picks the same tokens.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 from datetime import datetime, timezone
@@ -21,25 +20,25 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, atomic_write_json, device_slug, run_info
-from bench.perf.timing import timed
+from bench.perf.timing import DTYPE_NAMES, device_name, positive_int_list, timed
+from lora_mem.cli import Parser, positive_int
 from lora_mem.model.generate import CPU_SLICE_MIN_ROWS, CPU_VOCAB_SLICE, greedy_tokens
 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--vocab", type=int, default=49152)
-    ap.add_argument("--hidden", type=int, default=576)
-    ap.add_argument("--batch-sizes", default="1,8,16,64")
-    ap.add_argument("--slices", default="1024,2048,4096")
-    ap.add_argument("--repeats", type=int, default=60)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap = Parser(prog="python -m bench.perf.greedy_head", description=__doc__.split("\n")[0])
+    ap.add_argument("--vocab", type=positive_int, default=49152)
+    ap.add_argument("--hidden", type=positive_int, default=576)
+    ap.add_argument("--batch-sizes", type=positive_int_list, default=[1, 8, 16, 64])
+    ap.add_argument("--slices", type=positive_int_list, default=[1024, 2048, 4096])
+    ap.add_argument("--repeats", type=positive_int, default=60)
+    ap.add_argument("--device", type=device_name, default="cpu")
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/greedy_head_<device>.json")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    slices = [int(s) for s in args.slices.split(",")]
+    batch_sizes, slices = args.batch_sizes, args.slices
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(args.vocab, args.hidden, generator=g).to(device, dtype)

@@ -43,6 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import RESULTS_DIR, atomic_write_json, device_slug, run_info
+from bench.perf.timing import positive_int_list
+from lora_mem.cli import Parser, float_in, non_negative_int, positive_int
+from lora_mem.kernels.policy import KernelPolicy
 from lora_mem.kernels.lora_reference import lora_linear_reference, lora_scaling
 
 # Qwen2.5-1.5B-Instruct: hidden 1536, 12 query heads and 2 KV heads of 128, MLP 8960. (in_features, out_features).
@@ -136,12 +139,13 @@ def unfused_peft(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, traini
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropped, lora_A), lora_B)
 
 
-def lora_methods(device: torch.device) -> dict[str, Callable]:
+def lora_methods(device: torch.device, tf32: bool = False) -> dict[str, Callable]:
+    """The LoRA paths; ``fused`` (CUDA only) with its fp32 products in TF32 when ``tf32``."""
     methods: dict[str, Callable] = {"unfused": unfused_peft, "reference": lora_linear_reference}
     if device.type == "cuda":
         from lora_mem.kernels.lora_linear import lora_linear_triton
 
-        methods["fused"] = lora_linear_triton
+        methods["fused"] = lambda *args, **kwargs: lora_linear_triton(*args, tf32=tf32, **kwargs)
     return methods
 
 
@@ -311,7 +315,7 @@ def print_op_row(row: dict, names: list[str]) -> None:
 
 def run_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
                   selected: list[str]) -> list[dict]:
-    methods = lora_methods(device)
+    methods = lora_methods(device, args.tf32)
     peak = peak_tflops(device, dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
     rows = []
@@ -389,22 +393,31 @@ def print_row(row: dict, selected: list[str], device: torch.device) -> None:
         print(" | ".join(cols), flush=True)
 
 
-def parse_list(kind: type, text: str) -> list:
-    return [kind(v) for v in text.split(",") if v.strip()]
+def choice_list(allowed, none: bool = False):
+    """A comma-separated list out of `allowed` (or, with none, the word 'none': an empty list)."""
+    def parse(text: str) -> list[str]:
+        if none and text.strip() == "none":
+            return []
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not values or any(v not in allowed for v in values):
+            raise argparse.ArgumentTypeError(f"must be a comma-separated list out of {', '.join(allowed)}"
+                                             f"{' or none' if none else ''}, got {text!r}")
+        return values
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m bench.perf.kernels",
         description="Time the LoRA linear (base-layer floor, PEFT-style unfused, fused Triton kernel) at "
                     "Qwen2.5-1.5B-Instruct layer shapes, forward / backward / both.",
     )
-    p.add_argument("--tokens", type=lambda s: parse_list(int, s), default=None,
+    p.add_argument("--tokens", type=positive_int_list, default=None,
                    help=f"comma-separated token counts (rows of x). Default {DEFAULT_TOKENS}; "
                         f"{QUICK_TOKENS} with --quick or on CPU")
-    p.add_argument("--ranks", type=lambda s: parse_list(int, s), default=DEFAULT_RANKS,
+    p.add_argument("--ranks", type=positive_int_list, default=DEFAULT_RANKS,
                    help=f"comma-separated LoRA ranks (default {DEFAULT_RANKS})")
-    p.add_argument("--shapes", type=lambda s: parse_list(str, s), default=list(QWEN25_1_5B_SHAPES),
+    p.add_argument("--shapes", type=choice_list(list(QWEN25_1_5B_SHAPES)), default=list(QWEN25_1_5B_SHAPES),
                    help="comma-separated layer shapes out of " + ", ".join(
                        f"{k} ({i}->{o})" for k, (i, o) in QWEN25_1_5B_SHAPES.items()) + " (default: all)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
@@ -413,28 +426,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"small token counts {QUICK_TOKENS} (the default on CPU, where --tokens overrides it)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="where to run (auto: CUDA if available)")
-    p.add_argument("--methods", type=lambda s: parse_list(str, s), default=None,
+    p.add_argument("--methods", type=choice_list(["unfused", "reference", "fused"]), default=None,
                    help="LoRA paths to time besides the floor, out of unfused, reference, fused (CUDA only). "
                         "Default: unfused,fused on CUDA, unfused,reference on CPU")
-    p.add_argument("--dropout", type=float, default=0.0,
+    p.add_argument("--dropout", type=float_in(0.0, 1.0, low_open=False, high_open=True), default=0.0,
                    help="LoRA dropout probability, applied in training mode (default 0: PEFT's identity)")
-    p.add_argument("--ops", type=lambda s: [] if s.strip() == "none" else parse_list(str, s), default=list(OPS),
+    p.add_argument("--ops", type=choice_list(OPS, none=True), default=list(OPS),
                    help=f"fused ops to time after the LoRA linear, out of {', '.join(OPS)}, or 'none' "
                         "(default: all)")
-    p.add_argument("--op-tokens", type=lambda s: parse_list(int, s), default=None,
+    p.add_argument("--op-tokens", type=positive_int_list, default=None,
                    help=f"comma-separated token counts for the fused ops. Default {DEFAULT_OP_TOKENS}; "
                         f"{QUICK_OP_TOKENS} with --quick or on CPU")
     p.add_argument("--skip-lora", action="store_true",
                    help="time only the fused ops (the JSON's LoRA rows are then empty)")
-    p.add_argument("--warmup", type=int, default=1, help="CPU only: untimed runs before timing (default 1)")
-    p.add_argument("--repeats", type=int, default=5, help="CPU only: timed runs, the median is reported (default 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="CPU only: untimed runs before timing (default 1)")
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="CPU only: timed runs, the median is reported (default 5)")
+    p.add_argument("--tf32", action="store_true",
+                   help="fp32 products of the fused kernel in TF32 (the kernel policy's switch; default: full fp32, "
+                        "recorded in the results as kernel_fp32_precision)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output path (default bench/results/kernels_<device>.json)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device on this machine")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           (args.device if args.device != "auto" else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -442,20 +462,13 @@ def main(argv: list[str] | None = None) -> int:
         args.tokens = QUICK_TOKENS if (args.quick or device.type == "cpu") else DEFAULT_TOKENS
     if args.op_tokens is None:
         args.op_tokens = QUICK_OP_TOKENS if (args.quick or device.type == "cpu") else DEFAULT_OP_TOKENS
-    unknown = [s for s in args.shapes if s not in QWEN25_1_5B_SHAPES]
-    if unknown:
-        raise SystemExit(f"unknown shapes {unknown}; choose from {list(QWEN25_1_5B_SHAPES)}")
-    unknown_ops = [o for o in args.ops if o not in OPS]
-    if unknown_ops:
-        raise SystemExit(f"unknown ops {unknown_ops}; choose from {list(OPS)} or 'none'")
     selected = args.methods or (["unfused", "fused"] if device.type == "cuda" else ["unfused", "reference"])
-    available = lora_methods(device)
-    if any(m not in available for m in selected):
-        raise SystemExit(f"methods {selected}: available here are {list(available)} "
-                         "(the fused kernel is timed on CUDA only; on CPU it would run in Triton's interpreter)")
+    if "fused" in selected and device.type != "cuda":
+        ap.error("--methods fused: the fused kernel is timed on CUDA only (on CPU it would run in Triton's "
+                 "interpreter)")
     out_path = args.out or RESULTS_DIR / f"kernels_{device_slug(device)}.json"
 
-    info = run_info(device)
+    info = run_info(device, KernelPolicy(tf32=args.tf32))
     peak = peak_tflops(device, dtype)
     print(f"device: {info['device']}  dtype: {dtype}  peak 16-bit: {peak or 'unknown'} TFLOP/s  "
           f"torch {info['versions'].get('torch')}  triton {info['versions'].get('triton')}")
@@ -478,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
                      "methods": selected, "scaling": "alpha / r with alpha = 2r",
                      "timer": "triton.testing.do_bench median" if device.type == "cuda" else
                      f"time.perf_counter, {args.warmup} warm-up, median of {args.repeats}",
-                     "torch_threads": torch.get_num_threads()},
+                     "torch_threads": torch.get_num_threads(),
+                     # which precision fp32 products ran in: the fused kernel's (--tf32), torch's (unfused, floor)
+                     "kernel_fp32_precision": "tf32" if args.tf32 else "ieee",
+                     "torch_fp32_matmul_precision": torch.backends.cuda.matmul.fp32_precision},
         "peak_16bit_tflops": peak,
         "notes": "floor fwd = F.linear(x, W, b); floor bwd = dY @ W (input gradient, W frozen); floor fwd_bwd = sum. "
                  "x_floor = time / floor time; speedup_vs_unfused = unfused time / time.",

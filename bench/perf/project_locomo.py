@@ -182,14 +182,16 @@ def project(runs: list[dict], train: dict, answer: dict, goal_minutes: float | N
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.perf.project_locomo", description=__doc__.split("\n")[0])
+    from lora_mem.cli import Parser, positive_float, positive_int
+
+    ap = Parser(prog="python -m bench.perf.project_locomo", description=__doc__.split("\n")[0])
     ap.add_argument("--train", required=True, help="a bench.perf.train_throughput results file (lora-mem tokens/s)")
     ap.add_argument("--decode", required=True, help="a bench.perf.decode results file with a locomo or synthetic workload")
     ap.add_argument("--runs", nargs="+", default=[str(p) for p in DEFAULT_RUNS],
                     help="bench.locomo run directories whose workload is projected (default: base and r=8)")
-    ap.add_argument("--train-batch", type=int, default=None,
+    ap.add_argument("--train-batch", type=positive_int, default=None,
                     help="the training row to use (default: batch x seq_len closest to the runs')")
-    ap.add_argument("--goal-minutes", type=float, default=None, help="default 45 on a CPU, 5 on a GPU")
+    ap.add_argument("--goal-minutes", type=positive_float, default=None, help="default 45 on a CPU, 5 on a GPU")
     ap.add_argument("--out", default=None, help="default bench/results/locomo_projection_<device>.json")
     return ap.parse_args(argv)
 

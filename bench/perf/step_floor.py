@@ -30,7 +30,6 @@ reach with these kernels.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -227,13 +226,17 @@ def count_products(products: list[Product]) -> Counter:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from lora_mem.cli import Parser, positive_int
+
+    ap = Parser(prog="python -m bench.perf.step_floor", description=__doc__.split("\n\n")[0])
     ap.add_argument("--setup", choices=sorted(SETUPS), default=None, help="cpu or gpu (default: gpu if CUDA is available)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--seq-len", type=int, default=None)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--seq-len", type=positive_int, default=None)
+    ap.add_argument("--rank", type=positive_int, default=8)
+    ap.add_argument("--repeats", type=positive_int, default=5)
     args = ap.parse_args(argv)
+    if args.setup == "gpu" and not torch.cuda.is_available():
+        ap.error("--setup gpu: no CUDA device on this machine")
     setup = SETUPS[args.setup or ("gpu" if torch.cuda.is_available() else "cpu")]
     cfg = model_config(setup["model"])
     floor = measure_floor(cfg, args.batch, args.seq_len or setup["seq_len"], args.rank, getattr(torch, setup["dtype"]),

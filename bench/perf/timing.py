@@ -248,3 +248,35 @@ def format_profile(p: dict) -> str:
         if g:
             lines.append(f"{kind}: " + " | ".join(f"{k} {v['percent']:.1f}%" for k, v in g.items()))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command lines: option values checked while parsing (with lora_mem.cli's Parser, one error line naming the option)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def positive_int_list(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1 ("1,4,16"), at least one, in the order given."""
+    import argparse
+
+    try:
+        values = [int(v) for v in text.replace("_", "").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def device_name(text: str) -> str:
+    """cpu, cuda or cuda:N, CUDA only where a device is there."""
+    import argparse
+
+    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if text != "cpu" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
+    return text
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")

@@ -62,7 +62,8 @@ from bench.common import REPO_ROOT, atomic_write_json, device_slug, hf_config, r
 from bench.perf.step_floor import compare_to_floor, measure_floor
 from bench.perf.timing import SETUPS as MACHINE_SETUPS
 from bench.perf.timing import (PROFILE_GROUPS, classify_op, format_profile, model_config, peak_rss_bytes,  # noqa: F401
-                               profile_ops, sync)
+                               positive_int_list, profile_ops, sync)
+from lora_mem.cli import Parser, int_at_least, non_negative_int, positive_int
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("lora-mem", "lora-mem-sdpa", "lora-mem-full-logits", "lora-mem-unshared", "peft")
@@ -330,16 +331,27 @@ def run_side_subprocess(argv: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def side_list(text: str) -> str:
+    """A comma-separated list of sides out of SIDES (kept as the string the worker processes are given)."""
+    sides = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown or not sides:
+        raise argparse.ArgumentTypeError(f"unknown --sides {', '.join(unknown) or repr(text)} (choose from "
+                                         f"{', '.join(SIDES)})")
+    return ",".join(sides)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = Parser(prog="python -m bench.perf.train_throughput", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--setup", choices=sorted(SETUPS), default=None, help="cpu or gpu (default: gpu if CUDA is available)")
     ap.add_argument("--model", default=None, help="override the setup's model (packaged name, dir, or preset:NAME)")
-    ap.add_argument("--seq-len", type=int, default=None)
-    ap.add_argument("--batch-sizes", default=None, help="comma-separated, e.g. 1,8")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per side (median reported)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--sides", default=None,
+    ap.add_argument("--seq-len", type=int_at_least(2), default=None)
+    ap.add_argument("--batch-sizes", type=positive_int_list, default=None, help="comma-separated, e.g. 1,8")
+    ap.add_argument("--rank", type=positive_int, default=8)
+    ap.add_argument("--steps", type=positive_int, default=5, help="timed optimizer steps per side (median reported)")
+    ap.add_argument("--warmup", type=non_negative_int, default=2)
+    ap.add_argument("--sides", type=side_list, default=None,
                     help="lora-mem; lora-mem-sdpa (lora-mem with PyTorch's SDPA instead of its CPU block-causal "
                          "attention); lora-mem-full-logits (lora-mem before the chunked loss: the profile's "
                          "'before'); lora-mem-unshared (lora-mem computing every row's copy of a shared prefix); "
@@ -348,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile", action="store_true",
                     help="also run --profile-steps steps of each side under torch.profiler; the results file gets "
                          "a 'profile' section (top ops and grouped shares of self CPU / CUDA time)")
-    ap.add_argument("--profile-steps", type=int, default=3, help="profiled steps per side (with --profile)")
+    ap.add_argument("--profile-steps", type=positive_int, default=3, help="profiled steps per side (with --profile)")
     ap.add_argument("--targets", choices=TARGETS_KINDS, default="all",
                     help="trained positions: all (plain text), answers (chat-QA windows: the last 16 of every 64 "
                          "positions, 25%%, as in the qa format's windows; every position is still computed forward) "
@@ -360,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "with --targets answers or facts)")
     ap.add_argument("--no-floor", action="store_true",
                     help="skip the step's floor (bench.perf.step_floor: each required product timed alone)")
-    ap.add_argument("--floor-repeats", type=int, default=None,
+    ap.add_argument("--floor-repeats", type=positive_int, default=None,
                     help="timed repeats of each product of the floor (default 5; 1 when interleaved, where the floor "
                          "is measured once per round and the median round taken)")
     ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
@@ -369,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "profile"),
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=positive_int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--device", default=None, help=argparse.SUPPRESS)
     return ap
@@ -399,20 +411,17 @@ def main(argv: list[str] | None = None) -> dict | None:
         return r
 
     setup_name = args.setup or ("gpu" if torch.cuda.is_available() else "cpu")
+    if SETUPS[setup_name]["device"] == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--setup {setup_name}: no CUDA device on this machine")
     setup = dict(SETUPS[setup_name])
     if args.targets == "facts":  # the capacity benchmark's windows and batches; its floor would count every row
         setup.update(seq_len=FACT_WINDOW, batch_sizes=FACTS_BATCH_SIZES[setup_name], sides=FACTS_SIDES)
         args.no_floor = True
     model = args.model or setup["model"]
     seq_len = args.seq_len or setup["seq_len"]
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else setup["batch_sizes"]
+    batch_sizes = args.batch_sizes or setup["batch_sizes"]
     device = torch.device(setup["device"])
-    if args.profile and args.profile_steps < 1:
-        ap.error("--profile-steps must be >= 1")
     args.sides = args.sides or ",".join(setup["sides"])
-    unknown = [side for side in args.sides.split(",") if side not in SIDES]
-    if unknown:
-        ap.error(f"unknown --sides {', '.join(unknown)} (choose from {', '.join(SIDES)})")
     interleave = setup["interleave"] if args.interleave is None else args.interleave
     floor_repeats = args.floor_repeats if args.floor_repeats is not None else (1 if interleave else 5)
     sides = args.sides.split(",")
@@ -516,6 +525,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     for p in profiles:
         print(f"profile {p['side']} batch {p['batch']} ({p['steps']} steps, self time by group):\n{format_profile(p)}")
     print(f"results: {out}")
+    failed = [f"batch {r['batch']} {side}: {r[side]['error']}" for r in rows for side in sides
+              if isinstance(r.get(side), dict) and "error" in r[side]]
+    if failed:  # the results file is written; the exit status says it is incomplete
+        print("failed sides:\n  " + "\n  ".join(failed), file=sys.stderr)
+        sys.exit(1)
     return results
 
 
