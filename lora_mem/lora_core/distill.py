@@ -38,7 +38,7 @@ from lora_mem.lora_core.inject import lora_disabled
 from lora_mem.lora_core.losses import SoftTargets
 from lora_mem.lora_core.queries import Query
 from lora_mem.lora_core.recipes import pack_chat_windows
-from lora_mem.model.generate import common_prefix_len, generate
+from lora_mem.model.generate import Prefix, batch_prefix, common_prefix_len, compute_prefix, generate_batch
 from lora_mem.model.packaged import default_cache_dir
 
 TEACHER_CONTEXT = "Here is part of a conversation between {a} and {b}, with the date of each message:\n\n{context}\n\n"
@@ -84,16 +84,16 @@ def _teacher_prompts(lm, conv: Conversation, context: str, questions: list[str],
 
 @torch.no_grad()
 def score_answers(model, prompts: list[list[int]], answers: list[list[int]], top_k: int, temperature: float,
-                  batch_size: int = TEACHER_BATCH) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  batch_size: int = TEACHER_BATCH, prefix: Prefix | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The model's top-k log-probabilities (at ``temperature``) at every position of each answer given its prompt:
-    (top_ids (n, k), top_logprobs (n, k)) per answer of n tokens. The prompts' common head is computed once and
-    attended in place by every row."""
+    (top_ids (n, k), top_logprobs (n, k)) per answer of n tokens. The prompts' common head is computed once (or
+    taken from ``prefix``, the one their generation computed) and attended in place by every row."""
     device = model.lm_head.weight.device
-    P = common_prefix_len(prompts) if len(prompts) > 1 else max(len(prompts[0]) - 1, 0)
-    prefix_caches = None
-    if P:
-        prefix_caches = model.new_kv_caches(1, P)
-        model.model(torch.tensor([prompts[0][:P]], device=device), kv_caches=prefix_caches)
+    if prefix is None:
+        P = common_prefix_len(prompts) if len(prompts) > 1 else max(len(prompts[0]) - 1, 0)
+        prefix = compute_prefix(model, prompts[0][:P]) if P else None
+    P = len(prefix) if prefix is not None else 0
+    prefix_caches = prefix.caches if prefix is not None else None
     out = []
     for start in range(0, len(prompts), batch_size):
         rows = [p[P:] + a for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
@@ -144,16 +144,17 @@ def teacher_examples(lm, conv: Conversation, queries: list[Query], settings: Dis
             continue
         prompts = _teacher_prompts(lm, source, context, [q.question for q in qs], question_template)
         with lora_disabled(lm.model):  # the teacher is the base model, whatever adapter is loaded
+            prefix = batch_prefix(lm.model, prompts, None)  # the session: computed once, for answering and scoring
             if settings.answers == "teacher":
-                outs = generate(lm.model, prompts, TEACHER_MAX_NEW_TOKENS, tok.stop_ids, tok.pad_id,
-                                batch_size=64, progress=progress)
+                outs = generate_batch(lm.model, prompts, TEACHER_MAX_NEW_TOKENS, tok.stop_ids, tok.pad_id,
+                                      prefix=prefix)
                 answers = [[t for t in o if t not in tok.stop_ids] for o in outs]
             else:
                 answers = [tok.encode(q.answer) for q in qs]
             keep = [i for i, a in enumerate(answers) if a]
             answers = [answers[i] + end for i in keep]
             scored = score_answers(lm.model, [prompts[i] for i in keep], answers, settings.top_k,
-                                   settings.temperature) if keep else []
+                                   settings.temperature, prefix=prefix) if keep else []
         session_examples = [TeacherExample(qs[i].question, a, ids, logp)
                             for i, a, (ids, logp) in zip(keep, answers, scored)]
         path.parent.mkdir(parents=True, exist_ok=True)
