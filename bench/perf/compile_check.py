@@ -1,7 +1,8 @@
 """Compile every Triton kernel of lora_mem for real GPUs (H100 sm_90, A100 sm_80) on a machine without one.
 
-    python -m bench.perf.compile_check                          # sm_90 and sm_80, bf16 / fp16 / fp32: what CI runs
+    python -m bench.perf.compile_check                          # sm_90 and sm_80, bf16 fp16 fp32 tf32: what CI runs
     python -m bench.perf.compile_check --archs 90 --dtypes fp32 --all-configs --json runs/compile_fp32.json
+    python -m bench.perf.compile_check --only "bf16 lora" --verbose     # a subset, each compile as it finishes
 
 Triton's interpreter, which runs the kernels in the tests, compiles nothing: it ignores autotune configs, shared
 memory, registers and spills. This check does, per architecture in a process of its own, what a GPU's first launches
@@ -19,6 +20,11 @@ would do, and stops before anything would touch a device:
    autotuned launch once for the smallest config kept, the largest (shared memory) and the one with the largest tile
    per thread (registers). Shared memory comes from the compiled metadata, registers and spills from ``ptxas -v``;
    identical binaries are compiled once per run.
+
+What CI compiles (the default) is small but complete: every kernel in every dtype with every flag its launchers set,
+one launch per site at rank 16 and, for the LoRA kernels, at the largest rank; fp16 only its smallest configs (its
+tiles compile as bf16's do). ``--all-configs`` compiles every kept config of the same launches, the full sweep.
+Each architecture's worker keeps its own Triton cache for the run, so a binary two launches share compiles once.
 
 It fails (exit 1) on: a compile error; a launch site with no compiled config that fits the target (shared memory,
 registers); a kept config that does not fit (the autotuner would compile it and throw it away at load); spill stores
@@ -244,13 +250,16 @@ def scenarios(dtypes: list[str]):
                                       plan, meta(HIDDEN, dtype=dt), **tf32)
 
         # q_proj (bias) with dropout and o_proj (no bias) without: every flag of both LoRA kernels. The same
-        # 1536 x 1536 shape for both, so launches that differ in no flag compile to one binary.
+        # 1536 x 1536 shape for both, so launches that differ in no flag compile to one binary. TF32 (opt-in, the
+        # slowest to compile) gets its largest configs where its tiles are largest, with dropout and in multi-LoRA at
+        # the largest rank, and elsewhere its smallest.
         for rank in ranks:
             suffix = "" if rank == RANK else f" r{rank}"
             out.append((f"{name} lora q_proj dropout{suffix}", lambda lora=lora, r=rank: lora(True, 0.05, r),
                         largest))
-            out.append((f"{name} multi_lora q_proj{suffix}", lambda multi=multi, r=rank: multi(r), largest))
-        out.append((f"{name} lora o_proj", lambda lora=lora: lora(False, 0.0, RANK), largest))
+            out.append((f"{name} multi_lora q_proj{suffix}", lambda multi=multi, r=rank: multi(r),
+                        largest and (name != "tf32" or rank != RANK)))
+        out.append((f"{name} lora o_proj", lambda lora=lora: lora(False, 0.0, RANK), largest and name != "tf32"))
         if name == "tf32":
             continue  # the row and elementwise kernels have no dot: tf32 is fp32 there
 
