@@ -83,7 +83,7 @@ def test_parsers_do_reject_bad_options():
                                if module == "bench.perf.project_locomo" else ["--nope"])
 
 
-def test_steps_run_in_the_issue_order_and_write_under_out():
+def test_steps_run_in_order_and_write_under_out():
     """Kernel tests, the kernel benchmark, training throughput, a capacity cell, in that order; the checkpoint they load
     is written before; every results file goes under $OUT (what the device tool returns), the checkpoint does not."""
     steps = suite_steps()

@@ -138,7 +138,7 @@ def test_fused_configs_fit_the_target(arch, precision, rank, keep):
 
 
 def test_fp32_configs_that_overflowed_are_pruned():
-    """What the compiler reported before the pools: fp32 tiles of 192-288 KiB on A100 and in TF32 on H100."""
+    """The large tensor-core tiles in fp32 take 192-288 KiB: over A100's shared memory, and in TF32 over H100's too."""
     from lora_mem.kernels import lora_linear as L
 
     big = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in L._FUSED_CONFIGS

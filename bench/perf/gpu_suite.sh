@@ -9,8 +9,9 @@
 #
 # In this order: 1. the kernel tests on CUDA (all dtypes); 2. the kernel micro-benchmark (fused vs unfused vs the base
 # GEMM floor, each Qwen2.5-1.5B projection, r=8 and 16); 3. training throughput against transformers + peft (bf16,
-# Qwen2.5-1.5B shapes, random weights); 4. one capacity cell (a random-weight checkpoint of the default model's shapes,
-# written before the checks); then 5. LoCoMo-shaped answering speed and 6. the full experiment projected from the measured rates.
+# Qwen2.5-1.5B shapes, random weights); 4. one capacity cell (on a random-weight checkpoint of the default model's
+# shapes, written before the checks); then 5. LoCoMo-shaped answering speed and 6. the full experiment projected
+# from the measured rates.
 # Each step has its own time limit and the suite goes on after a failure; each results file is written when its step
 # ends, so a suite cut short still returns what finished. suite.log has every step's output, suite.json each step's
 # exit status and seconds. The Triton cache (compiled kernels and autotune choices) stays in $TRITON_CACHE_DIR

@@ -80,7 +80,8 @@ def build_parser() -> Parser:
     from lora_mem.model.config import PRESETS
 
     ap = Parser(prog="python -m bench.perf.random_checkpoint", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-135m", help="the shapes (default smollm2-135m)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-135m",
+                    help="the shapes (default smollm2-135m)")
     ap.add_argument("--out", type=output_dir, required=True, help="the checkpoint directory to write")
     g = ap.add_argument_group("shape overrides (default: the preset's)")
     g.add_argument("--layers", type=positive_int, default=None, help="decoder layers")

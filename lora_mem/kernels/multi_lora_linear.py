@@ -257,6 +257,9 @@ if HAS_TRITON:
         triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_stages=3, num_warps=4),
         triton.Config({"BLOCK_M": 32, "BLOCK_K": 16}, num_stages=3, num_warps=4),
     ]
+    # The product kernel's expand step holds a B[a] tile of (rank step x BLOCK_N) operands: past this many bytes of it
+    # per thread the tile spills (fp32 in TF32 at ranks from 64 with 128-wide tiles).
+    _EXPAND_TILE_BYTES = 128
     # At ranks from 64 the shrink kernel's tensor-core tiles spill (its A tile, BLOCK_K x rank, is live whole); these
     # do not, in bf16 or in TF32.
     _MULTI_SHRINK_WIDE_RANK_CONFIGS = [
@@ -277,8 +280,9 @@ if HAS_TRITON:
     def _multi_configs_for_launch(configs, named_args, **kwargs):
         """Both kernels' early_config_prune: the pool of the launch's dot, sized to the problem
         (:func:`_prune_multi_configs`), less what would not fit the GPU, by the single-adapter kernels' measures
-        (:func:`lora_mem.kernels.lora_linear._fused_configs_for_launch`): shared memory and the product kernel's
-        accumulator per thread; the shrink kernel's tensor-core pool at ranks from 64 is its own small tiles."""
+        (:func:`lora_mem.kernels.lora_linear._fused_configs_for_launch`): shared memory, the product kernel's
+        accumulator and expand tile per thread; the shrink kernel's tensor-core pool at ranks from 64 is its own small
+        tiles."""
         x = named_args["x_ptr"]
         tensor_cores = _single._tensor_cores(x, kwargs["INPUT_PRECISION"])
         matmul = "N" in named_args  # else the shrink kernel
@@ -301,9 +305,11 @@ if HAS_TRITON:
         def spills(c):
             if not matmul:
                 return False
-            acc = _single._acc_per_thread(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+            bn, threads = c.kwargs["BLOCK_N"], 32 * c.num_warps
+            acc = _single._acc_per_thread(c.kwargs["BLOCK_M"], bn, c.num_warps)
+            expand = min(c.kwargs["BLOCK_K"], block_r, 64) * bn * x.element_size() / threads  # as R_STEP in the kernel
             return ((arch < 90 and acc > _single._SM80_MAX_ACC_PER_THREAD)
-                    or (tensor_cores and acc * x.element_size() > _single._ACC_BYTES))
+                    or (tensor_cores and (acc * x.element_size() > _single._ACC_BYTES or expand > _EXPAND_TILE_BYTES)))
 
         pool = [c for c in pool if not spills(c)] or pool
         kept = [c for c in _prune_multi_configs(pool, named_args) if smem(c) <= smem_limit]
