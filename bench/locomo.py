@@ -474,6 +474,7 @@ def prepare_adapter(sample: Sample, memory: Memory, config: LocomoConfig, out: P
             memory.save(path)
         atomic_write_json(train_file, train)  # after the adapter: marks it complete
     fields = {"train_tokens": train["tokens"], "train_seconds": train["seconds"],
+              "data_seconds": train.get("data_seconds", 0.0), "teacher_seconds": train.get("teacher_seconds", 0.0),
               "final_loss": train["losses"][-1] if train["losses"] else None, "epochs_loss": train["epochs_loss"]}
     if train.get("error"):
         fields["error"] = f"training failed: {train['error']}"
@@ -620,6 +621,8 @@ def summarise(out: Path, samples: list[Sample], lm: LoadedModel, config: LocomoC
     failed = {r["sample_id"]: r["error"] for r in conv_results if r.get("error")}
     train_tokens = sum(r.get("train_tokens", 0) for r in conv_results)
     train_seconds = sum(r.get("train_seconds", 0.0) for r in conv_results)
+    data_seconds = sum(r.get("data_seconds", 0.0) for r in conv_results)
+    teacher_seconds = sum(r.get("teacher_seconds", 0.0) for r in conv_results)
     answer_seconds = sum(r.get("answer_seconds", 0.0) for r in conv_results)
     label = method_label(config)
     if failed:
@@ -644,11 +647,13 @@ def summarise(out: Path, samples: list[Sample], lm: LoadedModel, config: LocomoC
         "train_tokens": train_tokens,
         "train_seconds": train_seconds,
         "train_tokens_per_second": train_tokens / train_seconds if train_seconds else None,
+        "data_seconds": data_seconds,  # building the training data, the teacher's part included
+        "teacher_seconds": teacher_seconds,
         "answer_seconds": answer_seconds,
         "answer_questions_per_second": len(rows) / answer_seconds if answer_seconds else None,
         "prompt_tokens_mean": sum(r["prompt_tokens"] for r in rows) / len(rows) if rows else None,
         "prompt_tokens_max": max((r["prompt_tokens"] for r in rows), default=None),
-        "compute_seconds": train_seconds + answer_seconds,
+        "compute_seconds": data_seconds + train_seconds + answer_seconds,
         "conversations": conv_results,
     }
     results = json.loads(json.dumps(results, default=str))  # what the file holds (str keys)

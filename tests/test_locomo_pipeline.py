@@ -385,6 +385,7 @@ def test_distill_and_recite_recipes_run_end_to_end(long_ckpt, tmp_path, monkeypa
     assert len(rows) == 3 and all("recitation" in r for r in rows)
     train = json.loads((tmp_path / "dr" / "conversations" / "tiny-1" / "train.json").read_text())
     assert train["error"] is None and train["teacher_seconds"] > 0
+    assert results["teacher_seconds"] == results["conversations"][0]["teacher_seconds"] == train["teacher_seconds"]
     cached = list((tmp_path / "cache" / "teacher").rglob("*.pt"))
     assert cached
     # a second run reads the teacher from the cache (same settings, another --out) and trains the same adapter
