@@ -41,6 +41,7 @@ import linecache
 import math
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -527,21 +528,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         worker(args.worker, args.dtypes, args.all_configs, args.only, args.worker_out)
         return 0
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()
     records = run_workers(args.archs, args.dtypes, args.all_configs, args.only, args.jobs, args.verbose)
     print(summary(records))
     found = problems(records)
     elapsed = time.perf_counter() - started
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     if args.json:
         from bench.common import atomic_write_json, run_info
 
         import torch
         atomic_write_json(args.json, {
-            **run_info(torch.device("cpu")),
+            **run_info(torch.device("cpu")), "loadavg_start": load_at_start,
             "what": "every Triton kernel of lora_mem compiled for a stand-in GPU target (no GPU touched): shared "
                     "memory from the compiled metadata, registers and spill stores (bytes per thread) from ptxas -v",
             "gpus": {a: vars(GPUS[a]) for a in args.archs}, "dtypes": args.dtypes, "all_configs": args.all_configs,
             "spill_limit_bytes": SPILL_LIMIT_BYTES, "elapsed_s": round(elapsed, 1),
+            # the workers' CPU time, and the machine's load over the run (other work shares its cores)
+            "workers_cpu_s": round(children.ru_utime + children.ru_stime, 1), "loadavg_end": os.getloadavg(),
             "compiles": len(records), "distinct_binaries": len({(r["arch"], r.get("binary")) for r in records}),
             "problems": found, "records": records})
     print(f"\n{len(records)} compiles, {len(found)} problems, {elapsed:.0f} s")

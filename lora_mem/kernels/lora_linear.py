@@ -319,7 +319,8 @@ if HAS_TRITON:
     def _thin_smem(c, elsize: int, block_r: int, has_keep: bool, tensor_cores: bool) -> int:
         bp, bq = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
         stage = (bp * bq + bq * block_r) * elsize + (bp * bq if has_keep else 0)  # + the uint8 keep-mask tile
-        return _pipeline_smem(stage, c.num_stages, tensor_cores) + (4 * bp * bq if has_keep else 0)
+        fma_keep = has_keep and not tensor_cores  # the FMA dot also converts the masked X tile through shared memory
+        return _pipeline_smem(stage, c.num_stages, tensor_cores) + (4 * bp * bq if fma_keep else 0)
 
     def _prune_fused_configs(configs, named_args, **kwargs):
         """Drop tiles far larger than the problem (few tokens, the 256-wide k/v projections): they only add masked
