@@ -31,6 +31,7 @@ written atomically.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -47,6 +48,7 @@ from bench.perf.timing import positive_int_list
 from lora_mem.cli import Parser, float_in, non_negative_int, positive_int
 from lora_mem.kernels.policy import KernelPolicy
 from lora_mem.kernels.lora_reference import lora_linear_reference, lora_scaling
+from lora_mem.lora_core.inject import LoRAConfig
 
 # Qwen2.5-1.5B-Instruct: hidden 1536, 12 query heads and 2 KV heads of 128, MLP 8960. (in_features, out_features).
 QWEN25_1_5B_SHAPES: dict[str, tuple[int, int]] = {
@@ -179,7 +181,7 @@ def bench_lora(fn, x, weight, bias, lora_A, lora_B, scaling, dy, dropout_p, devi
     forward_backward()  # compile + autotune outside the timed region
     out = {"fwd": time_ms(forward, device, params, warmup, repeats)}
     y = forward()
-    out["bwd"] = time_ms(lambda: y.backward(dy, retain_graph=True), device, params, warmup, repeats)
+    out["bwd"] = time_ms(functools.partial(y.backward, dy, retain_graph=True), device, params, warmup, repeats)
     del y
     out["fwd_bwd"] = time_ms(forward_backward, device, params, warmup, repeats)
     return out
@@ -252,8 +254,8 @@ def bench_op(fn, leaves, extra, grads, device, warmup, repeats) -> dict[str, dic
     forward_backward()  # compile outside the timed region
     out = {"fwd": time_ms(forward, device, leaves, warmup, repeats)}
     outs = forward()
-    out["bwd"] = time_ms(lambda: torch.autograd.backward(outs, grads, retain_graph=True), device, leaves, warmup,
-                         repeats)
+    out["bwd"] = time_ms(functools.partial(torch.autograd.backward, outs, grads, retain_graph=True), device, leaves,
+                         warmup, repeats)
     del outs
     out["fwd_bwd"] = time_ms(forward_backward, device, leaves, warmup, repeats)
     return out
@@ -330,7 +332,7 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.d
             for rank in args.ranks:
                 lora_A = (torch.randn(rank, in_f, generator=g) / math.sqrt(in_f)).to(device, dtype).requires_grad_()
                 lora_B = (torch.randn(out_f, rank, generator=g) * 0.01).to(device, dtype).requires_grad_()
-                scaling = lora_scaling(rank, 2 * rank)
+                scaling = lora_scaling(rank, LoRAConfig(rank=rank).alpha)
                 fl = flops(tokens, in_f, out_f, rank)
                 row = {"shape": shape, "in_features": in_f, "out_features": out_f, "bias": bias is not None,
                        "tokens": tokens, "rank": rank, "results": {}}

@@ -64,6 +64,8 @@ from bench.perf.timing import SETUPS as MACHINE_SETUPS
 from bench.perf.timing import (PROFILE_GROUPS, classify_op, format_profile, model_config, peak_rss_bytes,  # noqa: F401
                                positive_int_list, profile_ops, sync)
 from lora_mem.cli import Parser, int_at_least, non_negative_int, positive_int
+from lora_mem.lora_core.inject import LoRAConfig
+from lora_mem.lora_core.train import TrainConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("lora-mem", "lora-mem-sdpa", "lora-mem-full-logits", "lora-mem-unshared", "peft")
@@ -102,7 +104,7 @@ def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, ra
     KernelPolicy whose cpu_attention is "sdpa"), None: the engine's default; `share_prefix` False: the step
     before a prefix common to the rows was computed once."""
     from lora_mem.kernels.policy import KernelPolicy
-    from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_parameters
+    from lora_mem.lora_core.inject import inject_lora, lora_parameters
     from lora_mem.lora_core.train import chunked_lm_loss, hidden_states
     from lora_mem.model.config import PRESETS
     from lora_mem.model.loader import load_model
@@ -116,7 +118,7 @@ def build_lora_mem(model_name: str, dtype: torch.dtype, device: torch.device, ra
         model.requires_grad_(False)
     else:
         model = load_model(model_name, device=device, dtype=dtype, policy=policy).model
-    inject_lora(model, LoRAConfig(rank=rank, alpha=2 * rank, target_modules=TARGETS))
+    inject_lora(model, LoRAConfig(rank=rank, target_modules=TARGETS))
     model.train()
     params = lora_parameters(model)
     for p in params:
@@ -149,7 +151,8 @@ def build_peft(model_name: str, dtype: torch.dtype, device: torch.device, rank: 
         model = transformers.AutoModelForCausalLM.from_pretrained(
             resolve_checkpoint(model_name), dtype=dtype).to(device)
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS))
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=LoRAConfig(rank=rank).alpha, lora_dropout=0.0,
+                                             target_modules=TARGETS))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -204,7 +207,7 @@ def prepare_side(side: str, model_name: str, dtype: torch.dtype, device: torch.d
         params, step = build_lora_mem(model_name, dtype, device, rank, full_logits=side == "lora-mem-full-logits",
                                       attention="sdpa" if side == "lora-mem-sdpa" else None,
                                       share_prefix=side != "lora-mem-unshared")
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=TrainConfig().lr)
 
     def one():
         loss = step(x, y)
@@ -496,12 +499,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     info["loadavg_end"] = os.getloadavg()
     results = {"benchmark": "lora training throughput, lora-mem vs transformers+peft", "setup": setup_name,
                "model": model, "dtype": setup["dtype"], "seq_len": seq_len, "rank": args.rank,
-               "alpha": 2 * args.rank, "targets": TARGETS, "trained_positions": args.targets,
+               "alpha": LoRAConfig(rank=args.rank).alpha, "targets": TARGETS, "trained_positions": args.targets,
                "trained_positions_note": "all: every next token (plain text); answers: the last "
                                          f"{ANSWER_SPAN} of every {ANSWER_BLOCK} positions (chat-QA windows); facts: "
                                          f"the last {FACT_ANSWER} positions of {FACT_WINDOW}-token rows whose first "
                                          f"{FACT_PREFIX} tokens are the same (one-fact chat windows); same token ids "
-                                         "and targets on every side", "optimizer": "AdamW(lr=1e-4)", "steps": args.steps,
+                                         "and targets on every side",
+               "optimizer": f"AdamW(lr={TrainConfig().lr:g})", "steps": args.steps,
                "timing": "interleaved" if interleave else "each side alone, one after the other",
                "warmup": args.warmup, **info, "rows": rows}
     if args.profile:

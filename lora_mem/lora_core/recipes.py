@@ -444,7 +444,7 @@ class Recipe:
     abstention_ratio: float = 0.1
     abstention_style: str = "unmentioned"
     queries_per_turn: int | None = 2
-    query_phrasings: int = 2
+    query_phrasings: int = 1  # chosen on the dev split (docs/memory.md)
     distill_top_k: int = 16
     distill_temperature: float = 1.0
     distill_hard_weight: float = 0.0
