@@ -51,6 +51,21 @@ def _stems(s) -> list[str]:
     return [_ps.stem(w) for w in normalize_answer(s).split()]
 
 
+def stem_counts(s) -> Counter:
+    """The stemmed normalised tokens `token_f1` compares, counted: for comparing one text against many."""
+    return Counter(_stems(s))
+
+
+def counts_f1(p: Counter, g: Counter) -> float:
+    """`token_f1` of two `stem_counts`."""
+    num_same = sum((p & g).values())
+    if num_same == 0:
+        return 0.0
+    precision = num_same / sum(p.values())
+    recall = num_same / sum(g.values())
+    return 2 * precision * recall / (precision + recall)
+
+
 def token_f1(pred, gold) -> float:
     """LoCoMo ``f1_score``: token F1 of stemmed normalised tokens."""
     p, g = _stems(pred), _stems(gold)

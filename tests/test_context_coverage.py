@@ -78,3 +78,32 @@ def test_refuses_runs_without_context(ckpt, tmp_path):
         cov.main([str(tmp_path / "base"), "--data", str(FIXTURE)])
     with pytest.raises(SystemExit, match="is the run finished"):
         cov.main([str(tmp_path / "nothing"), "--data", str(FIXTURE)])
+
+
+def test_recitation_counts_the_turn_it_reproduces():
+    data = {s.sample_id: s for s in cov.load_locomo(FIXTURE)}["tiny-1"]
+    counts = {t.dia_id: cov.stem_counts(t.text) for s in data.sessions for t in s.turns}
+    faithful = "On 8 May 2023, Alice said: Hi Bob! I adopted a puppy named Biscuit yesterday (7 May 2023)."
+    assert cov.recited_turn(faithful, counts) == {"D1:1"}
+    assert cov.recited_turn("Congrats Alice! I started learning the violin", counts) == {"D1:2"}
+    assert cov.recited_turn("The weather in Paris was rainy and cold all week.", counts) == set()
+    assert cov.recited_turn("", counts) == set()
+
+
+def test_recite_run_coverage_reads_each_recitation(ckpt, tmp_path):
+    run(ckpt, tmp_path / "recite", "--train-format", "text+recite", "--answer-mode", "recite", "--epochs", "1",
+        "--seq-len", "128", "--rank", "4")
+    path = tmp_path / "recite" / "predictions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows and all("recitation" in r for r in rows)
+    data = {s.sample_id: s for s in cov.load_locomo(FIXTURE)}["tiny-1"]
+    first_turn = data.sessions[0].turns[0]  # D1:1, the puppy
+    for i, r in enumerate(rows):  # the tiny model recites noise: make every other row recite D1:1 faithfully
+        r["recitation"] = f"Alice said: {first_turn.text}" if i % 2 == 0 else "nothing at all like any turn"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = json.loads(json.dumps(cov.coverage(tmp_path / "recite", {"tiny-1": data}, {})))
+    questions = cov.select_questions(data)
+    expected = [cov.split_of(cov.evidence_ids(q.evidence), {"D1:1"} if i % 2 == 0 else set())
+                for i, q in enumerate(questions)]
+    assert {k: report["splits"][k]["n"] for k in cov.SPLITS} == {k: expected.count(k) for k in cov.SPLITS}
+    assert report["splits"]["all"]["n"] >= 1 and report["settings"]["answer_mode"] == "recite"

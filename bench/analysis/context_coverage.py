@@ -1,11 +1,12 @@
-"""Did the context hold the answer? Evidence coverage of the ICL and RAG prompts, and F1 with and without it.
+"""Did the context hold the answer? Evidence coverage of the ICL, RAG and recitation prompts, and F1 with and without it.
 
 A context baseline can fail two ways: the turns that answer the question were not in the prompt (ICL keeps only
 the latest sessions; BM25 misses paraphrases), or they were and the model did not use them. LoCoMo annotates each
 question with its evidence turns (``evidence``: dia_ids such as ``D3:7``). This analysis, never training, reads
 them: for each question of a finished icl / rag / lora+rag run it rebuilds which turns the prompt held (the BM25 hits
-recorded with each prediction; the ICL suffix rebuilt by the same deterministic code the run used) and
-splits the questions into
+recorded with each prediction; the ICL suffix rebuilt by the same deterministic code the run used; for a run with
+``--answer-mode recite``, the turn its recitation reproduces: the conversation's turn of highest token F1 with the
+recitation, when that F1 is at least ``RECITED_TURN_F1``) and splits the questions into
 
     all:  every evidence turn was in the prompt
     some: at least one, not all
@@ -22,18 +23,23 @@ the same questions there: the gain that the context brought where it held the an
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from bench.analysis.report import load_run
 from bench.common import atomic_write_json, atomic_write_text, read_jsonl
 from bench.context import icl_context
 from bench.locomo_data import load_locomo, resolve_data_path, select_questions, training_source
+from bench.locomo_score import counts_f1, stem_counts
 from lora_mem.cli import Parser
 from lora_mem.model.loader import resolve_checkpoint
 from lora_mem.model.tokenizer import Tokenizer
 
 SPLITS = ("all", "some", "none", "n/a")
+# A recitation counts as a turn's when it shares at least half its tokens with it (token F1, LoCoMo's stemming):
+# the adapter recites "On <date>, <speaker> said: <turn>", so a faithful recitation scores near 1 and an invented
+# one scores like any two turns of the same conversation (well under 0.5).
+RECITED_TURN_F1 = 0.5
 _DIA_ID = re.compile(r"D\d+:\d+")
 
 
@@ -55,6 +61,16 @@ def read_predictions(run_dir: Path) -> dict[str, list[dict]]:
     for row in read_jsonl(run_dir / "predictions.jsonl"):
         by_sample[row["sample_id"]].append(row)
     return by_sample
+
+
+def recited_turn(recitation: str, turns: dict[str, Counter]) -> set[str]:
+    """The dia_id of the turn a recitation reproduces (``turns``: dia_id -> its `stem_counts`), or nothing."""
+    recited = stem_counts(recitation)
+    if not recited or not turns:
+        return set()
+    f1 = {d: counts_f1(recited, c) for d, c in turns.items()}
+    best = max(f1, key=f1.get)
+    return {best} if f1[best] >= RECITED_TURN_F1 else set()
 
 
 def contexts_of_run(run_dir: Path, results: dict, predictions: dict[str, list[dict]],
@@ -82,6 +98,12 @@ def contexts_of_run(run_dir: Path, results: dict, predictions: dict[str, list[di
             else:  # a retrieved session holds all its turns
                 sessions = [[t.dia_id for t in s.turns] for s in training_source(sample).sessions]
                 out[sample_id] = [{d for i in h for d in sessions[i]} for h in hits]
+        elif method == "lora" and settings.get("answer_mode") == "recite":
+            recitations = [r.get("recitation") for r in rows]
+            if any(r is None for r in recitations):
+                raise SystemExit(f"error: {run_dir}/predictions.jsonl: rows of {sample_id} have no 'recitation' field")
+            counts = {t.dia_id: stem_counts(t.text) for s in training_source(sample).sessions for t in s.turns}
+            out[sample_id] = [recited_turn(r, counts) for r in recitations]
         else:
             raise SystemExit(f"error: {run_dir}: method {method!r} puts no conversation in the prompt")
     return out
@@ -132,7 +154,7 @@ def coverage(run_dir: Path, samples: dict, compare_f1: dict[str, dict[tuple, flo
         s["categories"] = dict(sorted(by_category[split].items()))
     total = sum(s["n"] for s in stats.values())
     return {"run": str(run_dir), "method": results["method"], "settings": {k: results["settings"].get(k) for k in
-            ("method", "context_tokens", "top_k", "rag_unit")}, "questions": total,
+            ("method", "context_tokens", "top_k", "rag_unit", "answer_mode")}, "questions": total,
             "evidence_all_in_prompt": stats["all"]["n"] / total if total else None, "splits": stats}
 
 
@@ -153,7 +175,7 @@ def render(reports: list[dict], compare: list[tuple[str, Path]]) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     ap = Parser(prog="python -m bench.analysis.context_coverage", description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="finished icl / rag / lora+rag run directories")
+    ap.add_argument("runs", nargs="+", help="finished icl / rag / lora+rag / recite run directories")
     ap.add_argument("--compare", action="append", default=[], metavar="RUN_DIR",
                     help="a finished run (e.g. base) whose F1 on the same questions is shown beside; repeatable")
     ap.add_argument("--data", help="locomo10.json (else $LOCOMO_DATA, the cache, or a download)")

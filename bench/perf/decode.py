@@ -95,7 +95,7 @@ WORKLOADS = ("single_stream", "batched", "synthetic", "locomo")
 TOKENIZER_FREE_WORKLOADS = ("synthetic",)
 PRESET_PREFIX = "preset:"
 DEFAULT_WORKLOADS = "single_stream,batched"
-# The goals for the LoCoMo answering workload, printed beside the measured ratios.
+# Goals for the LoCoMo answering workload, printed beside the measured ratios.
 LOCOMO_GOALS = {"vs_transformers_batch1": 10.0, "vs_transformers_batched": 2.0}
 
 
