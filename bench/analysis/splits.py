@@ -67,18 +67,41 @@ def render(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Settings that say where or how fast a run ran, not what it measured: never used to tell two labels apart.
+NOT_RECIPE = {"conversations", "data_sha256", "device", "device_type", "threads", "kernel_policy", "dtype",
+              "adapters_from", "shared_batches", "max_questions"}
+
+
+def distinct_labels(labels: list[str], settings: list[dict]) -> list[str]:
+    """Runs that share a method label get the settings that tell them apart appended, e.g. "[query_phrasings=3]"."""
+    out = list(labels)
+    for label in set(labels):
+        group = [i for i, x in enumerate(labels) if x == label]
+        if len(group) < 2:
+            continue
+        keys = sorted({k for i in group for k in settings[i]} - NOT_RECIPE)
+        differ = [k for k in keys if len({repr(settings[i].get(k)) for i in group}) > 1]
+        for i in group:
+            if differ:
+                out[i] = f"{label} [{', '.join(f'{k}={settings[i].get(k)}' for k in differ)}]"
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = Parser(prog="python -m bench.analysis.splits", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="bench.locomo run directories (or their results.json)")
     ap.add_argument("--seeds", type=positive_int, default=10, help="shuffles averaged by the control")
     ap.add_argument("--out", default=None, help="output prefix: writes <out>.md and <out>.json")
     args = ap.parse_args(argv)
-    reports = []
+    reports, settings = [], []
     for path in args.runs:
         results, run_dir = load_run(Path(path))
         rows = read_jsonl(run_dir / "predictions.jsonl")
+        settings.append(results.get("settings", {}))
         reports.append({"run": str(path), "method": results["method"],
                         "splits": {s: split_report(results, rows, s, args.seeds) for s in SPLITS}})
+    for report, label in zip(reports, distinct_labels([r["method"] for r in reports], settings)):
+        report["method"] = label
     md = render(reports)
     print(md)
     if args.out:
