@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
         all_r += reference
         all_q += [q.question for q in kept]
         shown += [(sid, q.question, r, t) for q, r, t in list(zip(kept, reference, teacher))[:args.examples]]
-    result = {**run_info(lm.model.lm_head.weight.device), "model": args.model, "queries_per_turn": args.queries_per_turn,
-              "query_phrasings": args.query_phrasings, "distill_settings": settings.__dict__,
+    result = {**run_info(lm.model.lm_head.weight.device), "model": args.model,
+              "queries_per_turn": args.queries_per_turn, "query_phrasings": args.query_phrasings,
+              "distill_settings": settings.__dict__,
               "all": compare(all_t, all_r, all_q), "conversations": per_conv}
     a = result["all"]
     md = [f"Teacher ({args.model}, the session in context) against the rule-made answers of the same "
