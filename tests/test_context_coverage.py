@@ -107,3 +107,13 @@ def test_recite_run_coverage_reads_each_recitation(ckpt, tmp_path):
                 for i, q in enumerate(questions)]
     assert {k: report["splits"][k]["n"] for k in cov.SPLITS} == {k: expected.count(k) for k in cov.SPLITS}
     assert report["splits"]["all"]["n"] >= 1 and report["settings"]["answer_mode"] == "recite"
+
+
+def test_conversations_option_restricts_each_run(ckpt, tmp_path):
+    run(ckpt, tmp_path / "rag", "--method", "rag", "--top-k", "2", "--conversations", "tiny-1,tiny-2")
+    both = cov.main([str(tmp_path / "rag"), "--data", str(FIXTURE), "--out", str(tmp_path / "both")])
+    one = cov.main([str(tmp_path / "rag"), "--data", str(FIXTURE), "--conversations", "tiny-1",
+                    "--out", str(tmp_path / "one")])
+    n_both = json.loads((tmp_path / "both.json").read_text())["runs"][0]["questions"]
+    n_one = json.loads((tmp_path / "one.json").read_text())["runs"][0]["questions"]
+    assert n_one == 7 < n_both and one != both

@@ -1,4 +1,4 @@
-"""Did the context hold the answer? Evidence coverage of the ICL, RAG and recitation prompts, and F1 with and without it.
+"""Did the context hold the answer? Evidence coverage of ICL, RAG and recitation prompts, and F1 with and without it.
 
 A context baseline can fail two ways: the turns that answer the question were not in the prompt (ICL keeps only
 the latest sessions; BM25 misses paraphrases), or they were and the model did not use them. LoCoMo annotates each
@@ -31,7 +31,7 @@ from bench.common import atomic_write_json, atomic_write_text, read_jsonl
 from bench.context import icl_context
 from bench.locomo_data import load_locomo, resolve_data_path, select_questions, training_source
 from bench.locomo_score import counts_f1, stem_counts
-from lora_mem.cli import Parser
+from lora_mem.cli import Parser, id_list
 from lora_mem.model.loader import resolve_checkpoint
 from lora_mem.model.tokenizer import Tokenizer
 
@@ -126,9 +126,13 @@ def f1_by_question(run_dir: Path) -> dict[tuple, float]:
             for k, r in zip(question_keys(rows), rows)}
 
 
-def coverage(run_dir: Path, samples: dict, compare_f1: dict[str, dict[tuple, float]]) -> dict:
+def coverage(run_dir: Path, samples: dict, compare_f1: dict[str, dict[tuple, float]],
+             conversations: list[str] | None = None) -> dict:
+    """``conversations``: only these of the run (e.g. the dev split, to sit beside a dev run)."""
     results, _ = load_run(run_dir)
     predictions = read_predictions(run_dir)
+    if conversations is not None:
+        predictions = {sid: rows for sid, rows in predictions.items() if sid in conversations}
     contexts = contexts_of_run(run_dir, results, predictions, samples)
     stats = {s: {"n": 0, "f1": 0.0, **{label: 0.0 for label in compare_f1}} for s in SPLITS}
     by_category = {s: defaultdict(int) for s in SPLITS}
@@ -179,8 +183,11 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--compare", action="append", default=[], metavar="RUN_DIR",
                     help="a finished run (e.g. base) whose F1 on the same questions is shown beside; repeatable")
     ap.add_argument("--data", help="locomo10.json (else $LOCOMO_DATA, the cache, or a download)")
+    ap.add_argument("--conversations", type=id_list, default=None,
+                    help="only these conversations of each run (comma-separated), e.g. conv-26,conv-30")
     ap.add_argument("--out", help="output prefix: writes <out>.json and <out>.md")
     args = ap.parse_args(argv)
+    conversations = args.conversations.split(",") if args.conversations else None
     runs = [Path(r) for r in args.runs]
     for r in runs + [Path(c) for c in args.compare]:
         if not (r / "results.json").is_file() or not (r / "predictions.jsonl").is_file():
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> str:
     samples = {s.sample_id: s for s in load_locomo(resolve_data_path(args.data))}
     compare = [(load_run(Path(c))[0]["method"], Path(c)) for c in args.compare]
     compare_f1 = {label: f1_by_question(cdir) for label, cdir in compare}  # read once, used for every run
-    reports = [coverage(r, samples, compare_f1) for r in runs]
+    reports = [coverage(r, samples, compare_f1, conversations) for r in runs]
     md = render(reports, compare)
     if args.out:
         out = Path(args.out)
