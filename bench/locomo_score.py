@@ -68,13 +68,7 @@ def counts_f1(p: Counter, g: Counter) -> float:
 
 def token_f1(pred, gold) -> float:
     """LoCoMo ``f1_score``: token F1 of stemmed normalised tokens."""
-    p, g = _stems(pred), _stems(gold)
-    num_same = sum((Counter(p) & Counter(g)).values())
-    if num_same == 0:
-        return 0.0
-    precision = num_same / len(p)
-    recall = num_same / len(g)
-    return 2 * precision * recall / (precision + recall)
+    return counts_f1(stem_counts(pred), stem_counts(gold))
 
 
 def multi_hop_f1(pred, gold) -> float:
