@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -20,9 +21,13 @@ def test_quick_start_runs(tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "tiny"
     make_tiny_checkpoint(ckpt, "llama")
     monkeypatch.chdir(tmp_path)
-    exec(compile(code.replace('"smollm2-135m-instruct"', repr(str(ckpt))), "README.md", "exec"), {})
+    names: dict = {}
+    exec(compile(code.replace('"smollm2-135m-instruct"', repr(str(ckpt))), "README.md", "exec"), names)
     assert (tmp_path / "adapters" / "demo" / "adapter_config.json").is_file()
     assert "[" in capsys.readouterr().out  # the losses and the answers were printed
+    written = names["written"]
+    assert written.error is None and written.windows > 0 and written.target_tokens > 0
+    assert written.train.epochs_loss and all(math.isfinite(loss) for loss in written.train.epochs_loss)
 
 
 def test_readme_states_the_two_commands():

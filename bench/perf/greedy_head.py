@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, atomic_write_json, device_slug, run_info
-from bench.perf.timing import DTYPE_NAMES, device_name, positive_int_list, timed
+from bench.perf.timing import DTYPE_NAMES, device_name, positive_int_list, saved_ms, timed
 from lora_mem.cli import Parser, positive_int
 from lora_mem.model.generate import CPU_SLICE_MIN_ROWS, CPU_VOCAB_SLICE, greedy_tokens
 
@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
         # The variants take turns within each repeat (bench.perf.timing.timed), so drift hits all alike.
         (one_times, reference), *sliced = timed(fns, args.repeats, device)
         one_product = statistics.median(one_times)
-        row = {"batch": b, "one_product_ms": round(one_product * 1e3, 3), "slices": []}
+        row = {"batch": b, "one_product_ms": saved_ms(one_product), "slices": []}
         for s, (times, tokens) in zip(slices, sliced):
             t = statistics.median(times)
-            row["slices"].append({"vocab_slice": s, "ms": round(t * 1e3, 3),
+            row["slices"].append({"vocab_slice": s, "ms": saved_ms(t),
                                   "speedup_vs_one_product": round(one_product / t, 3),
                                   "same_tokens": bool(torch.equal(tokens, reference))})
         rows.append(row)

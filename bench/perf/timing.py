@@ -64,6 +64,12 @@ def timed(fns: list, repeats: int, device: torch.device) -> list[tuple[list[floa
     return list(zip(times, results))
 
 
+def saved_ms(seconds: float) -> float:
+    """Milliseconds to four significant figures, as results files keep a time: a ratio of two saved times then
+    agrees with a speedup saved beside them to 0.1%, at 0.03 ms as at 300 ms."""
+    return float(f"{seconds * 1e3:.4g}")
+
+
 def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
     """Median wall seconds of `repeats` synchronised calls of fn(), after `warmup` untimed ones."""
     for _ in range(warmup):
