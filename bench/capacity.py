@@ -17,7 +17,12 @@ of the larger ones. A fact is one (person, attribute) question; a person gives o
     Which town is Vaipous Draexmouov from?     -> Xexyuthmar
     What is Vaipous Draexmouov's profession?   -> cheesemaker
 
-Training data: one fact per window by default, laid out exactly as the question is later asked (system turn,
+`--facts-as conversation` says the facts instead as first-person turns of one conversation, trains them with a
+memory recipe (`--train-format text+queries`, `text+distill`, `text+recite`, ...) and asks them as LoCoMo asks, so
+a recipe's stored facts are told apart from its answer form; `--answer-mode recite` answers as recite-then-answer
+does (the adapter recites the turn, the base model answers with it in context).
+
+Training data (--facts-as qa): one fact per window by default, laid out exactly as the question is later asked (system turn,
 question, answer; `--pack` packs several into a window instead, cheaper but each answer then also sees the
 facts before it, which on a tiny model visibly mixes them up). The system turn and user header every window
 opens with are computed once per micro-batch (lora_mem.lora_core.train.hidden_states; `--no-share-prefix` computes every
@@ -60,7 +65,7 @@ from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
 from lora_mem.lora_core.conversation import Conversation, Session, Turn
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_parameters, remove_lora, reset_lora
 from lora_mem.lora_core.memory import QUESTION_TEMPLATE as CONVERSATION_QUESTION_TEMPLATE
-from lora_mem.lora_core.memory import build_training_data, soft_training
+from lora_mem.lora_core.memory import ANSWER_MODES, AnswerConfig, build_training_data, recite_then_answer, soft_training
 from lora_mem.lora_core.recipes import TRAIN_PARTS, QAPair, Recipe, chat_qa_windows
 from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, make_lm_windows, train_lora
 from lora_mem.model.generate import generate
@@ -92,7 +97,10 @@ PRESETS: dict[str, dict] = {
 RESULT_SETTINGS = (
     "model", "dtype", "seed", "attributes", "train_format", "pack", "alpha", "dropout", "epochs", "min_steps", "lr",
     "batch_size", "grad_accum", "warmup_ratio", "seq_len", "max_new_tokens", "question_template", "facts_as",
+    "answer_mode",
 )
+# What a run directory written before a setting existed ran with.
+SETTINGS_BEFORE = {"answer_mode": "direct"}
 
 
 class CapacityError(ValueError):
@@ -224,9 +232,10 @@ def exact_match(prediction: str, gold: str) -> bool:
     return normalize(prediction) == normalize(gold)
 
 
-def score_answers(facts: list[Fact], predictions: list[str]) -> tuple[list[dict], dict]:
-    """Per-question rows and the aggregate: exact-match recall, `contains` (gold inside the answer),
-    token F1 (LoCoMo's), each overall and by attribute."""
+def score_answers(facts: list[Fact], predictions: list[str],
+                  recitations: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Per-question rows (with the recitation the answer read, if any) and the aggregate: exact-match recall,
+    `contains` (gold inside the answer), token F1 (LoCoMo's), each overall and by attribute."""
     from bench.locomo_score import token_f1
 
     rows = []
@@ -234,6 +243,8 @@ def score_answers(facts: list[Fact], predictions: list[str]) -> tuple[list[dict]
         rows.append({"subject": f.subject, "attribute": f.attribute, "question": f.question, "answer": f.answer,
                      "prediction": pred, "exact": exact_match(pred, f.answer),
                      "contains": normalize(f.answer) in normalize(pred), "f1": token_f1(pred, f.answer)})
+    for row, recitation in zip(rows, recitations or []):
+        row["recitation"] = recitation
     return rows, aggregate(rows)
 
 
@@ -288,15 +299,22 @@ def trim_windows(ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
 
 
 def answer(lm: LoadedModel, facts: list[Fact], max_new_tokens: int, batch_size: int, progress: bool,
-           question_template: str = QUESTION_TEMPLATE):
-    """Greedy answers to the facts' questions in the chat format, no context. Returns (answers, seconds)."""
+           question_template: str = QUESTION_TEMPLATE, mode: str = "direct"):
+    """Greedy answers to the facts' questions in the chat format, no context ("recite": the adapter recites first,
+    `memory.recite_then_answer`). Returns (answers, seconds, recitations or None)."""
     tok = lm.tokenizer
+    if mode == "recite":
+        t0 = time.perf_counter()
+        cfg = AnswerConfig(question_template=question_template, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           mode=mode)
+        answers, recitations, _ = recite_then_answer(lm, [f.question for f in facts], cfg, progress=progress)
+        return answers, time.perf_counter() - t0, recitations
     prompts = [tok.encode_chat([{"role": "user", "content": question_template.format(question=f.question)}])
                for f in facts]
     t0 = time.perf_counter()
     outs = generate(lm.model, prompts, max_new_tokens, tok.stop_ids, tok.pad_id, batch_size=batch_size,
                     progress=progress)
-    return [tok.decode(o).strip() for o in outs], time.perf_counter() - t0
+    return [tok.decode(o).strip() for o in outs], time.perf_counter() - t0, None
 
 
 def lora_config(args, rank: int) -> LoRAConfig:
@@ -359,9 +377,9 @@ def run_cell(lm: LoadedModel, facts: list[Fact], rank: int, args, out: Path) -> 
         cell["error"] = f"training stopped: {train.error}"
         cell.update(exact_match=None, token_f1=None, contains=None, facts_recalled=None)
     else:
-        preds, seconds = answer(lm, facts, args.max_new_tokens, args.answer_batch_size, not args.quiet,
-                                args.question_template)
-        rows, scores = score_answers(facts, preds)
+        preds, seconds, recitations = answer(lm, facts, args.max_new_tokens, args.answer_batch_size, not args.quiet,
+                                             args.question_template, args.answer_mode)
+        rows, scores = score_answers(facts, preds, recitations)
         write_jsonl(cell_path(out, rank, len(facts)).with_suffix(".predictions.jsonl"), rows)
         cell.update(scores, answer_seconds=seconds)
     atomic_write_json(cell_path(out, rank, len(facts)), cell)  # written last: marks the cell finished
@@ -370,9 +388,9 @@ def run_cell(lm: LoadedModel, facts: list[Fact], rank: int, args, out: Path) -> 
 
 def run_base(lm: LoadedModel, facts: list[Fact], args, out: Path) -> dict:
     """The base model (no adapter) on the facts: what is recalled without training (expected ~0)."""
-    preds, seconds = answer(lm, facts, args.max_new_tokens, args.answer_batch_size, not args.quiet,
-                            args.question_template)
-    rows, scores = score_answers(facts, preds)
+    preds, seconds, recitations = answer(lm, facts, args.max_new_tokens, args.answer_batch_size, not args.quiet,
+                                         args.question_template, args.answer_mode)
+    rows, scores = score_answers(facts, preds, recitations)
     write_jsonl(out / "base.predictions.jsonl", rows)
     base = {**scores, "answer_seconds": seconds}
     atomic_write_json(out / "base.json", base)
@@ -608,6 +626,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="longest training window in tokens (with --pack: the window length); cpu 128, gpu 256")
     g = ap.add_argument_group("answering and runtime")
     g.add_argument("--max-new-tokens", type=positive_int, default=16)
+    g.add_argument("--answer-mode", choices=ANSWER_MODES, default="direct",
+                   help="direct: the question alone; recite (--facts-as conversation, a recipe with the recite "
+                        "part): the adapter first recites the turn the question is about, then the base model "
+                        "answers with it in context")
     g.add_argument("--answer-batch-size", type=positive_int, default=None,
                    help="questions per decoding batch (cpu 64, gpu 256)")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
@@ -644,6 +666,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise CapacityError(f"--train-format: {e}") from None
         if args.pack:
             raise CapacityError("--pack applies to --facts-as qa (a conversation is windowed by its recipe)")
+        if args.answer_mode == "recite" and "recite" not in Recipe(train_format=args.train_format).parts:
+            raise CapacityError(f"--answer-mode recite needs an adapter trained to recite (a --train-format with "
+                                f"recite, got {args.train_format!r})")
+    elif args.answer_mode != "direct":
+        raise CapacityError("--answer-mode recite applies to --facts-as conversation")
     elif args.train_format not in TRAIN_FORMATS:
         raise CapacityError(f"--train-format {args.train_format!r} with --facts-as qa: choose from "
                             f"{', '.join(TRAIN_FORMATS)}")
@@ -659,8 +686,8 @@ def check_or_write_run_config(out: Path, settings: dict, write: bool = True) -> 
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CapacityError(f"{path}: unreadable ({type(e).__name__}: {e}); move it away or use another --out") \
                 from None
-        diffs = [f"{k}: saved {old.get(k)!r} vs now {settings.get(k)!r}"
-                 for k in RESULT_SETTINGS if old.get(k) != settings.get(k)]
+        diffs = [f"{k}: saved {old.get(k, SETTINGS_BEFORE.get(k))!r} vs now {settings.get(k)!r}"
+                 for k in RESULT_SETTINGS if old.get(k, SETTINGS_BEFORE.get(k)) != settings.get(k)]
         if diffs:
             raise RunConfigMismatch(f"{out} holds a run with other settings ({'; '.join(diffs)}): "
                                     "use another --out, or the same settings to resume")

@@ -204,6 +204,9 @@ def _has_matplotlib() -> bool:
     (["--train-format", "prose"], "unknown --train-format 'prose'"),
     (["--epochs", "0"], "--epochs: must be an integer >= 1, got 0"),
     (["--lr", "0"], "--lr: must be a finite number in (0, inf), got 0"),
+    (["--answer-mode", "recite"], "--answer-mode recite applies to --facts-as conversation"),
+    (["--facts-as", "conversation", "--train-format", "text+queries", "--answer-mode", "recite"],
+     "--answer-mode recite needs an adapter trained to recite (a --train-format with recite, got 'text+queries')"),
 ])
 def test_cli_reports_bad_input_in_one_line(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench.capacity", *argv])
@@ -299,3 +302,40 @@ def test_facts_as_a_conversation_are_said_by_their_people_and_asked_as_locomo_as
     assert cell["error"] is None and cell["windows"] >= 2 and cell["n_facts"] == 3
     rows = read_jsonl(tmp_path / "conv" / "cells" / "r2-n3.predictions.jsonl")
     assert [r["question"] for r in rows] == [f.question for f in facts[:3]]
+
+
+def test_recite_then_answer_cells_keep_the_recitation_and_resume_older_runs(ckpt, tmp_path):
+    """--answer-mode recite: each fact is answered by the base model reading what the adapter recited for it (the
+    predictions keep the recitation); a run directory written before --answer-mode existed resumes as direct."""
+    from lora_mem.lora_core.memory import RECITED_CONTEXT, AnswerConfig, recite_then_answer
+
+    out = tmp_path / "recite"
+    results = run(ckpt, out, "--facts-as", "conversation", "--train-format", "text+recite", "--answer-mode", "recite",
+                  "--ranks", "1", "--facts", "3", "--no-base")
+    assert results["settings"]["answer_mode"] == "recite" and results["cells"][0]["error"] is None
+    rows = read_jsonl(out / "cells" / "r1-n3.predictions.jsonl")
+    facts = generate_facts(3)
+    assert [r["question"] for r in rows] == [f.question for f in facts]
+    # The same adapter, retrained from the same seed, recites and answers the same way outside the benchmark.
+    lm = load_model(ckpt)
+    args = capacity.parse_args(["--model", str(ckpt), "--facts-as", "conversation", "--train-format", "text+recite",
+                                "--answer-mode", "recite", "--ranks", "1", "--facts", "3", "--epochs", "1",
+                                "--min-steps", "0", "--seq-len", "128", "--max-new-tokens", "6", "--quiet"])
+    capacity.inject_lora(lm.model, capacity.lora_config(args, 1))
+    capacity.run_cell(lm, facts, 1, args, tmp_path / "again")
+    cfg = AnswerConfig(question_template=args.question_template, max_new_tokens=6, batch_size=args.answer_batch_size,
+                       mode="recite")
+    answers, recitations, prompts = recite_then_answer(lm, [f.question for f in facts], cfg)
+    assert [r["recitation"] for r in rows] == recitations and [r["prediction"] for r in rows] == answers
+    assert all(RECITED_CONTEXT.format(recitation=r).strip() in lm.tokenizer.decode(p)
+               for r, p in zip(recitations, prompts))
+
+    direct = tmp_path / "direct"
+    run(ckpt, direct, "--ranks", "1", "--facts", "2", "--no-base")
+    config = json.loads((direct / "run_config.json").read_text())
+    del config["answer_mode"]
+    (direct / "run_config.json").write_text(json.dumps(config))
+    assert len(run(ckpt, direct, "--ranks", "1", "--facts", "2", "--no-base")["cells"]) == 1
+    with pytest.raises(capacity.RunConfigMismatch, match="answer_mode: saved 'direct' vs now 'recite'"):
+        run(ckpt, direct, "--ranks", "1", "--facts", "2", "--no-base", "--facts-as", "conversation",
+            "--train-format", "text+recite", "--answer-mode", "recite")
