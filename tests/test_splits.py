@@ -64,3 +64,10 @@ def test_runs_with_one_label_are_told_apart_by_their_recipe_settings(runs):
     assert [r["method"] for r in reports] == ["LoRA-Mem (r=8, text+queries) [query_phrasings=1]",
                                               "LoRA-Mem (r=8, text+queries) [query_phrasings=3]"]
     assert splits.distinct_labels(["a", "b"], [{"x": 1}, {"x": 2}]) == ["a", "b"]
+
+
+def test_runs_of_the_same_settings_are_told_apart_by_their_code():
+    same = [{"query_phrasings": 1, "threads": 2}, {"query_phrasings": 1, "threads": 1}]
+    assert splits.distinct_labels(["m", "m"], same, ["875cbf0aaaa", "7047ae1bbbb"]) == \
+        ["m [code 875cbf0]", "m [code 7047ae1]"]
+    assert splits.distinct_labels(["m", "m"], same, ["875cbf0aaaa", "875cbf0aaaa"]) == ["m", "m"]

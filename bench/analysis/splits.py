@@ -72,9 +72,11 @@ NOT_RECIPE = {"conversations", "data_sha256", "device", "device_type", "threads"
               "adapters_from", "shared_batches", "max_questions"}
 
 
-def distinct_labels(labels: list[str], settings: list[dict]) -> list[str]:
-    """Runs that share a method label get the settings that tell them apart appended, e.g. "[query_phrasings=3]"."""
+def distinct_labels(labels: list[str], settings: list[dict], commits: list[str | None] | None = None) -> list[str]:
+    """Runs that share a method label get the settings that tell them apart appended, e.g. "[query_phrasings=3]";
+    runs of the same settings, the code that ran them ("[code 7047ae1]")."""
     out = list(labels)
+    commits = commits or [None] * len(labels)
     for label in set(labels):
         group = [i for i, x in enumerate(labels) if x == label]
         if len(group) < 2:
@@ -84,6 +86,8 @@ def distinct_labels(labels: list[str], settings: list[dict]) -> list[str]:
         for i in group:
             if differ:
                 out[i] = f"{label} [{', '.join(f'{k}={settings[i].get(k)}' for k in differ)}]"
+            elif len({commits[j] for j in group}) > 1:
+                out[i] = f"{label} [code {(commits[i] or 'unknown')[:7]}]"
     return out
 
 
@@ -93,14 +97,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seeds", type=positive_int, default=10, help="shuffles averaged by the control")
     ap.add_argument("--out", default=None, help="output prefix: writes <out>.md and <out>.json")
     args = ap.parse_args(argv)
-    reports, settings = [], []
+    reports, settings, commits = [], [], []
     for path in args.runs:
         results, run_dir = load_run(Path(path))
         rows = read_jsonl(run_dir / "predictions.jsonl")
         settings.append(results.get("settings", {}))
+        commits.append(results.get("git_commit"))
         reports.append({"run": str(path), "method": results["method"],
                         "splits": {s: split_report(results, rows, s, args.seeds) for s in SPLITS}})
-    for report, label in zip(reports, distinct_labels([r["method"] for r in reports], settings)):
+    for report, label in zip(reports, distinct_labels([r["method"] for r in reports], settings, commits)):
         report["method"] = label
     md = render(reports)
     print(md)
