@@ -34,3 +34,29 @@ def test_readme_states_the_two_commands():
     text = README.read_text()
     assert "python -m bench.locomo --rank 8" in text and "python -m pytest tests -q" in text
     assert len(text.splitlines()) < 200
+
+
+def _table_rows(text: str, heading: str) -> list[list[str]]:
+    """The cells of each row of the first markdown table after ``heading``."""
+    section = text[text.index(heading):]
+    rows = []
+    for line in section.splitlines()[1:]:
+        if line.startswith("|"):
+            rows.append([c.strip().strip("*") for c in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]  # after the header and the rule
+
+
+def test_results_table_numbers_are_those_of_the_splits_file():
+    """Each measured row of the README's results table (not the published ones) is a row of
+    bench/results/locomo/splits.md: Avg F1, question-specific and temporal question-specific on all ten
+    conversations, Avg F1 and question-specific on the test split."""
+    splits = (README.parent / "bench" / "results" / "locomo" / "splits.md").read_text()
+    every = {(r[2], r[7], r[8]) for r in _table_rows(splits, "### all conversations")}
+    test = {(r[2], r[7]) for r in _table_rows(splits, "### test")}
+    rows = [r for r in _table_rows(README.read_text(), "| Method | Avg F1 |") if not r[0].startswith("Published")]
+    assert len(rows) >= 8
+    for r in rows:
+        assert (r[1], r[2], r[3]) in every, r[0]
+        assert (r[4], r[5]) in test, r[0]
