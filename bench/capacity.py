@@ -235,7 +235,8 @@ def exact_match(prediction: str, gold: str) -> bool:
 def score_answers(facts: list[Fact], predictions: list[str],
                   recitations: list[str] | None = None) -> tuple[list[dict], dict]:
     """Per-question rows (with the recitation the answer read, if any) and the aggregate: exact-match recall,
-    `contains` (gold inside the answer), token F1 (LoCoMo's), each overall and by attribute."""
+    `contains` (gold inside the answer), token F1 (LoCoMo's), each overall and by attribute, and for recitations
+    `recitation_contains` (gold inside what the adapter recited: stored, whether or not the answer took it)."""
     from bench.locomo_score import token_f1
 
     rows = []
@@ -257,6 +258,8 @@ def aggregate(rows: list[dict]) -> dict:
     for a in dict.fromkeys(r["attribute"] for r in rows):
         rs = [r for r in rows if r["attribute"] == a]
         out["by_attribute"][a] = {"n": len(rs), "exact_match": mean("exact", rs), "token_f1": mean("f1", rs)}
+    if rows and "recitation" in rows[0]:
+        out["recitation_contains"] = sum(normalize(r["answer"]) in normalize(r["recitation"]) for r in rows) / len(rows)
     return out
 
 
@@ -510,6 +513,10 @@ def capacity_summary(cells: list[dict], ranks: list[int], threshold: float = 0.9
 
 def summarise(out: Path, lm: LoadedModel, args, settings: dict, info: dict, wall: float) -> dict:
     cells = [json.loads(cell_path(out, r, n).read_text()) for r in args.ranks for n in args.facts]
+    for c in cells:  # scores from each cell's predictions, so a rerun over finished cells adds a newer score
+        predictions = cell_path(out, c["rank"], c["n_facts"]).with_suffix(".predictions.jsonl")
+        if c.get("error") is None and predictions.is_file():
+            c.update(aggregate(read_jsonl(predictions)))
     base = base_by_size(out, args.facts) if (out / "base.predictions.jsonl").is_file() and not args.no_base else None
     train_s = sum(c["train_seconds"] for c in cells)
     train_tokens = sum(c["train_tokens"] for c in cells)

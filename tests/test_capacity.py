@@ -103,6 +103,10 @@ def test_normalize_and_scores():
     assert agg["exact_match"] == pytest.approx(1 / 3) and agg["facts_recalled"] == 1
     assert agg["by_attribute"]["birth_date"]["exact_match"] == 1.0
     assert 0 < rows[2]["f1"] < 1
+    assert "recitation_contains" not in agg
+    said = [f"On 5 May 2023, {facts[0].subject} said: I was born on {facts[0].answer}.", "Hi!", facts[2].answer]
+    rows, agg = capacity.score_answers(facts, ["?", "?", "?"], said)
+    assert [r["recitation"] for r in rows] == said and agg["recitation_contains"] == pytest.approx(2 / 3)
 
 
 # -- training windows ------------------------------------------------------------------------
@@ -327,6 +331,8 @@ def test_recite_then_answer_cells_keep_the_recitation_and_resume_older_runs(ckpt
                        mode="recite")
     answers, recitations, prompts = recite_then_answer(lm, [f.question for f in facts], cfg)
     assert [r["recitation"] for r in rows] == recitations and [r["prediction"] for r in rows] == answers
+    stored = sum(capacity.normalize(f.answer) in capacity.normalize(r) for f, r in zip(facts, recitations)) / 3
+    assert results["cells"][0]["recitation_contains"] == stored
     assert all(RECITED_CONTEXT.format(recitation=r).strip() in lm.tokenizer.decode(p)
                for r, p in zip(recitations, prompts))
 
