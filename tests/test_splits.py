@@ -71,3 +71,6 @@ def test_runs_of_the_same_settings_are_told_apart_by_their_code():
     assert splits.distinct_labels(["m", "m"], same, ["875cbf0aaaa", "7047ae1bbbb"]) == \
         ["m [code 875cbf0]", "m [code 7047ae1]"]
     assert splits.distinct_labels(["m", "m"], same, ["875cbf0aaaa", "875cbf0aaaa"]) == ["m", "m"]
+    three = [{"query_phrasings": 1}, {"query_phrasings": 3}, {"query_phrasings": 1}]
+    assert splits.distinct_labels(["m", "m", "m"], three, ["aaaaaaa1", "aaaaaaa1", "bbbbbbb2"]) == \
+        ["m [query_phrasings=1] [code aaaaaaa]", "m [query_phrasings=3]", "m [query_phrasings=1] [code bbbbbbb]"]

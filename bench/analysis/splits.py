@@ -74,9 +74,8 @@ NOT_RECIPE = {"conversations", "data_sha256", "device", "device_type", "threads"
 
 def distinct_labels(labels: list[str], settings: list[dict], commits: list[str | None] | None = None) -> list[str]:
     """Runs that share a method label get the settings that tell them apart appended, e.g. "[query_phrasings=3]";
-    runs of the same settings, the code that ran them ("[code 7047ae1]")."""
+    runs still alike, the code that ran them ("[code 7047ae1]")."""
     out = list(labels)
-    commits = commits or [None] * len(labels)
     for label in set(labels):
         group = [i for i, x in enumerate(labels) if x == label]
         if len(group) < 2:
@@ -86,7 +85,11 @@ def distinct_labels(labels: list[str], settings: list[dict], commits: list[str |
         for i in group:
             if differ:
                 out[i] = f"{label} [{', '.join(f'{k}={settings[i].get(k)}' for k in differ)}]"
-            elif len({commits[j] for j in group}) > 1:
+    commits = commits or [None] * len(labels)
+    for label in set(out):
+        group = [i for i, x in enumerate(out) if x == label]
+        if len(group) > 1 and len({commits[i] for i in group}) > 1:
+            for i in group:
                 out[i] = f"{label} [code {(commits[i] or 'unknown')[:7]}]"
     return out
 
