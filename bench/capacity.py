@@ -22,9 +22,9 @@ memory recipe (`--train-format text+queries`, `text+distill`, `text+recite`, ...
 a recipe's stored facts are told apart from its answer form; `--answer-mode recite` answers as recite-then-answer
 does (the adapter recites the turn, the base model answers with it in context).
 
-Training data (--facts-as qa): one fact per window by default, laid out exactly as the question is later asked (system turn,
-question, answer; `--pack` packs several into a window instead, cheaper but each answer then also sees the
-facts before it, which on a tiny model visibly mixes them up). The system turn and user header every window
+Training data (--facts-as qa): one fact per window by default, laid out exactly as the question is later asked
+(system turn, question, answer; `--pack` packs several into a window instead, cheaper but each answer then also
+sees the facts before it, which on a tiny model visibly mixes them up). The system turn and user header every window
 opens with are computed once per micro-batch (lora_mem.lora_core.train.hidden_states; `--no-share-prefix` computes every
 row's copy). Epochs are fixed per fact (`--epochs`), raised
 for small cells to at least `--min-steps` optimizer steps. Measured once on the default model (fp32, one
