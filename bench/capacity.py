@@ -65,10 +65,18 @@ from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
 from lora_mem.lora_core.conversation import Conversation, Session, Turn
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_parameters, remove_lora, reset_lora
 from lora_mem.lora_core.memory import QUESTION_TEMPLATE as CONVERSATION_QUESTION_TEMPLATE
-from lora_mem.lora_core.memory import ANSWER_MODES, AnswerConfig, build_training_data, recite_then_answer, soft_training
+from lora_mem.lora_core.memory import (
+    ANSWER_MODES,
+    AnswerConfig,
+    answer_prompts,
+    build_training_data,
+    chat_prompts,
+    question_messages,
+    recite_then_answer,
+    soft_training,
+)
 from lora_mem.lora_core.recipes import TRAIN_PARTS, QAPair, Recipe, chat_qa_windows
 from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, make_lm_windows, train_lora
-from lora_mem.model.generate import generate
 from lora_mem.model.loader import LoadedModel, load_model, parse_dtype
 
 # The user turn a fact's question is asked (and trained) in. Kept in one place and recorded.
@@ -99,8 +107,8 @@ RESULT_SETTINGS = (
     "batch_size", "grad_accum", "warmup_ratio", "seq_len", "max_new_tokens", "question_template", "facts_as",
     "answer_mode",
 )
-# What a run directory written before a setting existed ran with.
-SETTINGS_BEFORE = {"answer_mode": "direct"}
+# Settings added after run directories were written, with the value those runs had (as in bench.locomo).
+SETTINGS_ADDED_LATER = {"answer_mode": "direct"}
 
 
 class CapacityError(ValueError):
@@ -305,19 +313,16 @@ def answer(lm: LoadedModel, facts: list[Fact], max_new_tokens: int, batch_size: 
            question_template: str = QUESTION_TEMPLATE, mode: str = "direct"):
     """Greedy answers to the facts' questions in the chat format, no context ("recite": the adapter recites first,
     `memory.recite_then_answer`). Returns (answers, seconds, recitations or None)."""
-    tok = lm.tokenizer
-    if mode == "recite":
-        t0 = time.perf_counter()
-        cfg = AnswerConfig(question_template=question_template, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           mode=mode)
-        answers, recitations, _ = recite_then_answer(lm, [f.question for f in facts], cfg, progress=progress)
-        return answers, time.perf_counter() - t0, recitations
-    prompts = [tok.encode_chat([{"role": "user", "content": question_template.format(question=f.question)}])
-               for f in facts]
+    cfg = AnswerConfig(question_template=question_template, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       mode=mode)
+    questions = [f.question for f in facts]
     t0 = time.perf_counter()
-    outs = generate(lm.model, prompts, max_new_tokens, tok.stop_ids, tok.pad_id, batch_size=batch_size,
-                    progress=progress)
-    return [tok.decode(o).strip() for o in outs], time.perf_counter() - t0, None
+    if mode == "recite":
+        answers, recitations, _ = recite_then_answer(lm, questions, cfg, progress=progress)
+    else:
+        answers = answer_prompts(lm, chat_prompts(lm, question_messages(questions, cfg)), cfg, progress=progress)
+        recitations = None
+    return answers, time.perf_counter() - t0, recitations
 
 
 def lora_config(args, rank: int) -> LoRAConfig:
@@ -668,12 +673,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.train_format = "text+queries" if conversation else "qa"
     if conversation:
         try:
-            Recipe(train_format=args.train_format, seq_len=args.seq_len)
+            recipe = Recipe(train_format=args.train_format, seq_len=args.seq_len)
         except ValueError as e:
             raise CapacityError(f"--train-format: {e}") from None
         if args.pack:
             raise CapacityError("--pack applies to --facts-as qa (a conversation is windowed by its recipe)")
-        if args.answer_mode == "recite" and "recite" not in Recipe(train_format=args.train_format).parts:
+        if args.answer_mode == "recite" and "recite" not in recipe.parts:
             raise CapacityError(f"--answer-mode recite needs an adapter trained to recite (a --train-format with "
                                 f"recite, got {args.train_format!r})")
     elif args.answer_mode != "direct":
@@ -693,8 +698,8 @@ def check_or_write_run_config(out: Path, settings: dict, write: bool = True) -> 
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CapacityError(f"{path}: unreadable ({type(e).__name__}: {e}); move it away or use another --out") \
                 from None
-        diffs = [f"{k}: saved {old.get(k, SETTINGS_BEFORE.get(k))!r} vs now {settings.get(k)!r}"
-                 for k in RESULT_SETTINGS if old.get(k, SETTINGS_BEFORE.get(k)) != settings.get(k)]
+        diffs = [f"{k}: saved {old.get(k, SETTINGS_ADDED_LATER.get(k))!r} vs now {settings.get(k)!r}"
+                 for k in RESULT_SETTINGS if old.get(k, SETTINGS_ADDED_LATER.get(k)) != settings.get(k)]
         if diffs:
             raise RunConfigMismatch(f"{out} holds a run with other settings ({'; '.join(diffs)}): "
                                     "use another --out, or the same settings to resume")

@@ -72,25 +72,29 @@ NOT_RECIPE = {"conversations", "data_sha256", "device", "device_type", "threads"
               "adapters_from", "shared_batches", "max_questions"}
 
 
+def _shared(labels: list[str]) -> list[list[int]]:
+    """The indices of each label that more than one run has."""
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(label, []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def distinct_labels(labels: list[str], settings: list[dict], commits: list[str | None] | None = None) -> list[str]:
     """Runs that share a method label get the settings that tell them apart appended, e.g. "[query_phrasings=3]";
     runs still alike, the code that ran them ("[code 7047ae1]")."""
     out = list(labels)
-    for label in set(labels):
-        group = [i for i, x in enumerate(labels) if x == label]
-        if len(group) < 2:
-            continue
+    for group in _shared(labels):
         keys = sorted({k for i in group for k in settings[i]} - NOT_RECIPE)
         differ = [k for k in keys if len({repr(settings[i].get(k)) for i in group}) > 1]
         for i in group:
             if differ:
-                out[i] = f"{label} [{', '.join(f'{k}={settings[i].get(k)}' for k in differ)}]"
+                out[i] = f"{out[i]} [{', '.join(f'{k}={settings[i].get(k)}' for k in differ)}]"
     commits = commits or [None] * len(labels)
-    for label in set(out):
-        group = [i for i, x in enumerate(out) if x == label]
-        if len(group) > 1 and len({commits[i] for i in group}) > 1:
+    for group in _shared(out):
+        if len({commits[i] for i in group}) > 1:
             for i in group:
-                out[i] = f"{label} [code {(commits[i] or 'unknown')[:7]}]"
+                out[i] = f"{out[i]} [code {(commits[i] or 'unknown')[:7]}]"
     return out
 
 
