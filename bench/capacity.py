@@ -59,7 +59,17 @@ from pathlib import Path
 
 import torch
 
-from bench.common import atomic_write_json, atomic_write_text, int_list, read_jsonl, run_info, write_jsonl
+from bench.common import (
+    RunConfigMismatch,
+    RunFileError,
+    atomic_write_json,
+    atomic_write_text,
+    check_or_write_run_config,
+    int_list,
+    read_jsonl,
+    run_info,
+    write_jsonl,
+)
 from lora_mem.cli import Parser, float_in, int_at_least, non_negative_int, output_dir, positive_float, positive_int
 from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
 from lora_mem.lora_core.conversation import Conversation, Session, Turn
@@ -113,10 +123,6 @@ SETTINGS_ADDED_LATER = {"answer_mode": "direct"}
 
 class CapacityError(ValueError):
     """Bad input to the capacity benchmark (options, a resumed run with other settings)."""
-
-
-class RunConfigMismatch(CapacityError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,23 +696,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def check_or_write_run_config(out: Path, settings: dict, write: bool = True) -> None:
-    path = out / "run_config.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CapacityError(f"{path}: unreadable ({type(e).__name__}: {e}); move it away or use another --out") \
-                from None
-        diffs = [f"{k}: saved {old.get(k, SETTINGS_ADDED_LATER.get(k))!r} vs now {settings.get(k)!r}"
-                 for k in RESULT_SETTINGS if old.get(k, SETTINGS_ADDED_LATER.get(k)) != settings.get(k)]
-        if diffs:
-            raise RunConfigMismatch(f"{out} holds a run with other settings ({'; '.join(diffs)}): "
-                                    "use another --out, or the same settings to resume")
-    elif write:
-        atomic_write_json(path, settings)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -715,9 +704,10 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = str(parse_dtype(args.dtype, device)).replace("torch.", "")
     settings = {k: getattr(args, k) for k in RESULT_SETTINGS} | {"dtype": dtype, "preset": args.preset,
                                                                  "kernel_policy": args.policy.to_dict()}
-    check_or_write_run_config(out, settings, write=False)  # a mismatch is refused before anything loads
+    # a mismatch is refused before anything loads
+    check_or_write_run_config(out, settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER, write=False)
     out.mkdir(parents=True, exist_ok=True)
-    check_or_write_run_config(out, settings)
+    check_or_write_run_config(out, settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER)
     lm = load_model(args.model, device=device, dtype=args.dtype, progress=not args.quiet, policy=args.policy)
     info = run_info(lm.model.lm_head.weight.device, args.policy)
     info["dtype"] = dtype
@@ -768,7 +758,8 @@ def cli() -> None:
 
     try:
         main()
-    except (CapacityError, ConfigError, CheckpointError, PackagedModelError, AdapterError, TokenizerError) as e:
+    except (CapacityError, RunConfigMismatch, RunFileError, ConfigError, CheckpointError, PackagedModelError,
+            AdapterError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -132,6 +132,51 @@ def read_results_json(path: Path, what: str, error: type[Exception]) -> dict:
         raise error(f"{path}: not readable JSON ({e}; expected {what})") from None
 
 
+class RunConfigMismatch(ValueError):
+    """--out holds a run whose result-bearing settings differ from this invocation's."""
+
+
+class RunFileError(ValueError):
+    """A file of an earlier invocation in --out that cannot be read."""
+
+
+def read_run_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunFileError(f"{path}: unreadable ({type(e).__name__}: {e}); move it away (or use another --out) "
+                           "to redo what it recorded") from None
+
+
+def check_or_write_run_config(out: Path, settings: dict, keys: tuple[str, ...], added_later: dict | None = None,
+                              recorded_later: tuple[str, ...] = (), write: bool = True) -> None:
+    """Refuse to resume `out` when a setting in `keys` differs from its run_config.json; write one if it has none.
+
+    A run directory older than a setting resumes when that setting is off now: `added_later` maps the setting to
+    the value the older runs had. `recorded_later` names settings older runs did not record at all (not checked)."""
+    added_later = added_later or {}
+    path = out / "run_config.json"
+    if path.is_file():
+        old = read_run_file(path)
+
+        def saved(k):
+            return old[k] if k in old else added_later.get(k)
+
+        def agrees(k):
+            if k not in old and k in recorded_later:
+                return True
+            if k not in old and k in added_later:  # it was off there: "off" or "not applicable" agree
+                return settings.get(k) in (None, added_later[k])
+            return old.get(k) == settings.get(k)
+
+        diffs = [f"{k}: saved {saved(k)!r} vs now {settings.get(k)!r}" for k in keys if not agrees(k)]
+        if diffs:
+            raise RunConfigMismatch(f"{out} holds a run with other settings ({'; '.join(diffs)}): "
+                                    "use another --out, or the same settings to resume")
+    elif write:
+        atomic_write_json(path, settings)
+
+
 def int_list(option: str, text: str, error: type[Exception] = ValueError) -> list[int]:
     """A comma-separated option of positive integers ("1,4,16"), sorted and unique; bad input raises `error`
     naming the option and the value."""

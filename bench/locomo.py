@@ -33,7 +33,17 @@ from pathlib import Path
 
 import torch
 
-from bench.common import atomic_write_json, atomic_write_text, read_jsonl, run_info, write_jsonl
+from bench.common import (
+    RunConfigMismatch,
+    RunFileError,
+    atomic_write_json,
+    atomic_write_text,
+    check_or_write_run_config,
+    read_jsonl,
+    read_run_file,
+    run_info,
+    write_jsonl,
+)
 from bench.context import CONTEXT_TEMPLATE, RAG_TEMPLATE, RAG_UNITS, BM25Retriever, context_prompt, icl_context
 from bench.locomo_data import (
     CATEGORY_NAMES,
@@ -385,16 +395,8 @@ def _method_label(config: LocomoConfig) -> str:
     return f"{lora} + {rag}" if config.method == "lora+rag" else lora
 
 
-class RunConfigMismatch(ValueError):
-    pass
-
-
 class ContextTooLong(ValueError):
     pass
-
-
-class RunFileError(ValueError):
-    """A file of an earlier invocation in --out that cannot be read."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -403,14 +405,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, out: Path):
         super().__init__(str(out))
         self.out = out
-
-
-def read_run_file(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunFileError(f"{path}: unreadable ({type(e).__name__}: {e}); move it away (or use another --out) "
-                           "to redo what it recorded") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,26 +564,6 @@ def run_shared_batches(samples: list[Sample], lm: LoadedModel, memory: Memory, c
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-
-def check_or_write_run_config(out: Path, settings: dict, write: bool = True) -> None:
-    path = out / "run_config.json"
-    if path.is_file():
-        old = read_run_file(path)
-
-        def agrees(k):
-            if k not in old and k in RECORDED_LATER:
-                return True
-            if k not in old and k in SETTINGS_ADDED_LATER:  # it was off there: "off" or "not applicable" agree
-                return settings.get(k) in (None, SETTINGS_ADDED_LATER[k])
-            return old.get(k) == settings.get(k)
-
-        diffs = [f"{k}: saved {old.get(k)!r} vs now {settings.get(k)!r}" for k in RESULT_SETTINGS if not agrees(k)]
-        if diffs:
-            raise RunConfigMismatch(f"{out} holds a run with other settings ({'; '.join(diffs)}): "
-                                    "use another --out, or the same settings to resume")
-    elif write:
-        atomic_write_json(path, settings)
-
 
 def conversation_state(out: Path, sample_id: str) -> str:
     """"finished", "failed" or "todo", from the conversation's files (any unreadable one is an error, found
@@ -776,11 +750,11 @@ def run(args: argparse.Namespace, config: LocomoConfig, dist: Dist, t_start: flo
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "kernel_policy": config.kernels.to_dict(), "conversations": [s.sample_id for s in samples],
     }
-    check_or_write_run_config(out, settings, write=False)
+    check_or_write_run_config(out, settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER, RECORDED_LATER, write=False)
     states = {s.sample_id: conversation_state(out, s.sample_id) for s in samples}
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        check_or_write_run_config(out, settings)
+        check_or_write_run_config(out, settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER, RECORDED_LATER)
     dist.barrier()
 
     lm = load_model(config.model, device=device, dtype=config.dtype, progress=not args.quiet, policy=config.kernels)
