@@ -67,6 +67,7 @@ from bench.common import (
     check_or_write_run_config,
     int_list,
     read_jsonl,
+    read_run_file,
     run_info,
     write_jsonl,
 )
@@ -122,7 +123,7 @@ SETTINGS_ADDED_LATER = {"answer_mode": "direct"}
 
 
 class CapacityError(ValueError):
-    """Bad input to the capacity benchmark (options, a resumed run with other settings)."""
+    """Bad input to the capacity benchmark (options and their combinations)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,7 +524,7 @@ def capacity_summary(cells: list[dict], ranks: list[int], threshold: float = 0.9
 
 
 def summarise(out: Path, lm: LoadedModel, args, settings: dict, info: dict, wall: float) -> dict:
-    cells = [json.loads(cell_path(out, r, n).read_text()) for r in args.ranks for n in args.facts]
+    cells = [read_run_file(cell_path(out, r, n)) for r in args.ranks for n in args.facts]
     for c in cells:  # scores from each cell's predictions, so a rerun over finished cells adds a newer score
         predictions = cell_path(out, c["rank"], c["n_facts"]).with_suffix(".predictions.jsonl")
         if c.get("error") is None and predictions.is_file():
@@ -706,6 +707,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                                  "kernel_policy": args.policy.to_dict()}
     # a mismatch is refused before anything loads
     check_or_write_run_config(out, settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER, write=False)
+    for path in [out / "base.json", *(cell_path(out, r, n) for r in args.ranks for n in args.facts)]:
+        if path.is_file():
+            read_run_file(path)  # so is a corrupt file of an earlier invocation
     out.mkdir(parents=True, exist_ok=True)
     check_or_write_run_config(out, settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER)
     lm = load_model(args.model, device=device, dtype=args.dtype, progress=not args.quiet, policy=args.policy)
@@ -716,7 +720,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not args.no_base:
         base_file = out / "base.json"
-        done = json.loads(base_file.read_text())["n"] if base_file.is_file() else 0
+        done = read_run_file(base_file)["n"] if base_file.is_file() else 0
         if done < len(all_facts):
             base = run_base(lm, all_facts, args, out)
             print(f"[base, no adapter] {base['n']} facts: exact {100 * base['exact_match']:.1f}%, "

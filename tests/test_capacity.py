@@ -237,6 +237,25 @@ def test_cli_reports_a_settings_mismatch_in_one_line(ckpt, tmp_path, capsys, mon
     assert "(epochs: saved 1 vs now 2)" in err and str(out) in err
 
 
+def test_cli_names_a_corrupt_cell_file_before_loading_the_model(ckpt, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = ["--model", str(ckpt), "--out", str(out), "--quiet", "--ranks", "1", "--facts", "1,2", "--epochs", "1",
+            "--min-steps", "0", "--no-base", "--max-new-tokens", "2"]
+    capacity.main(argv)
+    capsys.readouterr()
+    cell = out / "cells" / "r1-n1.json"
+    cell.write_text('{"rank": 1,')
+    (out / "cells" / "r1-n2.json").unlink()  # a cell left to do: nothing may train before the error
+    monkeypatch.setattr(capacity, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(sys, "argv", ["bench.capacity", *argv])
+    with pytest.raises(SystemExit) as e:
+        capacity.cli()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and f"{cell}: unreadable" in err
+    assert cell.read_text() == '{"rank": 1,' and not (out / "cells" / "r1-n2.json").exists()
+
+
 def test_remove_lora_restores_the_base_model(ckpt):
     from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules
 
