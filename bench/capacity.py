@@ -707,9 +707,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                                  "kernel_policy": args.policy.to_dict()}
     # a mismatch is refused before anything loads
     check_or_write_run_config(out, settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER, write=False)
-    for path in [out / "base.json", *(cell_path(out, r, n) for r in args.ranks for n in args.facts)]:
+    # so is a corrupt file of an earlier invocation
+    base_file = out / "base.json"
+    base_done = read_run_file(base_file)["n"] if base_file.is_file() and not args.no_base else 0
+    for path in (cell_path(out, r, n) for r in args.ranks for n in args.facts):
         if path.is_file():
-            read_run_file(path)  # so is a corrupt file of an earlier invocation
+            read_run_file(path)
     out.mkdir(parents=True, exist_ok=True)
     check_or_write_run_config(out, settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER)
     lm = load_model(args.model, device=device, dtype=args.dtype, progress=not args.quiet, policy=args.policy)
@@ -718,13 +721,10 @@ def main(argv: list[str] | None = None) -> dict:
     # The stream's first max(facts) facts; every cell takes a prefix.
     all_facts = generate_facts(max(args.facts), args.seed, args.attributes)
 
-    if not args.no_base:
-        base_file = out / "base.json"
-        done = read_run_file(base_file)["n"] if base_file.is_file() else 0
-        if done < len(all_facts):
-            base = run_base(lm, all_facts, args, out)
-            print(f"[base, no adapter] {base['n']} facts: exact {100 * base['exact_match']:.1f}%, "
-                  f"token F1 {base['token_f1']:.3f}", file=sys.stderr)
+    if not args.no_base and base_done < len(all_facts):
+        base = run_base(lm, all_facts, args, out)
+        print(f"[base, no adapter] {base['n']} facts: exact {100 * base['exact_match']:.1f}%, "
+              f"token F1 {base['token_f1']:.3f}", file=sys.stderr)
 
     todo = [(r, n) for r in args.ranks for n in args.facts if not cell_path(out, r, n).is_file()]
     n_cells = len(args.ranks) * len(args.facts)
