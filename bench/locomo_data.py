@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from lora_mem.home import cache_dir
 from lora_mem.lora_core.conversation import (  # noqa: F401  (re-exported: the harness reads conversations through here)
     FORMATS,
     Conversation,
@@ -80,9 +81,8 @@ class Sample(Conversation):
 
 
 def default_cache_path() -> Path:
-    """``$LORA_MEM_CACHE/data/locomo10.json`` or ``~/.cache/lora-mem/data/locomo10.json``."""
-    root = os.environ.get("LORA_MEM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora-mem")
-    return Path(root) / "data" / "locomo10.json"
+    """``locomo10.json`` in lora-mem's data cache (``$LORA_MEM_HOME/data/``, see ``lora_mem.home``)."""
+    return cache_dir("data") / "locomo10.json"
 
 
 def download_file(url: str, dest: Path, *, timeout: float = 60.0, sha256: str | None = None) -> Path:

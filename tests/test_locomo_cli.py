@@ -243,7 +243,7 @@ def test_download_is_pinned_and_checked(tmp_path, monkeypatch):
     import bench.locomo_data as ld
 
     assert ld.LOCOMO_COMMIT in ld.LOCOMO_URL and len(ld.LOCOMO_SHA256) == 64
-    monkeypatch.setenv("LORA_MEM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORA_MEM_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("LOCOMO_DATA", raising=False)
 
     class Response(io.BytesIO):

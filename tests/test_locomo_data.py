@@ -327,7 +327,7 @@ def test_validation_errors(tmp_path, raw, mutation, needles):
 @pytest.fixture
 def no_download(monkeypatch, tmp_path):
     """Isolated cache, and a download function that fails loudly if called."""
-    monkeypatch.setenv("LORA_MEM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORA_MEM_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("LOCOMO_DATA", raising=False)
 
     def boom(url, dest, **kw):
@@ -367,7 +367,7 @@ def test_cache_used(no_download):
 
 
 def test_default_cache_location(monkeypatch):
-    monkeypatch.delenv("LORA_MEM_CACHE", raising=False)
+    monkeypatch.delenv("LORA_MEM_HOME", raising=False)
     assert ld.default_cache_path() == Path(os.path.expanduser("~")) / ".cache" / "lora-mem" / "data" / "locomo10.json"
 
 

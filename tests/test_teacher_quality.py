@@ -26,7 +26,7 @@ def test_compare_scores_agreement_length_and_dates():
 def test_runs_on_the_tiny_model_and_writes_its_files(tmp_path, monkeypatch):
     ckpt = tmp_path / "tiny"
     make_tiny_checkpoint(ckpt, "llama")
-    monkeypatch.setenv("LORA_MEM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORA_MEM_HOME", str(tmp_path / "cache"))
     result = teacher_quality.main(["--data", str(FIXTURE), "--model", str(ckpt), "--conversations", "tiny-1",
                                    "--out", str(tmp_path / "tq")])
     saved = json.loads((tmp_path / "tq.json").read_text())

@@ -12,7 +12,7 @@ Like every training input, it is built from the conversation alone (`conversatio
 observations and summaries never reach the prompt.
 
 The pairs are cached per conversation and model under `<cache>/generated-qa/<model>/` (cache:
-`$LORA_MEM_CACHE` or `~/.cache/lora-mem`), keyed by a hash of the model, the generation settings, the
+`$LORA_MEM_HOME` or `~/.cache/lora-mem`, see `lora_mem.home`), keyed by a hash of the model, the generation settings, the
 prompt and the conversation's text; the file records all of them and every raw generation (parsing and the
 filter are cheap and run again on every read, so changing them needs no new generation).
 
@@ -27,12 +27,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lora_mem.lora_core.adapter_io import atomic_write_text
+from lora_mem.files import atomic_write_json
 from lora_mem.lora_core.conversation import Conversation, Turn, conversation_only, photo_note, session_date
 from lora_mem.lora_core.inject import lora_disabled
 from lora_mem.lora_core.recipes import ANSWER_WORDS, QAPair
 from lora_mem.model.generate import generate
-from lora_mem.model.packaged import default_cache_dir as lora_mem_cache_dir
+from lora_mem.home import cache_dir as lora_mem_cache, safe_name
 
 CACHE_VERSION = 1  # bump when what is generated changes (parsing and filtering are redone on every read)
 ONE_SHOT = (
@@ -136,22 +136,14 @@ def _key(model_id: str, settings: GenerationSettings, turns: list[tuple[str, Tur
     return h.hexdigest()[:16]
 
 
-def default_cache_dir() -> Path:
-    return lora_mem_cache_dir() / "generated-qa"
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
-
-
 def generate_qa(conv: Conversation, lm, settings: GenerationSettings = GenerationSettings(), *,
                 cache_dir: Path | None = None, max_turns: int | None = None, progress: bool = False) -> GeneratedQA:
     """Grounded QA pairs the base model (`lm`, adapters disabled) writes about each turn; cached."""
     source = conversation_only(conv)  # the conversation only: no qa, observations or summaries
     turns = askable_turns(source)[:max_turns]
     model_id = f"{lm.name}@{lm.path}"
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / _safe(lm.name) / f"{_safe(conv.sample_id)}-{_key(model_id, settings, turns)}.json"
+    cache = Path(cache_dir) if cache_dir is not None else lora_mem_cache("generated-qa")
+    path = cache / safe_name(lm.name) / f"{safe_name(conv.sample_id)}-{_key(model_id, settings, turns)}.json"
     if path.is_file():
         raws = json.loads(path.read_text())["raw"]
     else:
@@ -169,7 +161,3 @@ def generate_qa(conv: Conversation, lm, settings: GenerationSettings = Generatio
     records = _records(turns, raws, (source.speaker_a, source.speaker_b))
     kept = [QAPair(r["question"], r["answer"]) for r in records if r["kept"]]
     return GeneratedQA(kept, path, records)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

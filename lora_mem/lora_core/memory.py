@@ -74,6 +74,19 @@ class MemoryConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> MemoryConfig:
+        """The config :meth:`to_dict` gave (a memory folder's manifest); an unknown, missing or bad field raises
+        TypeError or ValueError naming it."""
+        parts = {"lora": LoRAConfig, "train": TrainConfig, "recipe": Recipe, "answer": AnswerConfig}
+        unknown = sorted(set(d) - set(parts))
+        if unknown:
+            raise TypeError(f"unknown part(s) {', '.join(unknown)} (expected {', '.join(parts)})")
+        for name, kind in parts.items():
+            if not isinstance(d.get(name), dict):
+                raise TypeError(f"{name}: must be an object of settings, got {type(d.get(name)).__name__}")
+        return cls(**{name: kind(**d[name]) for name, kind in parts.items()})
+
 
 @dataclass
 class TrainingData:

