@@ -74,8 +74,14 @@ def test_reopened_memory_answers_as_the_writer(written, ckpt):
 
 def test_memory_config_round_trips():
     assert MemoryConfig.from_dict(CONFIG.to_dict()) == CONFIG
-    with pytest.raises(TypeError, match="unexpected keyword argument 'ranks'"):
+    with pytest.raises(TypeError, match="lora: unknown setting 'ranks'"):
         MemoryConfig.from_dict({**CONFIG.to_dict(), "lora": {"ranks": 4}})
+    for part, key, value in [("lora", "rank", "four"), ("lora", "rank", True), ("train", "lr", "0.1"),
+                             ("lora", "target_modules", [1]), ("recipe", "qa_per_turn", 1.5)]:
+        with pytest.raises(TypeError, match=f"{part}.{key}: must be"):
+            MemoryConfig.from_dict({**CONFIG.to_dict(), part: {**CONFIG.to_dict()[part], key: value}})
+    loose = {**CONFIG.to_dict(), "lora": {**CONFIG.to_dict()["lora"], "alpha": 8, "target_modules": "q_proj"}}
+    assert MemoryConfig.from_dict(loose).lora.target_modules == "q_proj"  # an int is a float; a regex is a str
     with pytest.raises(TypeError, match="unknown part"):
         MemoryConfig.from_dict({**CONFIG.to_dict(), "extra": {}})
 

@@ -17,6 +17,7 @@ def python_blocks(text: str) -> list[str]:
 
 def test_quick_start_runs(tmp_path, monkeypatch, capsys):
     (code,) = python_blocks(README.read_text())
+    assert code.startswith("import lora_mem\n")
     assert 'load_model("smollm2-135m-instruct")' in code and 'memory.save("adapters/demo")' in code
     ckpt = tmp_path / "tiny"
     make_tiny_checkpoint(ckpt, "llama")

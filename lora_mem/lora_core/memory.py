@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
+import typing
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +66,34 @@ class AnswerConfig:
             raise ValueError(f"answer mode: unknown {self.mode!r} (choose from {', '.join(ANSWER_MODES)})")
 
 
+def _has_type(value, hint) -> bool:
+    """Whether ``value`` (read from JSON) has the annotated type ``hint`` (int, float, str, bool, None, list[...]
+    and unions of them); an int is a float, a bool is neither."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_has_type(v, typing.get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def settings_from_dict(kind, values, part: str):
+    """The settings dataclass ``kind`` from a dict of its fields, each one's type checked against its annotation;
+    a missing dict, an unknown field or a wrong type raises TypeError naming ``part`` and the field."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{part}: must be an object of settings, got {type(values).__name__}")
+    hints = typing.get_type_hints(kind)
+    for key, value in values.items():
+        if key not in hints:
+            raise TypeError(f"{part}: unknown setting {key!r}")
+        if not _has_type(value, hints[key]):
+            raise TypeError(f"{part}.{key}: must be {hints[key]}, got {type(value).__name__} {value!r:.40}")
+    return kind(**values)
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -82,10 +112,7 @@ class MemoryConfig:
         unknown = sorted(set(d) - set(parts))
         if unknown:
             raise TypeError(f"unknown part(s) {', '.join(unknown)} (expected {', '.join(parts)})")
-        for name, kind in parts.items():
-            if not isinstance(d.get(name), dict):
-                raise TypeError(f"{name}: must be an object of settings, got {type(d.get(name)).__name__}")
-        return cls(**{name: kind(**d[name]) for name, kind in parts.items()})
+        return cls(**{name: settings_from_dict(kind, d.get(name), name) for name, kind in parts.items()})
 
 
 @dataclass
