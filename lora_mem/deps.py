@@ -1,7 +1,8 @@
 """Optional dependencies, checked before anything loads: an option that needs one names the extra to install.
 
     require("bm25s", extra="rag", needed_for="--method rag")
-    # MissingDependency: --method rag needs bm25s, which is not installed: pip install -e ".[rag]" (or: pip install bm25s)
+    # MissingDependency: --method rag needs bm25s, which is not installed: pip install -e ".[rag]" (or: pip install
+    # bm25s)
 
 A command line calls it while it parses its arguments (a missing package is then one ``error:`` line, before a
 model loads or a file is written); library code that needs the package calls it before the import. Modules are

@@ -22,13 +22,13 @@ from lora_mem.lora_core.recipes import (
     abstention_pairs,
     contrastive_abstention_pairs,
     mentions,
-    phrase_heads,
     session_date,
     template_qa,
     training_data,
     training_qa_pairs,
 )
 from lora_mem.lora_core.memory import QUESTION_TEMPLATE
+from lora_mem.lora_core.queries import keyword, phrase_heads
 from bench.locomo_data import QA, conversation_text, load_locomo
 from bench.locomo_score import score_qa
 from lora_mem.lora_core.train import IGNORE_INDEX
@@ -341,6 +341,17 @@ def test_phrase_heads_stand_for_nouns():
         "church", "class", "barn"]
     assert phrase_heads("Here he is at the beach.") == ["beach"]
     assert phrase_heads("Thanks, that is so kind of you") == []
+
+
+def test_one_keyword_picker_longest_or_rarest():
+    text = "I took a painting class at the community center with my neighbour and the dogs."
+    assert phrase_heads(text) == ["class", "center", "neighbour", "dogs"]
+    assert keyword(text) == "neighbour"  # the longest head
+    counts = {"class": 2, "center": 1, "neighbour": 3, "dogs": 1}
+    assert keyword(text, turn_counts=counts) == "center"  # the one the fewest turns use, the first on a tie
+    assert keyword(text, exclude={"neighbour"}) == "center"
+    assert keyword("It was the best, a bunch of stuff and the whole thing, so the lovely Friday.") is None
+    assert keyword("This is my Melanie.") == "Melanie" and keyword("This is my Melanie.", {"melanie"}) is None
 
 
 def _turns_by(sample, speaker):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, atomic_write_json, device_slug, run_info
-from bench.perf.timing import DTYPE_NAMES, device_name
+from bench.perf.timing import DTYPE_NAMES, device_name, sync
 from bench.locomo_data import iter_samples, load_locomo, resolve_data_path, select_questions
 from lora_mem.lora_core.adapter_io import load_adapter, save_adapter
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules
@@ -35,12 +35,6 @@ from lora_mem.lora_core.memory import QUESTION_TEMPLATE
 from lora_mem.lora_core.multi_adapter import stack_adapters, unstack_adapters
 from lora_mem.model.generate import generate
 from lora_mem.model.loader import load_model
-
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_adapters(lm, sample_ids: list[str], rank: int, out: Path) -> list[Path]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from lora_mem.files import atomic_write_json
 from lora_mem.lora_core.conversation import Conversation, Turn, conversation_only, photo_note, session_date
 from lora_mem.lora_core.inject import lora_disabled
+from lora_mem.lora_core.queries import STOP_WORDS
 from lora_mem.lora_core.recipes import ANSWER_WORDS, QAPair
 from lora_mem.model.generate import generate
 from lora_mem.home import cache_dir as lora_mem_cache, safe_name
@@ -43,9 +44,6 @@ ONE_SHOT = (
 )
 ASSISTANT_START = "Question:"  # the assistant turn is begun for the model, so it answers in the format
 MIN_TURN_WORDS = 4  # greetings and one-word replies hold no fact to ask about
-_STOP_WORDS = frozenset(
-    "a an the and or but of to in on at for with from by is are was were be been it its this that these those "
-    "he she they them his her their i me my we our you your".split())
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ class GeneratedQA:
 
 
 def _content_words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOP_WORDS}
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in STOP_WORDS}
 
 
 def turn_text(turn: Turn) -> str:

@@ -142,7 +142,9 @@ _TIME_TAIL = re.compile(r"\s*(?:\b(?:yesterday|today|tonight|tomorrow|recently|l
                         r"at\s+the\s+weekend|this\s+past\s+\w+|a\s+while\s+ago)\b\s*)+$", re.IGNORECASE)
 _DATE_NOTE = re.compile(r"\s*\(([^)]*\b\d{4}\b[^)]*)\)")
 _OBJECT_WORDS = 10
-_STOP = frozenset("""a an the and or but of to in on at for with from by is are was were be been it its this that
+# Words that carry no content of their own ("so", "my"): a phrase of these only says nothing (also the grounding check
+# of lora_core.generated_qa).
+STOP_WORDS = frozenset("""a an the and or but of to in on at for with from by is are was were be been it its this that
 these those he she they them his her their i me my we our you your so just really very too also some any""".split())
 
 
@@ -171,7 +173,7 @@ def _clean_object(rest: str) -> tuple[str, str | None]:
 
 
 def _has_content(text: str) -> bool:
-    return any(w not in _STOP for w in re.findall(r"[a-z0-9]+", text.lower()))
+    return any(w not in STOP_WORDS for w in re.findall(r"[a-z0-9]+", text.lower()))
 
 
 def _when_answer(note: str | None, day: str | None) -> str | None:
@@ -277,7 +279,7 @@ def _other_facts(sentence: str, speaker: str, day: str | None) -> list[tuple[str
                                                                            f"{verb}s?", obj)]))
     for m in _NAME.finditer(sentence):
         noun = m.group("noun")
-        if noun in _STOP or noun in ("is", "was", "been", "be", "am"):
+        if noun in STOP_WORDS or noun in ("is", "was", "been", "be", "am"):
             continue
         facts.append(("name", [(f"What is the name of {speaker}'s {noun}?", m.group("name")),
                                (f"What is {speaker}'s {noun} called?", m.group("name"))]))
@@ -335,18 +337,30 @@ def phrase_heads(text: str) -> list[str]:
     return heads
 
 
-_KEYWORD_SKIP = frozenset("""time times thing things stuff kind lot week weeks weekend month months year years today
-moment way day days life people guys friend friends family something anything everything nothing glad great good
-nice cool amazing awesome""".split())
+KEYWORD_MIN_LETTERS = 4
+# Heads that are not subjects: time words, vague nouns, adjectives ending a phrase; months and weekdays are dates.
+NOT_KEYWORDS = frozenset("""
+time times while thing things stuff kind sort part lot way week weeks weekend day days month months year years today
+tonight moment life people guys friend friends family something anything everything nothing bunch couple most more
+much many other others same whole best first last next glad great good nice cool amazing awesome beautiful wonderful
+lovely special important huge little big hard tough
+january february march april june july august september october november december monday tuesday wednesday
+thursday friday saturday sunday""".split())
 
 
-def _keyword(sentence: str, speakers: tuple[str, ...]) -> str | None:
-    """The sentence's longest noun: the head of a determiner phrase ("my pottery class" -> class), not a speaker
-    or a common word."""
-    names = {s.lower() for s in speakers}
-    words = [w for w in phrase_heads(sentence)
-             if len(w) >= 4 and w.lower() not in _KEYWORD_SKIP and w.lower() not in names and not w.endswith("ly")]
-    return max(words, key=len) if words else None
+def keyword(text: str, exclude: set[str] | frozenset[str] = frozenset(),
+            turn_counts: dict[str, int] | None = None) -> str | None:
+    """The text's subject, as written: of its determiner-phrase heads (:func:`phrase_heads`: "my pottery class" ->
+    class) with at least KEYWORD_MIN_LETTERS letters, not an adverb in -ly, not in ``exclude`` (lowercase words:
+    the speakers' names) or :data:`NOT_KEYWORDS`: the longest, or, given ``turn_counts`` (lowercase word -> turns of
+    the conversation that use it), the one the fewest turns use; the first on a tie. None if there is none."""
+    heads = [w for w in phrase_heads(text) if len(w) >= KEYWORD_MIN_LETTERS and not w.endswith("ly")
+             and w.lower() not in exclude and w.lower() not in NOT_KEYWORDS]
+    if not heads:
+        return None
+    if turn_counts is None:
+        return max(heads, key=len)
+    return min(heads, key=lambda w: turn_counts.get(w.lower(), 0))
 
 
 def turn_facts(turn: Turn, speakers: tuple[str, str], day: str | None, resolve_at) -> list[list[Query]]:
@@ -363,11 +377,11 @@ def turn_facts(turn: Turn, speakers: tuple[str, str], day: str | None, resolve_a
             continue  # a question the speaker asks says nothing about them
         facts = _past_facts(sentence, s, other, day) + _other_facts(sentence, s, day)
         found += facts
-        keyword = _keyword(sentence, speakers)
-        if keyword and not facts and len(sentence.split()) >= 5:
+        subject = keyword(sentence, {sp.lower() for sp in speakers})
+        if subject and not facts and len(sentence.split()) >= 5:
             snippet = " ".join(_DATE_NOTE.sub("", sentence).split()[:16]).strip(" .!?")
-            about.append(("about", [(f"What did {s} say about {keyword.lower()}?", snippet),
-                                    (f"What did {s} tell {other} about {keyword.lower()}?", snippet)]))
+            about.append(("about", [(f"What did {s} say about {subject.lower()}?", snippet),
+                                    (f"What did {s} tell {other} about {subject.lower()}?", snippet)]))
     if turn.blip_caption:
         shown = photo_note(turn.blip_caption)[len("[shares "):-1]
         for prefix in ("a photo of ", "a picture of ", "a photo: "):

@@ -49,7 +49,7 @@ from lora_mem.lora_core.conversation import (
     resolve_relative_dates,
     session_date,
 )
-from lora_mem.lora_core.queries import Query, coverage_queries, phrase_heads
+from lora_mem.lora_core.queries import Query, coverage_queries, keyword
 from lora_mem.lora_core.train import IGNORE_INDEX, make_lm_windows
 from lora_mem.model.tokenizer import Tokenizer
 
@@ -249,33 +249,10 @@ def abstention_pairs(conv: Conversation, n: int, seed: int) -> list[QAPair]:
 
 ABSTENTION_STYLES = ("unmentioned", "contrastive")
 CONTRASTIVE_FORMS = ("What did {s} say about {x}?", "When did {s} talk about {x}?")
-KEYWORD_MIN_LETTERS = 4
-# Heads that are not subjects (time words, vague nouns, adjectives ending a phrase); months and weekdays are dates.
-_NOT_KEYWORDS = frozenset("""
-time times while thing things stuff kind sort part week weeks weekend month months year years today tonight moment
-bunch couple most more much many other others same whole best first last next great good nice cool amazing
-awesome beautiful wonderful lovely special important huge little big hard tough
-january february march april june july august september october november december monday tuesday wednesday
-thursday friday saturday sunday""".split())
 
 
 def _turn_words(text: str) -> list[str]:
     return re.findall(r"[A-Za-z]+", text)
-
-
-def turn_keyword(text: str, turn_counts: dict[str, int], exclude: set[str]) -> str | None:
-    """The turn's most distinctive subject: of its determiner-phrase heads (:func:`phrase_heads`) with at least
-    KEYWORD_MIN_LETTERS letters, not in ``exclude`` (speaker names) or :data:`_NOT_KEYWORDS`, the one the fewest
-    turns of the conversation use (``turn_counts``, lowercase word -> turns), the first such on a tie; as written in
-    the turn. None if the turn has none."""
-    best = None
-    for w in phrase_heads(text):
-        low = w.lower()
-        if len(low) < KEYWORD_MIN_LETTERS or low in exclude or low in _NOT_KEYWORDS:
-            continue
-        if best is None or turn_counts.get(low, 0) < turn_counts.get(best.lower(), 0):
-            best = w
-    return best
 
 
 def _snippet_around(text: str, keyword: str, before: int = 4, words: int = SNIPPET_WORDS) -> str:
@@ -291,8 +268,9 @@ def contrastive_abstention_pairs(conv: Conversation, n: int, seed: int,
     """``n`` answerable and ``n`` unanswerable questions in the same forms (:data:`CONTRASTIVE_FORMS`), built from
     the conversation alone.
 
-    Each turn with a keyword (:func:`turn_keyword`) gives a subject x said by its speaker s: the positive asks s
-    ("What did s say about x?" -> the words around x in the turn; "When did s talk about x?" -> the session date).
+    Each turn with a keyword (:func:`queries.keyword`, the one the fewest turns use) gives a subject x said by its
+    speaker s: the positive asks s ("What did s say about x?" -> the words around x in the turn; "When did s talk
+    about x?" -> the session date).
     Three negatives in four ask the other speaker about such an x when none of that speaker's turns uses x's word
     (or its Porter stem); the fourth asks about a subject of :data:`ABSTENTION_VOCABULARY` the conversation never
     mentions. Negatives answer ``ABSTENTION_ANSWER``. Turns are drawn in a ``seed``-shuffled order; fewer than ``n``
@@ -319,9 +297,9 @@ def contrastive_abstention_pairs(conv: Conversation, n: int, seed: int,
             text = " ".join(turn.text.split())
             if resolve_at is not None:
                 text = resolve_relative_dates(text, resolve_at)
-            keyword = turn_keyword(text, turn_counts, names)
-            if keyword is not None:
-                candidates.append((turn.speaker, keyword, _snippet_around(text, keyword), date))
+            subject = keyword(text, names, turn_counts)
+            if subject is not None:
+                candidates.append((turn.speaker, subject, _snippet_around(text, subject), date))
     rng = random.Random(seed)
     rng.shuffle(candidates)
 
