@@ -80,7 +80,9 @@ from lora_mem.lora_core.memory import (
     chat_prompts,
     recite_then_answer,
 )
-from lora_mem.lora_core.recipes import ABSTENTION_STYLES, MIN_SEQ_LEN, QA_SOURCES, TRAIN_PARTS
+from lora_mem.lora_core.parser import ParserError
+from lora_mem.lora_core.parser import check_installed as check_parser_installed
+from lora_mem.lora_core.recipes import ABSTENTION_STYLES, MIN_SEQ_LEN, QA_SOURCES, QUERY_SOURCES, TRAIN_PARTS
 from lora_mem.model.config import ConfigError, ModelConfig
 from lora_mem.model.loader import CheckpointError, LoadedModel, load_model, resolve_checkpoint
 from lora_mem.model.packaged import PackagedModelError
@@ -200,6 +202,9 @@ OPTIONS = (
            "distill, recite: facts asked about per turn"), "adapter and training"),
     Option("--query-phrasings", "memory.recipe.query_phrasings", dict(type=positive_int, help="queries, distill: "
            "phrasings of each fact"), "adapter and training"),
+    Option("--queries-from", "memory.recipe.queries_from", dict(choices=QUERY_SOURCES, help="queries, distill, "
+           "recite: what reads the turns: rules (regular expressions) or parser (spaCy's dependency parse, every "
+           "clause's constituents asked; needs the facts extra)"), "adapter and training"),
     Option("--distill-top-k", "memory.recipe.distill_top_k", dict(type=positive_int, help="distill: the teacher's "
            "top-k tokens kept per answer position (the rest is one bucket)"), "adapter and training"),
     Option("--distill-temperature", "memory.recipe.distill_temperature", dict(type=positive_float,
@@ -251,7 +256,7 @@ RESULT_SETTINGS = (
     "timestamps", "train_format", "context_tokens", "top_k", "rag_unit", "adapters_from",
     "resolve_dates", "qa_per_turn", "train_abstention", "abstention_ratio", "qa_source", "abstention_style",
     "device_type", "threads", "data_sha256", "queries_per_turn", "query_phrasings", "distill_top_k",
-    "distill_temperature", "distill_hard_weight", "distill_answers", "answer_mode", "kernel_policy",
+    "distill_temperature", "distill_hard_weight", "distill_answers", "answer_mode", "kernel_policy", "queries_from",
 )
 # Settings newer than the first runs, with the value an older run_config.json implies.
 SETTINGS_ADDED_LATER = {"train_format": "text", "context_tokens": None, "top_k": None, "rag_unit": None,
@@ -259,15 +264,15 @@ SETTINGS_ADDED_LATER = {"train_format": "text", "context_tokens": None, "top_k":
                         "train_abstention": False, "abstention_ratio": None, "qa_source": "templates",
                         "abstention_style": "unmentioned", "queries_per_turn": None, "query_phrasings": None,
                         "distill_top_k": None, "distill_temperature": None, "distill_hard_weight": None,
-                        "distill_answers": None, "answer_mode": "direct"}
+                        "distill_answers": None, "answer_mode": "direct", "queries_from": "rules"}
 # Recorded only by newer runs; an older run_config.json that lacks them resumes without the check.
 RECORDED_LATER = ("device_type", "threads", "data_sha256", "kernel_policy")
 TRAINING_SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size", "grad_accum",
                      "warmup_ratio", "seq_len", "timestamps", "train_format", "resolve_dates", "qa_per_turn",
                      "train_abstention", "abstention_ratio", "qa_source", "abstention_style", "queries_per_turn",
                      "query_phrasings", "distill_top_k", "distill_temperature", "distill_hard_weight",
-                     "distill_answers")
-QUERY_SETTINGS = ("queries_per_turn", "query_phrasings")
+                     "distill_answers", "queries_from")
+QUERY_SETTINGS = ("queries_per_turn", "query_phrasings", "queries_from")
 DISTILL_SETTINGS = ("distill_top_k", "distill_temperature", "distill_hard_weight", "distill_answers")
 QA_SOURCE_LABELS = {"model": "the base model", "both": "templates + base model"}
 
@@ -335,6 +340,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Locom
         ap.error(f"--adapters-from and --shared-batches need an adapter method (lora, lora+rag), not {config.method}")
     if config.memory.answer.mode == "recite" and (config.method != "lora" or config.shared_batches):
         ap.error("--answer-mode recite answers with the adapter's own recitation: method lora, no --shared-batches")
+    if config.uses_adapter and not config.adapters_from and config.memory.recipe.uses_queries \
+            and config.memory.recipe.queries_from == "parser":
+        try:
+            check_parser_installed()
+        except ParserError as e:
+            ap.error(f"--queries-from parser: {e}")
     if config.memory.answer.mode == "recite" and not config.adapters_from \
             and "recite" not in config.memory.recipe.parts:
         ap.error(f"--answer-mode recite needs an adapter trained to recite (a --train-format with recite, got "

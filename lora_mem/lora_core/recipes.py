@@ -49,6 +49,7 @@ from lora_mem.lora_core.conversation import (
     resolve_relative_dates,
     session_date,
 )
+from lora_mem.lora_core.facts import fact_queries
 from lora_mem.lora_core.queries import Query, coverage_queries, keyword
 from lora_mem.lora_core.train import IGNORE_INDEX, make_lm_windows
 from lora_mem.model.tokenizer import Tokenizer
@@ -56,6 +57,7 @@ from lora_mem.model.tokenizer import Tokenizer
 TRAIN_PARTS = ("text", "qa", "queries", "distill", "recite")
 TRAIN_FORMATS = ("text", "qa", "text+qa")  # the original experiment's and its first fixes (any "+" join of parts works)
 QA_SOURCES = ("templates", "model", "both")  # who writes the questions: templates, the base model, or both
+QUERY_SOURCES = ("rules", "parser")  # what reads the turns for the queries part: regular expressions or a parser
 SNIPPET_WORDS = 12  # a quote long enough to identify a turn, short enough to be a question
 ANSWER_WORDS = 40  # long turns are cut: answers are meant to be short
 ABSTENTION_ANSWER = "Not mentioned in the conversation."  # LoCoMo scores category 5 on "not mentioned"
@@ -410,7 +412,8 @@ class Recipe:
       distill  the same questions, the student matching a teacher that holds the session in context (`distill`)
       recite   the same questions, answered by reciting the turn with its date (for ``AnswerConfig.mode="recite"``)
     The other fields are the options documented at the top of this module; ``seq_len`` is the length of a training
-    window; ``queries_per_turn`` and ``query_phrasings`` size the queries, distill and recite parts."""
+    window; ``queries_per_turn`` and ``query_phrasings`` size the queries, distill and recite parts, and
+    ``queries_from`` says what reads the turns for them: "rules" (`queries`) or "parser" (`facts`)."""
 
     train_format: str = "text"
     seq_len: int = 512
@@ -423,6 +426,7 @@ class Recipe:
     abstention_style: str = "unmentioned"
     queries_per_turn: int | None = 2
     query_phrasings: int = 1  # chosen on the dev split (docs/memory.md)
+    queries_from: str = "rules"
     distill_top_k: int = 16
     distill_temperature: float = 1.0
     distill_hard_weight: float = 0.0
@@ -442,6 +446,8 @@ class Recipe:
             raise ValueError(f"seq_len: must be at least {MIN_SEQ_LEN} tokens, got {self.seq_len}")
         if self.qa_per_turn is not None and self.qa_per_turn < 1:
             raise ValueError(f"qa_per_turn: must be None or at least 1, got {self.qa_per_turn!r}")
+        if self.queries_from not in QUERY_SOURCES:
+            raise ValueError(f"queries_from: unknown {self.queries_from!r} (choose from {', '.join(QUERY_SOURCES)})")
         if self.qa_source not in QA_SOURCES:
             raise ValueError(f"qa_source: unknown {self.qa_source!r} (choose from {', '.join(QA_SOURCES)})")
         if not 0 < self.abstention_ratio <= 1:
@@ -526,7 +532,10 @@ def training_qa_pairs(conv: Conversation, recipe: Recipe, *, seed: int = 0,
 
 
 def recipe_queries(conv: Conversation, recipe: Recipe) -> list[Query]:
-    """The questions the queries, distill and recite parts ask about ``conv``."""
+    """The questions the queries, distill and recite parts ask about ``conv``: read from its turns by rules
+    (`queries`) or by a dependency parser (`facts`)."""
+    if recipe.queries_from == "parser":
+        return fact_queries(conv, wordings=recipe.query_phrasings, per_turn=recipe.queries_per_turn)
     return coverage_queries(conv, phrasings=recipe.query_phrasings, per_turn=recipe.queries_per_turn)
 
 

@@ -1,0 +1,801 @@
+"""Every statement of a conversation asked as questions, read with a dependency parser (`parser.english`).
+
+Each clause of each turn is parsed; its subject is resolved to a person ("I" -> the speaker, "you" -> the other
+speaker, "it" -> the thing last named), and each of its constituents becomes a question whose answer is that short
+constituent, as people ask about what was said:
+
+    Caroline (8 May 2023): "I went to a LGBTQ support group yesterday and it was so powerful."
+        Where did Caroline go?                                   -> a LGBTQ support group
+        What group did Caroline go to?                           -> LGBTQ support group
+        When did Caroline go to a LGBTQ support group?           -> 7 May 2023
+        What did Caroline do on 7 May 2023?                      -> went to a LGBTQ support group
+        How was the LGBTQ support group?                         -> so powerful
+    Caroline: "I've been researching adoption agencies."  What has Caroline been researching? -> adoption agencies
+    Melanie: "we got another cat named Bailey."            What is the name of Melanie's cat?  -> Bailey
+    Caroline: "I chose them 'cause they help LGBTQ+ folks" Why did Caroline choose the agencies? -> they help ...
+
+Relative dates are resolved against the session's date with dateparser, and written as LoCoMo's annotators write
+them ("last Friday" -> "the Friday before 15 July 2023", "yesterday" -> "14 July 2023", "last year" -> "2022").
+Across turns, each person's likes, plans, places, companions and belongings are asked as one question whose answer
+lists them in the order they were said (:func:`person_queries`).
+
+Every fact has several wordings (the first the plainest): the same fact asked from its other end ("Who went to a
+LGBTQ support group?" -> Caroline), with the head noun of the answer in the question, or as told to the other
+speaker. Built from the conversation's own fields only (`conversation_only`); no annotation is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from lora_mem.lora_core.conversation import Conversation, conversation_only, parsed_date_time, photo_note, \
+    session_date
+from lora_mem.lora_core.parser import english
+from lora_mem.lora_core.queries import MAX_MERGED_ANSWERS, Query
+
+ANSWER_WORDS = 12  # a constituent longer than this is cut at its first clause or phrase boundary past it
+PHRASE_WORDS = 8  # the longest noun phrase put into a question
+PEOPLE_WORDS = frozenset("""mom mother dad father parent parents son daughter kid kids child children baby brother
+sister sibling siblings husband wife partner boyfriend girlfriend friend friends family fam grandma grandpa
+grandmother grandfather aunt uncle cousin niece nephew neighbor neighbour colleague colleagues coworker coworkers
+boss mentor mentors team teammates classmates students teacher coach group gang buddy buddies""".split())
+MOTION_VERBS = frozenset("""go come move travel run walk drive fly head return arrive hike ride swim sail visit
+take bring""".split())
+COGNITION_VERBS = frozenset("""realize realise think know learn feel believe find discover notice understand
+remember decide hope wish say tell mention figure see""".split())
+INTENT_VERBS = frozenset("""want plan hope try decide love like start begin need learn wish aim intend choose
+prefer enjoy continue keep""".split())
+LIKE_VERBS = frozenset("love like enjoy adore prefer".split())
+OWN_VERBS = frozenset("have get buy adopt own receive find make build paint draw create write bake".split())
+REASON_MARKERS = frozenset("because 'cause cause cuz since as".split())
+# Words that make a clause not a statement of fact about the speaker.
+HEDGES = frozenset("if whether unless".split())
+WEEK_WORDS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "weekend", "week",
+              "mon", "tue", "tues", "wed", "thu", "thur", "thurs", "fri", "sat", "sun")
+_WEEKDAY_FULL = {"mon": "Monday", "tue": "Tuesday", "tues": "Tuesday", "wed": "Wednesday", "thu": "Thursday",
+                 "thur": "Thursday", "thurs": "Thursday", "fri": "Friday", "sat": "Saturday", "sun": "Sunday"}
+
+
+@dataclass
+class Fact:
+    """One statement of one turn, asked in several wordings (``wordings[0]`` the plainest), with one answer."""
+
+    kind: str  # what, which, where, who, with, when, did_on, why, how, feel, want, think, name, count, how_long,
+    #            how_often, is, photo
+    wordings: list[str]
+    answer: str
+    dia_id: str
+    session: int
+    person: str | None = None  # whose statement it is, for the questions across turns
+    relation: str | None = None  # likes, plans, places, people, owns, did: the cross-turn question it feeds
+
+
+@dataclass
+class _Context:
+    speaker: str
+    other: str
+    names: tuple[str, str]
+    when: datetime | None  # the session's date and time
+    antecedents: list[str] = field(default_factory=list)  # things named in the turns before, the last last
+    chunks: list[tuple[int, str]] = field(default_factory=list)  # things named in this turn: (end token, phrase)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dates
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _date_parser(when: datetime, prefer: str):
+    from dateparser.date import DateDataParser
+
+    return DateDataParser(languages=["en"], settings={"RELATIVE_BASE": when, "PREFER_DATES_FROM": prefer})
+
+
+def _dmy(d: datetime) -> str:
+    return f"{d.day} {d.strftime('%B')} {d.year}"
+
+
+def resolve_date(expression: str, when: datetime) -> str | None:
+    """A time expression said at ``when``, written as LoCoMo's annotators write dates: a weekday, week or weekend
+    counted back from the session ("last Friday" -> "the Friday before 15 July 2023"), a day ("yesterday" ->
+    "14 July 2023"), a month ("next month" -> "August 2023"), a year ("last year" -> "2022"). None if dateparser
+    cannot read it. A weekday, week or weekend ("two weekends ago") keeps its words, counted back from the session
+    date, so that the answer says what the speaker said."""
+    text = " ".join(expression.lower().replace("this past", "last").split())
+    words = re.findall(r"[a-z]+", text)
+    session = _dmy(when)
+    unit = next((w.rstrip("s") if w.rstrip("s") in WEEK_WORDS else w for w in words
+                 if w in WEEK_WORDS or w.rstrip("s") in WEEK_WORDS), None)
+    if unit is not None and ("last" in words or "ago" in words or "past" in words):
+        unit = _WEEKDAY_FULL.get(unit, unit.capitalize() if unit not in ("week", "weekend") else unit)
+        count = re.match(r"(.+?)\s+\w+\s+ago$", text)
+        if count and count.group(1) not in ("a", "one"):
+            return f"{count.group(1)} {unit}s before {session}"
+        return f"the {unit} before {session}"
+    prefer = "future" if {"next", "tomorrow", "upcoming", "coming"} & set(words) else "past"
+    try:
+        data = _date_parser(when, prefer).get_date_data(text) if len(text) < 60 else None
+    except Exception:  # dateparser raises several types on text it cannot read
+        data = None
+    if data is None or data.date_obj is None:
+        return None
+    d, period = data.date_obj, data.period
+    if period == "year":
+        return str(d.year)
+    if period == "month":
+        return f"{d.strftime('%B')} {d.year}"
+    if period == "week":
+        return f"the week {'before' if d < when else 'after'} {session}"
+    return _dmy(d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Words of a turn as a reader would ask about them
+# ----------------------------------------------------------------------------------------------------------------
+
+_DETERMINERS = frozenset("a an the this that these those some another".split())
+
+
+def _third_person(token, ctx: _Context) -> str:
+    """The token's text with first and second person resolved to the speakers ("my" -> "Melanie's")."""
+    low = token.lower_
+    s, o = ctx.speaker, ctx.other
+    swaps = {"i": s, "me": s, "myself": s, "we": s, "us": s, "ourselves": s, "my": f"{s}'s", "our": f"{s}'s",
+             "mine": f"{s}'s", "ours": f"{s}'s", "you": o, "yourself": o, "your": f"{o}'s", "yours": f"{o}'s"}
+    if token.tag_ in ("PRP", "PRP$") and low in swaps:
+        return swaps[low]
+    if low == "'s" and token.dep_ == "case":
+        return "'s"
+    if low in ("n't",):
+        return "not"
+    return token.text
+
+
+def _render(tokens, ctx: _Context) -> str:
+    """Tokens as the turn wrote them (its own spacing), pronouns of the speakers resolved."""
+    out = []
+    for i, t in enumerate(tokens):
+        word = _third_person(t, ctx)
+        if i == 0 and t.i == t.sent.start and t.pos_ != "PROPN" and word == t.text:
+            word = word[:1].lower() + word[1:]  # a sentence's first word, asked about mid-question
+        last = i == len(tokens) - 1 or tokens[i + 1].i != t.i + 1
+        out.append(word + ("" if last else t.whitespace_))
+    text = "".join(out)
+    text = re.sub(r"'s's\b", "'s", text)
+    return " ".join(text.split()).strip(" ,;:-–—\"'“”")
+
+
+def _is_pronoun(token) -> bool:
+    return token.pos_ == "PRON" or token.lower_ in ("this", "that", "these", "those", "it", "they", "them")
+
+
+def _span_tokens(head, *, drop_det: bool = False, max_words: int = ANSWER_WORDS, skip_relcl: bool = False):
+    """The head's subtree as a contiguous token list, cut at the first clause or phrase boundary past
+    ``max_words`` (a relative clause, a prepositional phrase), leading determiners dropped on request."""
+    tokens = [t for t in head.subtree]
+    if skip_relcl:
+        cut = {u.i for c in head.children if c.dep_ in ("relcl", "acl", "advcl") for u in c.subtree}
+        tokens = [t for t in tokens if t.i not in cut]
+    while tokens and (tokens[-1].is_punct or tokens[-1].dep_ == "cc"):
+        tokens.pop()
+    while tokens and (tokens[0].is_punct or tokens[0].dep_ == "cc"):
+        tokens.pop(0)
+    if drop_det and tokens and tokens[0].lower_ in _DETERMINERS and tokens[0].head == head:
+        tokens = tokens[1:]
+    if len(tokens) > max_words:
+        for i, t in enumerate(tokens):
+            if i >= 2 and t.i > head.i and t.dep_ in ("relcl", "acl", "prep", "cc", "punct", "advcl", "conj"):
+                if i <= max_words:
+                    tokens = tokens[:i]
+                    break
+        else:
+            tokens = tokens[:max_words]
+        if len(tokens) > max_words:
+            tokens = tokens[:max_words]
+    return tokens
+
+
+def _phrase(head, ctx: _Context, **kwargs) -> str:
+    return _render(_span_tokens(head, **kwargs), ctx)
+
+
+def _noun_phrase(token, ctx: _Context, *, for_question: bool = True) -> str | None:
+    """The noun phrase ``token`` heads, its pronoun resolved: the speakers for I/you/we, the last thing named for
+    it/this/they; None if it cannot be resolved."""
+    low = token.lower_
+    if token.pos_ == "PRON" or (low in ("this", "that", "these", "those") and token.dep_ != "det"):
+        if low in ("i", "me", "we", "us", "myself"):
+            return ctx.speaker
+        if low in ("you", "yourself"):
+            return ctx.other
+        if low in ("it", "this", "that", "these", "those", "they", "them"):
+            before = [text for end, text in ctx.chunks if end <= token.i]
+            if before:
+                return before[-1]
+            return ctx.antecedents[-1] if ctx.antecedents else None
+        return None
+    if token.ent_type_ == "PERSON" and token.dep_ != "compound":
+        return _phrase(token, ctx, max_words=4)
+    return _phrase(token, ctx, max_words=PHRASE_WORDS if for_question else ANSWER_WORDS, skip_relcl=for_question)
+
+
+_VAGUE = frozenset("""thing things stuff lot lots bit part best one ones time times way much many more most some
+all something anything everything nothing kind sort""".split())
+
+
+def _worth_asking(token) -> bool:
+    """Whether a constituent headed by ``token`` says something: a noun, a name, a number or a resolvable pronoun,
+    not a vague word ("a lot", "my best", "so many")."""
+    if token.lemma_.lower() in _VAGUE:
+        return False
+    if token.pos_ == "PRON":
+        return token.lower_ in ("it", "them", "this", "these", "those", "that")
+    return token.pos_ in ("NOUN", "PROPN", "NUM", "X")
+
+
+def _content(text: str) -> bool:
+    return any(len(w) > 2 and w not in ("the", "and", "that", "this", "one", "too", "all", "lot", "it's", "its")
+               for w in re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def _definite(phrase: str) -> str:
+    """A phrase as asked about again: "a LGBTQ support group" -> "the LGBTQ support group"."""
+    words = phrase.split()
+    if words and words[0].lower() in ("a", "an", "another", "some", "this", "that"):
+        return " ".join(["the"] + words[1:])
+    return phrase
+
+
+def _no_article(phrase: str) -> str:
+    words = phrase.split()
+    if words and words[0].lower() in ("a", "an", "the", "some", "another"):
+        return " ".join(words[1:])
+    return phrase
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Clauses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _subject(verb):
+    """The clause's subject: the nearest before the verb ("Hey Caroline, I went": I), else its governing verb's
+    for a conjoined or non-finite verb ("I'm thinking about going": I)."""
+    subjects = [c for c in verb.children if c.dep_ in ("nsubj", "nsubjpass")]
+    before = [c for c in subjects if c.i < verb.i]
+    if before or subjects:
+        return (before or subjects)[-1]
+    if verb.dep_ in ("conj", "xcomp") and verb.head.pos_ in ("VERB", "AUX"):
+        return _subject(verb.head)
+    if verb.dep_ == "pcomp" and verb.head.dep_ == "prep" and verb.head.head.pos_ in ("VERB", "AUX"):
+        return _subject(verb.head.head)
+    return None
+
+
+def _dropped_subject(verb) -> bool:
+    """ "Took a short trip to Rome": a sentence opening with a past verb says what its speaker did."""
+    first = next((t for t in verb.sent if not t.is_punct and t.pos_ not in ("INTJ", "ADV", "CCONJ")), None)
+    return verb.dep_ == "ROOT" and verb.tag_ == "VBD" and first is verb
+
+
+@dataclass
+class _VerbForm:
+    aux: str  # the word that opens the question: did, does, is, has, will, ...
+    main: str  # the verb as it follows the subject in the question: go, going, been researching, ...
+    past: str  # the verb as said ("went"), for "Who went ...?"
+    tense: str  # past, present, progressive, perfect, future
+
+
+def _verb_form(verb) -> _VerbForm | None:
+    auxes = [c for c in verb.children if c.dep_ in ("aux", "auxpass")]
+    aux_lemmas = [a.lemma_.lower() for a in auxes]
+    lemma = verb.lemma_.lower()
+    if any(c.dep_ == "neg" for c in verb.children):
+        return None
+    if verb.tag_ == "VBD" and not auxes:
+        return _VerbForm("did", lemma, verb.text.lower(), "past")
+    if verb.tag_ in ("VBZ", "VBP") and not auxes:
+        return _VerbForm("does", lemma, _inflect(lemma, "VBZ"), "present")
+    if verb.tag_ == "VBG":
+        if "have" in aux_lemmas and "be" in aux_lemmas:
+            return _VerbForm("has", f"been {verb.text.lower()}", f"has been {verb.text.lower()}", "perfect")
+        if "be" in aux_lemmas:
+            be = next(a for a in auxes if a.lemma_ == "be")
+            aux = "was" if be.tag_ == "VBD" else "is"
+            return _VerbForm(aux, verb.text.lower(), f"{aux} {verb.text.lower()}", "progressive")
+    if verb.tag_ == "VBN" and "have" in aux_lemmas and "be" not in aux_lemmas:
+        have = next(a for a in auxes if a.lemma_ == "have")
+        aux = "had" if have.tag_ == "VBD" else "has"
+        return _VerbForm(aux, verb.text.lower(), f"{aux} {verb.text.lower()}", "perfect")
+    if verb.tag_ == "VB":
+        modal = next((a for a in auxes if a.tag_ == "MD"), None)
+        if modal is not None:
+            word = {"'ll": "will", "wo": "will", "'d": "would", "ca": "can"}.get(modal.lower_, modal.lower_)
+            return _VerbForm(word, lemma, f"{word} {lemma}", "future")
+    # a non-finite verb asked with its governing verb: "starting to realize", "thinking about going"
+    if verb.dep_ == "xcomp" and verb.tag_ == "VB" and verb.head.pos_ in ("VERB", "AUX") and verb.head.lemma_ != "be":
+        head = _verb_form(verb.head)
+        if head is not None:
+            return _VerbForm(head.aux, f"{head.main} to {verb.lower_}", f"{head.past} to {verb.lower_}", head.tense)
+    if verb.dep_ == "pcomp" and verb.tag_ == "VBG" and verb.head.dep_ == "prep":
+        head = _verb_form(verb.head.head) if verb.head.head.pos_ in ("VERB", "AUX") else None
+        if head is not None:
+            link = f"{verb.head.lower_} {verb.lower_}"
+            return _VerbForm(head.aux, f"{head.main} {link}", f"{head.past} {link}", head.tense)
+    return None
+
+
+def _inflect(lemma: str, tag: str) -> str:
+    """``lemma`` in the form of Penn tag ``tag`` ("have", "VBZ" -> "has"), by lemminflect."""
+    from lemminflect import getInflection
+
+    forms = getInflection(lemma, tag=tag)
+    return forms[0] if forms else lemma
+
+
+def _prep_object(prep):
+    return next((c for c in prep.children if c.dep_ == "pobj"), None)
+
+
+def _is_date(token) -> bool:
+    return token.ent_type_ in ("DATE", "TIME")
+
+
+def _date_phrase(verb):
+    """The clause's own time expression (a DATE entity hanging from the verb), as said, or None."""
+    for c in verb.children:
+        if c.dep_ in ("npadvmod", "advmod", "tmod", "obl") and _is_date(c):
+            return c.doc[min(t.i for t in c.subtree):max(t.i for t in c.subtree) + 1]
+        if c.dep_ == "prep":
+            pobj = _prep_object(c)
+            if pobj is not None and _is_date(pobj) and c.lower_ in ("on", "in", "at", "during", "over", "last"):
+                return c.doc[min(t.i for t in pobj.subtree):max(t.i for t in pobj.subtree) + 1]
+    return None
+
+
+def _ent_span(token):
+    return next((e for e in token.doc.ents if e.start <= token.i < e.end), None)
+
+
+def _complements(verb, ctx: _Context, skip: set[int]) -> str:
+    """What follows the verb in a question about the clause: its particle, object and prepositional phrases, less
+    the constituent asked about (``skip``: token indices), dates and clauses."""
+    parts = []
+    for c in verb.children:
+        if c.i in skip or c.i < verb.i and c.dep_ != "prt":
+            continue
+        if c.dep_ == "prt":
+            parts.append((c.i, c.text.lower()))
+        elif c.dep_ in ("dobj", "attr", "oprd", "dative"):
+            np = _noun_phrase(c, ctx)
+            if np is None:
+                return "\0"  # an unresolved pronoun: the question would not say what it is about
+            parts.append((c.i, np))
+        elif c.dep_ == "prep":
+            pobj = _prep_object(c)
+            if pobj is None or _is_date(pobj):
+                continue
+            np = _noun_phrase(pobj, ctx)
+            if np is None:
+                continue
+            parts.append((c.i, f"{c.lower_} {np}"))
+        elif c.dep_ == "acomp" and verb.lemma_ != "be":
+            parts.append((c.i, _phrase(c, ctx, max_words=4)))
+    words = " ".join(p for _, p in sorted(parts))
+    return " ".join(words.split()[:2 * PHRASE_WORDS])
+
+
+def _question(*words: str) -> str:
+    text = " ".join(w for w in words if w)
+    text = " ".join(text.split())
+    return text[0].upper() + text[1:] + "?"
+
+
+def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
+    """The facts of one clause headed by ``verb``."""
+    subj_token = _subject(verb)
+    if subj_token is None and not _dropped_subject(verb):
+        return []
+    subject = _noun_phrase(subj_token, ctx) if subj_token is not None else ctx.speaker
+    if subject is None or not _content(subject) and subject not in ctx.names:
+        return []
+    person = subject if subject in ctx.names else None
+    facts: list[Fact] = []
+
+    def add(kind, wordings, answer, relation=None):
+        answer = " ".join(answer.split())
+        if answer and _content(answer) and len(answer.split()) <= ANSWER_WORDS + 4:
+            facts.append(Fact(kind, [w for w in wordings if w], answer, dia_id, session, person, relation))
+
+    lemma = verb.lemma_.lower()
+    if lemma == "be":
+        if subj_token is not None:
+            _copula_facts(verb, subj_token, subject, ctx, add)
+        return facts
+    form = _verb_form(verb)
+    if form is None:
+        return facts
+    other_told = f"What did {subject} tell {ctx.other if subject == ctx.speaker else ctx.speaker}"
+    rest_all = _complements(verb, ctx, set())
+    if "\0" in rest_all:
+        rest_all = ""
+    date = _date_phrase(verb)
+    # the object
+    for c in verb.children:
+        if c.dep_ != "dobj" or not _worth_asking(c):
+            continue
+        answer = _noun_phrase(c, ctx, for_question=False)
+        if answer is None or answer in ctx.names:
+            continue
+        rest = _complements(verb, ctx, {c.i})
+        if "\0" in rest:
+            continue
+        head = c.text.lower() if c.pos_ == "NOUN" and c.ent_type_ == "" else None
+        modified = head is not None and any(m.dep_ in ("compound", "amod", "nmod", "poss") for m in c.children)
+        relation = "likes" if lemma in LIKE_VERBS else "owns" if lemma in OWN_VERBS and person else None
+        add("what", [_question("What", form.aux, subject, form.main, rest),
+                     _question("Who", form.past, answer, rest) if person else ""], answer, relation)
+        if modified:
+            add("which", [_question("What", head, form.aux, subject, form.main, rest),
+                          _question("What kind of", head, form.aux, subject, form.main, rest)],
+                _no_article(answer))
+    # prepositional phrases: where, with whom, what about
+    for c in verb.children:
+        if c.dep_ != "prep":
+            continue
+        pobj = _prep_object(c)
+        if pobj is None or _is_date(pobj):
+            continue
+        answer = _noun_phrase(pobj, ctx, for_question=False)
+        if answer is None:
+            continue
+        rest = _complements(verb, ctx, {c.i})
+        if "\0" in rest:
+            continue
+        prep = c.lower_
+        place = pobj.ent_type_ in ("GPE", "LOC", "FAC") or (prep in ("to", "at", "in", "into", "from")
+                                                              and lemma in MOTION_VERBS)
+        people = pobj.ent_type_ == "PERSON" or pobj.lemma_.lower() in PEOPLE_WORDS
+        if prep == "with" and people:
+            add("with", [_question("Who", form.aux, subject, form.main, rest, "with"),
+                         _question("With whom", form.aux, subject, form.main, rest)], answer, "people")
+        elif place and prep != "with":
+            where = "Where" if prep != "from" else "Where"
+            add("where", [_question(where, form.aux, subject, form.main, rest, "from" if prep == "from" else ""),
+                          _question("What place", form.aux, subject, form.main, rest, prep)], answer, "places")
+            head = pobj.lemma_.lower() if pobj.pos_ == "NOUN" else None
+            if head and any(m.dep_ in ("compound", "amod") for m in pobj.children):
+                add("which", [_question("What", head, form.aux, subject, form.main, rest, prep),
+                              _question("What kind of", head, form.aux, subject, form.main, rest, prep)],
+                    _no_article(answer))
+        else:
+            add("what", [_question("What", form.aux, subject, form.main, rest, prep),
+                         _question("Who" if people else "", form.aux if people else "", subject if people else "",
+                                   form.main if people else "", rest if people else "", prep if people else "")
+                         if people else ""], answer)
+    # when, and the event asked from its date
+    event = _question("", form.main, rest_all)[:-1].strip() if rest_all else ""
+    if date is not None and ctx.when is not None and rest_all:
+        resolved = resolve_date(date.text, ctx.when)
+        if resolved:
+            add("when", [_question("When", form.aux, subject, form.main, rest_all),
+                         _question("On what date", form.aux, subject, form.main, rest_all)], resolved)
+            if form.tense == "past" and person:
+                add("did_on", [_question("What did", subject, "do", _on_date(resolved))],
+                    f"{form.past} {rest_all}", "did")
+    elif form.tense in ("past",) and ctx.when is not None and rest_all and person:
+        add("when", [_question("When", form.aux, subject, form.main, rest_all)], session_date_text(ctx.when))
+    if form.tense == "past" and person and rest_all and date is None:
+        add("did_on", [], f"{form.past} {rest_all}", "did")  # feeds "What has X done?" only
+    # why
+    for c in verb.children:
+        if c.dep_ == "advcl" and any(m.dep_ == "mark" and m.lower_ in REASON_MARKERS for m in c.children):
+            reason = _phrase(c, ctx, max_words=ANSWER_WORDS)
+            reason = re.sub(r"^(because|'cause|cause|cuz|since|as)\s+", "", reason, flags=re.I)
+            if rest_all:
+                add("why", [_question("Why", form.aux, subject, form.main, rest_all)], reason)
+        if c.dep_ == "advcl" and any(m.dep_ == "aux" and m.lower_ == "to" for m in c.children) and rest_all:
+            add("why", [_question("Why", form.aux, subject, form.main, rest_all)], _phrase(c, ctx))
+    # wants, plans, thoughts
+    for c in verb.children:
+        if c.dep_ == "xcomp" and c.pos_ in ("VERB", "AUX") and lemma in INTENT_VERBS | {"go"}:
+            answer = _phrase(c, ctx, max_words=ANSWER_WORDS)
+            answer = re.sub(r"^to\s+", "", answer)
+            if lemma == "go" and form.tense == "progressive":
+                add("want", [_question("What", form.aux, subject, "going to do"),
+                             _question("What is", subject, "planning to do")], answer, "plans")
+            elif lemma in INTENT_VERBS:
+                relation = "plans" if lemma in ("want", "plan", "hope", "decide", "wish", "aim", "intend") else \
+                    "likes" if lemma in LIKE_VERBS else None
+                add("want", [_question("What", form.aux, subject, form.main, "to do")], answer, relation)
+        if c.dep_ == "ccomp" and lemma in COGNITION_VERBS and c.pos_ in ("VERB", "AUX"):
+            said = _phrase(c, ctx, max_words=ANSWER_WORDS)
+            said = re.sub(r"^that\s+", "", said)
+            add("think", [_question("What", form.aux, subject, form.main)], said)
+    # feelings: "I felt tiny", "it made me feel relaxed"
+    if lemma in ("feel", "get", "become", "seem", "look", "sound"):
+        for c in verb.children:
+            if c.dep_ in ("acomp", "attr", "oprd"):
+                feeling = _phrase(c, ctx, max_words=ANSWER_WORDS)
+                about = _complements(verb, ctx, {c.i})
+                add("feel", [_question("How", form.aux, subject, form.main, about if "\0" not in about else "")],
+                    feeling)
+    return facts
+
+
+def session_date_text(when: datetime) -> str:
+    return _dmy(when)
+
+
+def _on_date(resolved: str) -> str:
+    return resolved if resolved.startswith(("the ", "two ", "three ", "four ", "five ")) else \
+        ("in " if re.fullmatch(r"(\w+ )?\d{4}", resolved) else "on ") + resolved
+
+
+def _copula_facts(verb, subj_token, subject: str, ctx: _Context, add) -> None:
+    """ "X is Y", "it was so powerful", "I'm a fan of Bach": what X is, how X was, and Y asked the other way."""
+    aux = "was" if verb.tag_ == "VBD" else "is"
+    if any(c.dep_ == "neg" for c in verb.children):
+        return
+    person = subject in ctx.names
+    thing = _definite(subject)
+    for c in verb.children:
+        if c.dep_ == "acomp":
+            quality = _phrase(c, ctx, max_words=6)
+            about = _xcomp_of(c, ctx)
+            if person:
+                add("feel", [_question("How", "did" if aux == "was" else "does", subject, "feel")], quality)
+                if about:
+                    add("feel", [_question("What", aux, subject, c.text.lower(), _prep_word(c)),
+                                 _question("What", aux, subject, "excited about")
+                                 if c.lemma_.lower() in ("thrilled", "stoked", "pumped", "excited") else ""], about)
+            elif subj_token.pos_ in ("PRON", "NOUN", "PROPN"):
+                add("how", [_question("How", aux, thing), _question("What", aux, thing, "like")], quality)
+        if c.dep_ == "attr" and _worth_asking(c):
+            value = _noun_phrase(c, ctx, for_question=False)
+            if value is None or value == subject:
+                continue
+            prep = next((p for p in c.children if p.dep_ == "prep" and _prep_object(p) is not None), None)
+            if person and prep is not None:  # "I'm a fan of Bach": what is Melanie a fan of?
+                kind = _render([t for t in c.subtree if t.i < prep.i], ctx)
+                add("is", [_question("What", aux, subject, kind, prep.lower_),
+                           _question("Who", aux, subject, kind, prep.lower_)
+                           if _prep_object(prep).ent_type_ == "PERSON" else ""],
+                    _noun_phrase(_prep_object(prep), ctx, for_question=False) or "")
+            elif person:
+                add("is", [_question("What", aux, subject)], value)
+            elif c.lemma_.lower() not in _VAGUE:
+                add("is", [_question("What", aux, thing)], value)
+                if not _is_pronoun(subj_token) and c.pos_ == "NOUN" and len(value.split()) > 1:
+                    # "This necklace is a gift from my grandma": what is a gift from Caroline's grandma?
+                    add("is", [_question("What", aux, _noun_phrase(c, ctx))], _no_article(subject))
+
+
+def _prep_word(adjective) -> str:
+    prep = next((c for c in adjective.children if c.dep_ == "prep"), None)
+    return prep.lower_ if prep is not None else "about"
+
+
+def _xcomp_of(adjective, ctx: _Context) -> str | None:
+    for c in adjective.children:
+        if c.dep_ == "xcomp":
+            return re.sub(r"^to\s+", "", _phrase(c, ctx))
+        if c.dep_ == "prep" and c.lower_ in ("about", "for", "with", "of"):
+            pobj = _prep_object(c)
+            if pobj is not None:
+                return _noun_phrase(pobj, ctx, for_question=False)
+    return None
+
+
+def _name_facts(doc, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
+    """Names: "a cat named Bailey", "Oscar, my guinea pig", "my home country, Sweden"."""
+    facts = []
+    for t in doc:
+        pairs = []
+        if t.dep_ == "acl" and t.lemma_.lower() in ("name", "call"):
+            name = next((c for c in t.children if c.dep_ in ("oprd", "attr", "dobj") and c.pos_ == "PROPN"), None)
+            if name is not None and t.head.pos_ == "NOUN":
+                pairs.append((t.head, name))
+        if t.dep_ == "appos":
+            a, b = t.head, t
+            if a.pos_ == "NOUN" and b.pos_ == "PROPN":
+                pairs.append((a, b))
+            elif a.pos_ == "PROPN" and b.pos_ == "NOUN":
+                pairs.append((b, a))
+        for noun, name in pairs:
+            owner = next((c for c in noun.children if c.dep_ == "poss"), None)
+            thing = " ".join(m.text.lower() for m in noun.children if m.dep_ in ("compound", "amod") and m.i < noun.i)
+            thing = f"{thing} {noun.text.lower()}".strip()
+            whose = _third_person(owner, ctx) if owner is not None else f"{ctx.speaker}'s"
+            name_text = _phrase(name, ctx, max_words=4, skip_relcl=True)
+            if not _content(name_text) and len(name_text) < 3:
+                continue
+            if name.ent_type_ in ("GPE", "LOC", "NORP"):
+                wordings = [f"What is {whose} {thing}?", f"Which {noun.text.lower()} is {whose} {thing}?"]
+            else:
+                wordings = [f"What is the name of {whose} {thing}?", f"What is {whose} {thing} called?",
+                            f"Who is {name_text}?"]
+            facts.append(Fact("name", wordings[:2], name_text, dia_id, session, ctx.speaker, "owns"))
+            if len(wordings) > 2:
+                facts.append(Fact("name", [wordings[2]], f"{whose} {thing}", dia_id, session))
+    return facts
+
+
+def _count_facts(doc, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
+    """Counts ("two cats") and durations ("for 4 years", "seven years now")."""
+    facts = []
+    for t in doc:
+        if t.dep_ != "nummod" or t.head.pos_ != "NOUN":
+            continue
+        noun = t.head
+        verb = noun.head if noun.dep_ in ("dobj", "pobj") else None
+        if verb is not None and verb.dep_ == "prep":
+            verb = verb.head
+        if verb is None or verb.pos_ not in ("VERB", "AUX"):
+            continue
+        subj = _subject(verb)
+        who = _noun_phrase(subj, ctx) if subj is not None else None
+        if who is None:
+            continue
+        number = _render([t], ctx)
+        if _is_date(noun) and noun.lemma_.lower() in ("year", "month", "week", "day"):
+            form = _verb_form(verb)
+            if form is None:
+                continue
+            doing = form.main if form.tense in ("perfect",) else form.main
+            rest = _complements(verb, ctx, {noun.head.i if noun.dep_ == "pobj" else noun.i})
+            rest = "" if "\0" in rest else rest
+            facts.append(Fact("how_long", [_question("How long", form.aux, who, doing, rest)],
+                              f"{number} {noun.text.lower()}", dia_id, session))
+        elif not _is_date(noun):
+            form = _verb_form(verb)
+            if form is None:
+                continue
+            facts.append(Fact("count", [_question("How many", noun.text.lower(), form.aux, who, form.main)],
+                              number, dia_id, session))
+    return facts
+
+
+def _frequency_facts(doc, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
+    facts = []
+    for ent in doc.ents:
+        if ent.label_ != "DATE" or not re.search(r"\b(every|once|twice|times|daily|weekly|usually)\b", ent.text,
+                                                re.I):
+            continue
+        verb = ent.root.head
+        while verb.pos_ not in ("VERB", "AUX") and verb.head != verb:
+            verb = verb.head
+        subj = _subject(verb)
+        who = _noun_phrase(subj, ctx) if subj is not None else None
+        form = _verb_form(verb)
+        if who is None or form is None:
+            continue
+        rest = _complements(verb, ctx, set())
+        rest = "" if "\0" in rest else rest
+        facts.append(Fact("how_often", [_question("How often", form.aux, who, form.main, rest)], ent.text, dia_id,
+                          session))
+    return facts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A turn, a conversation
+# ----------------------------------------------------------------------------------------------------------------
+
+_CLAUSE_DEPS = ("ROOT", "conj", "ccomp", "xcomp", "pcomp", "advcl", "relcl", "parataxis", "dep")
+
+
+def _things_named(doc, ctx: _Context) -> list[tuple[int, str]]:
+    """The things a turn names, (end token, "the" + phrase), that "it" and "they" can stand for."""
+    named = []
+    for chunk in doc.noun_chunks:
+        root = chunk.root
+        if root.pos_ in ("NOUN", "PROPN") and not _is_date(root) and root.ent_type_ != "PERSON" and \
+                root.lemma_.lower() not in PEOPLE_WORDS and root.lemma_.lower() not in ("thing", "lot", "time",
+                                                                                         "way", "one", "stuff"):
+            named.append((chunk.end, _definite(_render([t for t in chunk if t.dep_ != "poss" or True], ctx))))
+    return named
+
+
+def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
+    """Every fact of one parsed turn, in the order they are said."""
+    facts: list[Fact] = []
+    ctx.chunks = _things_named(doc, ctx)
+    for sentence in doc.sents:
+        if sentence.text.rstrip().endswith("?") or any(t.lower_ in HEDGES for t in sentence):
+            continue
+        for t in sentence:
+            if t.dep_ in _CLAUSE_DEPS and t.pos_ in ("VERB", "AUX"):
+                facts += _clause_facts(t, ctx, turn.dia_id, session)
+        sent_doc = sentence
+        facts += _name_facts(sent_doc, ctx, turn.dia_id, session)
+        facts += _count_facts(sent_doc, ctx, turn.dia_id, session)
+        facts += _frequency_facts(sentence, ctx, turn.dia_id, session)
+    ctx.antecedents = (ctx.antecedents + [text for _, text in ctx.chunks])[-8:]
+    if turn.blip_caption:
+        shown = photo_note(turn.blip_caption)[len("[shares "):-1]
+        for prefix in ("a photo of ", "a picture of ", "a photo: "):
+            if shown.startswith(prefix):
+                shown = shown[len(prefix):]
+        facts.append(Fact("photo", [f"What did {turn.speaker} share a photo of?",
+                                    f"What was in the photo {turn.speaker} shared?"], shown, turn.dia_id, session,
+                          turn.speaker))
+    return facts
+
+
+def conversation_facts(conv: Conversation) -> list[Fact]:
+    """Every fact of every turn, in conversation order (:func:`turn_facts`), built from the conversation alone."""
+    source = conversation_only(conv)
+    names = (source.speaker_a, source.speaker_b)
+    turns = [(session, turn) for session in source.sessions for turn in session.turns]
+    docs = english().pipe([" ".join(t.text.split()) for _, t in turns], batch_size=64)
+    facts: list[Fact] = []
+    ctx = None
+    for (session, turn), doc in zip(turns, docs):
+        other = names[1] if turn.speaker == names[0] else names[0]
+        when = parsed_date_time(session.date_time)
+        if ctx is None or ctx.when != when:
+            ctx = _Context(turn.speaker, other, names, when)
+        ctx.speaker, ctx.other = turn.speaker, other
+        facts += turn_facts(doc, turn, ctx, session.index)
+    return facts
+
+
+# The questions across turns: one per person and relation, its answer the list of what was said, in order.
+RELATION_QUESTIONS = {
+    "likes": ("What does {p} like?", "What does {p} enjoy?"),
+    "plans": ("What are {p}'s plans?", "What does {p} want to do?"),
+    "places": ("Where has {p} been?", "What places has {p} been to?"),
+    "people": ("Who does {p} spend time with?", "Who has {p} done things with?"),
+    "owns": ("What does {p} have?", "What things does {p} have?"),
+    "did": ("What has {p} done?", "What activities has {p} done?"),
+}
+
+
+def person_queries(facts: list[Fact], wordings: int) -> list[Query]:
+    """Per person and relation, one question listing the answers of its facts in the order they were said (at most
+    MAX_MERGED_ANSWERS, the latest kept: what a person does lately is what is asked)."""
+    grouped: dict[tuple[str, str], list[Fact]] = {}
+    for f in facts:
+        if f.person and f.relation:
+            grouped.setdefault((f.person, f.relation), []).append(f)
+    out = []
+    for (person, relation), group in grouped.items():
+        answers = list(dict.fromkeys(_no_article(f.answer) for f in group))
+        if len(answers) < 2:
+            continue
+        answer = ", ".join(answers[-MAX_MERGED_ANSWERS:])
+        for q in RELATION_QUESTIONS[relation][:wordings]:
+            out.append(Query(q.format(p=person), answer, f"person_{relation}", group[-1].dia_id, group[-1].session))
+    return out
+
+
+def fact_queries(conv: Conversation, *, wordings: int = 1, per_turn: int | None = None,
+                 across_turns: bool = True) -> list[Query]:
+    """The parser-built question set of ``conv``: each fact (:func:`conversation_facts`) in its first ``wordings``
+    wordings, at most ``per_turn`` facts of a turn (in the order said), then the questions across turns
+    (:func:`person_queries`). A question several turns answer is asked once, its answers listed in the order said
+    (as `queries.coverage_queries` does)."""
+    if wordings < 1 or (per_turn is not None and per_turn < 1):
+        raise ValueError(f"wordings and per_turn must be >= 1, got {wordings}, {per_turn}")
+    facts = conversation_facts(conv)
+    asked: dict[str, list] = {}
+    counts: dict[str, int] = {}
+    for f in facts:
+        if not f.wordings:
+            continue
+        counts[f.dia_id] = counts.get(f.dia_id, 0) + 1
+        if per_turn is not None and counts[f.dia_id] > per_turn:
+            continue
+        for q in f.wordings[:wordings]:
+            entry = asked.setdefault(q.lower(), [Query(q, f.answer, f.kind, f.dia_id, f.session), []])
+            if f.answer not in entry[1]:
+                entry[1].append(f.answer)
+    queries = [Query(q.question, ", ".join(answers[:MAX_MERGED_ANSWERS]), q.kind, q.dia_id, q.session)
+               for q, answers in asked.values()]
+    if across_turns:
+        queries += person_queries(facts, wordings)
+    return queries
