@@ -147,6 +147,10 @@ class Option:
         return self.flag.lstrip("-").replace("-", "_")
 
 
+def positive_int_or_all(text: str) -> int | None:
+    return None if text == "all" else positive_int(text)
+
+
 def train_format(text: str) -> str:
     """A --train-format: parts joined by '+', each once."""
     parts = text.split("+")
@@ -198,8 +202,8 @@ OPTIONS = (
            help="unmentioned: questions about subjects the conversation never mentions; contrastive: each question "
                 "form asked of the speaker who said a subject and of the other one, who never did"),
            "adapter and training"),
-    Option("--queries-per-turn", "memory.recipe.queries_per_turn", dict(type=positive_int, help="queries, "
-           "distill, recite: facts asked about per turn"), "adapter and training"),
+    Option("--queries-per-turn", "memory.recipe.queries_per_turn", dict(type=positive_int_or_all, help="queries, "
+           "distill, recite: facts asked about per turn ('all': every one)"), "adapter and training"),
     Option("--query-phrasings", "memory.recipe.query_phrasings", dict(type=positive_int, help="queries, distill: "
            "phrasings of each fact"), "adapter and training"),
     Option("--queries-from", "memory.recipe.queries_from", dict(choices=QUERY_SOURCES, help="queries, distill, "
