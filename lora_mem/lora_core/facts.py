@@ -50,7 +50,7 @@ INTENT_VERBS = frozenset("""want plan hope try decide love like start begin need
 prefer enjoy continue keep""".split())
 LIKE_VERBS = frozenset("love like enjoy adore prefer".split())
 OWN_VERBS = frozenset("have get buy adopt own receive find make build paint draw create write bake".split())
-REASON_MARKERS = frozenset("because 'cause cause cuz since as".split())
+REASON_MARKERS = frozenset("because 'cause cause cuz".split())  # "since" and "as" are as often about time
 # Words that make a clause not a statement of fact about the speaker.
 HEDGES = frozenset("if whether unless".split())
 WEEK_WORDS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "weekend", "week",
@@ -71,6 +71,7 @@ class Fact:
     session: int
     person: str | None = None  # whose statement it is, for the questions across turns
     relation: str | None = None  # likes, plans, places, people, owns, did: the cross-turn question it feeds
+    verb: str | None = None  # the lemma of an object's verb ("paint"), for "What has Melanie painted?"
 
 
 @dataclass
@@ -186,16 +187,10 @@ def _span_tokens(head, *, drop_det: bool = False, max_words: int = ANSWER_WORDS,
         tokens.pop(0)
     if drop_det and tokens and tokens[0].lower_ in _DETERMINERS and tokens[0].head == head:
         tokens = tokens[1:]
-    if len(tokens) > max_words:
-        for i, t in enumerate(tokens):
-            if i >= 2 and t.i > head.i and t.dep_ in ("relcl", "acl", "prep", "cc", "punct", "advcl", "conj"):
-                if i <= max_words:
-                    tokens = tokens[:i]
-                    break
-        else:
-            tokens = tokens[:max_words]
-        if len(tokens) > max_words:
-            tokens = tokens[:max_words]
+    if len(tokens) > max_words:  # cut back to the last phrase or clause boundary that fits
+        bounds = [i for i, t in enumerate(tokens[:max_words + 1]) if i >= 2 and t.i > head.i and
+                  t.dep_ in ("relcl", "acl", "prep", "cc", "punct", "advcl", "conj", "mark")]
+        tokens = tokens[:bounds[-1]] if bounds else tokens[:max_words]
     return tokens
 
 
@@ -252,7 +247,7 @@ def _definite(phrase: str) -> str:
 
 def _no_article(phrase: str) -> str:
     words = phrase.split()
-    if words and words[0].lower() in ("a", "an", "the", "some", "another"):
+    if words and words[0].lower() in ("a", "an", "the", "some", "another", "this", "that", "these", "those"):
         return " ".join(words[1:])
     return phrase
 
@@ -338,7 +333,7 @@ def _inflect(lemma: str, tag: str) -> str:
 
 
 def _prep_object(prep):
-    return next((c for c in prep.children if c.dep_ == "pobj"), None)
+    return next((c for c in prep.children if c.dep_ in ("pobj", "pcomp")), None)
 
 
 def _is_date(token) -> bool:
@@ -395,6 +390,29 @@ def _question(*words: str) -> str:
     return text[0].upper() + text[1:] + "?"
 
 
+_QUANTITIES = frozenset("lot lots bunch couple plenty loads load ton tons kind sort type piece pair set".split())
+
+
+def _objects(verb) -> list:
+    """The clause's objects worth asking: its direct object ("a lot of books": the books), or the subject of a
+    small clause after a causative verb ("I made this window to remind me": the window)."""
+    found = []
+    for c in verb.children:
+        if c.dep_ == "dobj":
+            if c.lemma_.lower() in _QUANTITIES:
+                of = next((p for p in c.children if p.dep_ == "prep" and p.lower_ == "of"), None)
+                c = _prep_object(of) if of is not None else c
+            if c is not None and _worth_asking(c):
+                found.append(c)
+    if not found:
+        for c in verb.children:
+            if c.dep_ == "ccomp" and c.i > verb.i:
+                subj = next((s for s in c.children if s.dep_ == "nsubj" and s.pos_ in ("NOUN", "PROPN")), None)
+                if subj is not None and _worth_asking(subj):
+                    found.append(subj)
+    return found
+
+
 def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
     """The facts of one clause headed by ``verb``."""
     subj_token = _subject(verb)
@@ -406,10 +424,11 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
     person = subject if subject in ctx.names else None
     facts: list[Fact] = []
 
-    def add(kind, wordings, answer, relation=None):
+    def add(kind, wordings, answer, relation=None, verb_lemma=None):
         answer = " ".join(answer.split())
         if answer and _content(answer) and len(answer.split()) <= ANSWER_WORDS + 4:
-            facts.append(Fact(kind, [w for w in wordings if w], answer, dia_id, session, person, relation))
+            facts.append(Fact(kind, [w for w in wordings if w], answer, dia_id, session, person, relation,
+                              verb_lemma))
 
     lemma = verb.lemma_.lower()
     if lemma == "be":
@@ -425,9 +444,7 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
         rest_all = ""
     date = _date_phrase(verb)
     # the object
-    for c in verb.children:
-        if c.dep_ != "dobj" or not _worth_asking(c):
-            continue
+    for c in _objects(verb):
         answer = _noun_phrase(c, ctx, for_question=False)
         if answer is None or answer in ctx.names:
             continue
@@ -438,11 +455,15 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
         modified = head is not None and any(m.dep_ in ("compound", "amod", "nmod", "poss") for m in c.children)
         relation = "likes" if lemma in LIKE_VERBS else "owns" if lemma in OWN_VERBS and person else None
         add("what", [_question("What", form.aux, subject, form.main, rest),
-                     _question("Who", form.past, answer, rest) if person else ""], answer, relation)
+                     _question("Who", form.past, answer, rest) if person else ""], answer, relation,
+            lemma if person and form.tense in ("past", "perfect") else None)
         if modified:
             add("which", [_question("What", head, form.aux, subject, form.main, rest),
                           _question("What kind of", head, form.aux, subject, form.main, rest)],
                 _no_article(answer))
+    # the subject, when it is a thing: "What spoke to Caroline?" -> their inclusivity and support
+    if person is None and subj_token is not None and subj_token.pos_ in ("NOUN", "PROPN") and rest_all:
+        add("what", [_question("What", form.past, rest_all)], _phrase(subj_token, ctx, skip_relcl=True))
     # prepositional phrases: where, with whom, what about
     for c in verb.children:
         if c.dep_ != "prep":
@@ -461,22 +482,18 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
                                                               and lemma in MOTION_VERBS)
         people = pobj.ent_type_ == "PERSON" or pobj.lemma_.lower() in PEOPLE_WORDS
         if prep == "with" and people:
-            add("with", [_question("Who", form.aux, subject, form.main, rest, "with"),
+            add("with", [_question("Who", form.aux, subject, form.main, "with", rest),
                          _question("With whom", form.aux, subject, form.main, rest)], answer, "people")
         elif place and prep != "with":
-            where = "Where" if prep != "from" else "Where"
-            add("where", [_question(where, form.aux, subject, form.main, rest, "from" if prep == "from" else ""),
-                          _question("What place", form.aux, subject, form.main, rest, prep)], answer, "places")
+            add("where", [_question("Where", form.aux, subject, form.main, "from" if prep == "from" else "", rest),
+                          _question("What place", form.aux, subject, form.main, prep, rest)], answer, "places")
             head = pobj.lemma_.lower() if pobj.pos_ == "NOUN" else None
             if head and any(m.dep_ in ("compound", "amod") for m in pobj.children):
-                add("which", [_question("What", head, form.aux, subject, form.main, rest, prep),
-                              _question("What kind of", head, form.aux, subject, form.main, rest, prep)],
+                add("which", [_question("What", head, form.aux, subject, form.main, prep, rest),
+                              _question("What kind of", head, form.aux, subject, form.main, prep, rest)],
                     _no_article(answer))
         else:
-            add("what", [_question("What", form.aux, subject, form.main, rest, prep),
-                         _question("Who" if people else "", form.aux if people else "", subject if people else "",
-                                   form.main if people else "", rest if people else "", prep if people else "")
-                         if people else ""], answer)
+            add("what", [_question("Who" if people else "What", form.aux, subject, form.main, prep, rest)], answer)
     # when, and the event asked from its date
     event = _question("", form.main, rest_all)[:-1].strip() if rest_all else ""
     if date is not None and ctx.when is not None and rest_all:
@@ -607,11 +624,13 @@ def _name_facts(doc, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
             elif a.pos_ == "PROPN" and b.pos_ == "NOUN":
                 pairs.append((b, a))
         for noun, name in pairs:
+            if name.text in ctx.names:  # "No doubts, Caroline": a speaker addressed, not a name given
+                continue
             owner = next((c for c in noun.children if c.dep_ == "poss"), None)
             thing = " ".join(m.text.lower() for m in noun.children if m.dep_ in ("compound", "amod") and m.i < noun.i)
             thing = f"{thing} {noun.text.lower()}".strip()
             whose = _third_person(owner, ctx) if owner is not None else f"{ctx.speaker}'s"
-            name_text = _phrase(name, ctx, max_words=4, skip_relcl=True)
+            name_text = _name_words(name)
             if not _content(name_text) and len(name_text) < 3:
                 continue
             if name.ent_type_ in ("GPE", "LOC", "NORP"):
@@ -623,6 +642,15 @@ def _name_facts(doc, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
             if len(wordings) > 2:
                 facts.append(Fact("name", [wordings[2]], f"{whose} {thing}", dia_id, session))
     return facts
+
+
+def _name_words(token) -> str:
+    """A name as written: its entity's words, or the token with its compound parts ("Matt Patterson")."""
+    ent = _ent_span(token)
+    if ent is not None and ent.label_ not in ("DATE", "TIME", "CARDINAL", "ORDINAL"):
+        return ent.text
+    parts = [c for c in token.children if c.dep_ in ("compound", "flat") and c.i < token.i] + [token]
+    return " ".join(t.text for t in parts)
 
 
 def _count_facts(doc, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
@@ -693,7 +721,8 @@ def _things_named(doc, ctx: _Context) -> list[tuple[int, str]]:
     named = []
     for chunk in doc.noun_chunks:
         root = chunk.root
-        if root.pos_ in ("NOUN", "PROPN") and not _is_date(root) and root.ent_type_ != "PERSON" and \
+        if root.pos_ in ("NOUN", "PROPN") and not _is_date(root) and root.dep_ != "appos" and \
+                root.ent_type_ not in ("PERSON", "GPE", "LOC", "NORP", "ORG") and \
                 root.lemma_.lower() not in PEOPLE_WORDS and root.lemma_.lower() not in ("thing", "lot", "time",
                                                                                          "way", "one", "stuff"):
             named.append((chunk.end, _definite(_render([t for t in chunk if t.dep_ != "poss" or True], ctx))))
@@ -720,9 +749,10 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
         for prefix in ("a photo of ", "a picture of ", "a photo: "):
             if shown.startswith(prefix):
                 shown = shown[len(prefix):]
-        facts.append(Fact("photo", [f"What did {turn.speaker} share a photo of?",
-                                    f"What was in the photo {turn.speaker} shared?"], shown, turn.dia_id, session,
-                          turn.speaker))
+        day = f" on {_dmy(ctx.when)}" if ctx.when is not None else ""
+        facts.append(Fact("photo", [f"What did {turn.speaker} share a photo of{day}?",
+                                    f"What was in the photo {turn.speaker} shared{day}?"], shown, turn.dia_id,
+                          session, turn.speaker))
     return facts
 
 
@@ -762,14 +792,22 @@ def person_queries(facts: list[Fact], wordings: int) -> list[Query]:
     for f in facts:
         if f.person and f.relation:
             grouped.setdefault((f.person, f.relation), []).append(f)
+    questions = {(person, relation): RELATION_QUESTIONS[relation] for person, relation in grouped}
+    for f in facts:  # a person's objects of one verb: "What has Melanie painted?" -> a lake sunrise, a horse
+        if f.person and f.verb and f.kind == "what":
+            key = (f.person, f"verb {f.verb}")
+            grouped.setdefault(key, []).append(f)
+            done = _inflect(f.verb, "VBN")
+            questions[key] = (f"What has {f.person} {done}?", f"What things has {f.person} {done}?")
     out = []
-    for (person, relation), group in grouped.items():
+    for key, group in grouped.items():
         answers = list(dict.fromkeys(_no_article(f.answer) for f in group))
         if len(answers) < 2:
             continue
         answer = ", ".join(answers[-MAX_MERGED_ANSWERS:])
-        for q in RELATION_QUESTIONS[relation][:wordings]:
-            out.append(Query(q.format(p=person), answer, f"person_{relation}", group[-1].dia_id, group[-1].session))
+        for q in questions[key][:wordings]:
+            out.append(Query(q.format(p=key[0]), answer, f"person_{key[1].split()[0]}", group[-1].dia_id,
+                             group[-1].session))
     return out
 
 
