@@ -2,6 +2,8 @@
 
     icl: as much of the conversation as fits the model's context, most recent sessions kept, with dates
     rag: the top-k turns (or sessions) for each question by BM25, in conversation order, with dates
+    fact-rag: the top-k of the conversation's parser-built question-answer pairs (`facts`) by BM25: mem0's design,
+        extracted facts in an external store, with the extractor the adapters train on
 
 Both read the conversation only (`training_source`: no QA annotations, observations or summaries), with
 dates: ICL context has each session's date in its header, and a retrieved turn carries its own
@@ -15,11 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.locomo_data import FORMATS, Sample, session_texts, training_source
+from lora_mem.lora_core.facts import fact_queries
 from lora_mem.model.tokenizer import Tokenizer
 
 CONTEXT_TEMPLATE = "Here is a conversation between {a} and {b}, with the date of each message:\n\n{context}\n\n"
 RAG_TEMPLATE = "Here are messages from a conversation between {a} and {b}, with their dates:\n\n{context}\n\n"
-RAG_UNITS = ("turn", "session")
+FACT_TEMPLATE = "Here are facts from a conversation between {a} and {b}, as questions and answers:\n\n{context}\n\n"
+RAG_UNITS = ("turn", "session", "fact")
 
 
 def context_prompt(template: str, sample: Sample, context: str, question_text: str) -> str:
@@ -103,6 +107,8 @@ class BM25Retriever:
         source = training_source(sample)
         if unit == "session":
             self.docs = session_texts(source, timestamps=True)
+        elif unit == "fact":
+            self.docs = [f"{q.question} {q.answer}" for q in fact_queries(source)]
         else:
             _, line = FORMATS["timestamped"]
             self.docs = [line(source, s, t) for s in source.sessions for t in s.turns]

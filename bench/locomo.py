@@ -44,7 +44,15 @@ from bench.common import (
     run_info,
     write_jsonl,
 )
-from bench.context import CONTEXT_TEMPLATE, RAG_TEMPLATE, RAG_UNITS, BM25Retriever, context_prompt, icl_context
+from bench.context import (
+    CONTEXT_TEMPLATE,
+    FACT_TEMPLATE,
+    RAG_TEMPLATE,
+    RAG_UNITS,
+    BM25Retriever,
+    context_prompt,
+    icl_context,
+)
 from bench.locomo_data import (
     CATEGORY_NAMES,
     LocomoDataError,
@@ -88,7 +96,7 @@ from lora_mem.model.loader import CheckpointError, LoadedModel, load_model, reso
 from lora_mem.model.packaged import PackagedModelError
 from lora_mem.model.tokenizer import Tokenizer
 
-METHODS = ("lora", "base", "icl", "rag", "lora+rag")
+METHODS = ("lora", "base", "icl", "rag", "lora+rag", "fact-rag", "lora+fact-rag")
 DTYPES = ("float32", "bfloat16", "float16")
 # Room left in the context window for the chat markup, the question and the answer (ICL).
 ICL_RESERVE_TOKENS = 256
@@ -120,11 +128,16 @@ class LocomoConfig:
 
     @property
     def uses_adapter(self) -> bool:
-        return self.method in ("lora", "lora+rag")
+        return self.method.startswith("lora")
 
     @property
     def uses_rag(self) -> bool:
-        return self.method in ("rag", "lora+rag")
+        return self.method.endswith("rag")
+
+    @property
+    def retrieval_unit(self) -> str:
+        """What retrieval retrieves: the parser-built facts for the fact-rag methods, else --rag-unit."""
+        return "fact" if self.method.endswith("fact-rag") else self.rag_unit
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -163,7 +176,8 @@ def train_format(text: str) -> str:
 OPTIONS = (
     Option("--method", "method", dict(choices=METHODS, help="lora: train an adapter per conversation, ask without "
            "context; base: the model alone; icl: the latest sessions that fit the context window; rag: "
-           "BM25-retrieved turns; lora+rag: both adapter and retrieval")),
+           "BM25-retrieved turns; lora+rag: both adapter and retrieval; fact-rag: BM25-retrieved facts (the "
+           "parser-built question-answer pairs, an external store of what the adapters learn); lora+fact-rag: both")),
     Option("--model", "model", dict(help="packaged name, local checkpoint dir or hub id")),
     Option("--max-questions", "max_questions", dict(type=positive_int, help="first N questions of each conversation")),
     Option("--with-adversarial", "with_adversarial", dict(action="store_true",
@@ -341,15 +355,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Locom
     except ValueError as e:
         ap.error(str(e).replace("qa_source=", "--qa-source "))
     if (config.adapters_from or config.shared_batches) and not config.uses_adapter:
-        ap.error(f"--adapters-from and --shared-batches need an adapter method (lora, lora+rag), not {config.method}")
+        ap.error(f"--adapters-from and --shared-batches need an adapter method (lora, lora+rag, lora+fact-rag), not {config.method}")
     if config.memory.answer.mode == "recite" and (config.method != "lora" or config.shared_batches):
         ap.error("--answer-mode recite answers with the adapter's own recitation: method lora, no --shared-batches")
-    if config.uses_adapter and not config.adapters_from and config.memory.recipe.uses_queries \
-            and config.memory.recipe.queries_from == "parser":
+    recipe = config.memory.recipe
+    parses = config.uses_adapter and not config.adapters_from and recipe.uses_queries and recipe.queries_from == "parser"
+    if parses or config.uses_rag and config.retrieval_unit == "fact":
         try:
             check_parser_installed()
         except ParserError as e:
-            ap.error(f"--queries-from parser: {e}")
+            ap.error(f"{'--queries-from parser' if parses else '--method ' + config.method}: {e}")
     if config.memory.answer.mode == "recite" and not config.adapters_from \
             and "recite" not in config.memory.recipe.parts:
         ap.error(f"--answer-mode recite needs an adapter trained to recite (a --train-format with recite, got "
@@ -369,6 +384,8 @@ def settings_of(config: LocomoConfig) -> dict:
         not_applicable += ("context_tokens",)
     if not config.uses_rag:
         not_applicable += ("top_k", "rag_unit")
+    if config.retrieval_unit == "fact":
+        not_applicable += ("rag_unit",)
     if not config.memory.recipe.abstention:
         not_applicable += ("abstention_ratio", "abstention_style")
     if not config.memory.recipe.uses_queries:
@@ -386,12 +403,13 @@ def method_label(config: LocomoConfig) -> str:
 
 
 def _method_label(config: LocomoConfig) -> str:
-    rag = f"RAG (BM25 top-{config.top_k} {config.rag_unit}s)" if config.uses_rag else ""
+    rag = f"{'fact-' if config.retrieval_unit == 'fact' else ''}RAG (BM25 top-{config.top_k} " \
+          f"{config.retrieval_unit}s)" if config.uses_rag else ""
     if config.method == "base":
         return "Base (no context)"
     if config.method == "icl":
         return f"ICL (latest {config.context_tokens} tokens)"
-    if config.method == "rag":
+    if config.method in ("rag", "fact-rag"):
         return rag
     r = config.memory.recipe
     extras = "".join([", timestamps" if r.timestamps and not r.resolve_dates else "",
@@ -407,7 +425,7 @@ def _method_label(config: LocomoConfig) -> str:
                       f", answers from {r.distill_answers}" if "distill" in r.parts else "",
                       ", recite-then-answer" if config.memory.answer.mode == "recite" else ""])
     lora = f"LoRA-Mem (r={config.memory.lora.rank}{extras})"
-    return f"{lora} + {rag}" if config.method == "lora+rag" else lora
+    return f"{lora} + {rag}" if config.uses_rag else lora
 
 
 class ContextTooLong(ValueError):
@@ -440,9 +458,10 @@ def question_prompts(sample: Sample, questions: list, lm: LoadedModel, config: L
         info = {"context_tokens": ctx.tokens, "sessions_kept": ctx.sessions_kept, "sessions_total": ctx.sessions_total,
                 "turns_kept": ctx.turns_kept, "turns_total": ctx.turns_total}
     elif config.uses_rag:
-        retriever = BM25Retriever(sample, config.rag_unit)
+        retriever = BM25Retriever(sample, config.retrieval_unit)
         hits = retriever.retrieve([q.question for q in questions], config.top_k)
-        users = [context_prompt(RAG_TEMPLATE, sample, retriever.context(h), a) for h, a in zip(hits, asks)]
+        template = FACT_TEMPLATE if config.retrieval_unit == "fact" else RAG_TEMPLATE
+        users = [context_prompt(template, sample, retriever.context(h), a) for h, a in zip(hits, asks)]
         info = {"retrieved": hits, "documents": len(retriever.docs)}
     else:
         users = asks
@@ -660,7 +679,7 @@ def take_over_training_settings(config: LocomoConfig) -> LocomoConfig:
     if not path.is_file():
         raise RunConfigMismatch(f"--adapters-from {config.adapters_from}: no run_config.json (not a bench.locomo run)")
     source = read_run_file(path)
-    if source.get("method") not in ("lora", "lora+rag"):
+    if not str(source.get("method")).startswith("lora"):
         raise RunConfigMismatch(f"--adapters-from {config.adapters_from}: a {source.get('method')!r} run has no adapters")
     if source.get("model") != config.model:
         raise RunConfigMismatch(f"--adapters-from {config.adapters_from}: adapters of model {source.get('model')!r}, "

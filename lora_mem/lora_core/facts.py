@@ -454,9 +454,10 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
         head = c.text.lower() if c.pos_ == "NOUN" and c.ent_type_ == "" else None
         modified = head is not None and any(m.dep_ in ("compound", "amod", "nmod", "poss") for m in c.children)
         relation = "likes" if lemma in LIKE_VERBS else "owns" if lemma in OWN_VERBS and person else None
-        add("what", [_question("What", form.aux, subject, form.main, rest),
-                     _question("Who", form.past, answer, rest) if person else ""], answer, relation,
+        add("what", [_question("What", form.aux, subject, form.main, rest)], answer, relation,
             lemma if person and form.tense in ("past", "perfect") else None)
+        if person:  # the same fact from its other end
+            add("who", [_question("Who", form.past, answer, rest)], person)
         if modified:
             add("which", [_question("What", head, form.aux, subject, form.main, rest),
                           _question("What kind of", head, form.aux, subject, form.main, rest)],

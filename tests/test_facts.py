@@ -1,0 +1,85 @@
+"""The parser-built question set (`lora_core.facts`): questions asked of sentences written for this test.
+
+Each case is a turn and (question, answer) pairs that must be among the facts read from it: grammatical questions
+that carry the turn's words, short answers, speakers and pronouns resolved, relative dates resolved from the
+session date.
+"""
+
+from datetime import datetime
+
+import pytest
+
+pytest.importorskip("spacy")
+from lora_mem.lora_core.conversation import Conversation, Session, Turn  # noqa: E402
+from lora_mem.lora_core.facts import conversation_facts, fact_queries, resolve_date  # noqa: E402
+from lora_mem.lora_core.parser import ParserError, check_installed  # noqa: E402
+
+try:
+    check_installed()
+except ParserError as e:  # the facts extra is not installed: nothing here can run
+    pytest.skip(str(e), allow_module_level=True)
+
+SESSION = "2:15 pm on 14 March, 2024"  # a Thursday
+
+
+def facts_of(*texts: str, speakers=("Dana", "Eli")):
+    turns = [Turn(speakers[i % 2], f"D1:{i + 1}", text) for i, text in enumerate(texts)]
+    conv = Conversation("test", speakers[0], speakers[1], [Session(1, SESSION, turns)])
+    return conv, {(q, f.answer) for f in conversation_facts(conv) for q in f.wordings}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("I adopted a grey kitten last Saturday.",
+     [("What did Dana adopt?", "a grey kitten"), ("What kitten did Dana adopt?", "grey kitten"),
+      ("When did Dana adopt a grey kitten?", "the Saturday before 14 March 2024"),
+      ("Who adopted a grey kitten?", "Dana")]),
+    ("Yesterday I drove to Lisbon with my brother.",
+     [("Where did Dana drive?", "Lisbon"), ("Who did Dana drive with to Lisbon?", "Dana's brother"),
+      ("When did Dana drive to Lisbon with Dana's brother?", "13 March 2024")]),
+    ("I've been learning the cello for two years.",
+     [("What has Dana been learning?", "the cello"), ("How long has Dana been learning the cello?", "two years")]),
+    ("We got a puppy named Biscuit.",
+     [("What is the name of Dana's puppy?", "Biscuit")]),
+    ("I'm planning to run a marathon next month.",
+     [("What is Dana planning to do?", "run a marathon next month")]),
+    ("I quit my job because my boss was rude.",
+     [("Why did Dana quit Dana's job?", "Dana's boss was rude"), ("What did Dana quit?", "Dana's job")]),
+    ("I'm a big fan of jazz piano.",
+     [("What is Dana a big fan of?", "jazz piano")]),
+    ("I went to a pottery workshop and it was so relaxing.",
+     [("How was the pottery workshop?", "so relaxing"), ("What workshop did Dana go to?", "pottery workshop")]),
+])
+def test_questions_asked_of_a_turn(text, expected):
+    _, asked = facts_of(text)
+    for pair in expected:
+        assert pair in asked, f"{pair} not among {sorted(asked)}"
+
+
+def test_you_is_the_other_speaker_and_it_the_thing_named_before():
+    _, asked = facts_of("Did you see the new bakery?", "Yes! I loved it. It sells amazing croissants.")
+    assert ("What does the new bakery sell?", "amazing croissants") in asked
+    assert not any(q.startswith("What did Eli see") for q, _ in asked)  # a question says nothing
+
+
+@pytest.mark.parametrize("expression, expected", [
+    ("yesterday", "13 March 2024"), ("last Friday", "the Friday before 14 March 2024"),
+    ("last week", "the week before 14 March 2024"), ("two weekends ago", "two weekends before 14 March 2024"),
+    ("next month", "April 2024"), ("last year", "2023"), ("three days ago", "11 March 2024"),
+])
+def test_relative_dates_resolved_from_the_session(expression, expected):
+    assert resolve_date(expression, datetime(2024, 3, 14, 14, 15)) == expected
+
+
+def test_questions_across_turns_list_what_each_said():
+    conv, _ = facts_of("I painted a lighthouse.", "Nice!", "I also painted a red barn.")
+    listed = {q.question: q.answer for q in fact_queries(conv)}
+    assert listed["What has Dana painted?"] == "lighthouse, red barn"
+
+
+def test_wordings_and_per_turn_size_the_set():
+    conv, _ = facts_of("I adopted a grey kitten last Saturday. I drove to Lisbon with my brother.")
+    one = fact_queries(conv, wordings=1, across_turns=False)
+    two = fact_queries(conv, wordings=2, across_turns=False)
+    capped = fact_queries(conv, wordings=1, per_turn=2, across_turns=False)
+    assert len(two) > len(one) > len(capped) == 2
+    assert {q.question for q in one} <= {q.question for q in two}
