@@ -34,7 +34,7 @@ def facts_of(*texts: str, speakers=("Dana", "Eli")):
       ("When did Dana adopt a grey kitten?", "the Saturday before 14 March 2024"),
       ("Who adopted a grey kitten?", "Dana")]),
     ("Yesterday I drove to Lisbon with my brother.",
-     [("Where did Dana drive?", "Lisbon"), ("Who did Dana drive with to Lisbon?", "Dana's brother"),
+     [("Where did Dana drive with Dana's brother?", "Lisbon"), ("Who did Dana drive with to Lisbon?", "Dana's brother"),
       ("When did Dana drive to Lisbon with Dana's brother?", "13 March 2024")]),
     ("I've been learning the cello for two years.",
      [("What has Dana been learning?", "the cello"), ("How long has Dana been learning the cello?", "two years")]),
