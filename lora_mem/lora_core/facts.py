@@ -274,7 +274,18 @@ def _subject(verb):
 def _dropped_subject(verb) -> bool:
     """ "Took a short trip to Rome": a sentence opening with a past verb says what its speaker did."""
     first = next((t for t in verb.sent if not t.is_punct and t.pos_ not in ("INTJ", "ADV", "CCONJ")), None)
-    return verb.dep_ == "ROOT" and verb.tag_ == "VBD" and first is verb
+    return verb.dep_ == "ROOT" and first is not None and first.i == verb.i and _past_lemma(verb) is not None
+
+
+def _past_lemma(verb) -> str | None:
+    """The lemma of a verb written in the past tense ("took" -> "take"), whatever the tagger said; else None."""
+    from lemminflect import getLemma
+
+    if verb.tag_ == "VBD":
+        return verb.lemma_.lower()
+    lemmas = getLemma(verb.lower_, upos="VERB")
+    lemma = lemmas[0] if lemmas else None
+    return lemma if lemma and lemma != verb.lower_ and _inflect(lemma, "VBD") == verb.lower_ else None
 
 
 @dataclass
@@ -285,13 +296,16 @@ class _VerbForm:
     tense: str  # past, present, progressive, perfect, future
 
 
-def _verb_form(verb) -> _VerbForm | None:
-    auxes = [c for c in verb.children if c.dep_ in ("aux", "auxpass")]
+def _verb_form(verb, *, negated_ok: bool = False) -> _VerbForm | None:
+    """How a question asks about the clause's verb; None for a verb it cannot ask about (negated, bare)."""
+    auxes = [c for c in verb.children if c.dep_ in ("aux", "auxpass") and c.lower_ not in ("do", "does", "did")
+             or c.dep_ in ("aux", "auxpass") and not negated_ok]
     aux_lemmas = [a.lemma_.lower() for a in auxes]
     lemma = verb.lemma_.lower()
-    if any(c.dep_ == "neg" for c in verb.children):
+    if any(c.dep_ == "neg" for c in verb.children) and not negated_ok:
         return None
-    if verb.tag_ == "VBD" and not auxes:
+    if not auxes and (verb.tag_ == "VBD" or _dropped_subject(verb)):
+        lemma = _past_lemma(verb) or lemma
         return _VerbForm("did", lemma, verb.text.lower(), "past")
     if verb.tag_ in ("VBZ", "VBP") and not auxes:
         return _VerbForm("does", lemma, _inflect(lemma, "VBZ"), "present")
@@ -487,7 +501,7 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
                          _question("With whom", form.aux, subject, form.main, rest)], answer, "people")
         elif place and prep != "with":
             add("where", [_question("Where", form.aux, subject, form.main, "from" if prep == "from" else "", rest),
-                          _question("What place", form.aux, subject, form.main, prep, rest)], answer, "places")
+                          _question("What place", form.aux, subject, form.main, rest, prep)], answer, "places")
             head = pobj.lemma_.lower() if pobj.pos_ == "NOUN" else None
             if head and any(m.dep_ in ("compound", "amod") for m in pobj.children):
                 add("which", [_question("What", head, form.aux, subject, form.main, prep, rest),
@@ -530,6 +544,10 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
                 relation = "plans" if lemma in ("want", "plan", "hope", "decide", "wish", "aim", "intend") else \
                     "likes" if lemma in LIKE_VERBS else None
                 add("want", [_question("What", form.aux, subject, form.main, "to do")], answer, relation)
+        elif c.dep_ == "xcomp" and c.pos_ == "VERB" and rest_all and lemma not in INTENT_VERBS | {"go", "use", "have"} \
+                and any(m.dep_ == "aux" and m.lower_ == "to" for m in c.children):
+            add("why", [_question("Why", form.aux, subject, form.main, rest_all),
+                        _question("What", form.aux, subject, form.main, rest_all, "for")], _phrase(c, ctx))
         if c.dep_ == "ccomp" and lemma in COGNITION_VERBS and c.pos_ in ("VERB", "AUX"):
             said = _phrase(c, ctx, max_words=ANSWER_WORDS)
             said = re.sub(r"^that\s+", "", said)
@@ -700,7 +718,7 @@ def _frequency_facts(doc, ctx: _Context, dia_id: str, session: int) -> list[Fact
             verb = verb.head
         subj = _subject(verb)
         who = _noun_phrase(subj, ctx) if subj is not None else None
-        form = _verb_form(verb)
+        form = _verb_form(verb, negated_ok=True)
         if who is None or form is None:
             continue
         rest = _complements(verb, ctx, set())
@@ -757,12 +775,24 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
     return facts
 
 
+# Chat spellings the parser reads as other words ("gonna" -> "gon" + "na").
+_SPOKEN = ((re.compile(r"\bgonna\b", re.I), "going to"), (re.compile(r"\bwanna\b", re.I), "want to"),
+           (re.compile(r"\bgotta\b", re.I), "got to"), (re.compile(r"'em\b"), "them"))
+
+
+def _written(text: str) -> str:
+    text = " ".join(text.split())
+    for pattern, words in _SPOKEN:
+        text = pattern.sub(words, text)
+    return text
+
+
 def conversation_facts(conv: Conversation) -> list[Fact]:
     """Every fact of every turn, in conversation order (:func:`turn_facts`), built from the conversation alone."""
     source = conversation_only(conv)
     names = (source.speaker_a, source.speaker_b)
     turns = [(session, turn) for session in source.sessions for turn in session.turns]
-    docs = english().pipe([" ".join(t.text.split()) for _, t in turns], batch_size=64)
+    docs = english().pipe([_written(t.text) for _, t in turns], batch_size=64)
     facts: list[Fact] = []
     ctx = None
     for (session, turn), doc in zip(turns, docs):
