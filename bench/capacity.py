@@ -86,7 +86,7 @@ from lora_mem.lora_core.memory import (
     recite_then_answer,
     soft_training,
 )
-from lora_mem.lora_core.recipes import TRAIN_PARTS, QAPair, Recipe, chat_qa_windows
+from lora_mem.lora_core.recipes import QUERY_SOURCES, TRAIN_PARTS, QAPair, Recipe, chat_qa_windows
 from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, make_lm_windows, train_lora
 from lora_mem.model.loader import LoadedModel, load_model, parse_dtype
 
@@ -116,10 +116,10 @@ PRESETS: dict[str, dict] = {
 RESULT_SETTINGS = (
     "model", "dtype", "seed", "attributes", "train_format", "pack", "alpha", "dropout", "epochs", "min_steps", "lr",
     "batch_size", "grad_accum", "warmup_ratio", "seq_len", "max_new_tokens", "question_template", "facts_as",
-    "answer_mode",
+    "answer_mode", "queries_from", "query_phrasings",
 )
 # Settings added after run directories were written, with the value those runs had (as in bench.locomo).
-SETTINGS_ADDED_LATER = {"answer_mode": "direct"}
+SETTINGS_ADDED_LATER = {"answer_mode": "direct", "queries_from": "rules", "query_phrasings": 1}
 
 
 class CapacityError(ValueError):
@@ -342,7 +342,8 @@ def train_config(args, epochs: int) -> TrainConfig:
 
 
 def conversation_recipe(args) -> Recipe:
-    return Recipe(train_format=args.train_format, seq_len=args.seq_len)
+    return Recipe(train_format=args.train_format, seq_len=args.seq_len, queries_from=args.queries_from,
+                  query_phrasings=args.query_phrasings)
 
 
 def cell_epochs(n_windows: int, args) -> int:
@@ -622,6 +623,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="facts as qa: qa (chat QA, loss on the answers), statements (one sentence per fact, "
                         "next-token loss) or qa+statements (default qa); facts as conversation: a memory recipe "
                         "(default text+queries)")
+    g.add_argument("--queries-from", choices=QUERY_SOURCES, default=Recipe.queries_from,
+                   help="facts as conversation: what reads the turns for the recipe's questions (rules or parser)")
+    g.add_argument("--query-phrasings", type=positive_int, default=Recipe.query_phrasings,
+                   help="facts as conversation: wordings of each fact the recipe asks")
     g.add_argument("--pack", action="store_true",
                    help="pack several facts into each seq-len window (cheaper; each answer then also sees the "
                         "facts before it, unlike when asked); default: one fact per window, as it is asked")
@@ -678,9 +683,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     conversation = args.facts_as == "conversation"
     if args.train_format is None:
         args.train_format = "text+queries" if conversation else "qa"
+    if not conversation:  # the recipe's question settings do not apply to facts trained as their own questions
+        args.queries_from = args.query_phrasings = None
     if conversation:
         try:
-            recipe = Recipe(train_format=args.train_format, seq_len=args.seq_len)
+            recipe = conversation_recipe(args)
         except ValueError as e:
             raise CapacityError(f"--train-format: {e}") from None
         if args.pack:

@@ -213,8 +213,8 @@ def _noun_phrase(token, ctx: _Context, *, for_question: bool = True) -> str | No
                 return before[-1]
             return ctx.antecedents[-1] if ctx.antecedents else None
         return None
-    if token.ent_type_ == "PERSON" and token.dep_ != "compound":
-        return _phrase(token, ctx, max_words=4)
+    if token.ent_type_ in ("PERSON", "GPE", "LOC", "FAC", "ORG") and token.dep_ != "compound":
+        return _name_words(token)
     return _phrase(token, ctx, max_words=PHRASE_WORDS if for_question else ANSWER_WORDS, skip_relcl=for_question)
 
 
@@ -320,6 +320,11 @@ def _verb_form(verb, *, negated_ok: bool = False) -> _VerbForm | None:
         have = next(a for a in auxes if a.lemma_ == "have")
         aux = "had" if have.tag_ == "VBD" else "has"
         return _VerbForm(aux, verb.text.lower(), f"{aux} {verb.text.lower()}", "perfect")
+    if verb.tag_ == "VBN" and any(a.dep_ == "auxpass" for a in auxes):  # "I was born on ...", "we got married"
+        be = next(a for a in auxes if a.dep_ == "auxpass")
+        aux = "was" if be.tag_ == "VBD" else "is"
+        return _VerbForm(aux, verb.text.lower(), f"{aux} {verb.text.lower()}", "past" if aux == "was" else
+                         "present")
     if verb.tag_ == "VB":
         modal = next((a for a in auxes if a.tag_ == "MD"), None)
         if modal is not None:
@@ -344,6 +349,16 @@ def _inflect(lemma: str, tag: str) -> str:
 
     forms = getInflection(lemma, tag=tag)
     return forms[0] if forms else lemma
+
+
+# Prepositional phrases that are turns of speech, not circumstances of the event ("by the way", "for sure").
+_IDIOMS = frozenset({("by", "way"), ("of", "course"), ("in", "fact"), ("for", "sure"), ("at", "least"),
+                     ("at", "all"), ("for", "real"), ("in", "general"), ("at", "moment"), ("in", "way")})
+
+
+def _is_idiom(prep) -> bool:
+    pobj = _prep_object(prep)
+    return pobj is not None and (prep.lower_, pobj.lemma_.lower()) in _IDIOMS
 
 
 def _prep_object(prep):
@@ -386,7 +401,7 @@ def _complements(verb, ctx: _Context, skip: set[int]) -> str:
             parts.append((c.i, np))
         elif c.dep_ == "prep":
             pobj = _prep_object(c)
-            if pobj is None or _is_date(pobj):
+            if pobj is None or _is_date(pobj) or _is_idiom(c):
                 continue
             np = _noun_phrase(pobj, ctx)
             if np is None:
@@ -481,7 +496,7 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
         add("what", [_question("What", form.past, rest_all)], _phrase(subj_token, ctx, skip_relcl=True))
     # prepositional phrases: where, with whom, what about
     for c in verb.children:
-        if c.dep_ != "prep":
+        if c.dep_ != "prep" or _is_idiom(c):
             continue
         pobj = _prep_object(c)
         if pobj is None or _is_date(pobj):
@@ -508,10 +523,13 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
                               _question("What kind of", head, form.aux, subject, form.main, prep, rest)],
                     _no_article(answer))
         else:
-            add("what", [_question("Who" if people else "What", form.aux, subject, form.main, prep, rest)], answer)
+            job = [f"What is {subject}'s job?", f"What is {subject}'s profession?"] \
+                if lemma == "work" and prep == "as" and person else []
+            add("what", [_question("Who" if people else "What", form.aux, subject, form.main, prep, rest)] + job,
+                answer)
     # when, and the event asked from its date
     event = _question("", form.main, rest_all)[:-1].strip() if rest_all else ""
-    if date is not None and ctx.when is not None and rest_all:
+    if date is not None and ctx.when is not None and (rest_all or not _objects(verb)):
         resolved = resolve_date(date.text, ctx.when)
         if resolved:
             add("when", [_question("When", form.aux, subject, form.main, rest_all),
@@ -580,6 +598,12 @@ def _copula_facts(verb, subj_token, subject: str, ctx: _Context, add) -> None:
     person = subject in ctx.names
     thing = _definite(subject)
     for c in verb.children:
+        if c.dep_ == "prep" and person and c.lower_ in ("from", "in", "at") and _prep_object(c) is not None:
+            place = _prep_object(c)
+            where = _noun_phrase(place, ctx, for_question=False)
+            if where and (place.ent_type_ in ("GPE", "LOC", "FAC") or c.lower_ == "from"):
+                add("where", [_question("Where", aux, subject, "from" if c.lower_ == "from" else ""),
+                              _category_question(place, aux, subject, c.lower_)], where, "places")
         if c.dep_ == "acomp":
             quality = _phrase(c, ctx, max_words=6)
             about = _xcomp_of(c, ctx)
@@ -609,6 +633,12 @@ def _copula_facts(verb, subj_token, subject: str, ctx: _Context, add) -> None:
                 if not _is_pronoun(subj_token) and c.pos_ == "NOUN" and len(value.split()) > 1:
                     # "This necklace is a gift from my grandma": what is a gift from Caroline's grandma?
                     add("is", [_question("What", aux, _noun_phrase(c, ctx))], _no_article(subject))
+
+
+def _category_question(name, aux: str, subject: str, prep: str) -> str:
+    """ "Lisbon, a small town": which town is Dana from? (a name's apposition says what kind of thing it is)."""
+    kind = next((c for c in name.children if c.dep_ == "appos" and c.pos_ == "NOUN"), None)
+    return _question("Which", kind.lemma_.lower(), aux, subject, prep) if kind is not None else ""
 
 
 def _prep_word(adjective) -> str:
