@@ -88,6 +88,7 @@ from lora_mem.lora_core.memory import (
     chat_prompts,
     recite_then_answer,
 )
+from lora_mem.deps import MissingDependency
 from lora_mem.lora_core.parser import ParserError
 from lora_mem.lora_core.parser import check_installed as check_parser_installed
 from lora_mem.lora_core.recipes import ABSTENTION_STYLES, MIN_SEQ_LEN, QA_SOURCES, QUERY_SOURCES, TRAIN_PARTS
@@ -362,9 +363,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Locom
     parses = config.uses_adapter and not config.adapters_from and recipe.uses_queries and recipe.queries_from == "parser"
     if parses or config.uses_rag and config.retrieval_unit == "fact":
         try:
-            check_parser_installed()
-        except ParserError as e:
-            ap.error(f"{'--queries-from parser' if parses else '--method ' + config.method}: {e}")
+            check_parser_installed("--queries-from parser" if parses else f"--method {config.method}")
+        except (MissingDependency, ParserError) as e:
+            ap.error(str(e))
     if config.memory.answer.mode == "recite" and not config.adapters_from \
             and "recite" not in config.memory.recipe.parts:
         ap.error(f"--answer-mode recite needs an adapter trained to recite (a --train-format with recite, got "

