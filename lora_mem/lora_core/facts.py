@@ -26,14 +26,20 @@ speaker. Built from the conversation's own fields only (`conversation_only`); no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from lora_mem.lora_core.conversation import Conversation, conversation_only, parsed_date_time, photo_note, \
     session_date
-from lora_mem.lora_core.parser import english
+from lora_mem.files import atomic_write_json
+from lora_mem.home import cache_dir, safe_name
+from lora_mem.lora_core.parser import PIPELINE_SHA256, english
 from lora_mem.lora_core.queries import MAX_MERGED_ANSWERS, Query
 
 ANSWER_WORDS = 12  # a constituent longer than this is cut at its first clause or phrase boundary past it
@@ -817,9 +823,30 @@ def _written(text: str) -> str:
     return text
 
 
-def conversation_facts(conv: Conversation) -> list[Fact]:
-    """Every fact of every turn, in conversation order (:func:`turn_facts`), built from the conversation alone."""
+def conversation_facts(conv: Conversation, *, cache: bool = True) -> list[Fact]:
+    """Every fact of every turn, in conversation order (:func:`turn_facts`), built from the conversation alone.
+
+    Parsing a long conversation takes seconds to a minute, so the facts are cached under
+    ``$LORA_MEM_HOME/questions``, keyed by the conversation's own fields, this module's source and the parser's
+    pin: any change to one of them builds them again."""
     source = conversation_only(conv)
+    path = None
+    if cache:
+        key = hashlib.sha256(json.dumps(dataclasses.asdict(source), sort_keys=True).encode() + b"\0" +
+                             Path(__file__).read_bytes() + PIPELINE_SHA256.encode()).hexdigest()[:16]
+        path = cache_dir("questions") / f"{safe_name(source.sample_id, 'conversation')}-{key}.json"
+        if path.is_file():
+            try:
+                return [Fact(**f) for f in json.loads(path.read_text())]
+            except (ValueError, TypeError):  # an unreadable entry is built again
+                pass
+    facts = _parse_facts(source)
+    if path is not None:
+        atomic_write_json(path, [dataclasses.asdict(f) for f in facts])
+    return facts
+
+
+def _parse_facts(source: Conversation) -> list[Fact]:
     names = (source.speaker_a, source.speaker_b)
     turns = [(session, turn) for session in source.sessions for turn in session.turns]
     docs = english().pipe([_written(t.text) for _, t in turns], batch_size=64)
