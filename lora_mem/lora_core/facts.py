@@ -534,7 +534,6 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
             add("what", [_question("Who" if people else "What", form.aux, subject, form.main, prep, rest)] + job,
                 answer)
     # when, and the event asked from its date
-    event = _question("", form.main, rest_all)[:-1].strip() if rest_all else ""
     if date is not None and ctx.when is not None and (rest_all or not _objects(verb)):
         resolved = resolve_date(date.text, ctx.when)
         if resolved:
@@ -780,7 +779,7 @@ def _things_named(doc, ctx: _Context) -> list[tuple[int, str]]:
                 root.ent_type_ not in ("PERSON", "GPE", "LOC", "NORP", "ORG") and \
                 root.lemma_.lower() not in PEOPLE_WORDS and root.lemma_.lower() not in ("thing", "lot", "time",
                                                                                          "way", "one", "stuff"):
-            named.append((chunk.end, _definite(_render([t for t in chunk if t.dep_ != "poss" or True], ctx))))
+            named.append((chunk.end, _definite(_render(list(chunk), ctx))))
     return named
 
 
@@ -794,9 +793,8 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
         for t in sentence:
             if t.dep_ in _CLAUSE_DEPS and t.pos_ in ("VERB", "AUX"):
                 facts += _clause_facts(t, ctx, turn.dia_id, session)
-        sent_doc = sentence
-        facts += _name_facts(sent_doc, ctx, turn.dia_id, session)
-        facts += _count_facts(sent_doc, ctx, turn.dia_id, session)
+        facts += _name_facts(sentence, ctx, turn.dia_id, session)
+        facts += _count_facts(sentence, ctx, turn.dia_id, session)
         facts += _frequency_facts(sentence, ctx, turn.dia_id, session)
     ctx.antecedents = (ctx.antecedents + [text for _, text in ctx.chunks])[-8:]
     if turn.blip_caption:
