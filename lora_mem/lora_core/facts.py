@@ -462,8 +462,7 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
     def add(kind, wordings, answer, relation=None, verb_lemma=None):
         answer = " ".join(answer.split())
         if answer and _content(answer) and len(answer.split()) <= ANSWER_WORDS + 4:
-            facts.append(Fact(kind, [w for w in wordings if w], answer, dia_id, session, person, relation,
-                              verb_lemma))
+            facts.append(Fact(kind, list(wordings), answer, dia_id, session, person, relation, verb_lemma))
 
     lemma = verb.lemma_.lower()
     if lemma == "be":
@@ -491,8 +490,8 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
         relation = "likes" if lemma in LIKE_VERBS else "owns" if lemma in OWN_VERBS and person else None
         add("what", [_question("What", form.aux, subject, form.main, rest)], answer, relation,
             lemma if person and form.tense in ("past", "perfect") else None)
-        if person:  # the same fact from its other end
-            add("who", [_question("Who", form.past, answer, rest)], person)
+        if person:  # the same fact from its other end (a second wording: asked only with wordings >= 2)
+            add("who", ["", _question("Who", form.past, answer, rest)], person)
         if modified:
             add("which", [_question("What", head, form.aux, subject, form.main, rest),
                           _question("What kind of", head, form.aux, subject, form.main, rest)],
@@ -897,6 +896,11 @@ def person_queries(facts: list[Fact], wordings: int) -> list[Query]:
     return out
 
 
+# Kinds whose question, when several turns answer it, is also asked with each turn's day: events and things,
+# not feelings or qualities (every turn has one, and the day does not tell them apart in how people ask).
+DATED_KINDS = frozenset("what which want is did_on where when think why with".split())
+
+
 def fact_queries(conv: Conversation, *, wordings: int = 1, per_turn: int | None = None,
                  across_turns: bool = True) -> list[Query]:
     """The parser-built question set of ``conv``: each fact (:func:`conversation_facts`) in its first ``wordings``
@@ -906,20 +910,28 @@ def fact_queries(conv: Conversation, *, wordings: int = 1, per_turn: int | None 
     if wordings < 1 or (per_turn is not None and per_turn < 1):
         raise ValueError(f"wordings and per_turn must be >= 1, got {wordings}, {per_turn}")
     facts = conversation_facts(conv)
-    asked: dict[str, list] = {}
+    asked: dict[str, list] = {}  # question (lowercase) -> [its first query, its facts in order]
     counts: dict[str, int] = {}
     for f in facts:
-        if not f.wordings:
+        asks = [q for q in f.wordings[:wordings] if q]
+        if not asks:
             continue
         counts[f.dia_id] = counts.get(f.dia_id, 0) + 1
         if per_turn is not None and counts[f.dia_id] > per_turn:
             continue
-        for q in f.wordings[:wordings]:
+        for q in asks:
             entry = asked.setdefault(q.lower(), [Query(q, f.answer, f.kind, f.dia_id, f.session), []])
-            if f.answer not in entry[1]:
-                entry[1].append(f.answer)
-    queries = [Query(q.question, ", ".join(answers[:MAX_MERGED_ANSWERS]), q.kind, q.dia_id, q.session)
-               for q, answers in asked.values()]
+            if all(f.answer != g.answer for g in entry[1]):
+                entry[1].append(f)
+    days = {s.index: session_date(s.date_time) for s in conversation_only(conv).sessions}
+    queries = []
+    for q, group in asked.values():
+        queries.append(Query(q.question, ", ".join(f.answer for f in group[:MAX_MERGED_ANSWERS]), q.kind, q.dia_id,
+                             q.session))
+        if len(group) > 1 and q.kind in DATED_KINDS and not re.search(r"\d{4}\?$", q.question):
+            # each of several answers also asked on its own day: "What did Caroline make on 25 May 2023?"
+            queries += [Query(f"{q.question[:-1]} on {days[f.session]}?", f.answer, q.kind, f.dia_id, f.session)
+                        for f in group if days.get(f.session)]
     if across_turns:
         queries += person_queries(facts, wordings)
     return queries
