@@ -30,14 +30,14 @@ def facts_of(*texts: str, speakers=("Dana", "Eli")):
 
 @pytest.mark.parametrize("text, expected", [
     ("I adopted a grey kitten last Saturday.",
-     [("What did Dana adopt?", "a grey kitten"), ("What kitten did Dana adopt?", "grey kitten"),
+     [("What did Dana adopt?", "grey kitten"), ("What kitten did Dana adopt?", "grey kitten"),
       ("When did Dana adopt a grey kitten?", "the Saturday before 14 March 2024"),
       ("Who adopted a grey kitten?", "Dana")]),
     ("Yesterday I drove to Lisbon with my brother.",
      [("Where did Dana drive with Dana's brother?", "Lisbon"), ("Who did Dana drive with to Lisbon?", "Dana's brother"),
       ("When did Dana drive to Lisbon with Dana's brother?", "13 March 2024")]),
     ("I've been learning the cello for two years.",
-     [("What has Dana been learning?", "the cello"), ("How long has Dana been learning the cello?", "two years")]),
+     [("What has Dana been learning?", "cello"), ("How long has Dana been learning the cello?", "two years")]),
     ("We got a puppy named Biscuit.",
      [("What is the name of Dana's puppy?", "Biscuit")]),
     ("I'm planning to run a marathon next month.",

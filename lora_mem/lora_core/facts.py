@@ -84,7 +84,7 @@ class Fact:
 class _Context:
     speaker: str
     other: str
-    names: tuple[str, str]
+    names: tuple[str, ...]  # everyone who speaks
     when: datetime | None  # the session's date and time
     antecedents: list[str] = field(default_factory=list)  # things named in the turns before, the last last
     chunks: list[tuple[int, str]] = field(default_factory=list)  # things named in this turn: (end token, phrase)
@@ -460,7 +460,7 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
     facts: list[Fact] = []
 
     def add(kind, wordings, answer, relation=None, verb_lemma=None):
-        answer = " ".join(answer.split())
+        answer = _no_article(" ".join(answer.split()))
         if answer and _content(answer) and len(answer.split()) <= ANSWER_WORDS + 4:
             facts.append(Fact(kind, list(wordings), answer, dia_id, session, person, relation, verb_lemma))
 
@@ -844,13 +844,14 @@ def conversation_facts(conv: Conversation, *, cache: bool = True) -> list[Fact]:
 
 
 def _parse_facts(source: Conversation) -> list[Fact]:
-    names = (source.speaker_a, source.speaker_b)
+    names = tuple(dict.fromkeys([source.speaker_a, source.speaker_b] +
+                                [t.speaker for s in source.sessions for t in s.turns]))
     turns = [(session, turn) for session in source.sessions for turn in session.turns]
     docs = english().pipe([_written(t.text) for _, t in turns], batch_size=64)
     facts: list[Fact] = []
     ctx = None
     for (session, turn), doc in zip(turns, docs):
-        other = names[1] if turn.speaker == names[0] else names[0]
+        other = source.speaker_b if turn.speaker == source.speaker_a else source.speaker_a
         when = parsed_date_time(session.date_time)
         if ctx is None or ctx.when != when:
             ctx = _Context(turn.speaker, other, names, when)
