@@ -460,7 +460,8 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
     facts: list[Fact] = []
 
     def add(kind, wordings, answer, relation=None, verb_lemma=None):
-        answer = _no_article(" ".join(answer.split()))
+        answer = " ".join(answer.split())
+        answer = answer if kind == "when" else _no_article(answer)  # a date reads "the Friday before ..."
         if answer and _content(answer) and len(answer.split()) <= ANSWER_WORDS + 4:
             facts.append(Fact(kind, list(wordings), answer, dia_id, session, person, relation, verb_lemma))
 
