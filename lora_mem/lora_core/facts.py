@@ -56,6 +56,9 @@ INTENT_VERBS = frozenset("""want plan hope try decide love like start begin need
 prefer enjoy continue keep""".split())
 LIKE_VERBS = frozenset("love like enjoy adore prefer".split())
 OWN_VERBS = frozenset("have get buy adopt own receive find make build paint draw create write bake".split())
+# Nouns of chat that no pronoun stands for ("Thanks, Mel! It was great": it is not the thanks).
+CHAT_WORDS = frozenset("""thing things lot time way one stuff thanks thank lol wow yeah hey congrats congratulations
+sure idea bit kind sort part day week year""".split())
 REASON_MARKERS = frozenset("because 'cause cause cuz".split())  # "since" and "as" are as often about time
 # Words that make a clause not a statement of fact about the speaker.
 HEDGES = frozenset("if whether unless".split())
@@ -236,6 +239,25 @@ def _worth_asking(token) -> bool:
     if token.pos_ == "PRON":
         return token.lower_ in ("it", "them", "this", "these", "those", "that")
     return token.pos_ in ("NOUN", "PROPN", "NUM", "X")
+
+
+# Words of praise and emphasis that chat says of everything ("that's awesome!").
+GENERIC_WORDS = frozenset("""great awesome amazing cool nice good fun special tough hard so really very super pretty
+totally fantastic wonderful incredible beautiful lovely sweet cute funny crazy insane exciting interesting important
+huge big blast success best awful bad wild rough stunning gorgeous neat perfect fab fabulous excellent brilliant
+such a an the and too just lot""".split())
+
+
+def _specific(answer: str) -> bool:
+    return any(w not in GENERIC_WORDS for w in re.findall(r"[a-z0-9']+", answer.lower()))
+
+
+def _unowned(answer: str, ctx: _Context) -> str:
+    """An answer without the speakers' possessives ("Caroline's own journey" -> "own journey"): LoCoMo's answers
+    say "her" or nothing, and an adapter trained on names in every answer answers with the name."""
+    names = "|".join(re.escape(n) for n in ctx.names)
+    unowned = re.sub(rf"\b(?:{names})'s\s+", "", " ".join(answer.split()))
+    return unowned if _content(unowned) else " ".join(answer.split())
 
 
 def _content(text: str) -> bool:
@@ -460,8 +482,9 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
     facts: list[Fact] = []
 
     def add(kind, wordings, answer, relation=None, verb_lemma=None):
-        answer = " ".join(answer.split())
-        answer = answer if kind == "when" else _no_article(answer)  # a date reads "the Friday before ..."
+        answer = answer if kind in ("when", "who") else _no_article(_unowned(answer, ctx))
+        if kind == "how" and not _specific(answer):
+            return  # "How was the party?" -> "awesome": said of everything, it tells nothing apart
         if answer and _content(answer) and len(answer.split()) <= ANSWER_WORDS + 4:
             facts.append(Fact(kind, list(wordings), answer, dia_id, session, person, relation, verb_lemma))
 
@@ -471,9 +494,8 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
             _copula_facts(verb, subj_token, subject, ctx, add)
         return facts
     form = _verb_form(verb)
-    if form is None:
-        return facts
-    other_told = f"What did {subject} tell {ctx.other if subject == ctx.speaker else ctx.speaker}"
+    if form is None or form.main.split()[-1] in ("be", "being", "been"):
+        return facts  # a copula reached through another verb ("to be about helping") reads as no question
     rest_all = _complements(verb, ctx, set())
     if "\0" in rest_all:
         rest_all = ""
@@ -777,8 +799,7 @@ def _things_named(doc, ctx: _Context) -> list[tuple[int, str]]:
         root = chunk.root
         if root.pos_ in ("NOUN", "PROPN") and not _is_date(root) and root.dep_ != "appos" and \
                 root.ent_type_ not in ("PERSON", "GPE", "LOC", "NORP", "ORG") and \
-                root.lemma_.lower() not in PEOPLE_WORDS and root.lemma_.lower() not in ("thing", "lot", "time",
-                                                                                         "way", "one", "stuff"):
+                root.lemma_.lower() not in PEOPLE_WORDS and root.lemma_.lower() not in CHAT_WORDS:
             named.append((chunk.end, _definite(_render(list(chunk), ctx))))
     return named
 
