@@ -228,7 +228,7 @@ def _noun_phrase(token, ctx: _Context, *, for_question: bool = True) -> str | No
 
 
 _VAGUE = frozenset("""thing things stuff lot lots bit part best one ones time times way much many more most some
-all something anything everything nothing kind sort""".split())
+all something anything everything nothing kind sort ton tons bunch world""".split())
 
 
 def _worth_asking(token) -> bool:
@@ -246,6 +246,14 @@ GENERIC_WORDS = frozenset("""great awesome amazing cool nice good fun special to
 totally fantastic wonderful incredible beautiful lovely sweet cute funny crazy insane exciting interesting important
 huge big blast success best awful bad wild rough stunning gorgeous neat perfect fab fabulous excellent brilliant
 such a an the and too just lot""".split())
+
+
+def _particular(token) -> bool:
+    """Whether a subject names a particular thing: a name, a pronoun standing for one, or a noun with a determiner,
+    possessor, number or modifier ("the charity race", "my pottery class"), not a bare abstraction ("dance")."""
+    if token.pos_ in ("PRON", "PROPN"):
+        return True
+    return any(c.dep_ in ("det", "poss", "nummod", "compound", "amod") for c in token.children)
 
 
 def _specific(answer: str) -> bool:
@@ -478,6 +486,8 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
     subject = _noun_phrase(subj_token, ctx) if subj_token is not None else ctx.speaker
     if subject is None or not _content(subject) and subject not in ctx.names:
         return []
+    if subject not in ctx.names and subj_token is not None and not _particular(subj_token):
+        return []  # "dance helps me de-stress": a bare abstraction is no subject to ask about
     person = subject if subject in ctx.names else None
     facts: list[Fact] = []
 
@@ -515,7 +525,7 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
             lemma if person and form.tense in ("past", "perfect") else None)
         if person:  # the same fact from its other end (a second wording: asked only with wordings >= 2)
             add("who", ["", _question("Who", form.past, answer, rest)], person)
-        if modified:
+        if modified and len(_unowned(_no_article(answer), ctx).split()) > 1:
             add("which", [_question("What", head, form.aux, subject, form.main, rest),
                           _question("What kind of", head, form.aux, subject, form.main, rest)],
                 _no_article(answer))
@@ -598,7 +608,7 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
             said = re.sub(r"^that\s+", "", said)
             add("think", [_question("What", form.aux, subject, form.main)], said)
     # feelings: "I felt tiny", "it made me feel relaxed"
-    if lemma in ("feel", "get", "become", "seem", "look", "sound"):
+    if lemma in ("feel", "become", "seem", "look", "sound"):
         for c in verb.children:
             if c.dep_ in ("acomp", "attr", "oprd"):
                 feeling = _phrase(c, ctx, max_words=ANSWER_WORDS)
@@ -653,8 +663,6 @@ def _copula_facts(verb, subj_token, subject: str, ctx: _Context, add) -> None:
                            _question("Who", aux, subject, kind, prep.lower_)
                            if _prep_object(prep).ent_type_ == "PERSON" else ""],
                     _noun_phrase(_prep_object(prep), ctx, for_question=False) or "")
-            elif person:
-                add("is", [_question("What", aux, subject)], value)
             elif c.lemma_.lower() not in _VAGUE:
                 add("is", [_question("What", aux, thing)], value)
                 if not _is_pronoun(subj_token) and c.pos_ == "NOUN" and len(value.split()) > 1:
@@ -921,7 +929,7 @@ def person_queries(facts: list[Fact], wordings: int) -> list[Query]:
 
 # Kinds whose question, when several turns answer it, is also asked with each turn's day: events and things,
 # not feelings or qualities (every turn has one, and the day does not tell them apart in how people ask).
-DATED_KINDS = frozenset("what which want is did_on where when think why with".split())
+DATED_KINDS = frozenset("what which want is did_on where think why with".split())
 
 
 def fact_queries(conv: Conversation, *, wordings: int = 1, per_turn: int | None = None,
@@ -954,7 +962,7 @@ def fact_queries(conv: Conversation, *, wordings: int = 1, per_turn: int | None 
         if len(group) > 1 and q.kind in DATED_KINDS and not re.search(r"\d{4}\?$", q.question):
             # each of several answers also asked on its own day: "What did Caroline make on 25 May 2023?"
             queries += [Query(f"{q.question[:-1]} on {days[f.session]}?", f.answer, q.kind, f.dia_id, f.session)
-                        for f in group if days.get(f.session)]
+                        for f in group if days.get(f.session) and f.person]
     if across_turns:
         queries += person_queries(facts, wordings)
     return queries
