@@ -416,6 +416,7 @@ def _method_label(config: LocomoConfig) -> str:
     extras = "".join([", timestamps" if r.timestamps and not r.resolve_dates else "",
                       ", timestamps+dates" if r.resolve_dates else "",
                       f", {r.train_format}" if r.train_format != "text" else "",
+                      " by parser" if r.uses_queries and r.queries_from == "parser" else "",
                       f" ({r.qa_per_turn}/turn)" if r.qa_per_turn and r.train_format != "text" else "",
                       f" by {QA_SOURCE_LABELS[r.qa_source]}" if r.qa_source != "templates" else "",
                       f", {'contrastive ' if r.abstention_style == 'contrastive' else ''}abstention "

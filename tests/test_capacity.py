@@ -364,3 +364,23 @@ def test_recite_then_answer_cells_keep_the_recitation_and_resume_older_runs(ckpt
     with pytest.raises(capacity.RunConfigMismatch, match="answer_mode: saved 'direct' vs now 'recite'"):
         run(ckpt, direct, "--ranks", "1", "--facts", "2", "--no-base", "--facts-as", "conversation",
             "--train-format", "text+recite", "--answer-mode", "recite")
+
+
+def test_facts_as_a_conversation_with_the_parser_built_questions(ckpt, tmp_path, monkeypatch):
+    """--queries-from parser: the cell trains the parser's questions of the facts' turns, and records the setting
+    (an older run directory, which has no such setting, resumes as rules)."""
+    pytest.importorskip("spacy")
+    import lora_mem.lora_core.recipes as recipes
+
+    trained = []
+    real = recipes.chat_qa_windows
+    monkeypatch.setattr(recipes, "chat_qa_windows", lambda pairs, *a: trained.extend(pairs) or real(pairs, *a))
+    facts = generate_facts(3)
+    results = run(ckpt, tmp_path / "parser", "--facts-as", "conversation", "--train-format", "queries",
+                  "--queries-from", "parser", "--query-phrasings", "2", "--ranks", "2", "--facts", "3",
+                  "--seq-len", "128")
+    assert results["settings"]["queries_from"] == "parser" and results["settings"]["query_phrasings"] == 2
+    asked = {(p.question, p.answer) for p in trained}
+    assert (f"When was {facts[0].subject} born?", facts[0].answer) in asked
+    assert (f"Where is {facts[1].subject} from?", facts[1].answer) in asked
+    assert (f"What is {facts[2].subject}'s job?", facts[2].answer) in asked  # "I work as a ...": the second wording

@@ -394,3 +394,34 @@ def test_distill_and_recite_recipes_run_end_to_end(long_ckpt, tmp_path, monkeypa
     assert read_jsonl(tmp_path / "dr2" / "predictions.jsonl") == rows and again["scores"] == results["scores"]
     with pytest.raises(SystemExit):  # reciting needs an adapter trained to recite
         run(long_ckpt, tmp_path / "bad", "--answer-mode", "recite")
+
+
+def test_fact_rag_puts_the_parser_built_facts_into_the_prompt(long_ckpt, tmp_path, monkeypatch):
+    pytest.importorskip("spacy")
+    seen = prompts_seen(monkeypatch)
+    results = run(long_ckpt, tmp_path / "fr", "--method", "fact-rag", "--top-k", "3", "--conversations", "tiny-1")
+    assert results["method"] == "fact-RAG (BM25 top-3 facts)"
+    assert results["settings"]["rag_unit"] is None  # the unit is the method's, not --rag-unit's
+    rows = read_jsonl(tmp_path / "fr" / "predictions.jsonl")
+    puppy = next(i for i, r in enumerate(rows) if r["question"] == "What is the name of Alice's puppy?")
+    # the fact, asked and answered as the adapters learn it, not the turn it came from
+    assert "What is the name of Alice's puppy? Biscuit" in seen[puppy] and "Hi Bob!" not in seen[puppy]
+    assert all(len(r["retrieved"]) == 3 for r in rows)
+
+
+def test_parser_recipe_trains_the_parser_built_questions(long_ckpt, tmp_path, monkeypatch):
+    pytest.importorskip("spacy")
+    trained = []
+    real = recipes.chat_qa_windows
+    monkeypatch.setattr(recipes, "chat_qa_windows", lambda pairs, *a: trained.extend(pairs) or real(pairs, *a))
+    results = run(long_ckpt, tmp_path / "parser", "--train-format", "queries", "--queries-from", "parser",
+                  "--queries-per-turn", "all", "--conversations", "tiny-1")
+    assert results["settings"]["queries_from"] == "parser" and results["settings"]["queries_per_turn"] is None
+    asked = {(p.question, p.answer) for p in trained}
+    assert ("What is the name of Alice's puppy?", "Biscuit") in asked
+    assert ("When did Alice adopt a puppy?", "7 May 2023") in asked
+    assert results["method"] == "LoRA-Mem (r=4, queries by parser)"
+    lora_plus_facts = run(long_ckpt, tmp_path / "lfr", "--method", "lora+fact-rag", "--top-k", "2",
+                          "--adapters-from", str(tmp_path / "parser"), "--conversations", "tiny-1")
+    assert lora_plus_facts["method"].endswith("+ fact-RAG (BM25 top-2 facts)")
+    assert lora_plus_facts["settings"]["queries_from"] == "parser"  # taken over from the adapters' run
