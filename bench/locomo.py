@@ -493,6 +493,7 @@ def prepare_adapter(sample: Sample, memory: Memory, config: LocomoConfig, out: P
     if config.adapters_from:
         memory.load(path)
         return {"adapter": str(path)}
+    train_file = conversation_dir(out, sample.sample_id) / "train.json"
     train = read_train(out, sample.sample_id)
     if train is not None and not train.get("error") and path.is_dir():  # trained by an earlier invocation
         memory.load(path)
@@ -501,8 +502,7 @@ def prepare_adapter(sample: Sample, memory: Memory, config: LocomoConfig, out: P
         train = {**written.to_dict(), "seq_len": config.memory.recipe.seq_len}
         if written.error is None:
             memory.save(path)
-        atomic_write_json(conversation_dir(out, sample.sample_id) / "train.json", train)  # after the adapter:
-        # marks it complete
+        atomic_write_json(train_file, train)  # after the adapter: marks it complete
     fields = {"train_tokens": train["tokens"], "train_seconds": train["seconds"],
               "data_seconds": train.get("data_seconds", 0.0), "teacher_seconds": train.get("teacher_seconds", 0.0),
               "final_loss": train["losses"][-1] if train["losses"] else None, "epochs_loss": train["epochs_loss"]}
@@ -730,7 +730,7 @@ def fit_to_model(config: LocomoConfig, ckpt: Checkpoint, samples: list[Sample]) 
     if config.method == "icl" and config.context_tokens is None:
         if window <= ICL_RESERVE_TOKENS:
             raise SettingError(f"the model's context window ({window} positions) leaves no room for ICL's default "
-                               f"budget: set --context-tokens")
+                               "budget: set --context-tokens")
         config = dataclasses.replace(config, context_tokens=window - ICL_RESERVE_TOKENS)
     check_questions_fit(samples, config, tok, window)
     return config

@@ -253,6 +253,8 @@ def load_locomo(path: str | os.PathLike) -> list[Sample]:
     raw = read_json(path, LocomoDataError)
     if not isinstance(raw, list):
         raise LocomoDataError(f"{path}: top level must be a list of samples, got {type(raw).__name__}")
+    if not raw:
+        raise LocomoDataError(f"{path}: no samples (the list is empty): nothing to remember")
     samples = []
     seen: dict[str, str] = {}  # name_key -> sample_id: ids that would share a folder
     for k, s in enumerate(raw):

@@ -19,19 +19,11 @@ from lora_mem.lora_core.multi_adapter import stack_adapters
 from lora_mem.lora_core.recipes import Recipe
 from lora_mem.lora_core.train import MAX_LORA_WEIGHT, TrainConfig, lora_weights_problem, train_lora
 from lora_mem.model.loader import load_model
-from tests.tiny_models import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_checkpoint(d, "llama")
-    return d
-
-
-@pytest.fixture(scope="module")
-def saved_adapter(ckpt, tmp_path_factory):
-    memory = Memory(load_model(str(ckpt)), MemoryConfig(lora=LoRAConfig(rank=4), recipe=Recipe(seq_len=64),
+def saved_adapter(tiny_ckpt, tmp_path_factory):
+    memory = Memory(load_model(str(tiny_ckpt)), MemoryConfig(lora=LoRAConfig(rank=4), recipe=Recipe(seq_len=64),
                                                         train=TrainConfig(epochs=1)))
     memory.write(conversation([["Alice", "My puppy is called Biscuit."]]))
     return memory.save(tmp_path_factory.mktemp("adapter") / "a")
@@ -54,15 +46,15 @@ def conversation(*sessions: list[list[str]]) -> Conversation:
     (conversation([["Alice", "   "]]), "no text in any of its 1 sessions: nothing to remember"),
     (conversation([["Alice", ""], ["Bob", "\n\t"]]), "no text in any of its 1 sessions: nothing to remember"),
 ])
-def test_writing_a_conversation_with_nothing_to_remember(ckpt, conv, needle):
-    memory = Memory(load_model(str(ckpt)), MemoryConfig(lora=LoRAConfig(rank=2), recipe=Recipe(seq_len=64)))
+def test_writing_a_conversation_with_nothing_to_remember(tiny_ckpt, conv, needle):
+    memory = Memory(load_model(str(tiny_ckpt)), MemoryConfig(lora=LoRAConfig(rank=2), recipe=Recipe(seq_len=64)))
     with pytest.raises(ConversationError) as e:
         memory.write(conv)
     assert str(e.value) == needle or needle in str(e.value)
 
 
-def test_train_lora_refuses_no_windows(ckpt):
-    lm = load_model(str(ckpt))
+def test_train_lora_refuses_no_windows(tiny_ckpt):
+    lm = load_model(str(tiny_ckpt))
     Memory(lm, MemoryConfig(lora=LoRAConfig(rank=2), recipe=Recipe(seq_len=64)))
     empty = torch.zeros(0, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="no training windows: nothing to train on"):
@@ -73,17 +65,17 @@ def test_train_lora_refuses_no_windows(ckpt):
 # The context window
 # ---------------------------------------------------------------------------------------------
 
-def test_a_question_longer_than_the_window_names_the_limit(ckpt):
-    memory = Memory(load_model(str(ckpt)), MemoryConfig(lora=LoRAConfig(rank=2), recipe=Recipe(seq_len=64)))
+def test_a_question_longer_than_the_window_names_the_limit(tiny_ckpt):
+    memory = Memory(load_model(str(tiny_ckpt)), MemoryConfig(lora=LoRAConfig(rank=2), recipe=Recipe(seq_len=64)))
     assert len(memory.answer(["What is the puppy called?"])) == 1
     with pytest.raises(ValueError, match=r"a prompt of \d+ tokens \+ 32 new tokens exceeds the model's context "
                                          r"window of 256 positions \(max_position_embeddings\)"):
         memory.answer(["why " * 300])
 
 
-def test_training_windows_longer_than_the_window_are_refused(ckpt):
+def test_training_windows_longer_than_the_window_are_refused(tiny_ckpt):
     with pytest.raises(ValueError, match="recipe seq_len 512 exceeds the model's context window of 256 positions"):
-        Memory(load_model(str(ckpt)), MemoryConfig(recipe=Recipe(seq_len=512)))
+        Memory(load_model(str(tiny_ckpt)), MemoryConfig(recipe=Recipe(seq_len=512)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,9 +90,9 @@ def test_lora_weights_problem():
     assert lora_weights_problem([torch.tensor([1e30])]) == "a LoRA weight reached 1e+30 (beyond 1000: diverged)"
 
 
-def test_one_step_that_leaves_huge_weights_fails_the_write(ckpt):
+def test_one_step_that_leaves_huge_weights_fails_the_write(tiny_ckpt):
     """A single optimizer step at lr 1e30 moves every weight by ~1e30 with a finite loss: the weights say so."""
-    memory = Memory(load_model(str(ckpt)), MemoryConfig(lora=LoRAConfig(rank=2), recipe=Recipe(seq_len=64),
+    memory = Memory(load_model(str(tiny_ckpt)), MemoryConfig(lora=LoRAConfig(rank=2), recipe=Recipe(seq_len=64),
                                                         train=TrainConfig(epochs=1, lr=1e30, batch_size=64,
                                                                           warmup_ratio=0.0)))
     written = memory.write(conversation([["Alice", "My puppy is called Biscuit."]]))
@@ -108,7 +100,22 @@ def test_one_step_that_leaves_huge_weights_fails_the_write(ckpt):
     assert written.train.losses == []
 
 
-def test_weights_poisoned_after_training_fail_the_write(ckpt, monkeypatch):
+def test_more_micro_batches_per_step_than_an_epoch_has_is_one_step_per_epoch(tiny_ckpt):
+    """--grad-accum 10**15 once built a list of 10**15 micro-batches; a step takes at most an epoch's."""
+    conv = conversation([["Alice", "My puppy is called Biscuit. " * 6]])
+
+    def write(grad_accum: int):
+        train = TrainConfig(epochs=2, batch_size=1, grad_accum=grad_accum)
+        memory = Memory(load_model(str(tiny_ckpt)), MemoryConfig(lora=LoRAConfig(rank=2), recipe=Recipe(seq_len=64),
+                                                                 train=train))
+        return memory.write(conv)
+
+    huge = write(10**15)
+    assert huge.windows > 1 and len(huge.train.losses) == 2  # one step an epoch
+    assert huge.train.losses == write(huge.windows).train.losses  # as many micro-batches as the epoch has
+
+
+def test_weights_poisoned_after_training_fail_the_write(tiny_ckpt, monkeypatch):
     import lora_mem.lora_core.memory as memory_api
 
     real = memory_api.train_lora
@@ -120,7 +127,7 @@ def test_weights_poisoned_after_training_fail_the_write(ckpt, monkeypatch):
         return result
 
     monkeypatch.setattr(memory_api, "train_lora", poison)
-    memory = Memory(load_model(str(ckpt)), MemoryConfig(lora=LoRAConfig(rank=2), recipe=Recipe(seq_len=64),
+    memory = Memory(load_model(str(tiny_ckpt)), MemoryConfig(lora=LoRAConfig(rank=2), recipe=Recipe(seq_len=64),
                                                         train=TrainConfig(epochs=1)))
     assert memory.write(conversation([["Alice", "Biscuit."]])).error == \
         "a LoRA weight reached 5e+03 (beyond 1000: diverged)"
@@ -167,9 +174,9 @@ def broken_copy(src: Path, dst: Path, edit=None, raw: bytes | None = None) -> Pa
     (None, b'{"r": 4, "target_modules": ["q_proj"], "x": "\xff"}', "not UTF-8 text"),
     (None, b"[" * 100_000, "JSON nested too deeply to read"),
 ])
-def test_an_adapter_config_is_checked_field_by_field(ckpt, saved_adapter, tmp_path, edit, raw, needle):
+def test_an_adapter_config_is_checked_field_by_field(tiny_ckpt, saved_adapter, tmp_path, edit, raw, needle):
     bad = broken_copy(saved_adapter, tmp_path / "bad", edit, raw)
-    model = load_model(str(ckpt)).model
+    model = load_model(str(tiny_ckpt)).model
     for load in (lambda: load_adapter(model, bad), lambda: stack_adapters(model, [saved_adapter, bad])):
         with pytest.raises(AdapterError) as e:
             load()
@@ -187,7 +194,7 @@ def test_an_adapter_config_is_checked_field_by_field(ckpt, saved_adapter, tmp_pa
     (lambda t: t.pop("base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"),
      "weights missing from the file: model.layers.0.mlp.down_proj.lora_A"),
 ])
-def test_adapter_tensors_are_checked_against_the_config_and_the_model(ckpt, saved_adapter, tmp_path, edit_tensors,
+def test_adapter_tensors_are_checked_against_the_config_and_the_model(tiny_ckpt, saved_adapter, tmp_path, edit_tensors,
                                                                       needle):
     from safetensors.torch import load_file, save_file
 
@@ -198,11 +205,11 @@ def test_adapter_tensors_are_checked_against_the_config_and_the_model(ckpt, save
     tensors = load_file(bad / "adapter_model.safetensors")
     edit_tensors(tensors)
     save_file(tensors, bad / "adapter_model.safetensors")
-    layers = linear_layers(inspect_checkpoint(str(ckpt)).structure)  # the model's layers, no weight loaded
+    layers = linear_layers(inspect_checkpoint(str(tiny_ckpt)).structure)  # the model's layers, no weight loaded
     with pytest.raises(AdapterError, match=needle.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         read_adapter(bad, layers)
     with pytest.raises(AdapterError, match=needle.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
-        load_adapter(load_model(str(ckpt)).model, bad)
+        load_adapter(load_model(str(tiny_ckpt)).model, bad)
 
 
 def test_lora_config_checks_its_own_fields():

@@ -15,28 +15,20 @@ import torch
 import bench.locomo as locomo
 from bench.common import read_jsonl
 from tests.test_locomo_cli import FIXTURE, assert_one_error_line, base_args, run_cli, snapshot
-from tests.tiny_models import make_tiny_checkpoint
 
 WINDOW = 256  # the tiny model's max_position_embeddings
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_checkpoint(d, "llama")
-    return d
-
-
-@pytest.fixture(scope="module")
-def finished(ckpt, tmp_path_factory):
+def finished(tiny_ckpt, tmp_path_factory):
     """A finished lora run of tiny-1 (two questions), copied by each test that resumes it."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    locomo.main(base_args(ckpt, out) + ["--conversations", "tiny-1", "--max-questions", "2"])
+    locomo.main(base_args(tiny_ckpt, out) + ["--conversations", "tiny-1", "--max-questions", "2"])
     return out
 
 
-def resume_args(ckpt, out, data=FIXTURE):
-    return base_args(ckpt, out, data) + ["--conversations", "tiny-1", "--max-questions", "2"]
+def resume_args(tiny_ckpt, out, data=FIXTURE):
+    return base_args(tiny_ckpt, out, data) + ["--conversations", "tiny-1", "--max-questions", "2"]
 
 
 def copy_run(finished: Path, tmp_path: Path) -> Path:
@@ -79,19 +71,19 @@ def refused(monkeypatch, capsys, tmp_path, argv, *needles):
     ("x" * 200, "200 bytes long (at most 128)"),
     (["conv-26"], "it is a list, not a string"),
 ])
-def test_a_sample_id_that_is_not_a_file_name_is_refused(ckpt, tmp_path, monkeypatch, capsys, sample_id, why):
+def test_a_sample_id_that_is_not_a_file_name_is_refused(tiny_ckpt, tmp_path, monkeypatch, capsys, sample_id, why):
     if sample_id == "ABSOLUTE":
         sample_id = str(tmp_path / "abs-target")
     data = data_file(tmp_path, lambda d: d[0].update(sample_id=sample_id))
-    refused(monkeypatch, capsys, tmp_path, base_args(ckpt, tmp_path / "runs" / "out", data),
+    refused(monkeypatch, capsys, tmp_path, base_args(tiny_ckpt, tmp_path / "runs" / "out", data),
             f"{data}: sample #0: sample_id", "is not a safe file name", why)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "abs-target").exists()
 
 
-def test_an_id_aimed_at_another_run_leaves_it_untouched(ckpt, finished, tmp_path, monkeypatch, capsys):
+def test_an_id_aimed_at_another_run_leaves_it_untouched(tiny_ckpt, finished, tmp_path, monkeypatch, capsys):
     other = copy_run(finished, tmp_path)  # runs/out: the other run
     data = data_file(tmp_path, lambda d: d[0].update(sample_id="../../out/conversations/tiny-1"))
-    refused(monkeypatch, capsys, tmp_path, base_args(ckpt, tmp_path / "runs" / "new", data),
+    refused(monkeypatch, capsys, tmp_path, base_args(tiny_ckpt, tmp_path / "runs" / "new", data),
             "sample_id '../../out/conversations/tiny-1' is not a safe file name")
     assert snapshot(other) == snapshot(finished)
 
@@ -101,9 +93,9 @@ def test_an_id_aimed_at_another_run_leaves_it_untouched(ckpt, finished, tmp_path
     (("Conv-1", "conv-1"), "sample #1: duplicate sample_id 'conv-1' (as 'Conv-1' is, where case is ignored)"),
     ((26, "26"), "sample #1: duplicate sample_id '26'"),
 ])
-def test_sample_ids_that_would_share_a_folder_are_refused(ckpt, tmp_path, monkeypatch, capsys, ids, needle):
+def test_sample_ids_that_would_share_a_folder_are_refused(tiny_ckpt, tmp_path, monkeypatch, capsys, ids, needle):
     data = data_file(tmp_path, lambda d: [s.update(sample_id=i) for s, i in zip(d, ids)])
-    refused(monkeypatch, capsys, tmp_path, base_args(ckpt, tmp_path / "out", data), str(data), needle)
+    refused(monkeypatch, capsys, tmp_path, base_args(tiny_ckpt, tmp_path / "out", data), str(data), needle)
 
 
 def symlinked_conversations(out: Path, elsewhere: Path):
@@ -130,12 +122,12 @@ def results_file_is_a_folder(out: Path, elsewhere: Path):
     (conversation_folder_is_a_file, "tiny-2 is in the way: a folder goes there"),
     (results_file_is_a_folder, "results.json is in the way: a file goes there"),
 ])
-def test_paths_in_out_that_lead_elsewhere_or_are_in_the_way(ckpt, tmp_path, monkeypatch, capsys, arrange, needle):
+def test_paths_in_out_that_lead_elsewhere_or_are_in_the_way(tiny_ckpt, tmp_path, monkeypatch, capsys, arrange, needle):
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir()
     elsewhere.mkdir()
     arrange(out, elsewhere)
-    refused(monkeypatch, capsys, tmp_path, base_args(ckpt, out), needle)
+    refused(monkeypatch, capsys, tmp_path, base_args(tiny_ckpt, out), needle)
     assert not any(elsewhere.iterdir())
 
 
@@ -144,9 +136,9 @@ def test_paths_in_out_that_lead_elsewhere_or_are_in_the_way(ckpt, tmp_path, monk
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_device_cuda_without_cuda_then_the_corrected_command_runs(ckpt, tmp_path, monkeypatch, capsys):
+def test_device_cuda_without_cuda_then_the_corrected_command_runs(tiny_ckpt, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    args = resume_args(ckpt, out)
+    args = resume_args(tiny_ckpt, out)
     refused(monkeypatch, capsys, tmp_path, args + ["--device", "cuda"], "--device: cuda: no CUDA device on this "
             "machine", "use --device cpu")
     assert not out.exists()
@@ -154,8 +146,8 @@ def test_device_cuda_without_cuda_then_the_corrected_command_runs(ckpt, tmp_path
     assert locomo.main(args + ["--device", "cpu"])["failed"] == {}
 
 
-def test_a_learning_rate_beyond_float32_is_refused_before_any_work(ckpt, tmp_path, monkeypatch, capsys):
-    refused(monkeypatch, capsys, tmp_path, base_args(ckpt, tmp_path / "out") + ["--lr", "1e39"],
+def test_a_learning_rate_beyond_float32_is_refused_before_any_work(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    refused(monkeypatch, capsys, tmp_path, base_args(tiny_ckpt, tmp_path / "out") + ["--lr", "1e39"],
             "--lr: must be a finite number in (0, 3.40282e+38], got 1e39")
     assert not (tmp_path / "out").exists()
 
@@ -164,17 +156,17 @@ def test_a_learning_rate_beyond_float32_is_refused_before_any_work(ckpt, tmp_pat
 # 4, 5. Deeply nested JSON; the model directory's files
 # ---------------------------------------------------------------------------------------------
 
-def test_deeply_nested_data_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
+def test_deeply_nested_data_is_one_line(tiny_ckpt, tmp_path, monkeypatch, capsys):
     data = tmp_path / "deep.json"
     data.write_text("[" * 100_000 + "]" * 100_000)
-    refused(monkeypatch, capsys, tmp_path, base_args(ckpt, tmp_path / "out", data),
+    refused(monkeypatch, capsys, tmp_path, base_args(tiny_ckpt, tmp_path / "out", data),
             f"{data}: JSON nested too deeply to read")
 
 
 @pytest.fixture
-def model_copy(ckpt, tmp_path):
+def model_copy(tiny_ckpt, tmp_path):
     d = tmp_path / "model"
-    shutil.copytree(ckpt, d)
+    shutil.copytree(tiny_ckpt, d)
     return d
 
 
@@ -232,11 +224,11 @@ CONV = "conversations/tiny-1"
     (f"{CONV}/train.json", '{"tokens": 1, "seconds": NaN, "losses": [], "epochs_loss": []}',
      "train.json: not valid JSON (NaN is not JSON)"),
 ])
-def test_a_file_of_the_wrong_shape_in_out_is_one_line(ckpt, finished, tmp_path, monkeypatch, capsys, name, content,
+def test_a_file_of_the_wrong_shape_in_out_is_one_line(tiny_ckpt, finished, tmp_path, monkeypatch, capsys, name, content,
                                                       needle):
     out = copy_run(finished, tmp_path)
     (out / name).write_text(content)
-    refused(monkeypatch, capsys, tmp_path, resume_args(ckpt, out), str(out / name.rsplit("/", 1)[0]), needle,
+    refused(monkeypatch, capsys, tmp_path, resume_args(tiny_ckpt, out), str(out / name.rsplit("/", 1)[0]), needle,
             "move it away")
 
 
@@ -248,12 +240,12 @@ def test_a_file_of_the_wrong_shape_in_out_is_one_line(ckpt, finished, tmp_path, 
      "be a valid number"),
     (lambda text: "", "predictions.jsonl: 0 rows"),
 ])
-def test_a_truncated_predictions_file_of_a_finished_conversation(ckpt, finished, tmp_path, monkeypatch, capsys, cut,
-                                                                 needle):
+def test_a_truncated_predictions_file_of_a_finished_conversation(tiny_ckpt, finished, tmp_path, monkeypatch, capsys,
+                                                                 cut, needle):
     out = copy_run(finished, tmp_path)
     path = out / CONV / "predictions.jsonl"
     path.write_text(cut(path.read_text()))
-    refused(monkeypatch, capsys, tmp_path, resume_args(ckpt, out), needle)
+    refused(monkeypatch, capsys, tmp_path, resume_args(tiny_ckpt, out), needle)
 
 
 @pytest.mark.parametrize("break_adapter, needle", [
@@ -262,12 +254,13 @@ def test_a_truncated_predictions_file_of_a_finished_conversation(ckpt, finished,
     (lambda a: edit_json(a / "adapter_config.json", r="abc"),
      "adapter_config.json: field 'r': input should be a valid integer, got str 'abc'"),
 ])
-def test_the_adapter_an_unfinished_conversation_resumes_from_is_checked_first(ckpt, finished, tmp_path, monkeypatch,
-                                                                            capsys, break_adapter, needle):
+def test_the_adapter_an_unfinished_conversation_resumes_from_is_checked_first(tiny_ckpt, finished, tmp_path,
+                                                                            monkeypatch, capsys, break_adapter,
+                                                                            needle):
     out = copy_run(finished, tmp_path)
     (out / CONV / "result.json").unlink()  # trained, not answered: a resume loads its adapter
     break_adapter(out / "adapters" / "tiny-1")
-    refused(monkeypatch, capsys, tmp_path, resume_args(ckpt, out), needle)
+    refused(monkeypatch, capsys, tmp_path, resume_args(tiny_ckpt, out), needle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,14 +268,14 @@ def test_the_adapter_an_unfinished_conversation_resumes_from_is_checked_first(ck
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("where", ["load_model", "load_locomo", "inspect_checkpoint"])
-def test_ctrl_c_before_training_says_nothing_was_written_and_that_is_true(ckpt, tmp_path, monkeypatch, capsys,
+def test_ctrl_c_before_training_says_nothing_was_written_and_that_is_true(tiny_ckpt, tmp_path, monkeypatch, capsys,
                                                                           where):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(locomo, where, interrupted)
     out = tmp_path / "out"
-    code, _, err = run_cli(monkeypatch, capsys, base_args(ckpt, out))
+    code, _, err = run_cli(monkeypatch, capsys, base_args(tiny_ckpt, out))
     assert code == 130
     assert_one_error_line(err, "interrupted before the run started: nothing was written to the run directory")
     assert not out.exists()
@@ -292,9 +285,9 @@ def test_ctrl_c_before_training_says_nothing_was_written_and_that_is_true(ckpt, 
 # 10. Divergence within one step
 # ---------------------------------------------------------------------------------------------
 
-def test_a_single_step_that_blows_up_the_weights_fails_the_conversation(ckpt, tmp_path, monkeypatch, capsys):
+def test_a_single_step_that_blows_up_the_weights_fails_the_conversation(tiny_ckpt, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    argv = base_args(ckpt, out) + ["--conversations", "tiny-1", "--lr", "1e30", "--batch-size", "64",
+    argv = base_args(tiny_ckpt, out) + ["--conversations", "tiny-1", "--lr", "1e30", "--batch-size", "64",
                                    "--warmup-ratio", "0"]
     code, stdout, _ = run_cli(monkeypatch, capsys, argv)
     assert code == 1
@@ -308,14 +301,14 @@ def test_a_single_step_that_blows_up_the_weights_fails_the_conversation(ckpt, tm
 # 11. A 1 MB turn with --method rag: cut to fit, counted, the run goes on
 # ---------------------------------------------------------------------------------------------
 
-def test_a_huge_retrieved_turn_is_cut_to_fit_and_counted(ckpt, tmp_path):
+def test_a_huge_retrieved_turn_is_cut_to_fit_and_counted(tiny_ckpt, tmp_path):
     def huge_turn(d):
         d[0]["conversation"]["session_1"][0]["text"] = "Alice's puppy Biscuit " * 48_000  # ~1 MB
 
     data = data_file(tmp_path, huge_turn)
     assert data.stat().st_size > 1_000_000
     out = tmp_path / "out"
-    results = locomo.main(base_args(ckpt, out, data) + ["--method", "rag", "--top-k", "3"])
+    results = locomo.main(base_args(tiny_ckpt, out, data) + ["--method", "rag", "--top-k", "3"])
     assert results["failed"] == {} and results["questions_with_context_cut"] >= 1
     rows = read_jsonl(out / "predictions.jsonl")
     assert {r["sample_id"] for r in rows} == {"tiny-1", "tiny-2"}
@@ -327,11 +320,11 @@ def test_a_huge_retrieved_turn_is_cut_to_fit_and_counted(ckpt, tmp_path):
         1 for r in rows if r["context_tokens_cut"] and r["sample_id"] == "tiny-1")
 
 
-def test_cut_to_fit_keeps_short_documents_whole(ckpt):
+def test_cut_to_fit_keeps_short_documents_whole(tiny_ckpt):
     from bench.context import cut_to_fit
     from lora_mem.model.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_dir(ckpt)
+    tok = Tokenizer.from_dir(tiny_ckpt)
     docs = ["short one", "x " * 500, "another short"]
     kept, cut = cut_to_fit(docs, tok, 60)
     assert kept[0] == docs[0] and kept[2] == docs[2] and docs[1].startswith(kept[1]) and kept[1]
@@ -353,18 +346,18 @@ def test_cut_to_fit_keeps_short_documents_whole(ckpt):
     (lambda p: p.write_text(p.read_text().replace('"lora_alpha": 8.0', '"lora_alpha": NaN')), "NaN is not JSON"),
     (lambda p: edit_json(p, lora_alpha=0), "field 'lora_alpha': input should be greater than 0"),
 ])
-def test_a_bad_adapter_config_in_adapters_from_is_refused_before_loading(ckpt, finished, tmp_path, monkeypatch,
+def test_a_bad_adapter_config_in_adapters_from_is_refused_before_loading(tiny_ckpt, finished, tmp_path, monkeypatch,
                                                                          capsys, write, needle):
     source = copy_run(finished, tmp_path)
     write(source / "adapters" / "tiny-1" / "adapter_config.json")
-    argv = resume_args(ckpt, tmp_path / "new") + ["--adapters-from", str(source)]
+    argv = resume_args(tiny_ckpt, tmp_path / "new") + ["--adapters-from", str(source)]
     refused(monkeypatch, capsys, tmp_path, argv, str(source / "adapters" / "tiny-1"), needle)
 
 
-def test_a_source_run_config_with_a_bad_setting_is_refused(ckpt, finished, tmp_path, monkeypatch, capsys):
+def test_a_source_run_config_with_a_bad_setting_is_refused(tiny_ckpt, finished, tmp_path, monkeypatch, capsys):
     source = copy_run(finished, tmp_path)
     edit_json(source / "run_config.json", rank="abc")
-    argv = resume_args(ckpt, tmp_path / "new") + ["--adapters-from", str(source)]
+    argv = resume_args(tiny_ckpt, tmp_path / "new") + ["--adapters-from", str(source)]
     refused(monkeypatch, capsys, tmp_path, argv, "run_config.json: field 'rank': must be an integer >= 1, got 'abc'")
 
 
@@ -381,9 +374,9 @@ def test_a_source_run_config_with_a_bad_setting_is_refused(ckpt, finished, tmp_p
     (["--method", "icl", "--context-tokens", "250"], "+ 250 of conversation (--context-tokens)"),
     (["--method", "icl"], "leaves no room for ICL's default budget: set --context-tokens"),
 ])
-def test_settings_that_do_not_fit_the_model_are_refused_before_loading(ckpt, tmp_path, monkeypatch, capsys, extra,
+def test_settings_that_do_not_fit_the_model_are_refused_before_loading(tiny_ckpt, tmp_path, monkeypatch, capsys, extra,
                                                                        needle):
-    refused(monkeypatch, capsys, tmp_path, base_args(ckpt, tmp_path / "out") + extra, needle)
+    refused(monkeypatch, capsys, tmp_path, base_args(tiny_ckpt, tmp_path / "out") + extra, needle)
 
 
 @pytest.mark.parametrize("edit, needle", [
@@ -396,30 +389,46 @@ def test_settings_that_do_not_fit_the_model_are_refused_before_loading(ckpt, tmp
     (lambda d: d[0]["conversation"].update(session_1=[{"speaker": "A", "text": "   "}], session_2=[]),
      "no text in any of its 2 sessions: nothing to remember"),
 ])
-def test_data_that_cannot_be_used_is_one_line(ckpt, tmp_path, monkeypatch, capsys, edit, needle):
+def test_data_that_cannot_be_used_is_one_line(tiny_ckpt, tmp_path, monkeypatch, capsys, edit, needle):
     data = data_file(tmp_path, edit)
-    refused(monkeypatch, capsys, tmp_path, base_args(ckpt, tmp_path / "out", data), str(data), needle)
+    refused(monkeypatch, capsys, tmp_path, base_args(tiny_ckpt, tmp_path / "out", data), str(data), needle)
 
 
-def test_a_question_longer_than_the_window_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
+def test_a_question_longer_than_the_window_is_one_line(tiny_ckpt, tmp_path, monkeypatch, capsys):
     data = data_file(tmp_path, lambda d: d[0]["qa"][0].update(question="why " * 300))
-    refused(monkeypatch, capsys, tmp_path, base_args(ckpt, tmp_path / "out", data), "sample 'tiny-1': the question "
-            "'why why", "tokens + 4 new tokens (--max-new-tokens): more than the model's context window of 256 "
-            "positions")
+    refused(monkeypatch, capsys, tmp_path, base_args(tiny_ckpt, tmp_path / "out", data),
+            "sample 'tiny-1': the question 'why why",
+            "tokens + 4 new tokens (--max-new-tokens): more than the model's context window of 256 positions")
 
 
-def test_nan_in_the_data_file_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
+def test_nan_in_the_data_file_is_one_line(tiny_ckpt, tmp_path, monkeypatch, capsys):
     data = tmp_path / "nan.json"
     data.write_text(FIXTURE.read_text().replace('"category": 4', '"category": NaN', 1))
-    refused(monkeypatch, capsys, tmp_path, base_args(ckpt, tmp_path / "out", data), f"{data}: not valid JSON "
+    refused(monkeypatch, capsys, tmp_path, base_args(tiny_ckpt, tmp_path / "out", data), f"{data}: not valid JSON "
             "(NaN is not JSON)")
 
 
-def test_a_resume_after_the_checks_still_gives_the_finished_run(ckpt, finished, tmp_path):
+def test_an_empty_data_file_is_one_line(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "empty.json"
+    data.write_text("[]")
+    refused(monkeypatch, capsys, tmp_path, base_args(tiny_ckpt, tmp_path / "out", data),
+            f"{data}: no samples (the list is empty): nothing to remember")
+
+
+def test_a_conversation_without_questions_is_run_and_resumed(tiny_ckpt, tmp_path):
+    data = data_file(tmp_path, lambda d: d[0].update(qa=[]))
+    args = base_args(tiny_ckpt, tmp_path / "out", data) + ["--conversations", "tiny-1"]
+    first = locomo.main(args)
+    assert first["failed"] == {} and first["conversations"][0]["n_questions"] == 0
+    again = locomo.main(args)  # its empty predictions file is read back as the 0 rows it should hold
+    assert again["failed"] == {} and again["scores"] == first["scores"]
+
+
+def test_a_resume_after_the_checks_still_gives_the_finished_run(tiny_ckpt, finished, tmp_path):
     """The checks read an earlier invocation's files without changing them: a resume over a finished run adds
     nothing and scores the same."""
     out = copy_run(finished, tmp_path)
     before = snapshot(out / "conversations")
-    results = locomo.main(resume_args(ckpt, out))
+    results = locomo.main(resume_args(tiny_ckpt, out))
     assert snapshot(out / "conversations") == before and results["failed"] == {}
     assert read_jsonl(out / "predictions.jsonl") == read_jsonl(finished / "predictions.jsonl")

@@ -175,13 +175,16 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
+Layers = dict[str, tuple[int, int]]  # linear layer name -> (in_features, out_features)
+
+
+def linear_layers(model: nn.Module) -> Layers:
     """{name: (in_features, out_features)} of every linear layer an adapter may adapt (never the LM head)."""
     return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, LoRALinear)) and not name.endswith("lm_head")}
 
 
-def adapter_problems(cfg: LoRAConfig, weights: dict[str, torch.Tensor], layers: dict[str, tuple[int, int]]) -> list[str]:
+def adapter_problems(cfg: LoRAConfig, weights: dict[str, torch.Tensor], layers: Layers) -> list[str]:
     """What keeps an adapter (its config and tensors) from fitting a model's linear `layers`: target modules that
     select nothing, tensors for modules it does not adapt or lacks, shapes that disagree with the rank or the layer."""
     problems = []
@@ -217,7 +220,7 @@ def raise_problems(adapter_dir: Path, problems: list[str]) -> None:
         raise AdapterError(f"{adapter_dir}: adapter does not fit the model: " + "; ".join(problems[:6]) + more)
 
 
-def read_adapter(adapter_dir: str | Path, layers: dict[str, tuple[int, int]]) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+def read_adapter(adapter_dir: str | Path, layers: Layers) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """An adapter's config and tensors, checked field by field and against a model's linear `layers`
     (`linear_layers(model)`, or those of a model not yet loaded): what every reader of adapters goes through."""
     adapter_dir = Path(adapter_dir)

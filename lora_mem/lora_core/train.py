@@ -195,7 +195,8 @@ def train_lora(
     gen = torch.Generator().manual_seed(cfg.seed)  # the window order
     n = input_ids.shape[0]
     micro_per_epoch = math.ceil(n / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    accum = min(cfg.grad_accum, micro_per_epoch)  # a step never takes more micro-batches than an epoch has
+    steps_per_epoch = math.ceil(micro_per_epoch / accum)
     total_steps = steps_per_epoch * cfg.epochs
     result = TrainResult()
     bar = None
@@ -217,9 +218,9 @@ def train_lora(
                     lr = lr_at(step, total_steps, cfg)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    first = s * cfg.grad_accum  # this step's first micro-batch
+                    first = s * accum  # this step's first micro-batch
                     micro = [order[(first + k) * cfg.batch_size:(first + k + 1) * cfg.batch_size]
-                             for k in range(cfg.grad_accum)]
+                             for k in range(accum)]
                     micro = [idx for idx in micro if len(idx)]
                     step_loss, tokens, computed = backward_step(
                         model, [(input_ids[idx], labels[idx]) for idx in micro], cfg,
