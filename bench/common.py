@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel
 
 from lora_mem.kernels.policy import KernelPolicy
-from lora_mem.lora_core.adapter_io import atomic_write_text  # one atomic writer for the project
+from lora_mem.files import atomic_write_json, atomic_write_text  # noqa: F401  (the project's atomic writers)
 from lora_mem.untrusted import JSONFileError, read_json, read_json_lines, validated
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -114,10 +114,6 @@ def hf_config(c):
                              f"qkv_bias={c.qkv_bias}, o_bias={c.o_bias}")
         return transformers.Qwen2Config(**common)
     return transformers.LlamaConfig(**common, attention_bias=c.qkv_bias)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

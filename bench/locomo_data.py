@@ -12,7 +12,6 @@ plus its ``qa``, and :func:`training_source` gives the library the conversation 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from lora_mem.files import file_sha256  # noqa: F401  (re-exported: a data file's digest)
 from lora_mem.home import cache_dir
 from lora_mem.lora_core.conversation import (  # noqa: F401  (re-exported: the harness reads conversations through here)
     FORMATS,
@@ -312,11 +312,3 @@ def iter_samples(samples: Iterable[Sample], ids: Iterable[str] | str | None = No
         raise LocomoDataError(f"unknown sample_id(s) {missing} (known: {sorted(known)})")
     keep = set(want)
     return [s for s in samples if s.sample_id in keep]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
