@@ -56,8 +56,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from bench.common import (
     RunConfigMismatch,
@@ -71,7 +73,17 @@ from bench.common import (
     run_info,
     write_jsonl,
 )
-from lora_mem.cli import Parser, float_in, int_at_least, non_negative_int, output_dir, positive_float, positive_int
+from lora_mem.cli import (
+    Parser,
+    device_name,
+    float_in,
+    int_at_least,
+    non_negative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    seed,
+)
 from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
 from lora_mem.lora_core.conversation import Conversation, Session, Turn
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_parameters, remove_lora, reset_lora
@@ -88,7 +100,8 @@ from lora_mem.lora_core.memory import (
 )
 from lora_mem.lora_core.recipes import QUERY_SOURCES, TRAIN_PARTS, QAPair, Recipe, chat_qa_windows
 from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, make_lm_windows, train_lora
-from lora_mem.model.loader import LoadedModel, load_model, parse_dtype
+from lora_mem.model.loader import LoadedModel, inspect_checkpoint, load_model, parse_dtype
+from lora_mem.untrusted import check_writable
 
 # The user turn a fact's question is asked (and trained) in. Kept in one place and recorded.
 QUESTION_TEMPLATE = "{question}"
@@ -124,6 +137,39 @@ SETTINGS_ADDED_LATER = {"answer_mode": "direct", "queries_from": "rules", "query
 
 class CapacityError(ValueError):
     """Bad input to the capacity benchmark (options and their combinations)."""
+
+
+class CellFile(BaseModel):
+    """cells/r<rank>-n<facts>.json: a finished cell (the fields the summary reads; the others are kept as written)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    rank: Annotated[int, Field(ge=1)]
+    n_facts: Annotated[int, Field(ge=1)]
+    lora_params: Annotated[int, Field(ge=0)]
+    train_tokens: Annotated[int, Field(ge=0)]
+    train_seconds: Annotated[float, Field(ge=0)]
+    answer_seconds: Annotated[float, Field(ge=0)] = 0.0
+    error: str | None = None
+
+
+class BaseFile(BaseModel):
+    """base.json: the base model asked the first `n` facts."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    n: Annotated[int, Field(ge=0)]
+
+
+class FactRow(BaseModel):
+    """A line of a predictions.jsonl: a fact asked, the answer given, its scores."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    attribute: str
+    answer: str
+    prediction: str
+    exact: bool
+    contains: bool
+    f1: Annotated[float, Field(ge=0, le=1)]
+    recitation: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,7 +659,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated fact counts (cpu: 10,30,100; gpu: 10,30,100,300,1000,3000,10000)")
     g.add_argument("--attributes", default=",".join(ATTRIBUTES),
                    help=f"comma-separated attributes per invented person, each one fact ({', '.join(ATTRIBUTES)})")
-    g.add_argument("--seed", type=non_negative_int, default=0, help="facts, adapter init, window order")
+    g.add_argument("--seed", type=seed, default=0, help="facts, adapter init, window order")
     g.add_argument("--no-base", action="store_true", help="skip asking the base model (no adapter)")
     g = ap.add_argument_group("LoRA and training")
     g.add_argument("--facts-as", choices=FACTS_AS, default="qa",
@@ -656,7 +702,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "answers with it in context")
     g.add_argument("--answer-batch-size", type=positive_int, default=None,
                    help="questions per decoding batch (cpu 64, gpu 256)")
-    g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    g.add_argument("--device", type=device_name, metavar="{cpu,cuda}", default=None,
+                   help="default: cuda if available")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -704,6 +751,33 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def check_out(out: Path, args: argparse.Namespace) -> int:
+    """Every path the run writes lies inside `out` and is not in the way; every finished cell's and the base model's
+    files are read and checked. Returns how many facts the base model was already asked."""
+    cells = [cell_path(out, r, n) for r in args.ranks for n in args.facts]
+    files = [out / name for name in ("run_config.json", "base.json", "base.predictions.jsonl", "results.json",
+                                     "table.md", "capacity.png")]
+    check_writable(out, files + cells + [c.with_suffix(".predictions.jsonl") for c in cells], [out / "cells"])
+    for (r, n), path in zip(((r, n) for r in args.ranks for n in args.facts), cells):
+        if path.is_file():
+            cell = read_run_file(path, CellFile)
+            if (cell["rank"], cell["n_facts"]) != (r, n):
+                raise RunFileError(f"{path}: field 'rank', 'n_facts': {cell['rank']}, {cell['n_facts']}, not {r}, {n}")
+            if cell["error"] is None:
+                check_predictions(path.with_suffix(".predictions.jsonl"), n)
+    if args.no_base or not (out / "base.json").is_file():
+        return 0
+    base_done = read_run_file(out / "base.json", BaseFile)["n"]
+    check_predictions(out / "base.predictions.jsonl", base_done)
+    return base_done
+
+
+def check_predictions(path: Path, n: int) -> None:
+    rows = read_jsonl(path, FactRow) if path.is_file() else []
+    if len(rows) != n:
+        raise RunFileError(f"{path}: {len(rows)} rows, {n} facts were asked (truncated or missing?)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -712,17 +786,17 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = str(parse_dtype(args.dtype, device)).replace("torch.", "")
     settings = {k: getattr(args, k) for k in RESULT_SETTINGS} | {"dtype": dtype, "preset": args.preset,
                                                                  "kernel_policy": args.policy.to_dict()}
-    # a mismatch is refused before anything loads
+    # a mismatch is refused before anything loads or is written
     check_or_write_run_config(out, settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER, write=False)
-    # so is a corrupt file of an earlier invocation
-    base_file = out / "base.json"
-    base_done = read_run_file(base_file)["n"] if base_file.is_file() and not args.no_base else 0
-    for path in (cell_path(out, r, n) for r in args.ranks for n in args.facts):
-        if path.is_file():
-            read_run_file(path)
+    # so is a file of an earlier invocation that is corrupt, or an output path in the way
+    base_done = check_out(out, args)
+    ckpt = inspect_checkpoint(args.model, args.policy)  # the model's files, before the weights load
+    if args.seq_len > ckpt.config.max_position_embeddings:
+        raise CapacityError(f"--seq-len {args.seq_len}: longer than the model's context window of "
+                            f"{ckpt.config.max_position_embeddings} positions")
+    lm = load_model(args.model, device=device, dtype=args.dtype, progress=not args.quiet, policy=args.policy)
     out.mkdir(parents=True, exist_ok=True)
     check_or_write_run_config(out, settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER)
-    lm = load_model(args.model, device=device, dtype=args.dtype, progress=not args.quiet, policy=args.policy)
     info = run_info(lm.model.lm_head.weight.device, args.policy)
     info["dtype"] = dtype
     # The stream's first max(facts) facts; every cell takes a prefix.
@@ -766,13 +840,18 @@ def cli() -> None:
     from lora_mem.model.loader import CheckpointError
     from lora_mem.model.packaged import PackagedModelError
     from lora_mem.model.tokenizer import TokenizerError
+    from lora_mem.untrusted import UnsafePathError
 
     try:
         main()
     except (CapacityError, RunConfigMismatch, RunFileError, ConfigError, CheckpointError, PackagedModelError,
-            AdapterError, TokenizerError) as e:
+            AdapterError, TokenizerError, UnsafePathError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted: finished cells are kept in --out; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 
 from lora_mem.kernels.policy import KernelPolicy
-from lora_mem.lora_core.adapter_io import atomic_write_text  # one atomic writer for the project
+from lora_mem.files import atomic_write_json, atomic_write_text  # noqa: F401  (the project's atomic writers)
+from lora_mem.untrusted import JSONFileError, read_json, read_json_lines, validated
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"  # every benchmark's and experiment's committed results
@@ -114,22 +116,18 @@ def hf_config(c):
     return transformers.LlamaConfig(**common, attention_bias=c.qkv_bias)
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def read_results_json(path: Path, what: str, error: type[Exception]) -> dict:
     """A results file another benchmark wrote; a missing or unreadable one raises `error` naming the file."""
+    if not Path(path).is_file():
+        raise error(f"{path}: not found (expected {what})")
     try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise error(f"{path}: not found (expected {what})") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise error(f"{path}: not readable JSON ({e}; expected {what})") from None
+        return read_json(path)
+    except JSONFileError as e:
+        raise error(f"{e} (expected {what})") from None
 
 
 class RunConfigMismatch(ValueError):
@@ -140,12 +138,21 @@ class RunFileError(ValueError):
     """A file of an earlier invocation in --out that cannot be read."""
 
 
-def read_run_file(path: Path) -> dict:
+MOVE_IT_AWAY = "move it away (or use another --out) to redo what it recorded"
+
+
+def read_run_file(path: Path, schema: type[BaseModel] | None = None) -> dict:
+    """A JSON object that an earlier invocation wrote into --out, read strictly (lora_mem.untrusted) and, given a
+    schema, checked field by field; anything else is a RunFileError naming the file and field."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunFileError(f"{path}: unreadable ({type(e).__name__}: {e}); move it away (or use another --out) "
-                           "to redo what it recorded") from None
+        value = read_json(path)
+        if not isinstance(value, dict):
+            raise JSONFileError(f"{path}: must be a JSON object, got {type(value).__name__}")
+        if schema is not None:
+            validated(value, schema, str(path))
+    except JSONFileError as e:
+        raise RunFileError(f"{e}; {MOVE_IT_AWAY}") from None
+    return value
 
 
 def check_or_write_run_config(out: Path, settings: dict, keys: tuple[str, ...], added_later: dict | None = None,
@@ -196,5 +203,16 @@ def int_list(option: str, text: str, error: type[Exception] = ValueError) -> lis
     return sorted(set(values))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_jsonl(path: Path, schema: type[BaseModel] | None = None) -> list[dict]:
+    """The rows of a JSON-lines file of a run, each a JSON object (checked against ``schema`` if given); a bad line
+    is a RunFileError naming the file and line."""
+    try:
+        rows = read_json_lines(path)
+        for i, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise JSONFileError(f"{path} row {i}: must be a JSON object, got {type(row).__name__}")
+            if schema is not None:
+                validated(row, schema, f"{path} row {i}")
+    except JSONFileError as e:
+        raise RunFileError(f"{e}; {MOVE_IT_AWAY}") from None
+    return rows

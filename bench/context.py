@@ -131,3 +131,25 @@ class BM25Retriever:
 
     def context(self, doc_ids: list[int]) -> str:
         return "\n".join(self.docs[i] for i in doc_ids)
+
+
+def cut_to_fit(docs: list[str], tok: Tokenizer, budget: int) -> tuple[list[str], int]:
+    """The documents, joined by newlines, within ``budget`` tokens: when they are longer together, every document is
+    cut to its first ``cap`` tokens, the largest cap that fits, so that short ones stay whole and only the longest
+    lose their ends. Returns the documents and how many of their tokens were cut."""
+    ids = [tok.encode(d) for d in docs]
+    room = budget - len(tok.encode("\n".join(docs)))
+    cap, cut = max(map(len, ids), default=0), 0
+    while room < 0:  # tokens may merge differently where a cut document meets the next: measure, and cut again
+        total = sum(min(len(i), cap) for i in ids) + room
+        lo, hi = 0, cap  # the largest cap whose documents total at most `total` tokens
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if sum(min(len(i), mid) for i in ids) <= total else (lo, mid - 1)
+        cap = lo
+        cut = sum(max(len(i) - cap, 0) for i in ids)
+        if cap == 0:  # not even the joining newlines fit
+            return [], cut
+        docs = [tok.decode(i[:cap]) if len(i) > cap else d for d, i in zip(docs, ids)]
+        room = budget - len(tok.encode("\n".join(docs)))
+    return docs, cut

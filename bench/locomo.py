@@ -11,12 +11,14 @@ with no context, scored as LoCoMo scores them; and the context baselines it is p
 The product (writing a conversation into an adapter, answering from it) is `lora_mem.lora_core.memory`; this
 harness adds the data, the baselines, scoring and resumable outputs. Each conversation's outputs land under
 `--out` as they finish (atomically); a rerun with the same `--out` skips finished conversations and retries
-failed ones, so an interruption loses at most the conversation in progress.
+failed ones, so an interruption loses at most the conversation in progress. Every input (options, data, model files,
+an earlier invocation's files in --out) is checked before the model loads, and nothing is written before that.
 
     <out>/run_config.json                      settings of the run (a resume must match them)
     <out>/conversations/<sample_id>/           predictions.jsonl, train.json (loss curve), result.json
     <out>/adapters/<sample_id>/                the adapter, in PEFT format
     <out>/results.json, predictions.jsonl, table.md     the whole run, written at the end
+(bench/locomo_files.py: these files' schemas, and the check of --out.)
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from bench.common import (
     atomic_write_json,
     atomic_write_text,
     check_or_write_run_config,
-    read_jsonl,
     read_run_file,
     run_info,
     write_jsonl,
@@ -51,8 +52,18 @@ from bench.context import (
     RAG_UNITS,
     BM25Retriever,
     context_prompt,
+    cut_to_fit,
     icl_context,
 )
+from bench.locomo_files import (
+    OutState,
+    conversation_dir,
+    inspect_out,
+    read_predictions,
+    read_result,
+    read_train,
+)
+from bench.locomo_files import adapter_dir as run_adapter_dir
 from bench.locomo_data import (
     CATEGORY_NAMES,
     LocomoDataError,
@@ -67,21 +78,25 @@ from bench.locomo_data import (
 from bench.locomo_score import aggregate, format_table, score_qa
 from lora_mem.cli import (
     Parser,
+    device_name,
     fail,
     float_in,
     id_list,
     int_at_least,
-    non_negative_int,
     output_dir,
     positive_float,
     positive_int,
+    seed,
+    threads,
 )
 from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
-from lora_mem.lora_core.adapter_io import AdapterError
+from lora_mem.lora_core.adapter_io import AdapterError, linear_layers, read_adapter
 from lora_mem.lora_core.distill import ANSWER_SOURCES
-from lora_mem.lora_core.inject import trainable_summary
+from lora_mem.lora_core.inject import is_target, trainable_summary
 from lora_mem.lora_core.memory import (
     ANSWER_MODES,
+    RECITE_MAX_NEW_TOKENS,
+    RECITED_CONTEXT,
     Memory,
     MemoryConfig,
     answer_prompts,
@@ -91,16 +106,27 @@ from lora_mem.lora_core.memory import (
 from lora_mem.deps import MissingDependency
 from lora_mem.lora_core.parser import ParserError
 from lora_mem.lora_core.parser import check_installed as check_parser_installed
-from lora_mem.lora_core.recipes import ABSTENTION_STYLES, MIN_SEQ_LEN, QA_SOURCES, QUERY_SOURCES, TRAIN_PARTS
-from lora_mem.model.config import ConfigError, ModelConfig
-from lora_mem.model.loader import CheckpointError, LoadedModel, load_model, resolve_checkpoint
+from lora_mem.lora_core.recipes import (
+    ABSTENTION_STYLES,
+    MIN_SEQ_LEN,
+    QA_SOURCES,
+    QUERY_SOURCES,
+    RECITE_TEMPLATE,
+    TRAIN_PARTS,
+)
+from lora_mem.model.config import ConfigError
+from lora_mem.model.loader import Checkpoint, CheckpointError, LoadedModel, inspect_checkpoint, load_model
 from lora_mem.model.packaged import PackagedModelError
-from lora_mem.model.tokenizer import Tokenizer
+from lora_mem.model.tokenizer import Tokenizer, TokenizerError
+from lora_mem.untrusted import UnsafeNameError, UnsafePathError
 
 METHODS = ("lora", "base", "icl", "rag", "lora+rag", "fact-rag", "lora+fact-rag")
 DTYPES = ("float32", "bfloat16", "float16")
 # Room left in the context window for the chat markup, the question and the answer (ICL).
 ICL_RESERVE_TOKENS = 256
+# Retrieved text cut to fit the window keeps this many tokens spare: where it meets the text around it, tokens may
+# merge differently than in the parts counted alone.
+BOUNDARY_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -251,7 +277,7 @@ OPTIONS = (
            "step"), "adapter and training"),
     Option("--warmup-ratio", "memory.train.warmup_ratio", dict(type=float_in(0.0, 1.0, low_open=False,
            high_open=True), help="share of the steps spent warming up the learning rate"), "adapter and training"),
-    Option("--seed", "memory.train.seed", dict(type=non_negative_int), "adapter and training"),
+    Option("--seed", "memory.train.seed", dict(type=seed), "adapter and training"),
     Option("--grad-checkpointing", "memory.train.gradient_checkpointing", dict(action="store_true",
            help="recompute decoder layers in backward: less memory, ~1/3 more compute"), "adapter and training"),
     Option("--answer-mode", "memory.answer.mode", dict(choices=ANSWER_MODES, help="direct: answer the question; "
@@ -259,11 +285,11 @@ OPTIONS = (
            "it in context (needs a recipe with the recite part)"), "answering and runtime"),
     Option("--max-new-tokens", "memory.answer.max_new_tokens", dict(type=positive_int), "answering and runtime"),
     Option("--answer-batch-size", "memory.answer.batch_size", dict(type=positive_int), "answering and runtime"),
-    Option("--device", "device", dict(choices=("cpu", "cuda"), help="default: cuda if available"),
+    Option("--device", "device", dict(type=device_name, metavar="{cpu,cuda}", help="default: cuda if available"),
            "answering and runtime"),
     Option("--dtype", "dtype", dict(choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA"),
            "answering and runtime"),
-    Option("--threads", "threads", dict(type=positive_int, help="torch CPU threads (default: torch's, all cores); "
+    Option("--threads", "threads", dict(type=threads, help="torch CPU threads (default: torch's, all cores); "
            "recorded, since CPU numerics depend on it"), "answering and runtime"),
 )
 OPTION_BY_DEST = {o.dest: o for o in OPTIONS}
@@ -434,6 +460,10 @@ class ContextTooLong(ValueError):
     pass
 
 
+class SettingError(ValueError):
+    """A setting that does not fit the model or the questions (found before the model loads)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run that has its --out: what finished is kept there."""
 
@@ -463,16 +493,23 @@ def question_prompts(sample: Sample, questions: list, lm: LoadedModel, config: L
         retriever = BM25Retriever(sample, config.retrieval_unit)
         hits = retriever.retrieve([q.question for q in questions], config.top_k)
         template = FACT_TEMPLATE if config.retrieval_unit == "fact" else RAG_TEMPLATE
-        users = [context_prompt(template, sample, retriever.context(h), a) for h, a in zip(hits, asks)]
-        info = {"retrieved": hits, "documents": len(retriever.docs)}
+        users, cut = [], []
+        for h, a in zip(hits, asks):  # retrieved text longer than the window leaves is cut to fit
+            room = (lm.config.max_position_embeddings - config.memory.answer.max_new_tokens - BOUNDARY_TOKENS
+                    - len(chat_prompts(lm, [context_prompt(template, sample, "", a)])[0]))
+            docs, tokens_cut = cut_to_fit([retriever.docs[i] for i in h], tok, room)
+            users.append(context_prompt(template, sample, "\n".join(docs), a))
+            cut.append(tokens_cut)
+        info = {"retrieved": hits, "context_tokens_cut": cut, "documents": len(retriever.docs),
+                "questions_with_context_cut": sum(1 for c in cut if c)}
     else:
         users = asks
     prompts = chat_prompts(lm, users)
     limit, new = lm.config.max_position_embeddings, config.memory.answer.max_new_tokens
     longest = max((len(p) for p in prompts), default=0)
-    if longest + new > limit:
+    if longest + new > limit:  # check_questions_fit refuses such questions before the model loads
         raise ContextTooLong(f"{sample.sample_id}: a prompt of {longest} tokens + {new} new tokens exceeds the "
-                             f"model's context of {limit} positions (lower --top-k or --context-tokens)")
+                             f"model's context of {limit} positions")
     return prompts, info
 
 
@@ -481,20 +518,19 @@ def gold_answer(qa) -> str:
 
 
 def adapter_dir(out: Path, config: LocomoConfig, sample_id: str) -> Path:
-    return (Path(config.adapters_from) if config.adapters_from else out) / "adapters" / sample_id
+    return run_adapter_dir(Path(config.adapters_from) if config.adapters_from else out, sample_id)
 
 
 def prepare_adapter(sample: Sample, memory: Memory, config: LocomoConfig, out: Path, quiet: bool) -> dict:
     """Put this conversation's adapter into the model: trained here (and saved), taken from an earlier
     invocation of this run (resume), or from another run (--adapters-from). Returns result fields; a
     conversation whose training failed carries "error" and has no saved adapter (a resume retrains it)."""
-    conv_dir = out / "conversations" / sample.sample_id
     path = adapter_dir(out, config, sample.sample_id)
     if config.adapters_from:
         memory.load(path)
         return {"adapter": str(path)}
-    train_file = conv_dir / "train.json"
-    train = read_run_file(train_file) if train_file.is_file() else None
+    train_file = conversation_dir(out, sample.sample_id) / "train.json"
+    train = read_train(out, sample.sample_id)
     if train is not None and not train.get("error") and path.is_dir():  # trained by an earlier invocation
         memory.load(path)
     else:
@@ -515,8 +551,8 @@ def finish_conversation(sample: Sample, questions: list, answers: list[str], pro
                         context: dict, result: dict, seconds: float, out: Path) -> dict:
     """Score and write one conversation's predictions; result.json last, as the 'finished' mark. Lists in
     ``context`` under "retrieved" / "recitation" are per question and go into the predictions' rows."""
-    conv_dir = out / "conversations" / sample.sample_id
-    per_question = {k: context.pop(k) for k in ("retrieved", "recitation") if k in context}
+    conv_dir = conversation_dir(out, sample.sample_id)
+    per_question = {k: context.pop(k) for k in ("retrieved", "context_tokens_cut", "recitation") if k in context}
     rows = []
     for i, (qa, pred) in enumerate(zip(questions, answers)):
         gold = gold_answer(qa)
@@ -534,7 +570,7 @@ def finish_conversation(sample: Sample, questions: list, answers: list[str], pro
 
 def record_failure(out: Path, result: dict) -> dict:
     """A failed conversation's result.json: reported, never scored, and retried by a resume."""
-    atomic_write_json(out / "conversations" / result["sample_id"] / "result.json", result)
+    atomic_write_json(conversation_dir(out, result["sample_id"]) / "result.json", result)
     return result
 
 
@@ -601,30 +637,18 @@ def run_shared_batches(samples: list[Sample], lm: LoadedModel, memory: Memory, c
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def conversation_state(out: Path, sample_id: str) -> str:
-    """"finished", "failed" or "todo", from the conversation's files (any unreadable one is an error, found
-    before any work starts)."""
-    conv_dir = out / "conversations" / sample_id
-    if (conv_dir / "train.json").is_file():
-        read_run_file(conv_dir / "train.json")
-    if not (conv_dir / "result.json").is_file():
-        return "todo"
-    return "failed" if read_run_file(conv_dir / "result.json").get("error") else "finished"
-
-
 def collect(out: Path, samples: list[Sample]) -> tuple[list[dict], list[dict]]:
     results, rows = [], []
     for s in samples:
-        conv_dir = out / "conversations" / s.sample_id
-        result = read_run_file(conv_dir / "result.json")
+        result = read_result(out, s.sample_id)
         results.append(result)
-        if not result.get("error") and (conv_dir / "predictions.jsonl").is_file():
-            rows += read_jsonl(conv_dir / "predictions.jsonl")
+        if not result["error"]:
+            rows += read_predictions(out, s.sample_id, result["n_questions"])
     return results, rows
 
 
 def summarise(out: Path, samples: list[Sample], lm: LoadedModel, config: LocomoConfig, settings: dict, wall: float,
-              info: dict) -> dict:
+              wall_before: float, info: dict) -> dict:
     conv_results, rows = collect(out, samples)
     write_jsonl(out / "predictions.jsonl", rows)
     scores = aggregate(rows)
@@ -638,8 +662,7 @@ def summarise(out: Path, samples: list[Sample], lm: LoadedModel, config: LocomoC
     if failed:
         label += f" (INCOMPLETE: {len(failed)} of {len(samples)} conversations failed)"
     # A resumed run took the time of every invocation; a no-op resume (all finished) adds ~nothing.
-    previous = read_run_file(out / "results.json") if (out / "results.json").is_file() else {}
-    wall_total = previous.get("wall_seconds_all_invocations", previous.get("wall_seconds_this_invocation", 0.0)) + wall
+    wall_total = wall_before + wall
     results = {
         "method": label,
         "settings": settings,
@@ -664,6 +687,8 @@ def summarise(out: Path, samples: list[Sample], lm: LoadedModel, config: LocomoC
         "prompt_tokens_mean": sum(r["prompt_tokens"] for r in rows) / len(rows) if rows else None,
         "prompt_tokens_max": max((r["prompt_tokens"] for r in rows), default=None),
         "compute_seconds": data_seconds + train_seconds + answer_seconds,
+        "questions_with_context_cut": sum((r.get("context") or {}).get("questions_with_context_cut", 0)
+                                          for r in conv_results) if config.uses_rag else None,
         "conversations": conv_results,
     }
     results = json.loads(json.dumps(results, default=str))  # what the file holds (str keys)
@@ -691,14 +716,94 @@ def take_over_training_settings(config: LocomoConfig) -> LocomoConfig:
         value = source[k] if k in source else SETTINGS_ADDED_LATER.get(k)  # added later: it was off there
         if value is not None or k not in ("abstention_ratio", "abstention_style") + QUERY_SETTINGS + DISTILL_SETTINGS:
             # None: it did not apply there (the default stays)
+            problem = setting_problem(k, value)
+            if problem:
+                raise RunFileError(f"{path}: field {k!r}: {problem}, got {value!r:.60}")
             values[k] = value
-    return config_from(values | {"adapters_from": str(Path(config.adapters_from))}, config)
+    try:
+        return config_from(values | {"adapters_from": str(Path(config.adapters_from))}, config)
+    except ValueError as e:
+        raise RunFileError(f"{path}: its settings do not go together ({e})") from None
+
+
+def setting_problem(dest: str, value) -> str | None:
+    """Why ``value`` cannot be the setting ``dest`` of a run_config.json (what its option would refuse on the
+    command line), or None."""
+    option = OPTION_BY_DEST[dest]
+    if option.kwargs.get("action") == "store_true":
+        return None if isinstance(value, bool) else "must be true or false"
+    if value is None:
+        return None if config_value(LocomoConfig(), option.path) is None else "must be set"
+    if "choices" in option.kwargs:
+        return None if value in option.kwargs["choices"] else f"must be one of {', '.join(option.kwargs['choices'])}"
+    parse = option.kwargs.get("type", str)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return f"must be {getattr(parse, '__name__', 'a string')}"
+    try:
+        return None if parse(str(value)) == value else f"must be {getattr(parse, '__name__', 'a string')}"
+    except argparse.ArgumentTypeError as e:
+        return str(e)
+
+
+def fit_to_model(config: LocomoConfig, ckpt: Checkpoint, samples: list[Sample]) -> LocomoConfig:
+    """The settings checked against the model's files (its window, layers, vocabulary) and the questions asked, the
+    ICL budget filled in from the window: every refusal here comes before the weights load."""
+    window, tok = ckpt.config.max_position_embeddings, ckpt.tokenizer
+    recipe, lora = config.memory.recipe, config.memory.lora
+    if config.uses_adapter and not config.adapters_from:
+        check_seq_len(config, tok)
+        if recipe.seq_len > window:
+            raise SettingError(f"--seq-len {recipe.seq_len}: longer than the model's context window of {window} "
+                               "positions")
+        widths = [min(shape) for name, shape in linear_layers(ckpt.structure).items()
+                  if is_target(name, lora.target_modules)]
+        if widths and lora.rank > min(widths):
+            raise SettingError(f"--rank {lora.rank}: more than the narrowest adapted layer's {min(widths)} features "
+                               "(a LoRA update's rank cannot exceed it)")
+        if "distill" in recipe.parts and recipe.distill_top_k > ckpt.config.vocab_size:
+            raise SettingError(f"--distill-top-k {recipe.distill_top_k}: more than the model's "
+                               f"{ckpt.config.vocab_size} tokens")
+    if config.method == "icl" and config.context_tokens is None:
+        if window <= ICL_RESERVE_TOKENS:
+            raise SettingError(f"the model's context window ({window} positions) leaves no room for ICL's default "
+                               "budget: set --context-tokens")
+        config = dataclasses.replace(config, context_tokens=window - ICL_RESERVE_TOKENS)
+    check_questions_fit(samples, config, tok, window)
+    return config
+
+
+def check_questions_fit(samples: list[Sample], config: LocomoConfig, tok: Tokenizer, window: int) -> None:
+    """Each question's prompt, with the room its method takes (ICL's conversation, a recitation) and its answer,
+    fits the model's context window. Retrieved text is cut to fit instead (question_prompts)."""
+    new, template = config.memory.answer.max_new_tokens, config.memory.answer.question_template
+    recite = config.memory.answer.mode == "recite"
+    for s in samples:
+        for qa in select_questions(s, config.with_adversarial, config.max_questions):
+            ask = template.format(question=qa.question)
+            text, room, what = ask, 0, ""
+            if config.method == "icl":
+                text, room, what = (context_prompt(CONTEXT_TEMPLATE, s, "", ask), config.context_tokens,
+                                    f" + {config.context_tokens} of conversation (--context-tokens)")
+            elif config.uses_rag:
+                text = context_prompt(RAG_TEMPLATE, s, "", ask)
+            elif recite:
+                text, room, what = (RECITED_CONTEXT.format(recitation="") + ask, RECITE_MAX_NEW_TOKENS,
+                                    f" + {RECITE_MAX_NEW_TOKENS} of recitation")
+            prompt = len(tok.encode_chat([{"role": "user", "content": text}]))
+            if prompt + room + new > window:
+                raise SettingError(f"sample {s.sample_id!r}: the question {qa.question!r:.60} makes a prompt of "
+                                   f"{prompt} tokens{what} + {new} new tokens (--max-new-tokens): more than the "
+                                   f"model's context window of {window} positions")
+            if recite and len(tok.encode_chat([{"role": "user", "content": RECITE_TEMPLATE.format(
+                    question=qa.question)}])) + RECITE_MAX_NEW_TOKENS > window:
+                raise SettingError(f"sample {s.sample_id!r}: the question {qa.question!r:.60} is too long to recite "
+                                   f"within the model's context window of {window} positions")
 
 
 def check_seq_len(config: LocomoConfig, tok: Tokenizer) -> None:
     """A chat-QA window holds the system turn and at least one short exchange; say so before any work."""
     recipe = config.memory.recipe
-    if not config.uses_adapter or config.adapters_from or not recipe.uses_chat:
+    if not recipe.uses_chat:
         return
     system = tok.default_system_prompt
     head = len(tok.encode(tok.format_chat([{"role": "system", "content": system}], add_generation_prompt=False))
@@ -706,9 +811,9 @@ def check_seq_len(config: LocomoConfig, tok: Tokenizer) -> None:
     exchange = len(tok.encode("<|im_start|>user\n" + config.memory.answer.question_template.format(question="Who?")
                               + "<|im_end|>\n<|im_start|>assistant\nYes<|im_end|>\n"))
     if head + exchange > recipe.seq_len:
-        raise RunConfigMismatch(f"--seq-len {recipe.seq_len} is too small for one chat window of this model "
-                                f"({head} tokens of system turn + {exchange} of the shortest exchange): use at least "
-                                f"{head + exchange}")
+        raise SettingError(f"--seq-len {recipe.seq_len} is too small for one chat window of this model ({head} "
+                           f"tokens of system turn + {exchange} of the shortest exchange): use at least "
+                           f"{head + exchange}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,9 +860,21 @@ def main(argv: list[str] | None = None) -> dict | None:
             torch.distributed.destroy_process_group()
 
 
-def run(args: argparse.Namespace, config: LocomoConfig, dist: Dist, t_start: float) -> dict | None:
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+@dataclass
+class Plan:
+    """A run whose every input was checked: nothing has been loaded or written yet."""
+
+    config: LocomoConfig
+    samples: list[Sample]
+    out: Path
+    settings: dict  # what run_config.json records
+    device: torch.device
+    found: OutState  # what earlier invocations left in out
+
+
+def plan_run(args: argparse.Namespace, config: LocomoConfig, dist: Dist) -> Plan:
+    """Everything that can be refused, checked before the weights load and before --out is written: the data, the
+    model's files, the settings against both, the resume, every path to be written and every file to be read."""
     data_path = resolve_data_path(args.data)
     samples = load_locomo(data_path)
     if args.conversations:
@@ -770,16 +887,8 @@ def run(args: argparse.Namespace, config: LocomoConfig, dist: Dist, t_start: flo
         if config.memory.answer.mode == "recite" and "recite" not in config.memory.recipe.parts:
             raise RunConfigMismatch(f"--answer-mode recite: the adapters of {config.adapters_from} were not trained "
                                     f"to recite (train_format {config.memory.recipe.train_format})")
-        missing = [s.sample_id for s in samples if not adapter_dir(out, config, s.sample_id).is_dir()]
-        if missing:
-            raise RunConfigMismatch(f"--adapters-from {config.adapters_from}: no adapter for {', '.join(missing)}")
-
-    # Everything that can be refused is checked before the weights load and before --out is written.
-    ckpt = resolve_checkpoint(config.model)
-    model_config = ModelConfig.from_file(ckpt / "config.json")
-    check_seq_len(config, Tokenizer.from_dir(ckpt, model_config))
-    if config.method == "icl" and config.context_tokens is None:
-        config = dataclasses.replace(config, context_tokens=model_config.max_position_embeddings - ICL_RESERVE_TOKENS)
+    ckpt = inspect_checkpoint(config.model, config.kernels)
+    config = fit_to_model(config, ckpt, samples)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = settings_of(config) | {
         "data": str(data_path), "data_sha256": file_sha256(data_path), "device_type": device.type,
@@ -787,13 +896,37 @@ def run(args: argparse.Namespace, config: LocomoConfig, dist: Dist, t_start: flo
         "kernel_policy": config.kernels.to_dict(), "conversations": [s.sample_id for s in samples],
     }
     check_or_write_run_config(out, settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER, RECORDED_LATER, write=False)
-    states = {s.sample_id: conversation_state(out, s.sample_id) for s in samples}
+    layers = linear_layers(ckpt.structure)
+    found = inspect_out(out, [s.sample_id for s in samples], config.uses_adapter and not config.adapters_from, layers)
+    if config.adapters_from:  # the adapters this run will load, each read and fitted to the model
+        missing = [s.sample_id for s in samples if not adapter_dir(out, config, s.sample_id).is_dir()]
+        if missing:
+            raise RunConfigMismatch(f"--adapters-from {config.adapters_from}: no adapter for {', '.join(missing)}")
+        for s in samples:
+            if found.states[s.sample_id] != "finished":
+                read_adapter(adapter_dir(out, config, s.sample_id), layers)
+    return Plan(config, samples, out, settings, device, found)
+
+
+def run(args: argparse.Namespace, config: LocomoConfig, dist: Dist, t_start: float) -> dict | None:
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    plan = plan_run(args, config, dist)
+    config, out = plan.config, plan.out
+    lm = load_model(config.model, device=plan.device, dtype=config.dtype, progress=not args.quiet,
+                    policy=config.kernels)
+    try:  # from here on --out is written: an interruption keeps what finished
+        return run_conversations(args, plan, lm, dist, t_start)
+    except KeyboardInterrupt as e:
+        raise Interrupted(out) from e
+
+
+def run_conversations(args: argparse.Namespace, plan: Plan, lm: LoadedModel, dist: Dist, t_start: float) -> dict | None:
+    config, samples, out, states = plan.config, plan.samples, plan.out, plan.found.states
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        check_or_write_run_config(out, settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER, RECORDED_LATER)
+        check_or_write_run_config(out, plan.settings, RESULT_SETTINGS, SETTINGS_ADDED_LATER, RECORDED_LATER)
     dist.barrier()
-
-    lm = load_model(config.model, device=device, dtype=config.dtype, progress=not args.quiet, policy=config.kernels)
     memory = None
     if config.uses_adapter:
         memory = Memory(lm, config.memory)
@@ -807,22 +940,23 @@ def run(args: argparse.Namespace, config: LocomoConfig, dist: Dist, t_start: flo
     if len(todo) < len(samples) and dist.world_size == 1:
         print(f"resuming {out}: {len(samples) - len(todo)} of {len(samples)} conversations already finished"
               + (f"; retrying failed {', '.join(retried)}" if retried else ""), file=sys.stderr)
-    try:
-        if config.shared_batches:
-            done = run_shared_batches(todo, lm, memory, config, out, args.quiet)
-        else:
-            done = (run_conversation(s, lm, memory, config, out, args.quiet) for s in todo)
-        for r in done:
-            status = f"FAILED: {r['error']}" if r["error"] else f"avg F1 {r['f1']['avg_f1'] or 0:.2f}"
-            print(f"[{r['sample_id']}] {r['n_questions']} questions, {status}", file=sys.stderr)
-    except KeyboardInterrupt as e:
-        raise Interrupted(out) from e
+    if config.shared_batches:
+        done = run_shared_batches(todo, lm, memory, config, out, args.quiet)
+    else:
+        done = (run_conversation(s, lm, memory, config, out, args.quiet) for s in todo)
+    for r in done:
+        status = f"FAILED: {r['error']}" if r["error"] else f"avg F1 {r['f1']['avg_f1'] or 0:.2f}"
+        cut = (r.get("context") or {}).get("questions_with_context_cut")
+        if cut:
+            status += f" ({cut} retrieved contexts cut to fit the context window)"
+        print(f"[{r['sample_id']}] {r['n_questions']} questions, {status}", file=sys.stderr)
 
     dist.barrier()
     if dist.rank != 0:
         return None
     info["world_size"] = dist.world_size
-    results = summarise(out, samples, lm, config, settings, time.perf_counter() - t_start, info)
+    results = summarise(out, samples, lm, config, plan.settings, time.perf_counter() - t_start,
+                        plan.found.wall_seconds, info)
     print(format_table([(results["method"], results["scores"])]))
     for sid, err in results["failed"].items():
         print(f"FAILED {sid}: {err} (rerun the same command to retry it)")
@@ -835,14 +969,14 @@ def cli() -> None:
     and a non-zero exit status when a conversation failed."""
     try:
         results = main()
-    except (LocomoDataError, ConfigError, CheckpointError, PackagedModelError, AdapterError, RunConfigMismatch,
-            ContextTooLong, RunFileError) as e:
+    except (LocomoDataError, ConfigError, CheckpointError, TokenizerError, PackagedModelError, AdapterError,
+            RunConfigMismatch, RunFileError, SettingError, ContextTooLong, UnsafeNameError, UnsafePathError) as e:
         fail(str(e))
     except Interrupted as e:
         fail(f"interrupted: finished conversations are kept in {e.out}; rerun with --out {e.out} (and the same "
              "settings) to resume", 130)
     except KeyboardInterrupt:
-        fail("interrupted before the run started: nothing was written", 130)
+        fail("interrupted before the run started: nothing was written to the run directory", 130)
     if results is not None and results["failed"]:
         sys.exit(1)
 

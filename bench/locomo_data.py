@@ -12,7 +12,6 @@ plus its ``qa``, and :func:`training_source` gives the library the conversation 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from lora_mem.files import file_sha256  # noqa: F401  (re-exported: a data file's digest)
 from lora_mem.home import cache_dir
 from lora_mem.lora_core.conversation import (  # noqa: F401  (re-exported: the harness reads conversations through here)
     FORMATS,
@@ -30,11 +30,13 @@ from lora_mem.lora_core.conversation import (  # noqa: F401  (re-exported: the h
     Session,
     Turn,
     conversation_text,
+    nothing_to_remember,
     parse_session_datetime,
     photo_note,
     resolve_relative_dates,
     session_texts,
 )
+from lora_mem.untrusted import check_name, name_key, read_json
 
 CATEGORY_NAMES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
 # Recipes and settings are chosen on these two conversations; the other eight are the test split.
@@ -181,6 +183,8 @@ def _parse_turn(t, path: Path, where: str) -> Turn:
     speaker = _req_str(t, "speaker", path, where)
     text = _req_str(t, "text", path, where)
     dia_id = t.get("dia_id", "")
+    if isinstance(dia_id, bool) or not isinstance(dia_id, (str, int)):
+        raise _err(path, where, f"field 'dia_id' must be a string, got {type(dia_id).__name__} {dia_id!r:.80}")
     cap = t.get("blip_caption")
     if cap is not None and not isinstance(cap, str):
         raise _err(path, where, f"field 'blip_caption' must be a string, got {type(cap).__name__} {cap!r}")
@@ -193,7 +197,14 @@ def _parse_conversation(conv, path: Path, sid: str) -> tuple[str, str, list[Sess
         raise _err(path, where, f"field 'conversation' must be an object, got {type(conv).__name__}")
     speaker_a = _req_str(conv, "speaker_a", path, f"{where} conversation")
     speaker_b = _req_str(conv, "speaker_b", path, f"{where} conversation")
-    indices = sorted(int(m.group(1)) for k in conv if (m := _SESSION_RE.fullmatch(k)))
+    indices = []
+    for key in conv:
+        if m := _SESSION_RE.fullmatch(key):
+            if m.group(1) != str(int(m.group(1)[:9])):  # session_01 would be a second session 1
+                raise _err(path, f"{where} field {key!r}", "session numbers are written without leading zeros, "
+                                                           "at most 9 digits")
+            indices.append(int(m.group(1)))
+    indices.sort()
     sessions = []
     for n in indices:
         key = f"session_{n}"
@@ -205,10 +216,9 @@ def _parse_conversation(conv, path: Path, sid: str) -> tuple[str, str, list[Sess
             raise _err(path, f"{where} field '{key}_date_time'", f"must be a string, got {type(dt).__name__} {dt!r}")
         parsed = [_parse_turn(t, path, f"{where} {key} turn {i}") for i, t in enumerate(turns)]
         sessions.append(Session(index=n, date_time=dt, turns=parsed))
-    if not sessions:
-        raise _err(path, f"{where} conversation", "no sessions (no field session_<n>): nothing to remember")
-    if not any(t.text.strip() or t.blip_caption for s in sessions for t in s.turns):
-        raise _err(path, f"{where} conversation", f"no text in any of its {len(sessions)} sessions: nothing to remember")
+    why = nothing_to_remember(Conversation(sid, speaker_a, speaker_b, sessions))
+    if why is not None:
+        raise _err(path, f"{where} conversation", why + ("" if sessions else " (no field session_<n>)"))
     return speaker_a, speaker_b, sessions
 
 
@@ -230,9 +240,9 @@ def _parse_qa(q, path: Path, sid: str, i: int) -> QA:
         answer = _req_str(q, "answer", path, where, allow_number=True)
         adv = None
     ev = q.get("evidence", [])
-    if not isinstance(ev, list):
-        raise _err(path, where, f"field 'evidence' must be a list, got {type(ev).__name__} {ev!r}")
-    return QA(question=question, answer=answer, category=cat, evidence=[str(e) for e in ev], adversarial_answer=adv)
+    if not isinstance(ev, list) or not all(isinstance(e, str) for e in ev):
+        raise _err(path, where, f"field 'evidence' must be a list of strings, got {type(ev).__name__} {ev!r:.80}")
+    return QA(question=question, answer=answer, category=cat, evidence=list(ev), adversarial_answer=adv)
 
 
 def load_locomo(path: str | os.PathLike) -> list[Sample]:
@@ -240,26 +250,25 @@ def load_locomo(path: str | os.PathLike) -> list[Sample]:
     path = Path(path)
     if not path.is_file():
         raise LocomoDataError(f"{path}: no such file. {_HOW_TO_GET}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise LocomoDataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}") from e
-    except UnicodeDecodeError as e:
-        raise LocomoDataError(f"{path}: not UTF-8 text ({e})") from e
+    raw = read_json(path, LocomoDataError)
     if not isinstance(raw, list):
         raise LocomoDataError(f"{path}: top level must be a list of samples, got {type(raw).__name__}")
+    if not raw:
+        raise LocomoDataError(f"{path}: no samples (the list is empty): nothing to remember")
     samples = []
-    seen = set()
+    seen: dict[str, str] = {}  # name_key -> sample_id: ids that would share a folder
     for k, s in enumerate(raw):
         if not isinstance(s, dict):
             raise _err(path, f"sample #{k}", f"must be an object, got {type(s).__name__}")
         if "sample_id" not in s:
             raise _err(path, f"sample #{k}", "missing field 'sample_id'")
-        sid = str(s["sample_id"])
-        if sid in seen:
-            raise _err(path, f"sample #{k}", f"duplicate sample_id {sid!r}")
-        seen.add(sid)
+        sid = s["sample_id"]
+        sid = str(sid) if isinstance(sid, int) and not isinstance(sid, bool) else sid
+        check_name(sid, f"{path}: sample #{k}: sample_id", LocomoDataError)  # it names the sample's folders
+        if name_key(sid) in seen:
+            same = "" if seen[name_key(sid)] == sid else f" (as {seen[name_key(sid)]!r} is, where case is ignored)"
+            raise _err(path, f"sample #{k}", f"duplicate sample_id {sid!r}{same}")
+        seen[name_key(sid)] = sid
         for key in ("conversation", "qa"):
             if key not in s:
                 raise _err(path, f"sample {sid!r}", f"missing field {key!r}")
@@ -303,11 +312,3 @@ def iter_samples(samples: Iterable[Sample], ids: Iterable[str] | str | None = No
         raise LocomoDataError(f"unknown sample_id(s) {missing} (known: {sorted(known)})")
     keep = set(want)
     return [s for s in samples if s.sample_id in keep]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -22,27 +22,42 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def int_at_least(low: int):
+# The largest float32: every float option ends up in float32 arithmetic (a learning rate of 1e39 is inf there).
+FLOAT32_MAX = 3.4028234663852886e38
+# torch's CPU thread pool: 1,024 threads run; 100,000 crash the process.
+MAX_THREADS = 1024
+# torch.Generator.manual_seed takes an unsigned 64-bit seed.
+MAX_SEED = 2**64 - 1
+
+
+def int_at_least(low: int, high: int | None = None):
+    """An integer >= low (and <= high, if given)."""
+    what = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
         return value
 
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = what
     return parse
 
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+seed = int_at_least(0, MAX_SEED)
+threads = int_at_least(1, MAX_THREADS)
 
 
-def float_in(low: float, high: float = math.inf, *, low_open: bool = True, high_open: bool = False):
-    """A finite float in the interval (low, high] by default; nan and inf are never accepted."""
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+def float_in(low: float, high: float = FLOAT32_MAX, *, low_open: bool = True, high_open: bool = False):
+    """A finite float in the interval (low, high] by default, high at most FLOAT32_MAX; nan and inf are never
+    accepted."""
+    high = min(high, FLOAT32_MAX)
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
     def parse(text: str) -> float:
         try:
@@ -87,6 +102,20 @@ def output_dir(text: str) -> str:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"{text} cannot be created: {parent} is not a writable directory")
+    return text
+
+
+def device_name(text: str) -> str:
+    """cpu, cuda or cuda:N, CUDA only where torch sees such a device."""
+    import torch
+
+    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if text != "cpu" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine ({why}); use --device cpu")
+    if text.startswith("cuda:") and int(text[5:]) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return text
 
 

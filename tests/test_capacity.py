@@ -207,7 +207,7 @@ def _has_matplotlib() -> bool:
     (["--attributes", "eye_colour"], "unknown attribute(s) eye_colour"),
     (["--train-format", "prose"], "unknown --train-format 'prose'"),
     (["--epochs", "0"], "--epochs: must be an integer >= 1, got 0"),
-    (["--lr", "0"], "--lr: must be a finite number in (0, inf), got 0"),
+    (["--lr", "0"], "--lr: must be a finite number in (0, 3.40282e+38], got 0"),
     (["--answer-mode", "recite"], "--answer-mode recite applies to --facts-as conversation"),
     (["--facts-as", "conversation", "--train-format", "text+queries", "--answer-mode", "recite"],
      "--answer-mode recite needs an adapter trained to recite (a --train-format with recite, got 'text+queries')"),
@@ -252,7 +252,7 @@ def test_cli_names_a_corrupt_cell_file_before_loading_the_model(ckpt, tmp_path, 
         capacity.cli()
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and f"{cell}: unreadable" in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and f"{cell}: malformed JSON" in err
     assert cell.read_text() == '{"rank": 1,' and not (out / "cells" / "r1-n2.json").exists()
 
 

@@ -137,7 +137,7 @@ def test_lora_disabled_gives_the_base_model(lm):
         assert not torch.allclose(adapted, base, atol=1e-3)
         assert torch.equal(disabled, base) and torch.equal(after, adapted)
     finally:
-        from lora_mem.lora_core.adapter_io import remove_lora
+        from lora_mem.lora_core.inject import remove_lora
 
         remove_lora(lm.model, lora_modules(lm.model))
 

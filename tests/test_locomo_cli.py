@@ -56,10 +56,15 @@ def assert_one_error_line(err: str, *needles: str):
 @pytest.mark.parametrize("option, value, needle", [
     ("--rank", "0", "--rank: must be an integer >= 1, got 0"),
     ("--rank", "-1", "--rank: must be an integer >= 1, got -1"),
-    ("--lr", "nan", "--lr: must be a finite number in (0, inf), got nan"),
+    ("--lr", "nan", "--lr: must be a finite number in (0, 3.40282e+38], got nan"),
     ("--lr", "inf", "--lr: must be a finite number"),
-    ("--lr", "0", "--lr: must be a finite number in (0, inf), got 0"),
+    ("--lr", "0", "--lr: must be a finite number in (0, 3.40282e+38], got 0"),
     ("--lr", "-1e-3", "--lr: must be a finite number"),
+    ("--lr", "1e39", "--lr: must be a finite number in (0, 3.40282e+38], got 1e39"),  # inf in float32
+    ("--alpha", "1e39", "--alpha: must be a finite number in (0, 3.40282e+38]"),
+    ("--seed", str(2**64), f"--seed: must be an integer in [0, {2**64 - 1}], got {2**64}"),
+    ("--threads", "100000", "--threads: must be an integer in [1, 1024], got 100000"),  # 100,000 crash torch
+    ("--device", "gpu", "--device: must be cpu, cuda or cuda:N, got 'gpu'"),
     ("--epochs", "0", "--epochs: must be an integer >= 1, got 0"),
     ("--seq-len", "3", "--seq-len: must be an integer >= 16, got 3"),
     ("--batch-size", "0", "--batch-size: must be an integer >= 1, got 0"),
@@ -132,7 +137,7 @@ def test_a_corrupt_file_in_out_is_named(ckpt, tmp_path, monkeypatch, capsys, nam
     capsys.readouterr()
     code, _, err = run_cli(monkeypatch, capsys, args)
     assert code == 2
-    assert_one_error_line(err, str(out / name), "unreadable")
+    assert_one_error_line(err, str(out / name), "malformed JSON", "move it away")
     assert snapshot(out) == before
 
 
@@ -192,7 +197,7 @@ def test_an_adapter_with_non_finite_weights_fails_the_conversation(ckpt, tmp_pat
 
     monkeypatch.setattr(memory_api, "train_lora", poison)
     results = locomo.main(base_args(ckpt, tmp_path / "out") + ["--conversations", "tiny-1"])
-    assert results["failed"] == {"tiny-1": "training failed: the trained adapter has non-finite weights"}
+    assert results["failed"] == {"tiny-1": "training failed: a LoRA weight is non-finite (nan)"}
 
 
 def test_resume_refuses_another_data_file_and_other_threads(ckpt, tmp_path):

@@ -572,11 +572,14 @@ def test_adapter_not_lora(peft_type, qwen_adapter, qwen_dir, tmp_path):
         load_adapter(load_model(str(qwen_dir)).model, bad)
 
 
-def test_adapter_with_weights_for_modules_the_model_lacks(qwen_adapter, qwen_dir, tmp_path):
+def test_adapter_with_weights_for_modules_its_config_does_not_target(qwen_adapter, qwen_dir, tmp_path):
     bad = copy_adapter(qwen_adapter, tmp_path / "more", lambda c: c.update(target_modules=["q_proj", "lm_head"]))
     model = load_model(str(qwen_dir)).model
-    with pytest.raises(AdapterError, match=r"weights for modules the model lacks: model\.layers\.0\.mlp\.down_proj"):
+    with pytest.raises(AdapterError, match=r"weights for modules target_modules does not select: "
+                                           r"model\.layers\.0\.mlp\.down_proj") as e:
         load_adapter(model, bad)
+    assert "target_modules 'lm_head' select no linear layer of the model" in str(e.value)
+    assert not lora_modules(model)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -43,6 +43,6 @@ def test_older_run_directories_resume_when_the_newer_setting_is_off(tmp_path):
 
 def test_an_unreadable_run_config_is_named_and_left_in_place(tmp_path):
     (tmp_path / "run_config.json").write_text('{"rank": 8,')
-    with pytest.raises(RunFileError, match=r"run_config.json: unreadable.*move it away"):
+    with pytest.raises(RunFileError, match=r"run_config.json: malformed JSON.*move it away"):
         check_or_write_run_config(tmp_path, {"rank": 8}, KEYS)
     assert (tmp_path / "run_config.json").read_text() == '{"rank": 8,'

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from lora_mem.cli import device_name  # noqa: F401  (the benchmarks' --device)
+
 # The two setups: the default model in fp32 on a CPU; Qwen2.5-1.5B's shapes, randomly initialised (no weights on a
 # lent GPU), in bf16 on a GPU. Sequence length and batch sizes are bench.perf.train_throughput's; bench.perf.step_floor
 # times the floor of the same steps.
@@ -272,17 +274,6 @@ def positive_int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, got {text!r}")
     return values
-
-
-def device_name(text: str) -> str:
-    """cpu, cuda or cuda:N, CUDA only where a device is there."""
-    import argparse
-
-    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
-    if text != "cpu" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
-    return text
 
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")

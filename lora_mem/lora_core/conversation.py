@@ -56,6 +56,21 @@ class Conversation:
         return sum(len(s.turns) for s in self.sessions)
 
 
+def nothing_to_remember(conv: Conversation) -> str | None:
+    """Why ``conv`` gives training nothing (no sessions, or no text in any turn), or None."""
+    if not conv.sessions:
+        return "no sessions: nothing to remember"
+    if not any(t.text.strip() or (t.blip_caption or "").strip() for s in conv.sessions for t in s.turns):
+        return f"no text in any of its {len(conv.sessions)} sessions: nothing to remember"
+    return None
+
+
+def check_something_to_remember(conv: Conversation) -> None:
+    why = nothing_to_remember(conv)
+    if why is not None:
+        raise ConversationError(f"conversation {conv.sample_id!r}: {why}")
+
+
 def conversation_only(conv: Conversation) -> Conversation:
     """A plain :class:`Conversation` of ``conv``'s speakers and sessions: whatever a subclass carries beside them
     (a benchmark's questions and answers) stays behind, so it cannot reach anything built from the result."""

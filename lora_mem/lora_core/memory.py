@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 
 from lora_mem.lora_core.adapter_io import load_adapter, save_adapter
-from lora_mem.lora_core.conversation import Conversation, conversation_only
+from lora_mem.lora_core.conversation import Conversation, check_something_to_remember, conversation_only
 from lora_mem.lora_core.distill import DistillSettings, SoftTargets, distill_windows, teacher_examples
 from lora_mem.lora_core.generated_qa import generate_qa
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_disabled, lora_parameters, reset_lora
 from lora_mem.lora_core.multi_adapter import stack_adapters, unstack_adapters
 from lora_mem.lora_core.recipes import RECITE_TEMPLATE, Recipe, recipe_queries, training_data
-from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, TrainResult, train_lora
+from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, TrainResult, lora_weights_problem, train_lora
 from lora_mem.model.generate import generate
 from lora_mem.model.loader import LoadedModel
 
@@ -150,7 +150,12 @@ def chat_prompts(lm: LoadedModel, user_messages: list[str]) -> list[list[int]]:
 
 def answer_prompts(lm: LoadedModel, prompts: list[list[int]], cfg: AnswerConfig = AnswerConfig(),
                    adapter_ids: list[int] | None = None, *, progress: bool = False) -> list[str]:
-    """Greedy answers to chat prompts, with the model as it is (or one stacked adapter per row)."""
+    """Greedy answers to chat prompts, with the model as it is (or one stacked adapter per row). A prompt that leaves
+    no room for ``cfg.max_new_tokens`` in the model's context window is a ValueError naming the limit."""
+    window, longest = lm.config.max_position_embeddings, max(map(len, prompts), default=0)
+    if longest + cfg.max_new_tokens > window:
+        raise ValueError(f"a prompt of {longest} tokens + {cfg.max_new_tokens} new tokens exceeds the model's context "
+                         f"window of {window} positions (max_position_embeddings)")
     tok = lm.tokenizer
     outs = generate(lm.model, prompts, cfg.max_new_tokens, tok.stop_ids, tok.pad_id, batch_size=cfg.batch_size,
                     progress=progress, adapter_ids=adapter_ids)
@@ -181,10 +186,6 @@ def recite_then_answer(lm: LoadedModel, questions: list[str], cfg: AnswerConfig 
     with lora_disabled(lm.model):
         answers = answer_prompts(lm, prompts, cfg, progress=progress)
     return answers, recitations, prompts
-
-
-def adapter_is_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in lora_parameters(model))
 
 
 def build_training_data(lm: LoadedModel, conv: Conversation, recipe: Recipe, question_template: str = QUESTION_TEMPLATE,
@@ -220,6 +221,9 @@ class Memory:
     """A model with LoRA layers that conversations are written into, one adapter at a time."""
 
     def __init__(self, lm: LoadedModel, config: MemoryConfig = MemoryConfig()):
+        if config.recipe.seq_len > lm.config.max_position_embeddings:
+            raise ValueError(f"recipe seq_len {config.recipe.seq_len} exceeds the model's context window of "
+                             f"{lm.config.max_position_embeddings} positions (max_position_embeddings)")
         self.lm, self.config = lm, config
         inject_lora(lm.model, config.lora)
 
@@ -228,14 +232,14 @@ class Memory:
                                    seed=self.config.train.seed, progress=progress)
 
     def write(self, conv: Conversation, *, progress: bool = False) -> WriteResult:
-        """Train a fresh adapter (same initialisation every time) on ``conv``; it stays in the model."""
+        """Train a fresh adapter (same initialisation every time) on ``conv``; it stays in the model. A conversation
+        with no text in it is a ConversationError ("nothing to remember")."""
+        check_something_to_remember(conv)
         reset_lora(self.lm.model, torch.Generator().manual_seed(self.config.train.seed))
         data = self.training_data(conv, progress=progress)
         result = train_lora(self.lm.model, data.input_ids, data.labels, self.config.train, progress=progress,
                             desc=f"train {conv.sample_id}", soft_targets=soft_training(data, self.config.recipe))
-        error = result.error
-        if error is None and not adapter_is_finite(self.lm.model):
-            error = "the trained adapter has non-finite weights"
+        error = result.error or lora_weights_problem(lora_parameters(self.lm.model))
         return WriteResult(conv.sample_id, windows=data.input_ids.shape[0],
                            target_tokens=int((data.labels != IGNORE_INDEX).sum()), train=result,
                            data_seconds=data.seconds, teacher_seconds=data.teacher_seconds, error=error)

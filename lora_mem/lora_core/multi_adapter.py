@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lora_mem.kernels.lora_reference import lora_scaling
-from lora_mem.lora_core.adapter_io import AdapterError, read_adapter_config, read_adapter_weights
+from lora_mem.lora_core.adapter_io import AdapterError, linear_layers, read_adapter
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules, replace_modules
 from lora_mem.lora_core.multi_lora import MultiLoRALinear
 
@@ -38,8 +38,8 @@ def stack_adapters(model: nn.Module, adapter_dirs: list[str | Path]) -> list[LoR
         raise AdapterError("no adapters to stack")
     unstack_adapters(model)
     dirs = [Path(d) for d in adapter_dirs]
-    configs = [read_adapter_config(d) for d in dirs]
-    weights = [read_adapter_weights(d) for d in dirs]
+    layers = linear_layers(model)
+    configs, weights = map(list, zip(*(read_adapter(d, layers) for d in dirs)))
     modules = lora_modules(model)
     if not modules:
         inject_lora(model, configs[0])

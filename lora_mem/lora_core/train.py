@@ -28,6 +28,11 @@ SHARE_PREFIX_MIN_SAVING = 0.1
 # positions: its attention is one masked product, quadratic in that length (2048: 9 heads' fp32 scores of one
 # layer are 151 MB).
 SHARE_PREFIX_MAX_POSITIONS = 2048
+# A LoRA weight larger than this in magnitude is divergence, not learning. AdamW moves a weight by about lr per step,
+# so after S steps it lies within about lr * S of its initialisation (|A| <= 1/sqrt(in) at the start, B = 0): a few
+# units at the defaults (lr 2e-3, a thousand steps). 1e3 is far beyond any run that learns, and far below where
+# products of such weights overflow 16-bit floats.
+MAX_LORA_WEIGHT = 1e3
 
 
 class ChunkedLMHeadLoss(torch.autograd.Function):
@@ -136,8 +141,22 @@ class TrainResult:
         return d
 
 
-class NonFiniteLoss(RuntimeError):
+class Diverged(RuntimeError):
+    """Training stopped making sense: a non-finite loss, or LoRA weights non-finite or beyond MAX_LORA_WEIGHT."""
+
+
+class NonFiniteLoss(Diverged):
     pass
+
+
+def lora_weights_problem(params: list[torch.Tensor]) -> str | None:
+    """Why these LoRA weights are not an adapter (a value non-finite or beyond MAX_LORA_WEIGHT), or None."""
+    largest = float(torch.stack([p.detach().abs().amax().float() for p in params]).amax()) if params else 0.0
+    if not math.isfinite(largest):
+        return f"a LoRA weight is non-finite ({largest})"
+    if largest > MAX_LORA_WEIGHT:
+        return f"a LoRA weight reached {largest:.3g} (beyond {MAX_LORA_WEIGHT:g}: diverged)"
+    return None
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -159,21 +178,25 @@ def train_lora(
     desc: str = "training",
     soft_targets: tuple[SoftTargets, float, float] | None = None,
 ) -> TrainResult:
-    """Train the model's LoRA parameters in place. A non-finite loss stops training and is recorded
-    in `result.error` (the caller decides what to do with the run). The model's mode (train / eval) and its
+    """Train the model's LoRA parameters in place. A non-finite loss, or an optimizer step that leaves a LoRA weight
+    non-finite or beyond MAX_LORA_WEIGHT, stops training and is recorded in `result.error` (the caller decides what
+    to do with the run). The model's mode (train / eval) and its
     activation checkpointing are as they were on return, and so is every random generator of torch's.
     ``soft_targets``: (targets aligned with the windows, temperature, hard-label weight): the loss is then
     `losses.soft_target_loss` (context distillation) instead of the cross-entropy."""
     params = lora_parameters(model)
     if not params:
         raise ValueError("the model has no LoRA parameters to train (inject_lora first)")
+    if input_ids.shape[0] == 0:
+        raise ValueError("no training windows: nothing to train on")
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(cfg.seed)  # the window order
     n = input_ids.shape[0]
     micro_per_epoch = math.ceil(n / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    accum = min(cfg.grad_accum, micro_per_epoch)  # a step never takes more micro-batches than an epoch has
+    steps_per_epoch = math.ceil(micro_per_epoch / accum)
     total_steps = steps_per_epoch * cfg.epochs
     result = TrainResult()
     bar = None
@@ -195,9 +218,9 @@ def train_lora(
                     lr = lr_at(step, total_steps, cfg)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    first = s * cfg.grad_accum  # this step's first micro-batch
+                    first = s * accum  # this step's first micro-batch
                     micro = [order[(first + k) * cfg.batch_size:(first + k + 1) * cfg.batch_size]
-                             for k in range(cfg.grad_accum)]
+                             for k in range(accum)]
                     micro = [idx for idx in micro if len(idx)]
                     step_loss, tokens, computed = backward_step(
                         model, [(input_ids[idx], labels[idx]) for idx in micro], cfg,
@@ -208,6 +231,9 @@ def train_lora(
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    problem = lora_weights_problem(params)
+                    if problem is not None:
+                        raise Diverged(problem)
                     result.losses.append(step_loss)
                     result.lrs.append(lr)
                     epoch_losses.append(step_loss)
@@ -216,7 +242,7 @@ def train_lora(
                         bar.set_postfix(loss=f"{step_loss:.3f}", epoch=epoch)
                         bar.update()
                 result.epochs_loss.append(sum(epoch_losses) / len(epoch_losses))
-        except NonFiniteLoss as e:
+        except Diverged as e:
             result.error = f"{e} at epoch {epoch}, step {step}"
         finally:
             if bar:

@@ -7,9 +7,14 @@ bias on q/k/v (Qwen2), tied embeddings (small Qwen2.5 and SmolLM2), rope theta.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from lora_mem.untrusted import read_json, validated
 
 
 class ConfigError(ValueError):
@@ -17,6 +22,82 @@ class ConfigError(ValueError):
 
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+
+PositiveInt = Annotated[int, Field(ge=1)]
+TokenId = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def _token_ids(value: Any) -> int | list[int] | None:
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"must be a token id or a list of token ids, got {value!r:.60}")
+    return value
+
+
+TokenIds = Annotated[Any, AfterValidator(_token_ids)]  # a token id, a list of them, or None
+
+
+class HFConfigFile(BaseModel):
+    """The fields of a Hugging Face config.json that this engine reads, with their types and ranges (the defaults
+    are transformers'); the other fields are ignored, and what the decoder does not implement is refused."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model_type: str
+    vocab_size: PositiveInt
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt | None = None  # None: as many as attention heads
+    head_dim: PositiveInt | None = None  # None: hidden_size / num_attention_heads
+    rms_norm_eps: PositiveFloat = 1e-6
+    # transformers >= 5 writes rope settings under `rope_parameters`; older files use `rope_theta` and
+    # `rope_scaling`. Only plain (unscaled) rope is implemented.
+    rope_theta: PositiveFloat | None = None
+    rope_scaling: dict | None = None
+    rope_parameters: dict | None = None
+    max_position_embeddings: Annotated[int, Field(ge=2)] = 32768
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    use_sliding_window: bool | None = False
+    mlp_bias: bool | None = False
+    hidden_act: str = "silu"
+    bos_token_id: TokenId | None = None
+    eos_token_id: TokenIds = None
+
+    @property
+    def rope_theta_value(self) -> float:
+        return (self.rope_parameters or {}).get("rope_theta", self.rope_theta)
+
+    @model_validator(mode="after")
+    def implemented(self) -> "HFConfigFile":
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type '{self.model_type}' (supported: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+        theta = self.rope_theta_value
+        if theta is None:
+            raise ValueError("missing field 'rope_theta' (or 'rope_parameters.rope_theta')")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+            raise ValueError(f"field 'rope_parameters.rope_theta' must be a finite number > 0, got {theta!r:.60}")
+        for field, scaling in (("rope_scaling", self.rope_scaling), ("rope_parameters", self.rope_parameters)):
+            rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+            if rope_type != "default":
+                raise ValueError(f"unsupported rope scaling type '{rope_type}' in field '{field}'")
+        if self.use_sliding_window:
+            raise ValueError("unsupported field 'use_sliding_window' = true")
+        if self.mlp_bias:
+            raise ValueError("unsupported field 'mlp_bias' = true")
+        if self.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act '{self.hidden_act}' (only 'silu')")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                             f"{self.num_attention_heads} (and no head_dim is given)")
+        kv_heads = self.num_key_value_heads or self.num_attention_heads
+        if self.num_attention_heads % kv_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {kv_heads}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -40,60 +121,28 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
-        """Build from the dict of a Hugging Face config.json; `source` names the file in errors."""
-
-        def need(key: str):
-            if key not in hf:
-                raise ConfigError(f"{source}: missing field '{key}'")
-            return hf[key]
-
-        model_type = need("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"{source}: unsupported model_type '{model_type}' (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-
-        # transformers >= 5 writes rope settings under `rope_parameters`; older files use `rope_theta`
-        # and `rope_scaling`. Only plain (unscaled) rope is implemented.
-        rope_parameters = hf.get("rope_parameters") or {}
-        rope_theta = rope_parameters.get("rope_theta", hf.get("rope_theta"))
-        if rope_theta is None:
-            raise ConfigError(f"{source}: missing field 'rope_theta' (or 'rope_parameters.rope_theta')")
-        for field, scaling in (("rope_scaling", hf.get("rope_scaling")), ("rope_parameters", rope_parameters)):
-            if scaling:
-                rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-                if rope_type != "default":
-                    raise ConfigError(f"{source}: unsupported rope scaling type '{rope_type}' in field '{field}'")
-        if hf.get("use_sliding_window"):
-            raise ConfigError(f"{source}: unsupported field 'use_sliding_window' = true")
-        if hf.get("mlp_bias"):
-            raise ConfigError(f"{source}: unsupported field 'mlp_bias' = true")
-        hidden_act = hf.get("hidden_act", "silu")
-        if hidden_act != "silu":
-            raise ConfigError(f"{source}: unsupported hidden_act '{hidden_act}' (only 'silu')")
-
-        num_heads = need("num_attention_heads")
-        hidden_size = need("hidden_size")
-        attention_bias = bool(hf.get("attention_bias", False))
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        """Build from the dict of a Hugging Face config.json, every field checked (HFConfigFile); `source` names the
+        file in errors."""
+        c = validated(hf, HFConfigFile, source, ConfigError)
+        num_heads = c.num_attention_heads
         return cls(
-            model_type=model_type,
-            vocab_size=need("vocab_size"),
-            hidden_size=hidden_size,
-            intermediate_size=need("intermediate_size"),
-            num_hidden_layers=need("num_hidden_layers"),
+            model_type=c.model_type,
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
             num_attention_heads=num_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hidden_size // num_heads,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=False if model_type == "qwen2" else attention_bias,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+            num_key_value_heads=c.num_key_value_heads or num_heads,
+            head_dim=c.head_dim or c.hidden_size // num_heads,
+            rms_norm_eps=c.rms_norm_eps,
+            rope_theta=float(c.rope_theta_value),
+            max_position_embeddings=c.max_position_embeddings,
+            tie_word_embeddings=c.tie_word_embeddings,
+            qkv_bias=True if c.model_type == "qwen2" else c.attention_bias,
+            o_bias=False if c.model_type == "qwen2" else c.attention_bias,
+            bos_token_id=c.bos_token_id,
+            eos_token_ids=tuple(c.eos_token_id) if isinstance(c.eos_token_id, list) else
+            ((c.eos_token_id,) if c.eos_token_id is not None else ()),
         )
 
     @classmethod
@@ -101,11 +150,7 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config.json not found")
-        try:
-            hf = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_hf_config(hf, source=str(path))
+        return cls.from_hf_config(read_json(path, ConfigError), source=str(path))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,18 +7,20 @@ the file into its parameter. Peak memory is one model plus one tensor, not two m
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lora_mem.kernels.policy import KernelPolicy
 from lora_mem.model.config import ModelConfig
 from lora_mem.model.qwen2 import Qwen2ForCausalLM
 from lora_mem.model.tokenizer import Tokenizer
+from lora_mem.untrusted import JSONFileError, check_name, parse_json, read_json_as, validated
 
 
 class CheckpointError(ValueError):
@@ -128,19 +130,22 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
         if header_len > size - 8 or header_len > 100_000_000:
             raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header length {header_len})")
         try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (bad header: {e})") from e
+            header = parse_json(f.read(header_len), "header")
+        except JSONFileError as e:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (bad {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file (the header is not a JSON object)")
     data_start = 8 + header_len
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {info.get('dtype')}")
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        shape = tuple(info["shape"])
-        begin, end = info["data_offsets"]
+        info = validated(info, TensorHeader, f"{path}: corrupt safetensors header: tensor '{name}'", CheckpointError)
+        if info.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {info.dtype}")
+        dtype = SAFETENSORS_DTYPES[info.dtype]
+        shape = tuple(info.shape)
+        begin, end = info.data_offsets
         numel = 1
         for d in shape:
             numel *= d
@@ -153,14 +158,34 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
+class TensorHeader(BaseModel):
+    """One tensor's entry in a safetensors header."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    dtype: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    data_offsets: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]
+
+
+class SafetensorsIndex(BaseModel):
+    """model.safetensors.index.json: which shard file holds each tensor."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    weight_map: dict[str, str]
+
+    @field_validator("weight_map")
+    @classmethod
+    def shard_names(cls, weight_map: dict[str, str]) -> dict[str, str]:
+        for shard in set(weight_map.values()):  # files beside the index, never a path elsewhere
+            check_name(shard, "shard file", ValueError)
+        return weight_map
+
+
 def checkpoint_entries(ckpt_dir: Path) -> dict[str, TensorEntry]:
     index = ckpt_dir / "model.safetensors.index.json"
     single = ckpt_dir / "model.safetensors"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        weight_map = read_json_as(index, SafetensorsIndex, CheckpointError).weight_map
         files = sorted(set(weight_map.values()))
     elif single.is_file():
         files = [single.name]
@@ -192,8 +217,9 @@ def read_tensor_into(entry: TensorEntry, name: str, out: torch.Tensor, f) -> Non
 # Building and filling the model
 # ---------------------------------------------------------------------------------------------
 
-def load_weights(model: Qwen2ForCausalLM, ckpt_dir: Path, progress: bool = False) -> None:
-    """Stream every tensor of the checkpoint into the model, checking names and shapes strictly."""
+def checked_entries(model: Qwen2ForCausalLM, ckpt_dir: Path) -> dict[str, TensorEntry]:
+    """The checkpoint's tensors, their names and shapes checked strictly against `model` (which may be on the meta
+    device: nothing is read but the headers)."""
     entries = checkpoint_entries(ckpt_dir)
     params = dict(model.named_parameters())  # tied lm_head.weight appears once, as embed_tokens
     tied = model.config.tie_word_embeddings
@@ -216,7 +242,13 @@ def load_weights(model: Qwen2ForCausalLM, ckpt_dir: Path, progress: bool = False
         if misshaped:
             parts.append(f"mis-shaped tensors: {'; '.join(misshaped)}")
         raise CheckpointError(f"{ckpt_dir}: checkpoint does not match the config: " + " | ".join(parts))
+    return entries
 
+
+def load_weights(model: Qwen2ForCausalLM, ckpt_dir: Path, progress: bool = False) -> None:
+    """Stream every tensor of the checkpoint into the model, checking names and shapes strictly."""
+    entries = checked_entries(model, ckpt_dir)
+    params = dict(model.named_parameters())
     by_file: dict[Path, list[str]] = {}
     for k, e in entries.items():
         by_file.setdefault(e.file, []).append(k)
@@ -236,16 +268,44 @@ def load_weights(model: Qwen2ForCausalLM, ckpt_dir: Path, progress: bool = False
         bar.close()
 
 
+def meta_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+               policy: KernelPolicy = KernelPolicy()) -> Qwen2ForCausalLM:
+    """The model's structure on the meta device: shapes and names, no storage."""
+    with torch.device("meta"):
+        return Qwen2ForCausalLM(cfg, policy).to(dtype)
+
+
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                 policy: KernelPolicy = KernelPolicy()) -> Qwen2ForCausalLM:
     """Uninitialised model with real storage: built on meta, allocated once with to_empty."""
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg, policy).to(dtype)  # dtype first: free on meta, no second copy later
-    model = model.to_empty(device=device)
+    model = meta_model(cfg, dtype, policy).to_empty(device=device)  # dtype first: free on meta, no second copy
     model.tie_weights()  # to_empty gives shared parameters separate storage; share it again
     rope = model.model.rotary_emb
     rope.inv_freq = rope.compute_inv_freq(device)  # buffers are not in the checkpoint
     return model
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint's files read and checked against each other, no weight loaded: what a command checks before the
+    model loads."""
+
+    path: Path
+    config: ModelConfig
+    tokenizer: Tokenizer
+    structure: Qwen2ForCausalLM  # on the meta device: the layers an adapter may adapt, their shapes
+
+
+def inspect_checkpoint(name_or_path: str, policy: KernelPolicy = KernelPolicy()) -> Checkpoint:
+    """Find the checkpoint and check its config.json, tokenizer files and every tensor's name and shape (headers
+    only); any problem is one error naming the file and field or tensor (ConfigError, TokenizerError,
+    CheckpointError)."""
+    path = resolve_checkpoint(name_or_path)
+    cfg = ModelConfig.from_file(path / "config.json")
+    tokenizer = Tokenizer.from_dir(path, cfg)
+    structure = meta_model(cfg, policy=policy)
+    checked_entries(structure, path)
+    return Checkpoint(path, cfg, tokenizer, structure)
 
 
 def load_model(
@@ -256,15 +316,13 @@ def load_model(
     policy: KernelPolicy = KernelPolicy(),
 ) -> LoadedModel:
     """Load model + tokenizer. fp32 on CPU and bf16 on CUDA unless `dtype` says otherwise; `policy`: which kernels
-    the model runs (lora_mem.kernels.policy)."""
+    the model runs (lora_mem.kernels.policy). Every file is checked before memory is allocated for the weights."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not isinstance(dtype, torch.dtype):
         dtype = parse_dtype(dtype, device)
-    ckpt_dir = resolve_checkpoint(name_or_path)
-    cfg = ModelConfig.from_file(ckpt_dir / "config.json")
-    model = build_model(cfg, device, dtype, policy)
-    load_weights(model, ckpt_dir, progress=progress)
+    ckpt = inspect_checkpoint(name_or_path, policy)
+    model = build_model(ckpt.config, device, dtype, policy)
+    load_weights(model, ckpt.path, progress=progress)
     model.requires_grad_(False)
     model.eval()
-    tokenizer = Tokenizer.from_dir(ckpt_dir, cfg)
-    return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, path=ckpt_dir, name=name_or_path)
+    return LoadedModel(model=model, tokenizer=ckpt.tokenizer, config=ckpt.config, path=ckpt.path, name=name_or_path)

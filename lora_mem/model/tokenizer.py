@@ -7,12 +7,14 @@ Each family's chat template inserts its own default system prompt when none is g
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Annotated, Any
 
+from pydantic import AfterValidator, BaseModel, ConfigDict
 from tokenizers import Tokenizer as HFTokenizer
 
-from lora_mem.model.config import ModelConfig
+from lora_mem.model.config import ModelConfig, TokenIds
+from lora_mem.untrusted import Schema, read_json_as
 
 # Default system prompts, keyed by a phrase that identifies the family in its chat template.
 DEFAULT_SYSTEM_PROMPTS = {
@@ -26,20 +28,42 @@ class TokenizerError(ValueError):
     pass
 
 
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from e
-
-
-def token_str(value) -> str | None:
+def _special_token(value: Any) -> str | None:
     # tokenizer_config.json spells special tokens either as strings or as {"content": ...} dicts
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+    content = value.get("content") if isinstance(value, dict) else value
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"must be a token string or {{\"content\": string}}, got {value!r:.60}")
+    return content
+
+
+def _chat_template(value: Any) -> str:
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("template", ""), str) for t in value):
+        return " ".join(t.get("template", "") for t in value)  # several named templates
+    raise ValueError(f"must be a template string or a list of {{\"name\", \"template\"}} objects, got {value!r:.60}")
+
+
+class TokenizerConfigFile(BaseModel):
+    """The fields of tokenizer_config.json this engine reads (the file is optional; so is each field)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    eos_token: Annotated[Any, AfterValidator(_special_token)] = None
+    pad_token: Annotated[Any, AfterValidator(_special_token)] = None
+    chat_template: Annotated[Any, AfterValidator(_chat_template)] = ""
+    default_system_prompt: str | None = None
+
+
+class GenerationConfigFile(BaseModel):
+    """The field of generation_config.json this engine reads (the file is optional)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    eos_token_id: TokenIds = None
+
+
+def read_optional(path: Path, schema: type[Schema]) -> Schema:
+    """An optional file of the checkpoint, checked field by field; an absent one gives the schema's defaults."""
+    return read_json_as(path, schema, TokenizerError) if path.is_file() else schema()
 
 
 class Tokenizer:
@@ -62,28 +86,26 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:
             raise TokenizerError(f"{path}: cannot be read by `tokenizers` ({e})") from e
-        tok_cfg = read_json(ckpt_dir / "tokenizer_config.json")
-        gen_cfg = read_json(ckpt_dir / "generation_config.json")
+        if cfg is not None and tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
+            raise TokenizerError(f"{path}: {tok.get_vocab_size(with_added_tokens=True)} tokens, more than the model's "
+                                 f"vocab_size {cfg.vocab_size} in config.json (other model's tokenizer?)")
+        tok_cfg = read_optional(ckpt_dir / "tokenizer_config.json", TokenizerConfigFile)
+        gen_cfg = read_optional(ckpt_dir / "generation_config.json", GenerationConfigFile)
 
         eos_ids: list[int] = []
-        gen_eos = gen_cfg.get("eos_token_id")
+        gen_eos = gen_cfg.eos_token_id
         eos_ids += gen_eos if isinstance(gen_eos, list) else ([gen_eos] if gen_eos is not None else [])
         if cfg is not None:
             eos_ids += list(cfg.eos_token_ids)
-        eos_tok = token_str(tok_cfg.get("eos_token"))
-        if eos_tok and tok.token_to_id(eos_tok) is not None:
-            eos_ids.append(tok.token_to_id(eos_tok))
-        pad_tok = token_str(tok_cfg.get("pad_token"))
-        pad_id = tok.token_to_id(pad_tok) if pad_tok else None
+        if tok_cfg.eos_token and tok.token_to_id(tok_cfg.eos_token) is not None:
+            eos_ids.append(tok.token_to_id(tok_cfg.eos_token))
+        pad_id = tok.token_to_id(tok_cfg.pad_token) if tok_cfg.pad_token else None
         if pad_id is None:
             pad_id = eos_ids[0] if eos_ids else 0
 
-        template = tok_cfg.get("chat_template") or ""
-        if isinstance(template, list):  # several named templates
-            template = " ".join(t.get("template", "") for t in template)
-        system_prompt = tok_cfg.get("default_system_prompt")
+        system_prompt = tok_cfg.default_system_prompt
         if system_prompt is None:
-            system_prompt = next((p for p in DEFAULT_SYSTEM_PROMPTS.values() if p in template), None)
+            system_prompt = next((p for p in DEFAULT_SYSTEM_PROMPTS.values() if p in tok_cfg.chat_template), None)
         return cls(tok, system_prompt, list(dict.fromkeys(eos_ids)), pad_id)
 
     # -- plain text -------------------------------------------------------------------------
