@@ -686,11 +686,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "per micro-batch (the same training up to rounding, for fewer positions: a cell's "
                         "train_tokens_computed against its train_tokens)")
     g.add_argument("--warmup-ratio", type=float_in(0.0, 1.0, low_open=False, high_open=True),
-                   default=TrainConfig.warmup_ratio)
+                   default=TrainConfig.warmup_ratio, help="share of the steps spent warming up the learning rate")
     g.add_argument("--seq-len", type=int_at_least(16), default=None,
                    help="longest training window in tokens (with --pack: the window length); cpu 128, gpu 256")
     g = ap.add_argument_group("answering and runtime")
-    g.add_argument("--max-new-tokens", type=positive_int, default=16)
+    g.add_argument("--max-new-tokens", type=positive_int, default=16, help="the longest answer, in tokens")
     g.add_argument("--answer-mode", choices=ANSWER_MODES, default="direct",
                    help="direct: the question alone; recite (--facts-as conversation, a recipe with the recite "
                         "part): the adapter first recites the turn the question is about, then the base model "

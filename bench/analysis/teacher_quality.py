@@ -43,10 +43,12 @@ def compare(teacher: list[str], reference: list[str], questions: list[str]) -> d
 def main(argv: list[str] | None = None) -> dict:
     ap = Parser(prog="python -m bench.analysis.teacher_quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", help="a LoCoMo-layout file (else $LOCOMO_DATA, the cache, or a download)")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--conversations", type=id_list, default=",".join(DEV_SPLIT))
-    ap.add_argument("--queries-per-turn", type=positive_int, default=Recipe().queries_per_turn)
-    ap.add_argument("--query-phrasings", type=positive_int, default=Recipe().query_phrasings)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, local checkpoint dir or hub id")
+    ap.add_argument("--conversations", type=id_list, default=",".join(DEV_SPLIT), help="comma-separated sample ids")
+    ap.add_argument("--queries-per-turn", type=positive_int, default=Recipe().queries_per_turn,
+                    help="facts asked about per turn")
+    ap.add_argument("--query-phrasings", type=positive_int, default=Recipe().query_phrasings,
+                    help="phrasings of each fact")
     ap.add_argument("--examples", type=positive_int, default=8, help="queries shown per conversation in the .md")
     ap.add_argument("--out", help="output prefix: writes <out>.json and <out>.md")
     args = ap.parse_args(argv)

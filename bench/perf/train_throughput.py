@@ -349,11 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--setup", choices=sorted(SETUPS), default=None, help="cpu or gpu (default: gpu if CUDA is available)")
     ap.add_argument("--model", default=None, help="override the setup's model (packaged name, dir, or preset:NAME)")
-    ap.add_argument("--seq-len", type=int_at_least(2), default=None)
+    ap.add_argument("--seq-len", type=int_at_least(2), default=None, help="tokens per window (default: the setup's)")
     ap.add_argument("--batch-sizes", type=positive_int_list, default=None, help="comma-separated, e.g. 1,8")
-    ap.add_argument("--rank", type=positive_int, default=8)
+    ap.add_argument("--rank", type=positive_int, default=8, help="LoRA rank")
     ap.add_argument("--steps", type=positive_int, default=5, help="timed optimizer steps per side (median reported)")
-    ap.add_argument("--warmup", type=non_negative_int, default=2)
+    ap.add_argument("--warmup", type=non_negative_int, default=2, help="untimed optimizer steps per side first")
     ap.add_argument("--sides", type=side_list, default=None,
                     help="lora-mem; lora-mem-sdpa (lora-mem with PyTorch's SDPA instead of its CPU block-causal "
                          "attention); lora-mem-full-logits (lora-mem before the chunked loss: the profile's "
