@@ -24,7 +24,7 @@ from lora_mem.cli import Parser, fail, int_at_least, output_dir, positive_float,
 from lora_mem.lora_core.chat_files import ChatFile, SessionSplit, read_chat
 from lora_mem.lora_core.conversation import ConversationError
 from lora_mem.lora_core.memory import MemoryConfig
-from lora_mem.lora_core.memory_folder import MemoryFolder, MemoryFolderError, read_memory_folder
+from lora_mem.lora_core.memory_folder import MANIFEST_NAME, MemoryFolder, MemoryFolderError, read_memory_folder
 from lora_mem.lora_core.recipes import MIN_SEQ_LEN, TRAIN_PARTS, Recipe
 
 PROG = "lora-mem"
@@ -152,8 +152,9 @@ def check_memory(ap: Parser, folder: str) -> MemoryFolder:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load(model: str, device: str | None, quiet: bool):
-    """The base model; a model that cannot be loaded is one error line (before anything is written)."""
+def load(model: str, device: str | None, quiet: bool, named_by: str = "--model"):
+    """The base model; a model that cannot be loaded is one error line naming ``named_by`` (before anything is
+    written)."""
     from lora_mem.model.config import ConfigError
     from lora_mem.model.loader import CheckpointError, load_model
     from lora_mem.model.packaged import PackagedModelError
@@ -162,7 +163,7 @@ def load(model: str, device: str | None, quiet: bool):
     try:
         return load_model(model, device=device, progress=not quiet)
     except (ConfigError, CheckpointError, PackagedModelError, TokenizerError, OSError) as e:
-        fail(f"--model {model}: {e}")
+        fail(f"{named_by} {model}: {e}")
 
 
 def write(args: argparse.Namespace, chat: ChatFile, config: MemoryConfig) -> Path:
@@ -205,7 +206,8 @@ def questions_from_terminal():
 def ask(args: argparse.Namespace, folder: MemoryFolder) -> list[str]:
     from lora_mem.lora_core.memory_folder import open_memory
 
-    lm = load(folder.manifest.base_model, args.device, args.quiet)
+    lm = load(folder.manifest.base_model, args.device, args.quiet,
+              named_by=f"the base model of {folder.path / MANIFEST_NAME}:")
     memory = open_memory(folder, lm)
     memory.config = dataclasses.replace(memory.config, answer=dataclasses.replace(
         memory.config.answer, max_new_tokens=args.max_new_tokens))
