@@ -16,9 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.common import atomic_write_json, atomic_write_text, run_info
-from bench.locomo_data import DEV_SPLIT, load_locomo, resolve_data_path, training_source
+from bench.locomo_data import DEV_SPLIT, load_locomo, resolve_data_path
 from bench.locomo_score import normalize_answer, token_f1
 from lora_mem.cli import Parser, id_list, positive_int
+from lora_mem.lora_core.conversation import conversation_only
 from lora_mem.lora_core.distill import DistillSettings, teacher_examples
 from lora_mem.lora_core.memory import QUESTION_TEMPLATE
 from lora_mem.lora_core.recipes import Recipe, recipe_queries
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = DistillSettings(recipe.distill_top_k, recipe.distill_temperature, "teacher")
     per_conv, all_t, all_r, all_q, shown = {}, [], [], [], []
     for sid in args.conversations:
-        conv = training_source(samples[sid])
+        conv = conversation_only(samples[sid])
         queries = recipe_queries(conv, recipe)
         examples = {e.question: e for e in teacher_examples(lm, conv, queries, settings, QUESTION_TEMPLATE)}
         kept = [q for q in queries if q.question in examples]

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, atomic_write_json, device_slug, run_info
-from bench.perf.timing import DTYPE_NAMES, device_name, positive_int_list, saved_ms, timed
-from lora_mem.cli import Parser, positive_int
+from bench.perf.timing import DTYPE_NAMES, saved_ms, timed
+from lora_mem.cli import Parser, device_name, positive_int, positive_int_list
 from lora_mem.model.generate import CPU_SLICE_MIN_ROWS, CPU_VOCAB_SLICE, greedy_tokens
 
 

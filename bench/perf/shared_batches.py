@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, atomic_write_json, device_slug, run_info
-from bench.perf.timing import DTYPE_NAMES, device_name, sync
+from bench.perf.timing import DTYPE_NAMES, sync
 from bench.locomo_data import iter_samples, load_locomo, resolve_data_path, select_questions
 from lora_mem.lora_core.adapter_io import load_adapter, save_adapter
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules
-from lora_mem.cli import Parser, id_list, positive_int
+from lora_mem.cli import Parser, device_name, id_list, positive_int
 from lora_mem.lora_core.memory import QUESTION_TEMPLATE
 from lora_mem.lora_core.multi_adapter import stack_adapters, unstack_adapters
 from lora_mem.model.generate import generate
@@ -54,8 +54,7 @@ def random_adapters(lm, sample_ids: list[str], rank: int, out: Path) -> list[Pat
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = Parser(prog="python -m bench.perf.shared_batches", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = Parser(prog="python -m bench.perf.shared_batches", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, local checkpoint dir or hub id")
     ap.add_argument("--data", default=None, help="locomo10.json (else $LOCOMO_DATA, the cache, or a download)")
     src = ap.add_mutually_exclusive_group(required=True)
