@@ -202,7 +202,7 @@ def test_bad_ask_and_info_input(memory_dir, tmp_path, monkeypatch, capsys):
     code, out, err = run(monkeypatch, capsys, ["ask", str(memory_dir), " "])
     assert_one_error_line(code, out, err, "ask: a QUESTION is empty")
     code, out, err = run(monkeypatch, capsys, ["info", str(tmp_path)])
-    assert_one_error_line(code, out, err, "manifest.json: missing (not a memory folder written by lora-mem)")
+    assert_one_error_line(code, out, err, "manifest.json: missing (a memory folder holds manifest.json")
 
 
 def test_memory_whose_base_model_is_gone(memory_dir, tmp_path, monkeypatch, capsys):

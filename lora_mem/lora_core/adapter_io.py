@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_mem.files import atomic_write_text
 from lora_mem.kernels.lora_reference import lora_scaling
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, is_target, lora_modules
 from lora_mem.lora_core.lora import LoRALinear
@@ -32,24 +33,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 class AdapterError(ValueError):
     """An adapter that does not fit the model or is not a LoRA adapter; the message says why."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def peft_config_dict(cfg: LoRAConfig, base_model: str) -> dict:
