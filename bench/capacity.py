@@ -67,7 +67,6 @@ from bench.common import (
     atomic_write_json,
     atomic_write_text,
     check_or_write_run_config,
-    int_list,
     read_jsonl,
     read_run_file,
     run_info,
@@ -82,12 +81,12 @@ from lora_mem.cli import (
     output_dir,
     positive_float,
     positive_int,
+    positive_int_list,
     seed,
 )
 from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
 from lora_mem.lora_core.conversation import Conversation, Session, Turn
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_parameters, remove_lora, reset_lora
-from lora_mem.lora_core.memory import QUESTION_TEMPLATE as CONVERSATION_QUESTION_TEMPLATE
 from lora_mem.lora_core.memory import (
     ANSWER_MODES,
     AnswerConfig,
@@ -98,6 +97,7 @@ from lora_mem.lora_core.memory import (
     recite_then_answer,
     soft_training,
 )
+from lora_mem.lora_core.memory import QUESTION_TEMPLATE as CONVERSATION_QUESTION_TEMPLATE
 from lora_mem.lora_core.recipes import QUERY_SOURCES, TRAIN_PARTS, QAPair, Recipe, chat_qa_windows
 from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, make_lm_windows, train_lora
 from lora_mem.model.loader import LoadedModel, inspect_checkpoint, load_model, parse_dtype
@@ -494,17 +494,13 @@ def format_table(curves: list[tuple[str, list[dict]]], sizes: list[int], base: d
 
 
 def plot_curves(curves: list[tuple[str, list[dict]]], sizes: list[int], base: dict | None, title: str,
-                path: Path, styles: list[dict] | None = None) -> Path | None:
+                path: Path, styles: list[dict] | None = None) -> Path:
     """Recall (%) and facts recalled against facts trained, one line per curve (`styles`: matplotlib keyword
-    arguments per curve, e.g. a colour per rank); None without matplotlib."""
-    try:
-        import matplotlib
+    arguments per curve, e.g. a colour per rank). Needs matplotlib (the plot extra; the command lines check it)."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'lora-mem[plot]')", file=sys.stderr)
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     if base:
         b = {int(k): v for k, v in base.items()}
@@ -549,7 +545,7 @@ def plot_title(results: dict) -> str:
             f"{s['epochs']}+ epochs, lr {s['lr']:g}, {s['train_format']}")
 
 
-def plot(results: dict, path: Path) -> Path | None:
+def plot(results: dict, path: Path) -> Path:
     return plot_curves(rank_curves(results["cells"], results["grid"]["ranks"]), results["grid"]["facts"],
                        results.get("base_by_facts"), plot_title(results), path)
 
@@ -602,7 +598,7 @@ def summarise(out: Path, lm: LoadedModel, args, settings: dict, info: dict, wall
     atomic_write_json(out / "results.json", results)
     table = format_table(rank_curves(cells, args.ranks), args.facts, base)
     atomic_write_text(out / "table.md", table + "\n")
-    png = plot(results, out / "capacity.png")
+    png = None if args.no_plot else plot(results, out / "capacity.png")
     if args.results_file:
         dest = Path(args.results_file)
         atomic_write_json(dest, results)
@@ -615,13 +611,6 @@ def summarise(out: Path, lm: LoadedModel, args, settings: dict, info: dict, wall
 # ---------------------------------------------------------------------------------------------
 # Options and the run
 # ---------------------------------------------------------------------------------------------
-
-def positive_int_list(text: str) -> list[int]:
-    try:
-        return int_list("", text, ValueError)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).lstrip(": ")) from None
-
 
 def capacity_train_format(text: str) -> str:
     if text in TRAIN_FORMATS or all(p in TRAIN_PARTS for p in text.split("+")):
@@ -691,11 +680,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "per micro-batch (the same training up to rounding, for fewer positions: a cell's "
                         "train_tokens_computed against its train_tokens)")
     g.add_argument("--warmup-ratio", type=float_in(0.0, 1.0, low_open=False, high_open=True),
-                   default=TrainConfig.warmup_ratio)
+                   default=TrainConfig.warmup_ratio, help="share of the steps spent warming up the learning rate")
     g.add_argument("--seq-len", type=int_at_least(16), default=None,
                    help="longest training window in tokens (with --pack: the window length); cpu 128, gpu 256")
     g = ap.add_argument_group("answering and runtime")
-    g.add_argument("--max-new-tokens", type=positive_int, default=16)
+    g.add_argument("--max-new-tokens", type=positive_int, default=16, help="the longest answer, in tokens")
     g.add_argument("--answer-mode", choices=ANSWER_MODES, default="direct",
                    help="direct: the question alone; recite (--facts-as conversation, a recipe with the recite "
                         "part): the adapter first recites the turn the question is about, then the base model "
@@ -707,8 +696,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--no-plot", action="store_true", help="write no capacity.png (the plot needs matplotlib)")
     add_kernel_args(ap)
     args = ap.parse_args(argv)
+    if not args.no_plot:
+        ap.require("matplotlib", extra="plot", needed_for="the capacity plot (or --no-plot)")
     try:
         args.policy = KernelPolicy.from_args(args)
         return resolve_args(args)

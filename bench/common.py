@@ -1,4 +1,4 @@
-"""What every benchmark records: the machine, the versions, the command line; atomic JSON writes."""
+"""What every benchmark records: the machine, the versions, the command line; its run files, read and written."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel
 
 from lora_mem.kernels.policy import KernelPolicy
-from lora_mem.files import atomic_write_json, atomic_write_text  # noqa: F401  (the project's atomic writers)
+from lora_mem.files import atomic_write_json, atomic_write_text  # noqa: F401  (the benchmarks write through here)
 from lora_mem.untrusted import JSONFileError, read_json, read_json_lines, validated
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,8 @@ def cpu_name() -> str:
     return cpu_details()["name"]
 
 
-def device_name(device: torch.device) -> str:
+def device_description(device: torch.device) -> str:
+    """What a results file says of the device: the GPU's name, or the CPU's with its cores and torch threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
@@ -88,7 +89,7 @@ def git_commit() -> str | None:
 def run_info(device: torch.device, policy: KernelPolicy = KernelPolicy()) -> dict:
     return {
         "git_commit": git_commit(),
-        "device": device_name(device),
+        "device": device_description(device),
         "device_type": device.type,
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "versions": versions(),
@@ -182,25 +183,6 @@ def check_or_write_run_config(out: Path, settings: dict, keys: tuple[str, ...], 
                                     "use another --out, or the same settings to resume")
     elif write:
         atomic_write_json(path, settings)
-
-
-def int_list(option: str, text: str, error: type[Exception] = ValueError) -> list[int]:
-    """A comma-separated option of positive integers ("1,4,16"), sorted and unique; bad input raises `error`
-    naming the option and the value."""
-    values = []
-    for part in text.split(","):
-        part = part.strip().replace("_", "")
-        if not part:
-            continue
-        try:
-            values.append(int(part))
-        except ValueError:
-            raise error(f"{option}: {part!r} is not an integer (expected e.g. 1,4,16)") from None
-    if not values:
-        raise error(f"{option}: no values given")
-    if min(values) < 1:
-        raise error(f"{option}: every value must be >= 1, got {min(values)}")
-    return sorted(set(values))
 
 
 def read_jsonl(path: Path, schema: type[BaseModel] | None = None) -> list[dict]:

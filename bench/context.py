@@ -5,7 +5,7 @@
     fact-rag: the top-k of the conversation's parser-built question-answer pairs (`facts`) by BM25: mem0's design,
         extracted facts in an external store, with the extractor the adapters train on
 
-Both read the conversation only (`training_source`: no QA annotations, observations or summaries), with
+Both read the conversation only (`conversation_only`: no QA annotations, observations or summaries), with
 dates: ICL context has each session's date in its header, and a retrieved turn carries its own
 ("On 8 May 2023, Caroline said: ...").
 The context goes into the user turn ahead of the same question instruction the no-context methods
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.locomo_data import FORMATS, Sample, session_texts, training_source
+from bench.locomo_data import FORMATS, Sample, session_texts
+from lora_mem.deps import require
+from lora_mem.lora_core.conversation import conversation_only
 from lora_mem.lora_core.facts import fact_queries
 from lora_mem.model.tokenizer import Tokenizer
 
@@ -49,7 +51,7 @@ def icl_context(sample: Sample, tok: Tokenizer, budget_tokens: int) -> ICLContex
     most recent turns of the session before (with its date header), in conversation order."""
     if budget_tokens < 1:
         raise ValueError(f"context budget must be at least 1 token, got {budget_tokens}")
-    source = training_source(sample)
+    source = conversation_only(sample)
     # Session headers carry the date ("Session 3 — 1:56 pm on 8 May, 2023"); turns stay "Speaker: text",
     # which fits about a third more of the conversation than dating every turn.
     header, line = FORMATS["timestamped"][0], FORMATS["raw"][1]
@@ -95,16 +97,14 @@ class BM25Retriever:
     def __init__(self, sample: Sample, unit: str = "turn"):
         if unit not in RAG_UNITS:
             raise ValueError(f"unknown retrieval unit {unit!r} (choose from {', '.join(RAG_UNITS)})")
-        try:
-            import bm25s
-        except ImportError as e:
-            raise ImportError("retrieval needs bm25s: pip install 'lora-mem[rag]' (or pip install bm25s)") from e
+        require("bm25s", extra="rag", needed_for="retrieval (BM25)")
+        import bm25s
         from nltk.stem import PorterStemmer
 
         self._bm25s = bm25s
         stemmer = PorterStemmer()
         self._stem = lambda words: [stemmer.stem(w) for w in words]
-        source = training_source(sample)
+        source = conversation_only(sample)
         if unit == "session":
             self.docs = session_texts(source, timestamps=True)
         elif unit == "fact":

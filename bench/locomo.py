@@ -55,6 +55,15 @@ from bench.context import (
     cut_to_fit,
     icl_context,
 )
+from bench.locomo_data import (
+    CATEGORY_NAMES,
+    LocomoDataError,
+    Sample,
+    iter_samples,
+    load_locomo,
+    resolve_data_path,
+    select_questions,
+)
 from bench.locomo_files import (
     OutState,
     conversation_dir,
@@ -64,17 +73,6 @@ from bench.locomo_files import (
     read_train,
 )
 from bench.locomo_files import adapter_dir as run_adapter_dir
-from bench.locomo_data import (
-    CATEGORY_NAMES,
-    LocomoDataError,
-    Sample,
-    file_sha256,
-    iter_samples,
-    load_locomo,
-    resolve_data_path,
-    select_questions,
-    training_source,
-)
 from bench.locomo_score import aggregate, format_table, score_qa
 from lora_mem.cli import (
     Parser,
@@ -86,11 +84,15 @@ from lora_mem.cli import (
     output_dir,
     positive_float,
     positive_int,
+    positive_int_or_all,
     seed,
     threads,
+    train_format,
 )
+from lora_mem.files import file_sha256
 from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
 from lora_mem.lora_core.adapter_io import AdapterError, linear_layers, read_adapter
+from lora_mem.lora_core.conversation import conversation_only
 from lora_mem.lora_core.distill import ANSWER_SOURCES
 from lora_mem.lora_core.inject import is_target, trainable_summary
 from lora_mem.lora_core.memory import (
@@ -106,14 +108,7 @@ from lora_mem.lora_core.memory import (
 from lora_mem.deps import MissingDependency
 from lora_mem.lora_core.parser import ParserError
 from lora_mem.lora_core.parser import check_installed as check_parser_installed
-from lora_mem.lora_core.recipes import (
-    ABSTENTION_STYLES,
-    MIN_SEQ_LEN,
-    QA_SOURCES,
-    QUERY_SOURCES,
-    RECITE_TEMPLATE,
-    TRAIN_PARTS,
-)
+from lora_mem.lora_core.recipes import ABSTENTION_STYLES, MIN_SEQ_LEN, QA_SOURCES, QUERY_SOURCES, RECITE_TEMPLATE
 from lora_mem.model.config import ConfigError
 from lora_mem.model.loader import Checkpoint, CheckpointError, LoadedModel, inspect_checkpoint, load_model
 from lora_mem.model.packaged import PackagedModelError
@@ -175,29 +170,23 @@ class LocomoConfig:
 # its default is the config's.
 # ---------------------------------------------------------------------------------------------
 
+# The groups of --help: what a user tunes first; the recipes chosen against last, runnable for the docs' rows.
+RUN, CONTEXT, TRAINING, ANSWERING = "run", "context baselines", "adapter and training", "answering and runtime"
+EXPERIMENTS = "experiments (recipes chosen against; they reproduce the rows of docs/)"
+GROUPS = (RUN, TRAINING, ANSWERING, CONTEXT, EXPERIMENTS)
+
+
 @dataclass(frozen=True)
 class Option:
     flag: str
     path: str  # attribute path in LocomoConfig
     kwargs: dict
-    group: str = "run"
+    group: str = RUN
+    result: bool = True  # whether it changes results (a resumed run must agree on it)
 
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
-
-
-def positive_int_or_all(text: str) -> int | None:
-    return None if text == "all" else positive_int(text)
-
-
-def train_format(text: str) -> str:
-    """A --train-format: parts joined by '+', each once."""
-    parts = text.split("+")
-    if not text or any(p not in TRAIN_PARTS for p in parts) or len(set(parts)) != len(parts):
-        raise argparse.ArgumentTypeError(f"parts joined by '+', each once, from {', '.join(TRAIN_PARTS)}; got "
-                                         f"{text!r}")
-    return text
 
 
 OPTIONS = (
@@ -210,99 +199,107 @@ OPTIONS = (
     Option("--with-adversarial", "with_adversarial", dict(action="store_true",
            help="also ask category 5 (adversarial) questions")),
     Option("--context-tokens", "context_tokens", dict(type=positive_int, help="icl: tokens of conversation in the "
-           f"prompt (default: the model's context window - {ICL_RESERVE_TOKENS})"), "context baselines"),
+           f"prompt (default: the model's context window - {ICL_RESERVE_TOKENS})"), CONTEXT),
     Option("--top-k", "top_k", dict(type=positive_int, help="rag: turns (or sessions) retrieved per question"),
-           "context baselines"),
-    Option("--rag-unit", "rag_unit", dict(choices=RAG_UNITS, help="rag: what is retrieved"), "context baselines"),
+           CONTEXT),
+    Option("--rag-unit", "rag_unit", dict(choices=RAG_UNITS, help="rag: what is retrieved"), CONTEXT),
     Option("--adapters-from", "adapters_from", dict(metavar="RUN_DIR", help="use the adapters a finished lora run "
            "saved (RUN_DIR/adapters/<sample_id>) instead of training; its training settings are taken over"),
-           "adapter and training"),
+           TRAINING),
     Option("--shared-batches", "shared_batches", dict(action="store_true", help="answer all conversations' "
            "questions in shared batches, each with its own adapter; predictions equal one adapter at a time"),
-           "adapter and training"),
+           TRAINING, result=False),
     Option("--train-format", "memory.recipe.train_format", dict(type=train_format, help="parts joined by '+' (e.g. "
            "text+distill): text: next-token loss on the conversation (the experiment); qa: template questions "
            "about quotes and dates; queries: questions covering each turn's statements, several phrasings; "
            "distill: the same questions, matching the base model holding the session in context; recite: the "
-           "same questions answered by reciting the turn (for --answer-mode recite)"), "adapter and training"),
+           "same questions answered by reciting the turn (for --answer-mode recite)"), TRAINING),
     Option("--timestamps", "memory.recipe.timestamps", dict(action="store_true",
-           help="session dates in the training text (the experiment had none)"), "adapter and training"),
+           help="session dates in the training text (the experiment had none)"), EXPERIMENTS),
     Option("--resolve-dates", "memory.recipe.resolve_dates", dict(action="store_true", help="timestamps, and "
-           "relative dates in turns resolved from the session date ('yesterday (7 May 2023)')"), "adapter and training"),
+           "relative dates in turns resolved from the session date ('yesterday (7 May 2023)')"), EXPERIMENTS),
     Option("--qa-per-turn", "memory.recipe.qa_per_turn", dict(type=positive_int, help="qa formats: template "
-           "questions per turn (default: all, about 3); 1 cuts qa data ~3x"), "adapter and training"),
+           "questions per turn (default: all, about 3); 1 cuts qa data ~3x"), EXPERIMENTS),
     Option("--qa-source", "memory.recipe.qa_source", dict(choices=QA_SOURCES, help="qa formats: who writes the "
            "questions: templates over the turns, the base model (one question per turn, kept only if its answer "
-           "is in the turn), or both"), "adapter and training"),
+           "is in the turn), or both"), EXPERIMENTS),
     Option("--train-abstention", "memory.recipe.abstention", dict(action="store_true", help="also train 'Not "
            "mentioned in the conversation.' for questions about subjects the conversation never mentions"),
-           "adapter and training"),
+           EXPERIMENTS),
     Option("--abstention-ratio", "memory.recipe.abstention_ratio", dict(type=float_in(0.0, 1.0),
-           help="abstention questions per template question"), "adapter and training"),
+           help="abstention questions per template question"), EXPERIMENTS),
     Option("--abstention-style", "memory.recipe.abstention_style", dict(choices=ABSTENTION_STYLES,
            help="unmentioned: questions about subjects the conversation never mentions; contrastive: each question "
                 "form asked of the speaker who said a subject and of the other one, who never did"),
-           "adapter and training"),
+           EXPERIMENTS),
     Option("--queries-per-turn", "memory.recipe.queries_per_turn", dict(type=positive_int_or_all, help="queries, "
-           "distill, recite: facts asked about per turn ('all': every one)"), "adapter and training"),
+           "distill, recite: facts asked about per turn ('all': every one)"), TRAINING),
     Option("--query-phrasings", "memory.recipe.query_phrasings", dict(type=positive_int, help="queries, distill: "
-           "phrasings of each fact"), "adapter and training"),
+           "phrasings of each fact"), TRAINING),
     Option("--queries-from", "memory.recipe.queries_from", dict(choices=QUERY_SOURCES, help="queries, distill, "
            "recite: what reads the turns: rules (regular expressions) or parser (spaCy's dependency parse, every "
-           "clause's constituents asked; needs the facts extra)"), "adapter and training"),
+           "clause's constituents asked; needs the facts extra)"), TRAINING),
     Option("--distill-top-k", "memory.recipe.distill_top_k", dict(type=positive_int, help="distill: the teacher's "
-           "top-k tokens kept per answer position (the rest is one bucket)"), "adapter and training"),
+           "top-k tokens kept per answer position (the rest is one bucket)"), EXPERIMENTS),
     Option("--distill-temperature", "memory.recipe.distill_temperature", dict(type=positive_float,
-           help="distill: softmax temperature of teacher and student"), "adapter and training"),
+           help="distill: softmax temperature of teacher and student"), EXPERIMENTS),
     Option("--distill-hard-weight", "memory.recipe.distill_hard_weight", dict(type=float_in(0.0, 1.0, low_open=False),
-           help="distill: weight of the cross-entropy on the answer tokens beside the KL"), "adapter and training"),
+           help="distill: weight of the cross-entropy on the answer tokens beside the KL"), EXPERIMENTS),
     Option("--distill-answers", "memory.recipe.distill_answers", dict(choices=ANSWER_SOURCES, help="distill: whose "
            "answer tokens the student learns: the teacher's greedy answer, or the query's rule-made answer"),
-           "adapter and training"),
+           EXPERIMENTS),
     Option("--seq-len", "memory.recipe.seq_len", dict(type=int_at_least(MIN_SEQ_LEN),
-           help="tokens per training window"), "adapter and training"),
-    Option("--rank", "memory.lora.rank", dict(type=positive_int, help="LoRA rank"), "adapter and training"),
+           help="tokens per training window"), TRAINING),
+    Option("--rank", "memory.lora.rank", dict(type=positive_int, help="LoRA rank"), TRAINING),
     Option("--alpha", "memory.lora.alpha", dict(type=positive_float, default=None, help="LoRA alpha (default 2 x rank)"),
-           "adapter and training"),
+           TRAINING),
     Option("--dropout", "memory.lora.dropout", dict(type=float_in(0.0, 1.0, low_open=False, high_open=True),
-           help="dropout on the LoRA branch"), "adapter and training"),
+           help="dropout on the LoRA branch"), TRAINING),
     Option("--use-rslora", "memory.lora.use_rslora", dict(action="store_true",
-           help="scale by alpha/sqrt(r) instead of alpha/r"), "adapter and training"),
-    Option("--epochs", "memory.train.epochs", dict(type=positive_int), "adapter and training"),
+           help="scale by alpha/sqrt(r) instead of alpha/r"), TRAINING),
+    Option("--epochs", "memory.train.epochs", dict(type=positive_int, help="passes over the training data"),
+           TRAINING),
     Option("--lr", "memory.train.lr", dict(type=positive_float, help="peak learning rate (AdamW)"),
-           "adapter and training"),
+           TRAINING),
     Option("--batch-size", "memory.train.batch_size", dict(type=positive_int, help="windows per micro-batch"),
-           "adapter and training"),
+           TRAINING),
     Option("--grad-accum", "memory.train.grad_accum", dict(type=positive_int, help="micro-batches per optimizer "
-           "step"), "adapter and training"),
+           "step"), TRAINING),
     Option("--warmup-ratio", "memory.train.warmup_ratio", dict(type=float_in(0.0, 1.0, low_open=False,
-           high_open=True), help="share of the steps spent warming up the learning rate"), "adapter and training"),
-    Option("--seed", "memory.train.seed", dict(type=seed), "adapter and training"),
+           high_open=True), help="share of the steps spent warming up the learning rate"), TRAINING),
+    Option("--seed", "memory.train.seed", dict(type=seed, help="adapter initialisation, data order and dropout"),
+           TRAINING),
     Option("--grad-checkpointing", "memory.train.gradient_checkpointing", dict(action="store_true",
-           help="recompute decoder layers in backward: less memory, ~1/3 more compute"), "adapter and training"),
+           help="recompute decoder layers in backward: less memory, ~1/3 more compute"), TRAINING, result=False),
     Option("--answer-mode", "memory.answer.mode", dict(choices=ANSWER_MODES, help="direct: answer the question; "
            "recite: the adapter first recites the turn the question is about, then the base model answers with "
-           "it in context (needs a recipe with the recite part)"), "answering and runtime"),
-    Option("--max-new-tokens", "memory.answer.max_new_tokens", dict(type=positive_int), "answering and runtime"),
-    Option("--answer-batch-size", "memory.answer.batch_size", dict(type=positive_int), "answering and runtime"),
+           "it in context (needs a recipe with the recite part)"), EXPERIMENTS),
+    Option("--max-new-tokens", "memory.answer.max_new_tokens", dict(type=positive_int,
+           help="the longest answer, in tokens"), ANSWERING),
+    Option("--answer-batch-size", "memory.answer.batch_size", dict(type=positive_int,
+           help="questions decoded at once"), ANSWERING, result=False),
     Option("--device", "device", dict(type=device_name, metavar="{cpu,cuda}", help="default: cuda if available"),
-           "answering and runtime"),
+           ANSWERING, result=False),
     Option("--dtype", "dtype", dict(choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA"),
-           "answering and runtime"),
+           ANSWERING),
     Option("--threads", "threads", dict(type=threads, help="torch CPU threads (default: torch's, all cores); "
-           "recorded, since CPU numerics depend on it"), "answering and runtime"),
+           "recorded, since CPU numerics depend on it"), ANSWERING),
 )
 OPTION_BY_DEST = {o.dest: o for o in OPTIONS}
 
-# Settings that change results: a resumed run must agree on all of them.
-RESULT_SETTINGS = (
-    "method", "model", "dtype", "rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size",
-    "grad_accum", "warmup_ratio", "seq_len", "seed", "max_new_tokens", "max_questions", "with_adversarial",
-    "timestamps", "train_format", "context_tokens", "top_k", "rag_unit", "adapters_from",
-    "resolve_dates", "qa_per_turn", "train_abstention", "abstention_ratio", "qa_source", "abstention_style",
-    "device_type", "threads", "data_sha256", "queries_per_turn", "query_phrasings", "distill_top_k",
-    "distill_temperature", "distill_hard_weight", "distill_answers", "answer_mode", "kernel_policy", "queries_from",
-)
+
+
+def option_dests(*, under: tuple[str, ...] = ("",), field_prefix: str = "") -> tuple[str, ...]:
+    """The dests of the result-changing options whose config path starts with one of ``under`` and whose field
+    name starts with ``field_prefix``, in option order."""
+    return tuple(o.dest for o in OPTIONS if o.result and o.path.startswith(under)
+                 and o.path.rpartition(".")[2].startswith(field_prefix))
+
+
+# Recorded only by newer runs; an older run_config.json that lacks them resumes without the check.
+RECORDED_LATER = ("device_type", "threads", "data_sha256", "kernel_policy")
+# Settings that change results: a resumed run must agree on all of them (the options, and what the run records).
+RESULT_SETTINGS = option_dests() + tuple(k for k in RECORDED_LATER if k not in OPTION_BY_DEST)
 # Settings newer than the first runs, with the value an older run_config.json implies.
 SETTINGS_ADDED_LATER = {"train_format": "text", "context_tokens": None, "top_k": None, "rag_unit": None,
                         "adapters_from": None, "resolve_dates": False, "qa_per_turn": None,
@@ -310,15 +307,13 @@ SETTINGS_ADDED_LATER = {"train_format": "text", "context_tokens": None, "top_k":
                         "abstention_style": "unmentioned", "queries_per_turn": None, "query_phrasings": None,
                         "distill_top_k": None, "distill_temperature": None, "distill_hard_weight": None,
                         "distill_answers": None, "answer_mode": "direct", "queries_from": "rules"}
-# Recorded only by newer runs; an older run_config.json that lacks them resumes without the check.
-RECORDED_LATER = ("device_type", "threads", "data_sha256", "kernel_policy")
-TRAINING_SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size", "grad_accum",
-                     "warmup_ratio", "seq_len", "timestamps", "train_format", "resolve_dates", "qa_per_turn",
-                     "train_abstention", "abstention_ratio", "qa_source", "abstention_style", "queries_per_turn",
-                     "query_phrasings", "distill_top_k", "distill_temperature", "distill_hard_weight",
-                     "distill_answers", "queries_from")
-QUERY_SETTINGS = ("queries_per_turn", "query_phrasings", "queries_from")
-DISTILL_SETTINGS = ("distill_top_k", "distill_temperature", "distill_hard_weight", "distill_answers")
+# What an adapter is trained with (the seed apart: every method records it, so it is never "not applicable").
+TRAINING_SETTINGS = tuple(d for d in option_dests(under=("memory.lora.", "memory.train.", "memory.recipe."))
+                          if d != "seed")
+# The recipe settings of one part each: they apply only when the recipe has that part.
+QUERY_SETTINGS = option_dests(under=("memory.recipe.",), field_prefix="quer")
+DISTILL_SETTINGS = option_dests(under=("memory.recipe.",), field_prefix="distill_")
+ABSTENTION_SETTINGS = option_dests(under=("memory.recipe.",), field_prefix="abstention_")
 QA_SOURCE_LABELS = {"model": "the base model", "both": "templates + base model"}
 
 
@@ -352,7 +347,7 @@ def config_from(values: dict, config: LocomoConfig) -> LocomoConfig:
 
 
 def build_parser() -> Parser:
-    ap = Parser(prog="python -m bench.locomo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    ap = Parser(prog="python -m bench.locomo",
                 description="LoRA-Mem on LoCoMo: one LoRA adapter per conversation, questions answered without "
                             "context.")
     ap.add_argument("--data", default=None, help="a LoCoMo-layout JSON file (else $LOCOMO_DATA, the cache, or a "
@@ -363,11 +358,10 @@ def build_parser() -> Parser:
                     help="comma-separated sample ids, e.g. conv-26,conv-30")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     defaults = LocomoConfig()
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups = {name: ap.add_argument_group(name) for name in GROUPS}
     for o in OPTIONS:
-        group = groups.get(o.group) or groups.setdefault(o.group, ap.add_argument_group(o.group))
         kwargs = {"default": config_value(defaults, o.path), **o.kwargs}  # an option may name its own default
-        group.add_argument(o.flag, dest=o.dest, **kwargs)
+        groups[o.group].add_argument(o.flag, dest=o.dest, **kwargs)
     add_kernel_args(ap)
     return ap
 
@@ -381,6 +375,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Locom
         config = dataclasses.replace(config, kernels=KernelPolicy.from_args(args))
     except ValueError as e:
         ap.error(str(e).replace("qa_source=", "--qa-source "))
+    if config.uses_rag:
+        ap.require("bm25s", extra="rag", needed_for=f"--method {config.method}")
     if (config.adapters_from or config.shared_batches) and not config.uses_adapter:
         ap.error(f"--adapters-from and --shared-batches need an adapter method (lora, lora+rag, lora+fact-rag), not {config.method}")
     if config.memory.answer.mode == "recite" and (config.method != "lora" or config.shared_batches):
@@ -414,7 +410,7 @@ def settings_of(config: LocomoConfig) -> dict:
     if config.retrieval_unit == "fact":
         not_applicable += ("rag_unit",)
     if not config.memory.recipe.abstention:
-        not_applicable += ("abstention_ratio", "abstention_style")
+        not_applicable += ABSTENTION_SETTINGS
     if not config.memory.recipe.uses_queries:
         not_applicable += QUERY_SETTINGS
     if "distill" not in config.memory.recipe.parts:
@@ -534,7 +530,7 @@ def prepare_adapter(sample: Sample, memory: Memory, config: LocomoConfig, out: P
     if train is not None and not train.get("error") and path.is_dir():  # trained by an earlier invocation
         memory.load(path)
     else:
-        written = memory.write(training_source(sample), progress=not quiet)
+        written = memory.write(conversation_only(sample), progress=not quiet)
         train = {**written.to_dict(), "seq_len": config.memory.recipe.seq_len}
         if written.error is None:
             memory.save(path)
@@ -714,7 +710,7 @@ def take_over_training_settings(config: LocomoConfig) -> LocomoConfig:
     values = {}
     for k in TRAINING_SETTINGS + ("seed",):
         value = source[k] if k in source else SETTINGS_ADDED_LATER.get(k)  # added later: it was off there
-        if value is not None or k not in ("abstention_ratio", "abstention_style") + QUERY_SETTINGS + DISTILL_SETTINGS:
+        if value is not None or k not in ABSTENTION_SETTINGS + QUERY_SETTINGS + DISTILL_SETTINGS:
             # None: it did not apply there (the default stays)
             problem = setting_problem(k, value)
             if problem:

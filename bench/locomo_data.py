@@ -7,22 +7,23 @@ turns ``{speaker, dia_id, text[, img_url, blip_caption, query]}``), ``observatio
 
 Leakage rule: ONLY the ``conversation`` field may feed training. The loader keeps nothing of ``observation``,
 ``session_summary`` or ``event_summary``; a :class:`Sample` is a :class:`~lora_mem.lora_core.conversation.Conversation`
-plus its ``qa``, and :func:`training_source` gives the library the conversation alone.
+plus its ``qa``, and :func:`~lora_mem.lora_core.conversation.conversation_only` gives the library the conversation
+alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from lora_mem.files import file_sha256  # noqa: F401  (re-exported: a data file's digest)
+from lora_mem.files import file_sha256
 from lora_mem.home import cache_dir
+from lora_mem.lora_core.chat_files import data_error, locomo_conversation, required_str
 from lora_mem.lora_core.conversation import (  # noqa: F401  (re-exported: the harness reads conversations through here)
     FORMATS,
     Conversation,
@@ -159,89 +160,26 @@ def resolve_data_path(data: str | os.PathLike | None = None, *, download: bool =
 # Loading and validation
 # ----------------------------------------------------------------------------------------------------------------
 
-_SESSION_RE = re.compile(r"session_(\d+)")
-
-
-def _err(path: Path, where: str, msg: str) -> LocomoDataError:
-    return LocomoDataError(f"{path}: {where}: {msg}")
-
-
-def _req_str(obj: dict, key: str, path: Path, where: str, *, allow_number: bool = False) -> str:
-    if key not in obj:
-        raise _err(path, where, f"missing field {key!r}")
-    v = obj[key]
-    if isinstance(v, str):
-        return v
-    if allow_number and isinstance(v, (int, float)) and not isinstance(v, bool):
-        return str(v)
-    raise _err(path, where, f"field {key!r} must be a string, got {type(v).__name__} {v!r}")
-
-
-def _parse_turn(t, path: Path, where: str) -> Turn:
-    if not isinstance(t, dict):
-        raise _err(path, where, f"turn must be an object, got {type(t).__name__} {t!r:.80}")
-    speaker = _req_str(t, "speaker", path, where)
-    text = _req_str(t, "text", path, where)
-    dia_id = t.get("dia_id", "")
-    if isinstance(dia_id, bool) or not isinstance(dia_id, (str, int)):
-        raise _err(path, where, f"field 'dia_id' must be a string, got {type(dia_id).__name__} {dia_id!r:.80}")
-    cap = t.get("blip_caption")
-    if cap is not None and not isinstance(cap, str):
-        raise _err(path, where, f"field 'blip_caption' must be a string, got {type(cap).__name__} {cap!r}")
-    return Turn(speaker=speaker, dia_id=str(dia_id), text=text, blip_caption=cap or None)
-
-
-def _parse_conversation(conv, path: Path, sid: str) -> tuple[str, str, list[Session]]:
-    where = f"sample {sid!r}"
-    if not isinstance(conv, dict):
-        raise _err(path, where, f"field 'conversation' must be an object, got {type(conv).__name__}")
-    speaker_a = _req_str(conv, "speaker_a", path, f"{where} conversation")
-    speaker_b = _req_str(conv, "speaker_b", path, f"{where} conversation")
-    indices = []
-    for key in conv:
-        if m := _SESSION_RE.fullmatch(key):
-            if m.group(1) != str(int(m.group(1)[:9])):  # session_01 would be a second session 1
-                raise _err(path, f"{where} field {key!r}", "session numbers are written without leading zeros, "
-                                                           "at most 9 digits")
-            indices.append(int(m.group(1)))
-    indices.sort()
-    sessions = []
-    for n in indices:
-        key = f"session_{n}"
-        turns = conv[key]
-        if not isinstance(turns, list):
-            raise _err(path, f"{where} field {key!r}", f"session must be a list of turns, got {type(turns).__name__} {turns!r:.80}")
-        dt = conv.get(f"{key}_date_time")
-        if dt is not None and not isinstance(dt, str):
-            raise _err(path, f"{where} field '{key}_date_time'", f"must be a string, got {type(dt).__name__} {dt!r}")
-        parsed = [_parse_turn(t, path, f"{where} {key} turn {i}") for i, t in enumerate(turns)]
-        sessions.append(Session(index=n, date_time=dt, turns=parsed))
-    why = nothing_to_remember(Conversation(sid, speaker_a, speaker_b, sessions))
-    if why is not None:
-        raise _err(path, f"{where} conversation", why + ("" if sessions else " (no field session_<n>)"))
-    return speaker_a, speaker_b, sessions
-
-
 def _parse_qa(q, path: Path, sid: str, i: int) -> QA:
     where = f"sample {sid!r} qa[{i}]"
     if not isinstance(q, dict):
-        raise _err(path, where, f"qa entry must be an object, got {type(q).__name__}")
-    question = _req_str(q, "question", path, where)
+        raise data_error(path, where, f"qa entry must be an object, got {type(q).__name__}")
+    question = required_str(q, "question", path, where)
     if "category" not in q:
-        raise _err(path, where, "missing field 'category'")
+        raise data_error(path, where, "missing field 'category'")
     cat = q["category"]
     if isinstance(cat, bool) or not isinstance(cat, int) or cat not in CATEGORY_NAMES:
-        raise _err(path, where, f"field 'category' has unknown value {cat!r} (expected one of {sorted(CATEGORY_NAMES)})")
+        raise data_error(path, where, f"field 'category' has unknown value {cat!r} (expected one of {sorted(CATEGORY_NAMES)})")
     if cat == 5:
-        answer = "" if q.get("answer") is None else _req_str(q, "answer", path, where, allow_number=True)
+        answer = "" if q.get("answer") is None else required_str(q, "answer", path, where, allow_number=True)
         adv = q.get("adversarial_answer")
-        adv = None if adv is None else _req_str(q, "adversarial_answer", path, where, allow_number=True)
+        adv = None if adv is None else required_str(q, "adversarial_answer", path, where, allow_number=True)
     else:
-        answer = _req_str(q, "answer", path, where, allow_number=True)
+        answer = required_str(q, "answer", path, where, allow_number=True)
         adv = None
     ev = q.get("evidence", [])
     if not isinstance(ev, list) or not all(isinstance(e, str) for e in ev):
-        raise _err(path, where, f"field 'evidence' must be a list of strings, got {type(ev).__name__} {ev!r:.80}")
+        raise data_error(path, where, f"field 'evidence' must be a list of strings, got {type(ev).__name__} {ev!r:.80}")
     return QA(question=question, answer=answer, category=cat, evidence=list(ev), adversarial_answer=adv)
 
 
@@ -259,22 +197,22 @@ def load_locomo(path: str | os.PathLike) -> list[Sample]:
     seen: dict[str, str] = {}  # name_key -> sample_id: ids that would share a folder
     for k, s in enumerate(raw):
         if not isinstance(s, dict):
-            raise _err(path, f"sample #{k}", f"must be an object, got {type(s).__name__}")
+            raise data_error(path, f"sample #{k}", f"must be an object, got {type(s).__name__}")
         if "sample_id" not in s:
-            raise _err(path, f"sample #{k}", "missing field 'sample_id'")
+            raise data_error(path, f"sample #{k}", "missing field 'sample_id'")
         sid = s["sample_id"]
         sid = str(sid) if isinstance(sid, int) and not isinstance(sid, bool) else sid
         check_name(sid, f"{path}: sample #{k}: sample_id", LocomoDataError)  # it names the sample's folders
         if name_key(sid) in seen:
             same = "" if seen[name_key(sid)] == sid else f" (as {seen[name_key(sid)]!r} is, where case is ignored)"
-            raise _err(path, f"sample #{k}", f"duplicate sample_id {sid!r}{same}")
+            raise data_error(path, f"sample #{k}", f"duplicate sample_id {sid!r}{same}")
         seen[name_key(sid)] = sid
         for key in ("conversation", "qa"):
             if key not in s:
-                raise _err(path, f"sample {sid!r}", f"missing field {key!r}")
+                raise data_error(path, f"sample {sid!r}", f"missing field {key!r}")
         if not isinstance(s["qa"], list):
-            raise _err(path, f"sample {sid!r}", f"field 'qa' must be a list, got {type(s['qa']).__name__}")
-        a, b, sessions = _parse_conversation(s["conversation"], path, sid)
+            raise data_error(path, f"sample {sid!r}", f"field 'qa' must be a list, got {type(s['qa']).__name__}")
+        a, b, sessions = locomo_conversation(s["conversation"], path, sid)
         qa = [_parse_qa(q, path, sid, i) for i, q in enumerate(s["qa"])]
         samples.append(Sample(sample_id=sid, speaker_a=a, speaker_b=b, sessions=sessions, qa=qa))
     return samples
@@ -285,16 +223,6 @@ def select_questions(sample: Sample, with_adversarial: bool = False, max_questio
     cats = {1, 2, 3, 4, 5} if with_adversarial else {1, 2, 3, 4}
     out = [q for q in sample.qa if q.category in cats]
     return out if max_questions is None else out[: max(0, max_questions)]
-
-
-def training_source(sample: Sample) -> Conversation:
-    """What may feed training: the speakers and sessions of the sample, as a plain conversation with no ``qa``.
-
-    ``observation``, ``session_summary`` and ``event_summary`` are never loaded at all. Trainers hold this object,
-    not the sample, so that questions and answers cannot reach the training data.
-    """
-    return Conversation(sample_id=sample.sample_id, speaker_a=sample.speaker_a, speaker_b=sample.speaker_b,
-                        sessions=sample.sessions)
 
 
 def iter_samples(samples: Iterable[Sample], ids: Iterable[str] | str | None = None) -> list[Sample]:

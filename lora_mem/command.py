@@ -20,12 +20,23 @@ import sys
 import time
 from pathlib import Path
 
-from lora_mem.cli import Parser, fail, int_at_least, output_dir, positive_float, positive_int
+from lora_mem.cli import (
+    Parser,
+    device_name,
+    fail,
+    int_at_least,
+    output_dir,
+    positive_float,
+    positive_int,
+    seed,
+    threads,
+    train_format,
+)
 from lora_mem.lora_core.chat_files import ChatFile, SessionSplit, read_chat
 from lora_mem.lora_core.conversation import ConversationError
 from lora_mem.lora_core.memory import MemoryConfig
-from lora_mem.lora_core.memory_folder import MemoryFolder, MemoryFolderError, read_memory_folder
-from lora_mem.lora_core.recipes import MIN_SEQ_LEN, TRAIN_PARTS, Recipe
+from lora_mem.lora_core.memory_folder import MANIFEST_NAME, MemoryFolder, MemoryFolderError, read_memory_folder
+from lora_mem.lora_core.recipes import MIN_SEQ_LEN, Recipe
 
 PROG = "lora-mem"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -34,43 +45,14 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 WRITE_CONFIG = MemoryConfig(recipe=Recipe("text+queries"))
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each option's default once: added to its help unless the help already says it, or there is none to say (a
-    flag is off, a None default is described in the help)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default is None or action.default is False or not action.option_strings:
-            return text
-        return super()._get_help_string(action)
-
-
-def recipe_name(text: str) -> str:
-    parts = text.split("+")
-    if any(p not in TRAIN_PARTS for p in parts) or len(set(parts)) != len(parts):
-        raise argparse.ArgumentTypeError(f"parts joined by '+', each once, from {', '.join(TRAIN_PARTS)}; got "
-                                         f"{text!r}")
-    return text
-
-
-def device_name(text: str) -> str:
-    import torch
-
-    if text not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"must be cpu or cuda, got {text!r}")
-    if text == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("cuda: no CUDA device on this machine")
-    return text
-
-
 def build_parser() -> Parser:
-    ap = Parser(prog=PROG, formatter_class=HelpFormatter,
+    ap = Parser(prog=PROG,
                 description="Write one's own chat into a LoRA adapter (a memory folder), then ask it: the answers "
                             "come from the weights alone. 'lora-mem COMMAND --help' for each command's options.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     lora, train, recipe = WRITE_CONFIG.lora, WRITE_CONFIG.train, WRITE_CONFIG.recipe
 
-    w = sub.add_parser("write", formatter_class=HelpFormatter, help="write a chat into a new memory folder",
+    w = sub.add_parser("write", help="write a chat into a new memory folder",
                        description="Write a chat into a new memory folder: an adapter trained on it, the "
                                    "conversation and a manifest.")
     w.add_argument("chat", metavar="CHAT", help="a chat export: JSON list or JSON Lines of {speaker, text, time}; "
@@ -82,19 +64,19 @@ def build_parser() -> Parser:
     w.add_argument("--session-gap", type=positive_float, metavar="HOURS", help="a chat's sessions: a new one after "
                    "a silence of more than HOURS (default: a new session each calendar day)")
     w.add_argument("--model", default=DEFAULT_MODEL, help="packaged name, local checkpoint dir or hub id")
-    w.add_argument("--recipe", type=recipe_name, default=recipe.train_format,
+    w.add_argument("--recipe", type=train_format, default=recipe.train_format,
                    help="what the chat is trained as: parts joined by '+' (text, qa, queries, distill, recite)")
     w.add_argument("--rank", type=positive_int, default=lora.rank, help="LoRA rank (alpha is 2 x rank)")
     w.add_argument("--epochs", type=positive_int, default=train.epochs, help="passes over the training data")
     w.add_argument("--lr", type=positive_float, default=train.lr, help="peak learning rate (AdamW)")
     w.add_argument("--seq-len", type=int_at_least(MIN_SEQ_LEN), default=recipe.seq_len,
                    help="tokens per training window")
-    w.add_argument("--seed", type=int_at_least(0), default=train.seed, help="adapter initialisation and data order")
-    w.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda if there is one)")
-    w.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's, all cores)")
+    w.add_argument("--seed", type=seed, default=train.seed, help="adapter initialisation and data order")
+    w.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    w.add_argument("--threads", type=threads, help="torch CPU threads (default: torch's, all cores)")
     w.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    a = sub.add_parser("ask", formatter_class=HelpFormatter, help="answer questions from a memory's weights",
+    a = sub.add_parser("ask", help="answer questions from a memory's weights",
                        description="Answer questions from a memory folder's adapter alone: no retrieval, no "
                                    "context.")
     a.add_argument("memory", metavar="MEMORY_DIR", help="a memory folder written by lora-mem write")
@@ -103,10 +85,10 @@ def build_parser() -> Parser:
                                                               "line, until an empty line or end of input")
     a.add_argument("--max-new-tokens", type=positive_int, default=WRITE_CONFIG.answer.max_new_tokens,
                    help="the longest answer, in tokens")
-    a.add_argument("--device", type=device_name, help="cpu or cuda (default: cuda if there is one)")
+    a.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda if there is one)")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    i = sub.add_parser("info", formatter_class=HelpFormatter, help="what a memory holds",
+    i = sub.add_parser("info", help="what a memory holds",
                        description="What a memory folder holds: speakers, sessions, recipe, rank, the source "
                                    "file's sha256.")
     i.add_argument("memory", metavar="MEMORY_DIR", help="a memory folder written by lora-mem write")
@@ -152,8 +134,9 @@ def check_memory(ap: Parser, folder: str) -> MemoryFolder:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load(model: str, device: str | None, quiet: bool):
-    """The base model; a model that cannot be loaded is one error line (before anything is written)."""
+def load(model: str, device: str | None, quiet: bool, named_by: str = "--model"):
+    """The base model; a model that cannot be loaded is one error line naming ``named_by`` (before anything is
+    written)."""
     from lora_mem.model.config import ConfigError
     from lora_mem.model.loader import CheckpointError, load_model
     from lora_mem.model.packaged import PackagedModelError
@@ -162,7 +145,7 @@ def load(model: str, device: str | None, quiet: bool):
     try:
         return load_model(model, device=device, progress=not quiet)
     except (ConfigError, CheckpointError, PackagedModelError, TokenizerError, OSError) as e:
-        fail(f"--model {model}: {e}")
+        fail(f"{named_by} {model}: {e}")
 
 
 def write(args: argparse.Namespace, chat: ChatFile, config: MemoryConfig) -> Path:
@@ -205,7 +188,8 @@ def questions_from_terminal():
 def ask(args: argparse.Namespace, folder: MemoryFolder) -> list[str]:
     from lora_mem.lora_core.memory_folder import open_memory
 
-    lm = load(folder.manifest.base_model, args.device, args.quiet)
+    lm = load(folder.manifest.base_model, args.device, args.quiet,
+              named_by=f"the base model of {folder.path / MANIFEST_NAME}:")
     memory = open_memory(folder, lm)
     memory.config = dataclasses.replace(memory.config, answer=dataclasses.replace(
         memory.config.answer, max_new_tokens=args.max_new_tokens))

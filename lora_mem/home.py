@@ -14,7 +14,6 @@ what made them (model, settings, the conversation's text), so a stale entry is n
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 HOME_VARIABLE = "LORA_MEM_HOME"
@@ -34,10 +33,3 @@ def cache_dir(kind: str) -> Path:
 
 
 CACHE_KINDS = ("models", "wheels", "data", "teacher", "generated-qa", "questions")
-
-
-def safe_name(name: str, fallback: str = "model") -> str:
-    """``name`` (a model name or path, a conversation id) as one file name: every run of other characters than
-    letters, digits, '.', '_' and '-' becomes '_' ("/models/Qwen 1.5B" -> "models_Qwen_1.5B")."""
-    out = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-    return fallback if out in ("", ".", "..") else out

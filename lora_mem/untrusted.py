@@ -1,6 +1,6 @@
 """Input from users' files made safe to use: ids that become file names, output paths that must stay inside their
 folder, and JSON read strictly and checked field by field against a schema. (Names the project makes itself, such as
-cache keys, are mapped to safe ones by `lora_mem.home.safe_name` instead.)
+cache keys, are mapped to safe ones by `slug` instead.)
 
 Every check raises the caller's error type (a ValueError subclass) with one line that names the id, the path or the
 file and field, so that command lines print it as one ``error:`` line:
@@ -79,6 +79,13 @@ def name_key(name: str) -> str:
     """What a file system that ignores case and Unicode normalisation (macOS, Windows) sees of a name: two ids with
     one key would share a folder there."""
     return unicodedata.normalize("NFC", name).casefold()
+
+
+def slug(text: str, fallback: str = "x") -> str:
+    """Any text as a safe file name, for names the project makes itself (cache files): runs of other characters
+    become '_', and the result never starts with '.'."""
+    text = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.")[:MAX_NAME_BYTES]
+    return text or fallback
 
 
 # ----------------------------------------------------------------------------------------------------------------

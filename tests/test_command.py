@@ -202,7 +202,19 @@ def test_bad_ask_and_info_input(memory_dir, tmp_path, monkeypatch, capsys):
     code, out, err = run(monkeypatch, capsys, ["ask", str(memory_dir), " "])
     assert_one_error_line(code, out, err, "ask: a QUESTION is empty")
     code, out, err = run(monkeypatch, capsys, ["info", str(tmp_path)])
-    assert_one_error_line(code, out, err, "manifest.json: missing (not a memory folder written by lora-mem)")
+    assert_one_error_line(code, out, err, "manifest.json: missing (a memory folder holds manifest.json")
+
+
+def test_memory_whose_base_model_is_gone(memory_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(memory_dir, copy)
+    manifest = json.loads((copy / MANIFEST_NAME).read_text())
+    manifest["base_model"] = str(tmp_path / "moved-model")
+    (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    code, out, err = run(monkeypatch, capsys, ["ask", str(copy), "q?"])
+    assert_one_error_line(code, out, err, f"the base model of {copy / MANIFEST_NAME}: {tmp_path / 'moved-model'}")
 
 
 def test_broken_memory_is_refused_before_the_model_loads(memory_dir, tmp_path, monkeypatch, capsys):

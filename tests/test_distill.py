@@ -114,9 +114,10 @@ def test_student_windows_align_targets_with_the_teacher(lm):
 
 def test_teacher_examples_are_cached_per_session(lm, tmp_path, monkeypatch):
     import lora_mem.lora_core.distill as distill
-    from bench.locomo_data import load_locomo, training_source
+    from bench.locomo_data import load_locomo
+    from lora_mem.lora_core.conversation import conversation_only
 
-    conv = training_source(load_locomo(FIXTURE)[0])
+    conv = conversation_only(load_locomo(FIXTURE)[0])
     queries = coverage_queries(conv, phrasings=1)
     assert queries
     settings = DistillSettings(top_k=4, answers="reference")

@@ -22,8 +22,8 @@ from bench.locomo_data import (
     resolve_relative_dates,
     select_questions,
     session_texts,
-    training_source,
 )
+from lora_mem.lora_core.conversation import conversation_only
 
 FIXTURE = Path(__file__).parent / "fixtures" / "locomo_tiny.json"
 
@@ -204,7 +204,7 @@ def test_unknown_format(tiny):
 
 def test_no_leakage_into_training_text(tiny):
     for s in tiny:
-        src = training_source(s)
+        src = conversation_only(s)
         assert getattr(src, "qa", []) == [] and s.qa  # the training view has no QA; the original keeps its QA
         assert type(src) is ld.Conversation and src.sessions == s.sessions
         for fmt in ("raw", "timestamped", "timestamped+dates"):

@@ -285,7 +285,7 @@ def test_kernel_rejects_trainable_base_and_bad_rank():
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_autotune_pruning_keeps_fitting_tiles():
     """GPU autotuning drops tiles far larger than the problem, and never drops every config."""
-    configs = lora_linear_module._FUSED_CONFIGS
+    configs = lora_linear_module.FUSED_CONFIGS
     few_tokens = lora_linear_module._prune_fused_configs(configs, {"M_BUCKET": 8, "N": 256})
     assert few_tokens and all(c.kwargs["BLOCK_M"] <= 64 for c in few_tokens)
     assert lora_linear_module._prune_fused_configs(configs, {"M_BUCKET": 16384, "N": 8960}) == configs

@@ -135,7 +135,7 @@ def break_rank(folder):
     (break_manifest("config", {"lora": {"rank": 4}}), "field 'config': train: must be an object of settings"),
     (break_manifest("writes", [1]), "field 'writes' must be a list of objects"),
     (lambda f: (f / ADAPTER_DIR / "adapter_model.safetensors").unlink(), "adapter_model.safetensors: missing"),
-    (lambda f: (f / CONVERSATION_NAME).unlink(), "conversation.json: no such file"),
+    (lambda f: (f / CONVERSATION_NAME).unlink(), "conversation.json: missing"),
     (break_session, "conversation.json: session(s) 2 differ from the sha256 in"),
     (break_rank, "adapter_config.json: r=8, but"),
 ])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.locomo_data import load_locomo, training_source
+from bench.locomo_data import load_locomo
+from lora_mem.lora_core.conversation import conversation_only
 from lora_mem.lora_core.conversation import Turn, session_date
 from lora_mem.lora_core.queries import base_form, coverage_queries, turn_facts
 from lora_mem.lora_core.recipes import RECITE_TEMPLATE, Recipe, recitation_pairs, training_data
@@ -77,7 +78,7 @@ def test_first_person_words_are_asked_in_the_third_person():
 
 
 def test_coverage_queries_phrasings_and_per_turn():
-    conv = training_source(load_locomo(FIXTURE)[0])
+    conv = conversation_only(load_locomo(FIXTURE)[0])
     one = coverage_queries(conv, phrasings=1)
     two = coverage_queries(conv, phrasings=2)
     assert one and len(two) > len(one)

@@ -129,19 +129,19 @@ def test_fused_configs_fit_the_target(arch, precision, rank, keep):
             kept = L._fused_configs_for_launch(L._fused_lora_matmul_autotuned.configs, fused_args(K, N, dtype),
                                                **meta)
             assert kept
-            pool = L._FUSED_CONFIGS if tensor_cores else L._FUSED_FP32_CONFIGS
+            pool = L.FUSED_CONFIGS if tensor_cores else L._FUSED_FP32_CONFIGS
             assert all(c in pool for c in kept)  # fp32 at full precision never gets a tensor-core tile
             for c in kept:
                 assert L._fused_smem(c, dtype.itemsize, rank_block(rank), keep, tensor_cores) <= gpu.smem_optin
                 if keep or arch < 90:
-                    assert L._acc_per_thread(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) <= 64
+                    assert L.acc_per_thread(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) <= 64
 
 
 def test_fp32_configs_that_overflowed_are_pruned():
     """The large tensor-core tiles in fp32 take 192-288 KiB: over A100's shared memory, and in TF32 over H100's too."""
     from lora_mem.kernels import lora_linear as L
 
-    big = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in L._FUSED_CONFIGS
+    big = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in L.FUSED_CONFIGS
            if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 256}
     assert big  # the 128x256 / 256x128 tensor-core tiles exist for 16-bit dtypes
     meta = dict(HAS_KEEP=False, INPUT_PRECISION="tf32", BLOCK_R=16, DOT_FP32=False)
@@ -154,7 +154,7 @@ def test_fp32_configs_that_overflowed_are_pruned():
         shapes = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in tf32}
         assert not shapes & big  # 288 KiB (H100) / 192 KiB (A100) in TF32
         if arch == 90:
-            assert len(bf16) == len(L._FUSED_CONFIGS)  # bf16 on H100 keeps every tile
+            assert len(bf16) == len(L.FUSED_CONFIGS)  # bf16 on H100 keeps every tile
 
 
 @pytest.mark.parametrize("arch", sorted(GPUS))

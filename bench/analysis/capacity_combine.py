@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap = Parser(prog="python -m bench.analysis.capacity_combine", description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="+", help="bench.capacity results files")
     ap.add_argument("--out", required=True, help="output path without suffix: writes .json, .md and .png")
+    ap.add_argument("--no-plot", action="store_true", help="write no .png (the plot needs matplotlib)")
     args = ap.parse_args(argv)
+    if not args.no_plot:
+        ap.require("matplotlib", extra="plot", needed_for="the plot (or --no-plot)")
     try:
         result = combine([Path(f) for f in args.files])
     except CombineError as e:
@@ -133,15 +136,16 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_json(out.with_suffix(".json"), result)
     atomic_write_text(out.with_suffix(".md"), table + "\n")
     s = result["shared_settings"]
-    plot_curves(curves, result["facts"], result["base_by_facts"],
-                f"LoRA capacity: {s['model']} ({s['dtype']}), {len(args.files)} runs combined", out.with_suffix(".png"),
-                styles=curve_styles(result["curves"]))
+    if not args.no_plot:
+        plot_curves(curves, result["facts"], result["base_by_facts"],
+                    f"LoRA capacity: {s['model']} ({s['dtype']}), {len(args.files)} runs combined",
+                    out.with_suffix(".png"), styles=curve_styles(result["curves"]))
     print(table)
     for d in result["duplicate_cells"]:
         if not d["same_recall"]:
             print(f"note: {d['curve']} at {d['n_facts']} facts differs between {d['kept_from']} (kept) and "
                   f"{d['also_in']}", file=sys.stderr)
-    print(f"wrote {out.with_suffix('.json')}, .md, .png")
+    print(f"wrote {out.with_suffix('.json')}, .md{'' if args.no_plot else ', .png'}")
     return result
 
 

@@ -55,8 +55,8 @@ def compare(a: Path, b: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = Parser(prog="python -m bench.analysis.compare_runs", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_a")
-    ap.add_argument("run_b")
+    ap.add_argument("run_a", help="a bench.locomo run directory")
+    ap.add_argument("run_b", help="another run directory, compared with the first")
     ap.add_argument("--out", default=None, help="write the comparison here (JSON)")
     args = ap.parse_args(argv)
     result = compare(Path(args.run_a), Path(args.run_b))

@@ -29,9 +29,10 @@ from pathlib import Path
 from bench.analysis.report import load_run
 from bench.common import atomic_write_json, atomic_write_text, read_jsonl
 from bench.context import icl_context
-from bench.locomo_data import load_locomo, resolve_data_path, select_questions, training_source
+from bench.locomo_data import load_locomo, resolve_data_path, select_questions
 from bench.locomo_score import counts_f1, stem_counts
 from lora_mem.cli import Parser, id_list
+from lora_mem.lora_core.conversation import conversation_only
 from lora_mem.model.loader import resolve_checkpoint
 from lora_mem.model.tokenizer import Tokenizer
 
@@ -82,7 +83,7 @@ def contexts_of_run(run_dir: Path, results: dict, predictions: dict[str, list[di
     out = {}
     for sample_id, rows in predictions.items():
         sample = samples[sample_id]
-        turns = [t.dia_id for s in training_source(sample).sessions for t in s.turns]
+        turns = [t.dia_id for s in conversation_only(sample).sessions for t in s.turns]
         if method == "icl":
             if tokenizer is None:
                 tokenizer = Tokenizer.from_dir(resolve_checkpoint(results["model"]["name"]))
@@ -96,13 +97,13 @@ def contexts_of_run(run_dir: Path, results: dict, predictions: dict[str, list[di
             if settings["rag_unit"] == "turn":
                 out[sample_id] = [{turns[i] for i in h} for h in hits]
             else:  # a retrieved session holds all its turns
-                sessions = [[t.dia_id for t in s.turns] for s in training_source(sample).sessions]
+                sessions = [[t.dia_id for t in s.turns] for s in conversation_only(sample).sessions]
                 out[sample_id] = [{d for i in h for d in sessions[i]} for h in hits]
         elif method == "lora" and settings.get("answer_mode") == "recite":
             recitations = [r.get("recitation") for r in rows]
             if any(r is None for r in recitations):
                 raise SystemExit(f"error: {run_dir}/predictions.jsonl: rows of {sample_id} have no 'recitation' field")
-            counts = {t.dia_id: stem_counts(t.text) for s in training_source(sample).sessions for t in s.turns}
+            counts = {t.dia_id: stem_counts(t.text) for s in conversation_only(sample).sessions for t in s.turns}
             out[sample_id] = [recited_turn(r, counts) for r in recitations]
         else:
             raise SystemExit(f"error: {run_dir}: method {method!r} puts no conversation in the prompt")

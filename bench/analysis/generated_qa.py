@@ -22,13 +22,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = Parser(prog="python -m bench.analysis.generated_qa",
                                  description="QA pairs the base model writes about each turn (what "
                                              "--qa-source model trains on), with the share that is grounded.")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, local checkpoint dir or hub id")
     ap.add_argument("--data", default=None, help="locomo10.json (else $LOCOMO_DATA, the cache, or a download)")
     ap.add_argument("--conversations", default=None, help="comma-separated sample ids (default: all)")
     ap.add_argument("--max-turns", type=positive_int, default=None, help="first N askable turns of each conversation")
-    ap.add_argument("--max-new-tokens", type=positive_int, default=GenerationSettings.max_new_tokens)
-    ap.add_argument("--batch-size", type=positive_int, default=GenerationSettings.batch_size)
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=GenerationSettings.max_new_tokens,
+                    help="the longest generation per turn, in tokens")
+    ap.add_argument("--batch-size", type=positive_int, default=GenerationSettings.batch_size,
+                    help="turns decoded at once")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--out", default=None, help="summary JSON (kept share per conversation, example records)")
     args = ap.parse_args(argv)
     data = resolve_data_path(args.data)

@@ -31,10 +31,10 @@ from bench.locomo_data import (
     load_locomo,
     resolve_data_path,
     select_questions,
-    training_source,
 )
 from bench.locomo_score import score_qa
 from lora_mem.cli import Parser, id_list
+from lora_mem.lora_core.conversation import conversation_only
 from lora_mem.lora_core.facts import fact_queries
 from lora_mem.lora_core.queries import coverage_queries
 from lora_mem.lora_core.recipes import template_qa
@@ -74,7 +74,7 @@ def question_word(text: str) -> str:
 def analyse(samples) -> dict:
     per_set: dict[str, dict] = {}
     for sample in samples:
-        conv = training_source(sample)
+        conv = conversation_only(sample)
         names = {w for s in (conv.speaker_a, conv.speaker_b) for w in re.findall(r"[a-z0-9]+", s.lower())}
         for name, queries in query_sets(conv).items():
             stats = per_set.setdefault(name, {"queries": 0, "rows": []})

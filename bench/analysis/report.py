@@ -4,8 +4,8 @@
 
 Each argument is a run directory of `bench.locomo` (or its results.json). `--published` adds the
 experiment's published rows (Qwen2.5-1.5B-Instruct, from the mission) for side-by-side reading.
-Writes <out>.md (table with model, device, wall and compute time) and, when matplotlib is installed,
-<out>_f1.png (F1 by category and method) and <out>_loss.png (training loss curves).
+Writes <out>.md (table with model, device, wall and compute time) and, unless --no-plot (matplotlib: the plot
+extra), <out>_f1.png (F1 by category and method) and <out>_loss.png (training loss curves).
 """
 
 from __future__ import annotations
@@ -76,14 +76,10 @@ def render_markdown(runs: list[tuple[dict, Path]], published: bool) -> str:
 
 
 def plot(runs: list[tuple[dict, Path]], published: bool, out: Path) -> list[Path]:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install 'lora-mem[plot]')")
-        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     written = []
     series = [(r["method"], r["scores"]) for r, _ in runs] + (PUBLISHED if published else [])
     fig, ax = plt.subplots(figsize=(12, 4))
@@ -130,14 +126,17 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("runs", nargs="+", help="run directories (or results.json files)")
     ap.add_argument("--published", action="store_true", help="add the experiment's published rows")
     ap.add_argument("--out", default=None, help="output path prefix (writes <out>.md and <out>_*.png)")
+    ap.add_argument("--no-plot", action="store_true", help="with --out, write no .png (the plots need matplotlib)")
     args = ap.parse_args(argv)
+    if args.out and not args.no_plot:
+        ap.require("matplotlib", extra="plot", needed_for="the plots of --out (or --no-plot)")
     runs = [load_run(Path(p)) for p in args.runs]
     md = render_markdown(runs, args.published)
     print(md)
     if args.out:
         out = Path(args.out)
         atomic_write_text(out.with_name(out.name + ".md"), md)
-        for p in plot(runs, args.published, out):
+        for p in [] if args.no_plot else plot(runs, args.published, out):
             print(f"wrote {p}")
     return md
 

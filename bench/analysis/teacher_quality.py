@@ -16,9 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.common import atomic_write_json, atomic_write_text, run_info
-from bench.locomo_data import DEV_SPLIT, load_locomo, resolve_data_path, training_source
+from bench.locomo_data import DEV_SPLIT, load_locomo, resolve_data_path
 from bench.locomo_score import normalize_answer, token_f1
 from lora_mem.cli import Parser, id_list, positive_int
+from lora_mem.lora_core.conversation import conversation_only
 from lora_mem.lora_core.distill import DistillSettings, teacher_examples
 from lora_mem.lora_core.memory import QUESTION_TEMPLATE
 from lora_mem.lora_core.recipes import Recipe, recipe_queries
@@ -43,10 +44,12 @@ def compare(teacher: list[str], reference: list[str], questions: list[str]) -> d
 def main(argv: list[str] | None = None) -> dict:
     ap = Parser(prog="python -m bench.analysis.teacher_quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", help="a LoCoMo-layout file (else $LOCOMO_DATA, the cache, or a download)")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--conversations", type=id_list, default=",".join(DEV_SPLIT))
-    ap.add_argument("--queries-per-turn", type=positive_int, default=Recipe().queries_per_turn)
-    ap.add_argument("--query-phrasings", type=positive_int, default=Recipe().query_phrasings)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, local checkpoint dir or hub id")
+    ap.add_argument("--conversations", type=id_list, default=",".join(DEV_SPLIT), help="comma-separated sample ids")
+    ap.add_argument("--queries-per-turn", type=positive_int, default=Recipe().queries_per_turn,
+                    help="facts asked about per turn")
+    ap.add_argument("--query-phrasings", type=positive_int, default=Recipe().query_phrasings,
+                    help="phrasings of each fact")
     ap.add_argument("--examples", type=positive_int, default=8, help="queries shown per conversation in the .md")
     ap.add_argument("--out", help="output prefix: writes <out>.json and <out>.md")
     args = ap.parse_args(argv)
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = DistillSettings(recipe.distill_top_k, recipe.distill_temperature, "teacher")
     per_conv, all_t, all_r, all_q, shown = {}, [], [], [], []
     for sid in args.conversations:
-        conv = training_source(samples[sid])
+        conv = conversation_only(samples[sid])
         queries = recipe_queries(conv, recipe)
         examples = {e.question: e for e in teacher_examples(lm, conv, queries, settings, QUESTION_TEMPLATE)}
         kept = [q for q in queries if q.question in examples]

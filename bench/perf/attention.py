@@ -15,16 +15,15 @@ bench/results/attention_<device>.json.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import atomic_write_json, device_slug, int_list, run_info
-from bench.perf.timing import device_name, saved_ms, timed
-from lora_mem.cli import Parser, positive_int
+from bench.common import atomic_write_json, device_slug, run_info
+from bench.perf.timing import saved_ms, timed
+from lora_mem.cli import Parser, device_name, positive_int, positive_int_list
 from lora_mem.kernels.block_causal_attention import DEFAULT_BLOCK, block_causal_attention
 
 
@@ -87,25 +86,19 @@ def measure(B: int, H: int, Hkv: int, T: int, D: int, blocks: list[int], dtype, 
     return row
 
 
-def ints(option: str):
-    """A comma-separated option of positive integers, checked while parsing (bench.common.int_list's messages)."""
-    return lambda text: int_list(option, text, argparse.ArgumentTypeError)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    ap = Parser(prog="python -m bench.perf.attention", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--seq-lens", type=ints("--seq-lens"), default=[128, 256, 512, 1024],
+    ap = Parser(prog="python -m bench.perf.attention", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seq-lens", type=positive_int_list, default=[128, 256, 512, 1024],
                     help="comma-separated sequence lengths")
-    ap.add_argument("--blocks", type=ints("--blocks"), default=[64, DEFAULT_BLOCK, 256],
+    ap.add_argument("--blocks", type=positive_int_list, default=[64, DEFAULT_BLOCK, 256],
                     help="comma-separated block sizes")
-    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--batch", type=positive_int, default=1, help="sequences per call")
     ap.add_argument("--heads", type=positive_int, default=9, help="query heads (default: the default model's)")
-    ap.add_argument("--kv-heads", type=positive_int, default=3)
-    ap.add_argument("--head-dim", type=positive_int, default=64)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--device", type=device_name, default="cpu")
-    ap.add_argument("--repeats", type=positive_int, default=9)
+    ap.add_argument("--kv-heads", type=positive_int, default=3, help="key/value heads")
+    ap.add_argument("--head-dim", type=positive_int, default=64, help="dimension of a head")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of q, k and v")
+    ap.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--repeats", type=positive_int, default=9, help="timed calls per case (median reported)")
     ap.add_argument("--out", default=None, help="results file (default bench/results/attention_<device>.json)")
     args = ap.parse_args(argv)
 

@@ -84,8 +84,8 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, atomic_write_json, cpu_name, device_slug, git_commit, versions
-from bench.perf.timing import DTYPE_NAMES, device_name, format_profile, loadavg, profile_ops, timed
-from lora_mem.cli import Parser, float_in, non_negative_int, positive_int
+from bench.perf.timing import DTYPE_NAMES, format_profile, loadavg, profile_ops, timed
+from lora_mem.cli import Parser, device_name, float_in, non_negative_int, positive_int
 import lora_mem.model.generate as gen
 from lora_mem.model.generate import generate
 from lora_mem.model.loader import LoadedModel, load_model

@@ -20,21 +20,23 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, atomic_write_json, device_slug, run_info
-from bench.perf.timing import DTYPE_NAMES, device_name, positive_int_list, saved_ms, timed
-from lora_mem.cli import Parser, positive_int
+from bench.perf.timing import DTYPE_NAMES, saved_ms, timed
+from lora_mem.cli import Parser, device_name, positive_int, positive_int_list
 from lora_mem.model.generate import CPU_SLICE_MIN_ROWS, CPU_VOCAB_SLICE, greedy_tokens
 
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = Parser(prog="python -m bench.perf.greedy_head", description=__doc__.split("\n")[0])
-    ap.add_argument("--vocab", type=positive_int, default=49152)
-    ap.add_argument("--hidden", type=positive_int, default=576)
-    ap.add_argument("--batch-sizes", type=positive_int_list, default=[1, 8, 16, 64])
-    ap.add_argument("--slices", type=positive_int_list, default=[1024, 2048, 4096])
-    ap.add_argument("--repeats", type=positive_int, default=60)
-    ap.add_argument("--device", type=device_name, default="cpu")
-    ap.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    ap.add_argument("--vocab", type=positive_int, default=49152, help="vocabulary size (the default model's)")
+    ap.add_argument("--hidden", type=positive_int, default=576, help="hidden size (the default model's)")
+    ap.add_argument("--batch-sizes", type=positive_int_list, default=[1, 8, 16, 64],
+                    help="comma-separated rows per step")
+    ap.add_argument("--slices", type=positive_int_list, default=[1024, 2048, 4096],
+                    help="comma-separated vocabulary slice widths")
+    ap.add_argument("--repeats", type=positive_int, default=60, help="timed calls per case (median reported)")
+    ap.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="dtype of the head and hidden states")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/greedy_head_<device>.json")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -44,8 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import RESULTS_DIR, atomic_write_json, device_slug, run_info
-from bench.perf.timing import positive_int_list
-from lora_mem.cli import Parser, float_in, non_negative_int, positive_int
+from lora_mem.cli import Parser, float_in, non_negative_int, positive_int, positive_int_list
 from lora_mem.kernels.policy import KernelPolicy
 from lora_mem.kernels.lora_reference import lora_linear_reference, lora_scaling
 from lora_mem.lora_core.inject import LoRAConfig

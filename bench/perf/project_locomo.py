@@ -40,7 +40,7 @@ class ProjectionError(ValueError):
     """A results file that is missing, unreadable or lacks a field the projection needs (one line)."""
 
 
-def read_json(path: Path, what: str) -> dict:
+def read_results(path: Path, what: str) -> dict:
     return read_results_json(path, what, ProjectionError)
 
 
@@ -54,7 +54,7 @@ def run_workload(run_dir: Path) -> dict:
     """What one full bench.locomo run computed (from its results.json): training tokens, questions answered,
     and the times it measured."""
     path = Path(run_dir) / "results.json"
-    r = read_json(path, "a bench.locomo results file")
+    r = read_results(path, "a bench.locomo results file")
     convs = field(r, "conversations", path)
     settings = field(r, "settings", path)
     return {
@@ -80,7 +80,7 @@ def run_workload(run_dir: Path) -> dict:
 def training_rate(path: Path, batch: int | None, tokens_per_step: int | None) -> dict:
     """lora-mem's training tokens/s from a bench.perf.train_throughput file: the row of `batch`, else the row whose
     batch x seq_len is closest to `tokens_per_step` (ties: the smaller batch)."""
-    t = read_json(path, "a bench.perf.train_throughput results file")
+    t = read_results(path, "a bench.perf.train_throughput results file")
     rows = field(t, "rows", path)
     seq_len = field(t, "seq_len", path)
     if not rows:
@@ -107,7 +107,7 @@ def training_rate(path: Path, batch: int | None, tokens_per_step: int | None) ->
 
 def answering_rate(path: Path) -> dict:
     """lora-mem's questions/s with an adapter from a bench.perf.decode file (its locomo or synthetic workload)."""
-    d = read_json(path, "a bench.perf.decode results file")
+    d = read_results(path, "a bench.perf.decode results file")
     ws = [w for w in field(d, "workloads", path) if w.get("workload") in ANSWER_WORKLOADS]
     if not ws:
         raise ProjectionError(f"{path}: no {' or '.join(ANSWER_WORKLOADS)} workload (run bench.perf.decode --workloads "

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, atomic_write_json, device_slug, run_info
-from bench.perf.timing import DTYPE_NAMES, device_name, sync
+from bench.perf.timing import DTYPE_NAMES, sync
 from bench.locomo_data import iter_samples, load_locomo, resolve_data_path, select_questions
 from lora_mem.lora_core.adapter_io import load_adapter, save_adapter
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules
-from lora_mem.cli import Parser, id_list, positive_int
+from lora_mem.cli import Parser, device_name, id_list, positive_int
 from lora_mem.lora_core.memory import QUESTION_TEMPLATE
 from lora_mem.lora_core.multi_adapter import stack_adapters, unstack_adapters
 from lora_mem.model.generate import generate
@@ -54,19 +54,18 @@ def random_adapters(lm, sample_ids: list[str], rank: int, out: Path) -> list[Pat
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = Parser(prog="python -m bench.perf.shared_batches", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap = Parser(prog="python -m bench.perf.shared_batches", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, local checkpoint dir or hub id")
     ap.add_argument("--data", default=None, help="locomo10.json (else $LOCOMO_DATA, the cache, or a download)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapters-from", metavar="RUN_DIR", help="a bench.locomo run: RUN_DIR/adapters/<sample_id>")
     src.add_argument("--random-adapters", action="store_true", help="seeded random adapters of --rank")
     ap.add_argument("--rank", type=positive_int, default=8, help="rank of the random adapters")
     ap.add_argument("--conversations", type=id_list, default=None, help="comma-separated sample ids (default: all)")
-    ap.add_argument("--batch-size", type=positive_int, default=64)
-    ap.add_argument("--max-new-tokens", type=positive_int, default=32)
-    ap.add_argument("--device", type=device_name, default=None)
-    ap.add_argument("--dtype", choices=DTYPE_NAMES, default=None)
+    ap.add_argument("--batch-size", type=positive_int, default=64, help="questions decoded at once")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=32, help="the longest answer, in tokens")
+    ap.add_argument("--device", type=device_name, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--out", default=None, help="results file (default bench/results/shared_batches_<device>.json)")
     return ap.parse_args(argv)
 

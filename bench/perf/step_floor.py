@@ -230,10 +230,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = Parser(prog="python -m bench.perf.step_floor", description=__doc__.split("\n\n")[0])
     ap.add_argument("--setup", choices=sorted(SETUPS), default=None, help="cpu or gpu (default: gpu if CUDA is available)")
-    ap.add_argument("--batch", type=positive_int, default=1)
-    ap.add_argument("--seq-len", type=positive_int, default=None)
-    ap.add_argument("--rank", type=positive_int, default=8)
-    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--batch", type=positive_int, default=1, help="windows per step")
+    ap.add_argument("--seq-len", type=positive_int, default=None, help="tokens per window (default: the setup's)")
+    ap.add_argument("--rank", type=positive_int, default=8, help="LoRA rank")
+    ap.add_argument("--repeats", type=positive_int, default=5, help="timed repeats of each product (median reported)")
     args = ap.parse_args(argv)
     if args.setup == "gpu" and not torch.cuda.is_available():
         ap.error("--setup gpu: no CUDA device on this machine")

@@ -16,8 +16,6 @@ from typing import Callable
 
 import torch
 
-from lora_mem.cli import device_name  # noqa: F401  (the benchmarks' --device)
-
 # The two setups: the default model in fp32 on a CPU; Qwen2.5-1.5B's shapes, randomly initialised (no weights on a
 # lent GPU), in bf16 on a GPU. Sequence length and batch sizes are bench.perf.train_throughput's; bench.perf.step_floor
 # times the floor of the same steps.
@@ -261,19 +259,6 @@ def format_profile(p: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # Command lines: option values checked while parsing (with lora_mem.cli's Parser, one error line naming the option)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def positive_int_list(text: str) -> list[int]:
-    """A comma-separated list of integers >= 1 ("1,4,16"), at least one, in the order given."""
-    import argparse
-
-    try:
-        values = [int(v) for v in text.replace("_", "").split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, got {text!r}")
-    return values
 
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")

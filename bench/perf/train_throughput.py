@@ -62,8 +62,8 @@ from bench.common import REPO_ROOT, atomic_write_json, device_slug, hf_config, r
 from bench.perf.step_floor import compare_to_floor, measure_floor
 from bench.perf.timing import SETUPS as MACHINE_SETUPS
 from bench.perf.timing import (PROFILE_GROUPS, classify_op, format_profile, model_config, peak_rss_bytes,  # noqa: F401
-                               positive_int_list, profile_ops, sync)
-from lora_mem.cli import Parser, int_at_least, non_negative_int, positive_int
+                               profile_ops, sync)
+from lora_mem.cli import Parser, int_at_least, non_negative_int, positive_int, positive_int_list
 from lora_mem.lora_core.inject import LoRAConfig
 from lora_mem.lora_core.train import TrainConfig
 
@@ -345,15 +345,14 @@ def side_list(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="python -m bench.perf.train_throughput", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = Parser(prog="python -m bench.perf.train_throughput", description=__doc__.split("\n\n")[0])
     ap.add_argument("--setup", choices=sorted(SETUPS), default=None, help="cpu or gpu (default: gpu if CUDA is available)")
     ap.add_argument("--model", default=None, help="override the setup's model (packaged name, dir, or preset:NAME)")
-    ap.add_argument("--seq-len", type=int_at_least(2), default=None)
+    ap.add_argument("--seq-len", type=int_at_least(2), default=None, help="tokens per window (default: the setup's)")
     ap.add_argument("--batch-sizes", type=positive_int_list, default=None, help="comma-separated, e.g. 1,8")
-    ap.add_argument("--rank", type=positive_int, default=8)
+    ap.add_argument("--rank", type=positive_int, default=8, help="LoRA rank")
     ap.add_argument("--steps", type=positive_int, default=5, help="timed optimizer steps per side (median reported)")
-    ap.add_argument("--warmup", type=non_negative_int, default=2)
+    ap.add_argument("--warmup", type=non_negative_int, default=2, help="untimed optimizer steps per side first")
     ap.add_argument("--sides", type=side_list, default=None,
                     help="lora-mem; lora-mem-sdpa (lora-mem with PyTorch's SDPA instead of its CPU block-causal "
                          "attention); lora-mem-full-logits (lora-mem before the chunked loss: the profile's "

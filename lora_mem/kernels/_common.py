@@ -1,7 +1,11 @@
-"""What every Triton kernel module here shares: the guarded triton import and launch helpers.
+"""What every Triton kernel module here shares: the triton import, launch helpers, and what the two LoRA GEMMs
+(lora_linear, multi_lora_linear) share of their configs and of the measures that prune them.
 
 Which path runs (kernels or references) is the caller's :class:`lora_mem.kernels.policy.KernelPolicy`. Under
 ``TRITON_INTERPRET=1`` the kernels run on the CPU through Triton's interpreter, which is how CI checks them.
+
+Where triton is not installed (it ships for Linux only), ``triton`` here is :mod:`lora_mem.kernels._no_triton`: the
+kernel modules still define their kernels and configs at import, and the policy never launches them.
 """
 
 from __future__ import annotations
@@ -10,15 +14,19 @@ import os
 
 import torch
 
-try:  # guarded: a machine without triton still imports this module and takes the reference path
+try:
     import triton
+    import triton.language as tl
 
     HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is installed wherever the tests run
-    triton = None
+except ImportError:  # pragma: no cover - tests/test_kernel_imports.py covers it in a process without triton
+    from lora_mem.kernels import _no_triton as triton
+
+    tl = None  # read only inside kernel bodies, which never run here
     HAS_TRITON = False
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_RANK = 128  # LoRA kernels: the whole rank fits one tile of at most 128 columns
 
 
 def interpreting() -> bool:
@@ -96,3 +104,49 @@ def target_limits() -> tuple[int, int, int]:
         _TARGET_LIMITS[key] = (active.get_current_target().arch, props["max_shared_mem"],
                                props["multiprocessor_count"])
     return _TARGET_LIMITS[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the two LoRA GEMMs (lora_linear's fused kernel, multi_lora_linear's product kernel) share of their configs
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The tensor-core pool (bf16, fp16, fp32 in TF32) of both GEMMs; each module has its own pool for fp32 at full
+# precision on the FMA units, where operand fragments sit in registers and these tiles would spill.
+FUSED_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=5, num_warps=4),
+]
+# Under the interpreter autotuning measures nothing, so one small fixed config (blocks of 16 are tl.dot's minimum;
+# GROUP_M = 2 still exercises the grouped launch order on test-sized problems).
+INTERPRET_FUSED_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+# Past these the tensor-core tiles spill (bench/perf/compile_check.py measures them): on sm_80, accumulator elements
+# per thread; elsewhere, accumulator elements per thread times the operands' element size (fp32 in TF32 has twice
+# the operand registers of bf16).
+SM80_MAX_ACC_PER_THREAD = 64
+ACC_BYTES = 256
+
+
+def uses_tensor_cores(x: torch.Tensor, precision: str) -> bool:
+    """Whether tl.dot runs on tensor cores for operands like x: every 16-bit dtype, fp32 only in TF32."""
+    return x.dtype != torch.float32 or precision == "tf32"
+
+
+def config_pool(configs, fp32_pool, tensor_cores: bool) -> list:
+    """The configs of the launch's kind of dot: those of ``fp32_pool`` on the FMA units, the others on tensor cores."""
+    return [c for c in configs if (c in fp32_pool) != tensor_cores]
+
+
+def pipeline_smem(stage_bytes: int, num_stages: int, tensor_cores: bool) -> int:
+    """Shared memory of a K-loop pipelined over num_stages whose stage loads stage_bytes: Hopper's tensor-core
+    loop keeps every stage in shared memory, Ampere's and the FMA loop one fewer (what the compiler allocates)."""
+    arch, _, _ = target_limits()
+    return (num_stages if tensor_cores and arch >= 90 else num_stages - 1) * stage_bytes
+
+
+def acc_per_thread(rows: int, cols: int, num_warps: int) -> float:
+    return rows * cols / (32 * num_warps)

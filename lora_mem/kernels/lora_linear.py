@@ -24,388 +24,370 @@ mode runs the kernels on CPU through Triton's interpreter under ``TRITON_INTERPR
 Without triton installed this module still imports and uses the reference.
 """
 
+from __future__ import annotations
+
 import torch
 
 from lora_mem.kernels._common import (
+    ACC_BYTES,
+    FUSED_CONFIGS,
     HAS_TRITON,
+    INTERPRET_FUSED_CONFIG,
+    MAX_RANK,
+    SM80_MAX_ACC_PER_THREAD,
     SUPPORTED_DTYPES,
+    acc_per_thread,
+    config_pool,
     dot_flags,
     interpreted,
     interpreting,
     next_pow2,
+    pipeline_smem,
     rank_block,
     target_limits,
+    uses_tensor_cores,
 )
 from lora_mem.kernels.lora_reference import dropout_keep_mask, dropout_keep_scale, lora_linear_reference
 from lora_mem.kernels.policy import KernelPolicy
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
+from lora_mem.kernels._common import tl, triton
 
 __all__ = ["HAS_TRITON", "lora_linear", "lora_linear_triton", "LoRALinearFunction",
            "MAX_RANK"]
-
-MAX_RANK = 128  # the whole rank fits one tile of at most 128 columns
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------------
 
-if HAS_TRITON:
+@triton.jit
+def _thin_matmul_kernel(
+    x_ptr,  # X (P, Q): the wide operand; x, dY, or a transposed view of either (any strides)
+    keep_ptr,  # dropout keep-mask (P, Q) uint8 applied to X; unused unless HAS_KEEP
+    y_ptr,  # Y (Q, R): the thin operand; A^T, B, t or dt (any strides)
+    out_ptr,  # out (SPLITS, P, R): one slab per reduction split (fp32 partials), or the result when SPLITS == 1
+    P,  # rows of X and of out
+    Q,  # reduction length
+    R,  # columns of out: the LoRA rank, <= BLOCK_R
+    Q_PER_SPLIT,  # length of the Q range one program reduces; program_id(1) picks the range
+    stride_xp, stride_xq,  # strides of X
+    stride_kp, stride_kq,  # strides of the keep-mask
+    stride_yq, stride_yr,  # strides of Y
+    stride_os, stride_op, stride_or,  # strides of out (split, row, rank)
+    scale,  # multiplies the fp32 result: s / (1 - p) for s t, s for dt, 1 / (1 - p) for dA, 1 for dB
+    P_BUCKET, Q_BUCKET,  # next powers of two of P and Q: autotune keys only, so nearby sizes share a config
+    HAS_KEEP: tl.constexpr,  # dropped elements of X (keep == 0) read as zero (dropout on the LoRA input)
+    DOT_FP32: tl.constexpr,  # upcast operands to fp32 before tl.dot (bf16 under the interpreter, see launcher)
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
+    BLOCK_P: tl.constexpr,  # rows of out per program
+    BLOCK_Q: tl.constexpr,  # reduction step
+    BLOCK_R: tl.constexpr,  # the rank padded to a power of two >= 16 (tl.dot needs >= 16 per dimension)
+):
+    """out[split, P, R] = scale * (X * keep)[P, Q-range] @ Y[Q-range, R], fp32 accumulation.
 
-    @triton.jit
-    def _thin_matmul_kernel(
-        x_ptr,  # X (P, Q): the wide operand; x, dY, or a transposed view of either (any strides)
-        keep_ptr,  # dropout keep-mask (P, Q) uint8 applied to X; unused unless HAS_KEEP
-        y_ptr,  # Y (Q, R): the thin operand; A^T, B, t or dt (any strides)
-        out_ptr,  # out (SPLITS, P, R): one slab per reduction split (fp32 partials), or the result when SPLITS == 1
-        P,  # rows of X and of out
-        Q,  # reduction length
-        R,  # columns of out: the LoRA rank, <= BLOCK_R
-        Q_PER_SPLIT,  # length of the Q range one program reduces; program_id(1) picks the range
-        stride_xp, stride_xq,  # strides of X
-        stride_kp, stride_kq,  # strides of the keep-mask
-        stride_yq, stride_yr,  # strides of Y
-        stride_os, stride_op, stride_or,  # strides of out (split, row, rank)
-        scale,  # multiplies the fp32 result: s / (1 - p) for s t, s for dt, 1 / (1 - p) for dA, 1 for dB
-        P_BUCKET, Q_BUCKET,  # next powers of two of P and Q: autotune keys only, so nearby sizes share a config
-        HAS_KEEP: tl.constexpr,  # dropped elements of X (keep == 0) read as zero (dropout on the LoRA input)
-        DOT_FP32: tl.constexpr,  # upcast operands to fp32 before tl.dot (bf16 under the interpreter, see launcher)
-        INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
-        BLOCK_P: tl.constexpr,  # rows of out per program
-        BLOCK_Q: tl.constexpr,  # reduction step
-        BLOCK_R: tl.constexpr,  # the rank padded to a power of two >= 16 (tl.dot needs >= 16 per dimension)
-    ):
-        """out[split, P, R] = scale * (X * keep)[P, Q-range] @ Y[Q-range, R], fp32 accumulation.
+    Dropout's 1 / (1 - p) is part of ``scale``, applied once to the fp32 sum: masking itself is exact, so the
+    dropped input is never rounded.
 
-        Dropout's 1 / (1 - p) is part of ``scale``, applied once to the fp32 sum: masking itself is exact, so the
-        dropped input is never rounded.
+    The output is only BLOCK_R (<= 128) wide, so each program owns a full row block of it and loops over Q. When
+    P is small (dA: P = K, dB: P = N, with Q = M tokens) there would be too few programs to fill the GPU, so the
+    launcher splits Q across program_id(1) and sums the fp32 partials afterwards (deterministic, unlike atomics).
+    """
+    pid_p = tl.program_id(0)
+    pid_split = tl.program_id(1)
 
-        The output is only BLOCK_R (<= 128) wide, so each program owns a full row block of it and loops over Q. When
-        P is small (dA: P = K, dB: P = N, with Q = M tokens) there would be too few programs to fill the GPU, so the
-        launcher splits Q across program_id(1) and sums the fp32 partials afterwards (deterministic, unlike atomics).
-        """
-        pid_p = tl.program_id(0)
-        pid_split = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_r = tl.arange(0, BLOCK_R)
+    p_mask = offs_p < P
+    r_mask = offs_r < R  # pads the rank up to BLOCK_R with zeros
 
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_q = tl.arange(0, BLOCK_Q)
-        offs_r = tl.arange(0, BLOCK_R)
-        p_mask = offs_p < P
-        r_mask = offs_r < R  # pads the rank up to BLOCK_R with zeros
+    q_start = pid_split * Q_PER_SPLIT
+    q_end = tl.minimum(q_start + Q_PER_SPLIT, Q)
 
-        q_start = pid_split * Q_PER_SPLIT
-        q_end = tl.minimum(q_start + Q_PER_SPLIT, Q)
+    # Row offsets in int64: P * stride can pass 2^31 for large token counts. Later steps move the pointers.
+    x_ptrs = x_ptr + offs_p[:, None].to(tl.int64) * stride_xp + (q_start + offs_q)[None, :].to(tl.int64) * stride_xq
+    keep_ptrs = (keep_ptr + offs_p[:, None].to(tl.int64) * stride_kp
+                 + (q_start + offs_q)[None, :].to(tl.int64) * stride_kq)
+    y_ptrs = y_ptr + (q_start + offs_q)[:, None].to(tl.int64) * stride_yq + offs_r[None, :] * stride_yr
 
-        # Row offsets in int64: P * stride can pass 2^31 for large token counts. Later steps move the pointers.
-        x_ptrs = x_ptr + offs_p[:, None].to(tl.int64) * stride_xp + (q_start + offs_q)[None, :].to(tl.int64) * stride_xq
-        keep_ptrs = (keep_ptr + offs_p[:, None].to(tl.int64) * stride_kp
-                     + (q_start + offs_q)[None, :].to(tl.int64) * stride_kq)
-        y_ptrs = y_ptr + (q_start + offs_q)[:, None].to(tl.int64) * stride_yq + offs_r[None, :] * stride_yr
-
-        acc = tl.full((BLOCK_P, BLOCK_R), 0.0, dtype=tl.float32)
-        for q0 in range(q_start, q_end, BLOCK_Q):
-            q_mask = (q0 + offs_q) < q_end
-            x_mask = p_mask[:, None] & q_mask[None, :]
-            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
-            if HAS_KEEP:  # dropout: zero the dropped elements (masking x's load by keep would serialise the two)
-                keep = tl.load(keep_ptrs, mask=x_mask, other=0)
-                x = tl.where(keep != 0, x, 0.0)
-            y = tl.load(y_ptrs, mask=q_mask[:, None] & r_mask[None, :], other=0.0)
-            if DOT_FP32:
-                acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, y, acc, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_Q * stride_xq
-            keep_ptrs += BLOCK_Q * stride_kq
-            y_ptrs += BLOCK_Q * stride_yq
-
-        acc = acc * scale
-        out_ptrs = (out_ptr + pid_split * stride_os + offs_p[:, None].to(tl.int64) * stride_op
-                    + offs_r[None, :] * stride_or)
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & r_mask[None, :])
-
-    @triton.jit
-    def _fused_lora_matmul_kernel(
-        a_ptr,  # A (M, K): x in forward, dY in backward
-        b_ptr,  # Bm (K, N): W^T in forward (a strided view of W), W in backward
-        t_ptr,  # T (M, R): the thin LoRA operand; t in forward, dt in backward
-        u_ptr,  # U (R, N): the LoRA up operand; B^T in forward, A in backward
-        keep_ptr,  # dropout keep-mask (M, N) uint8 on the LoRA term (dX with dropout); unused unless HAS_KEEP
-        bias_ptr,  # bias (N); unused unless HAS_BIAS
-        out_ptr,  # out (M, N)
-        M, N, K,  # problem sizes of the base GEMM
-        R,  # the LoRA rank, <= BLOCK_R
-        stride_am, stride_ak,  # strides of A
-        stride_bk, stride_bn,  # strides of Bm
-        stride_tm, stride_tr,  # strides of T
-        stride_ur, stride_un,  # strides of U
-        stride_km, stride_kn,  # strides of the keep-mask
-        stride_om, stride_on,  # strides of out
-        keep_scale,  # value of a kept element of the LoRA term: 1 / (1 - p); unused unless HAS_KEEP
-        M_BUCKET,  # next power of two of M: autotune key only, so nearby token counts share a config
-        HAS_BIAS: tl.constexpr,  # add bias[N] in the epilogue
-        HAS_KEEP: tl.constexpr,  # the LoRA term is multiplied elementwise by keep * keep_scale
-        DOT_FP32: tl.constexpr,  # upcast operands to fp32 before tl.dot (bf16 under the interpreter, see launcher)
-        INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
-        BLOCK_M: tl.constexpr,  # rows of out per program
-        BLOCK_N: tl.constexpr,  # columns of out per program
-        BLOCK_K: tl.constexpr,  # reduction step of the base GEMM
-        BLOCK_R: tl.constexpr,  # the rank padded to a power of two >= 16
-        GROUP_M: tl.constexpr,  # row blocks per group in the launch order (L2 reuse, as in the Triton matmul tutorial)
-    ):
-        """out = A @ Bm + (T @ U) * keep * keep_scale + bias, one fp32 accumulator, written once.
-
-        The LoRA scaling s is already inside T (s t in forward, dt = s dY B in backward), so without dropout the LoRA
-        term is just R more steps of the same reduction: [A | T] @ [Bm ; U].
-        """
-        # Grouped launch order: consecutive programs share row blocks of A and column blocks of Bm in L2.
-        pid = tl.program_id(0)
-        num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
-        num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        m_mask = offs_m < M
-        n_mask = offs_n < N
-        # The LoRA reduction (the rank, padded to BLOCK_R) runs in steps of at most BLOCK_K, as the base K-loop does:
-        # one step of the whole rank holds rank-wide operand fragments at once, which spills at rank 128.
-        R_STEP: tl.constexpr = BLOCK_K if BLOCK_K < BLOCK_R else BLOCK_R
-        offs_r = tl.arange(0, R_STEP)
-        t_ptrs = t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr
-        u_ptrs = u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :].to(tl.int64) * stride_un
-
-        if HAS_KEEP:
-            # Dropout acts elementwise on the (M, N) LoRA term, so it is not more steps of the base reduction: it is
-            # formed first and starts the accumulator, so one BLOCK_M x BLOCK_N fp32 tile is live during the K-loop,
-            # not two (large tiles spill with two).
-            lora = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-            for r0 in range(0, R, R_STEP):
-                r_mask = offs_r < R - r0  # pads the rank up to the step with zeros
-                t = tl.load(t_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-                u = tl.load(u_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                if DOT_FP32:
-                    lora = tl.dot(t.to(tl.float32), u.to(tl.float32), lora, input_precision="ieee")
-                else:
-                    lora = tl.dot(t, u, lora, input_precision=INPUT_PRECISION)
-                t_ptrs += R_STEP * stride_tr
-                u_ptrs += R_STEP * stride_ur
-            keep = tl.load(keep_ptr + offs_m[:, None].to(tl.int64) * stride_km + offs_n[None, :] * stride_kn,
-                           mask=m_mask[:, None] & n_mask[None, :], other=0)
-            acc = tl.where(keep != 0, lora * keep_scale, 0.0)
+    acc = tl.full((BLOCK_P, BLOCK_R), 0.0, dtype=tl.float32)
+    for q0 in range(q_start, q_end, BLOCK_Q):
+        q_mask = (q0 + offs_q) < q_end
+        x_mask = p_mask[:, None] & q_mask[None, :]
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        if HAS_KEEP:  # dropout: zero the dropped elements (masking x's load by keep would serialise the two)
+            keep = tl.load(keep_ptrs, mask=x_mask, other=0)
+            x = tl.where(keep != 0, x, 0.0)
+        y = tl.load(y_ptrs, mask=q_mask[:, None] & r_mask[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+            acc = tl.dot(x, y, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_Q * stride_xq
+        keep_ptrs += BLOCK_Q * stride_kq
+        y_ptrs += BLOCK_Q * stride_yq
 
-        # --- base GEMM: acc += A @ Bm -------------------------------------------------------------------------------
-        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
-        for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-            k_mask = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+    acc = acc * scale
+    out_ptrs = (out_ptr + pid_split * stride_os + offs_p[:, None].to(tl.int64) * stride_op
+                + offs_r[None, :] * stride_or)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _fused_lora_matmul_kernel(
+    a_ptr,  # A (M, K): x in forward, dY in backward
+    b_ptr,  # Bm (K, N): W^T in forward (a strided view of W), W in backward
+    t_ptr,  # T (M, R): the thin LoRA operand; t in forward, dt in backward
+    u_ptr,  # U (R, N): the LoRA up operand; B^T in forward, A in backward
+    keep_ptr,  # dropout keep-mask (M, N) uint8 on the LoRA term (dX with dropout); unused unless HAS_KEEP
+    bias_ptr,  # bias (N); unused unless HAS_BIAS
+    out_ptr,  # out (M, N)
+    M, N, K,  # problem sizes of the base GEMM
+    R,  # the LoRA rank, <= BLOCK_R
+    stride_am, stride_ak,  # strides of A
+    stride_bk, stride_bn,  # strides of Bm
+    stride_tm, stride_tr,  # strides of T
+    stride_ur, stride_un,  # strides of U
+    stride_km, stride_kn,  # strides of the keep-mask
+    stride_om, stride_on,  # strides of out
+    keep_scale,  # value of a kept element of the LoRA term: 1 / (1 - p); unused unless HAS_KEEP
+    M_BUCKET,  # next power of two of M: autotune key only, so nearby token counts share a config
+    HAS_BIAS: tl.constexpr,  # add bias[N] in the epilogue
+    HAS_KEEP: tl.constexpr,  # the LoRA term is multiplied elementwise by keep * keep_scale
+    DOT_FP32: tl.constexpr,  # upcast operands to fp32 before tl.dot (bf16 under the interpreter, see launcher)
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
+    BLOCK_M: tl.constexpr,  # rows of out per program
+    BLOCK_N: tl.constexpr,  # columns of out per program
+    BLOCK_K: tl.constexpr,  # reduction step of the base GEMM
+    BLOCK_R: tl.constexpr,  # the rank padded to a power of two >= 16
+    GROUP_M: tl.constexpr,  # row blocks per group in the launch order (L2 reuse, as in the Triton matmul tutorial)
+):
+    """out = A @ Bm + (T @ U) * keep * keep_scale + bias, one fp32 accumulator, written once.
+
+    The LoRA scaling s is already inside T (s t in forward, dt = s dY B in backward), so without dropout the LoRA
+    term is just R more steps of the same reduction: [A | T] @ [Bm ; U].
+    """
+    # Grouped launch order: consecutive programs share row blocks of A and column blocks of Bm in L2.
+    pid = tl.program_id(0)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    # The LoRA reduction (the rank, padded to BLOCK_R) runs in steps of at most BLOCK_K, as the base K-loop does:
+    # one step of the whole rank holds rank-wide operand fragments at once, which spills at rank 128.
+    R_STEP: tl.constexpr = BLOCK_K if BLOCK_K < BLOCK_R else BLOCK_R
+    offs_r = tl.arange(0, R_STEP)
+    t_ptrs = t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr
+    u_ptrs = u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :].to(tl.int64) * stride_un
+
+    if HAS_KEEP:
+        # Dropout acts elementwise on the (M, N) LoRA term, so it is not more steps of the base reduction: it is
+        # formed first and starts the accumulator, so one BLOCK_M x BLOCK_N fp32 tile is live during the K-loop,
+        # not two (large tiles spill with two).
+        lora = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        for r0 in range(0, R, R_STEP):
+            r_mask = offs_r < R - r0  # pads the rank up to the step with zeros
+            t = tl.load(t_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
             if DOT_FP32:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                lora = tl.dot(t.to(tl.float32), u.to(tl.float32), lora, input_precision="ieee")
             else:
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+                lora = tl.dot(t, u, lora, input_precision=INPUT_PRECISION)
+            t_ptrs += R_STEP * stride_tr
+            u_ptrs += R_STEP * stride_ur
+        keep = tl.load(keep_ptr + offs_m[:, None].to(tl.int64) * stride_km + offs_n[None, :] * stride_kn,
+                       mask=m_mask[:, None] & n_mask[None, :], other=0)
+        acc = tl.where(keep != 0, lora * keep_scale, 0.0)
+    else:
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
 
-        # --- LoRA term without dropout: more steps of the same reduction, over [T | U] -------------------------------
-        if not HAS_KEEP:
-            # Concatenated reduction: the LoRA product accumulates into the same registers as the base GEMM (no second
-            # BLOCK_M x BLOCK_N fp32 tile, no write and re-read of out).
-            for r0 in range(0, R, R_STEP):
-                r_mask = offs_r < R - r0  # pads the rank up to the step with zeros
-                t = tl.load(t_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-                u = tl.load(u_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                if DOT_FP32:
-                    acc = tl.dot(t.to(tl.float32), u.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(t, u, acc, input_precision=INPUT_PRECISION)
-                t_ptrs += R_STEP * stride_tr
-                u_ptrs += R_STEP * stride_ur
+    # --- base GEMM: acc += A @ Bm -------------------------------------------------------------------------------
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        k_mask = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
 
-        # --- epilogue -----------------------------------------------------------------------------------------------
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    # --- LoRA term without dropout: more steps of the same reduction, over [T | U] -------------------------------
+    if not HAS_KEEP:
+        # Concatenated reduction: the LoRA product accumulates into the same registers as the base GEMM (no second
+        # BLOCK_M x BLOCK_N fp32 tile, no write and re-read of out).
+        for r0 in range(0, R, R_STEP):
+            r_mask = offs_r < R - r0  # pads the rank up to the step with zeros
+            t = tl.load(t_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            if DOT_FP32:
+                acc = tl.dot(t.to(tl.float32), u.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(t, u, acc, input_precision=INPUT_PRECISION)
+            t_ptrs += R_STEP * stride_tr
+            u_ptrs += R_STEP * stride_ur
 
-    # GPU configs, one pool per kind of tl.dot. Tensor cores (bf16, fp16, fp32 in TF32) and the FMA units (fp32 at
-    # full precision): there the operand fragments sit in registers, and the tensor-core tiles compile to code that
-    # spills heavily, so fp32 has smaller tiles with a 32-wide reduction step. The prune functions take the pool of
-    # the launch's dot, then drop what would not fit the GPU. bench/perf/compile_check.py compiles every pool for
-    # sm_80 and sm_90 and is the measure behind each limit below.
-    _FUSED_CONFIGS = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=5, num_warps=4),
-    ]
-    _FUSED_FP32_CONFIGS = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
-    ]
-    _THIN_CONFIGS = [
-        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_P": 128, "BLOCK_Q": 64}, num_stages=3, num_warps=4),
-        triton.Config({"BLOCK_P": 128, "BLOCK_Q": 64}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128}, num_stages=3, num_warps=4),
-        triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128}, num_stages=4, num_warps=4),
-    ]
-    _THIN_FP32_CONFIGS = [  # kept per rank by _FMA_MAX_OPERANDS_PER_THREAD
-        triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128}, num_stages=3, num_warps=4),
-        triton.Config({"BLOCK_P": 128, "BLOCK_Q": 64}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_P": 32, "BLOCK_Q": 64}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 32}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_P": 32, "BLOCK_Q": 32}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_P": 16, "BLOCK_Q": 32}, num_stages=3, num_warps=4),
-    ]
-    # With dropout at ranks from 64 the thin kernel's tensor-core tiles spill beside the keep-mask tile; these do not.
-    _THIN_KEEP_WIDE_RANK_CONFIGS = [
-        triton.Config({"BLOCK_P": 32, "BLOCK_Q": 64}, num_stages=3, num_warps=4),
-        triton.Config({"BLOCK_P": 16, "BLOCK_Q": 128}, num_stages=3, num_warps=4),
-        triton.Config({"BLOCK_P": 16, "BLOCK_Q": 64}, num_stages=3, num_warps=4),
-    ]
-    # The thin kernel on the FMA units holds its X, Y and output tiles in registers: configs with more elements of the
-    # three per thread than this spill (ranks 16 to 128, with and without dropout).
-    _FMA_MAX_OPERANDS_PER_THREAD = 52
-    # Past these the tensor-core tiles spill. On sm_80, accumulator elements per thread (fused and multi-LoRA product
-    # kernels). Elsewhere accumulator elements per thread times the operands' element size (fp32 in TF32 has twice
-    # the operand registers of bf16): with dropout in the fused kernel, where the masked LoRA term is formed before
-    # the K-loop, _KEEP_ACC_BYTES; in the thin and the multi-LoRA product kernels _ACC_BYTES.
-    _SM80_MAX_ACC_PER_THREAD = 64
-    _KEEP_ACC_BYTES = 128
-    _ACC_BYTES = 256
+    # --- epilogue -----------------------------------------------------------------------------------------------
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
-    def _tensor_cores(x: torch.Tensor, precision: str) -> bool:
-        """Whether tl.dot runs on tensor cores for operands like x: every 16-bit dtype, fp32 only in TF32."""
-        return x.dtype != torch.float32 or precision == "tf32"
 
-    def _pool(configs, fp32_pool, tensor_cores: bool) -> list:
-        return [c for c in configs if (c in fp32_pool) != tensor_cores]
+# GPU configs, one pool per kind of tl.dot (see FUSED_CONFIGS in _common): tensor cores, and the FMA units (fp32 at
+# full precision), where the tensor-core tiles would spill, so fp32 has smaller tiles with a 32-wide reduction step.
+# The prune functions take the pool of the launch's dot, then drop what would not fit the GPU.
+# bench/perf/compile_check.py compiles every pool for sm_80 and sm_90 and is the measure behind each limit below.
+_FUSED_FP32_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
+]
+_THIN_CONFIGS = [
+    triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_Q": 64}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_Q": 64}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128}, num_stages=4, num_warps=4),
+]
+_THIN_FP32_CONFIGS = [  # kept per rank by _FMA_MAX_OPERANDS_PER_THREAD
+    triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_Q": 64}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_P": 32, "BLOCK_Q": 64}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_P": 64, "BLOCK_Q": 32}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_P": 32, "BLOCK_Q": 32}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_P": 16, "BLOCK_Q": 32}, num_stages=3, num_warps=4),
+]
+# With dropout at ranks from 64 the thin kernel's tensor-core tiles spill beside the keep-mask tile; these do not.
+_THIN_KEEP_WIDE_RANK_CONFIGS = [
+    triton.Config({"BLOCK_P": 32, "BLOCK_Q": 64}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_P": 16, "BLOCK_Q": 128}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_P": 16, "BLOCK_Q": 64}, num_stages=3, num_warps=4),
+]
+# The thin kernel on the FMA units holds its X, Y and output tiles in registers: configs with more elements of the
+# three per thread than this spill (ranks 16 to 128, with and without dropout).
+_FMA_MAX_OPERANDS_PER_THREAD = 52
+# With dropout in the fused kernel, where the masked LoRA term is formed before the K-loop, the tensor-core tiles
+# spill past this many bytes of accumulator per thread (ACC_BYTES in _common elsewhere).
+_KEEP_ACC_BYTES = 128
 
-    def _pipeline_smem(stage_bytes: int, num_stages: int, tensor_cores: bool) -> int:
-        """Shared memory of a K-loop pipelined over num_stages whose stage loads stage_bytes: Hopper's tensor-core
-        loop keeps every stage in shared memory, Ampere's and the FMA loop one fewer (what the compiler allocates)."""
-        arch, _, _ = target_limits()
-        return (num_stages if tensor_cores and arch >= 90 else num_stages - 1) * stage_bytes
 
-    def _acc_per_thread(rows: int, cols: int, num_warps: int) -> float:
-        return rows * cols / (32 * num_warps)
+def _fused_smem(c, elsize: int, block_r: int, has_keep: bool, tensor_cores: bool) -> int:
+    bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+    lora = (bm + bn) * min(bk, block_r) * elsize if has_keep else 0  # the LoRA step's tiles, loaded before
+    return pipeline_smem((bm + bn) * bk * elsize, c.num_stages, tensor_cores) + lora
 
-    def _fused_smem(c, elsize: int, block_r: int, has_keep: bool, tensor_cores: bool) -> int:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        lora = (bm + bn) * min(bk, block_r) * elsize if has_keep else 0  # the LoRA step's tiles, loaded before
-        return _pipeline_smem((bm + bn) * bk * elsize, c.num_stages, tensor_cores) + lora
 
-    def _thin_smem(c, elsize: int, block_r: int, has_keep: bool, tensor_cores: bool) -> int:
+def _thin_smem(c, elsize: int, block_r: int, has_keep: bool, tensor_cores: bool) -> int:
+    bp, bq = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
+    stage = (bp * bq + bq * block_r) * elsize + (bp * bq if has_keep else 0)  # + the uint8 keep-mask tile
+    fma_keep = has_keep and not tensor_cores  # the FMA dot also converts the masked X tile through shared memory
+    return pipeline_smem(stage, c.num_stages, tensor_cores) + (4 * bp * bq if fma_keep else 0)
+
+
+def _prune_fused_configs(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem (few tokens, the 256-wide k/v projections): they only add masked
+    work and compile time. Keeps at least one config."""
+    m_cap = max(named_args["M_BUCKET"], 64)
+    n_cap = max(triton.next_power_of_2(named_args["N"]), 64)
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _prune_thin_configs(configs, named_args, **kwargs):
+    """As above for the thin kernel's row and reduction blocks."""
+    p_cap = max(named_args["P_BUCKET"], 32)
+    q_cap = max(named_args["Q_BUCKET"], 64)
+    kept = [c for c in configs if c.kwargs["BLOCK_P"] <= p_cap and c.kwargs["BLOCK_Q"] <= q_cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"])]
+
+
+def _fused_configs_for_launch(configs, named_args, **kwargs):
+    """The fused kernel's early_config_prune: the pool of the launch's dot, sized to the problem
+    (:func:`_prune_fused_configs`), less what would not fit the GPU: over its shared memory (estimated), or more
+    accumulator per thread than SM80_MAX_ACC_PER_THREAD on sm_80 or _KEEP_ACC_BYTES with dropout (those spill).
+    Keeps at least one config; with one left the autotuner measures nothing."""
+    a = named_args["a_ptr"]
+    tensor_cores = uses_tensor_cores(a, kwargs["INPUT_PRECISION"])
+    pool = config_pool(configs, _FUSED_FP32_CONFIGS, tensor_cores)
+    arch, smem_limit, _ = target_limits()
+    keep = kwargs["HAS_KEEP"]
+
+    def smem(c):
+        return _fused_smem(c, a.element_size(), kwargs["BLOCK_R"], keep, tensor_cores)
+
+    def spills(c):
+        acc = acc_per_thread(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+        return (arch < 90 and acc > SM80_MAX_ACC_PER_THREAD) or (keep and acc * a.element_size() > _KEEP_ACC_BYTES)
+
+    kept = [c for c in _prune_fused_configs(pool, named_args) if smem(c) <= smem_limit and not spills(c)]
+    return kept or [min(pool, key=smem)]
+
+
+def _thin_configs_for_launch(configs, named_args, **kwargs):
+    """As above for the thin kernel, whose pools are three: tensor cores (at most ACC_BYTES of accumulator per
+    thread), with dropout at ranks from 64 its own small tiles, and on the FMA units those with at most
+    _FMA_MAX_OPERANDS_PER_THREAD elements of the X, Y and output tiles per thread."""
+    x = named_args["x_ptr"]
+    tensor_cores = uses_tensor_cores(x, kwargs["INPUT_PRECISION"])
+    _, smem_limit, _ = target_limits()
+    keep, block_r = kwargs["HAS_KEEP"], kwargs["BLOCK_R"]
+
+    def smem(c):
+        return _thin_smem(c, x.element_size(), block_r, keep, tensor_cores)
+
+    def fma_operands(c):
         bp, bq = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
-        stage = (bp * bq + bq * block_r) * elsize + (bp * bq if has_keep else 0)  # + the uint8 keep-mask tile
-        fma_keep = has_keep and not tensor_cores  # the FMA dot also converts the masked X tile through shared memory
-        return _pipeline_smem(stage, c.num_stages, tensor_cores) + (4 * bp * bq if fma_keep else 0)
+        return (bp * bq + bq * block_r + bp * block_r) / (32 * c.num_warps)
 
-    def _prune_fused_configs(configs, named_args, **kwargs):
-        """Drop tiles far larger than the problem (few tokens, the 256-wide k/v projections): they only add masked
-        work and compile time. Keeps at least one config."""
-        m_cap = max(named_args["M_BUCKET"], 64)
-        n_cap = max(triton.next_power_of_2(named_args["N"]), 64)
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    if not tensor_cores:
+        fp32 = [c for c in configs if c in _THIN_FP32_CONFIGS]
+        pool = [c for c in fp32 if fma_operands(c) <= _FMA_MAX_OPERANDS_PER_THREAD] or fp32
+    elif keep and block_r >= 64:
+        pool = [c for c in configs if c in _THIN_KEEP_WIDE_RANK_CONFIGS]
+    else:
+        tiles = [c for c in configs if c in _THIN_CONFIGS]
+        pool = [c for c in tiles if acc_per_thread(c.kwargs["BLOCK_P"], block_r, c.num_warps) * x.element_size()
+                <= ACC_BYTES] or tiles
+    kept = [c for c in _prune_thin_configs(pool, named_args) if smem(c) <= smem_limit]
+    return kept or [min(pool, key=smem)]
 
-    def _prune_thin_configs(configs, named_args, **kwargs):
-        """As above for the thin kernel's row and reduction blocks."""
-        p_cap = max(named_args["P_BUCKET"], 32)
-        q_cap = max(named_args["Q_BUCKET"], 64)
-        kept = [c for c in configs if c.kwargs["BLOCK_P"] <= p_cap and c.kwargs["BLOCK_Q"] <= q_cap]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"])]
 
-    def _fused_configs_for_launch(configs, named_args, **kwargs):
-        """The fused kernel's early_config_prune: the pool of the launch's dot, sized to the problem
-        (:func:`_prune_fused_configs`), less what would not fit the GPU: over its shared memory (estimated), or more
-        accumulator per thread than _SM80_MAX_ACC_PER_THREAD on sm_80 or _KEEP_ACC_BYTES with dropout (those spill).
-        Keeps at least one config; with one left the autotuner measures nothing."""
-        a = named_args["a_ptr"]
-        tensor_cores = _tensor_cores(a, kwargs["INPUT_PRECISION"])
-        pool = _pool(configs, _FUSED_FP32_CONFIGS, tensor_cores)
-        arch, smem_limit, _ = target_limits()
-        keep = kwargs["HAS_KEEP"]
+# Layout strides are in the keys because the same kernel reads its operands row-major or transposed (fused: W^T in
+# forward, W for dX, which have the same sizes for square layers; thin: x/dY for t, dt, their transposes for dA,
+# dB), and those want different tiles. BLOCK_R: the rank changes the tiles' register and shared-memory footprint;
+# INPUT_PRECISION: fp32 in TF32 takes the other pool. cache_results: the chosen config of a key is stored beside
+# the compiled binaries in Triton's cache directory (TRITON_CACHE_DIR, default ~/.triton/cache), so a process
+# that finds it there neither benchmarks the configs again nor compiles the ones it does not use.
+_fused_lora_matmul_autotuned = triton.autotune(
+    configs=FUSED_CONFIGS + _FUSED_FP32_CONFIGS,
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_KEEP", "stride_bk", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _fused_configs_for_launch}, cache_results=True,
+)(_fused_lora_matmul_kernel)
+_thin_matmul_autotuned = triton.autotune(
+    configs=_THIN_CONFIGS + _THIN_KEEP_WIDE_RANK_CONFIGS + _THIN_FP32_CONFIGS,
+    key=["P_BUCKET", "Q_BUCKET", "BLOCK_R", "stride_xq", "HAS_KEEP", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _thin_configs_for_launch}, cache_results=True,
+)(_thin_matmul_kernel)
 
-        def smem(c):
-            return _fused_smem(c, a.element_size(), kwargs["BLOCK_R"], keep, tensor_cores)
-
-        def spills(c):
-            acc = _acc_per_thread(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
-            return (arch < 90 and acc > _SM80_MAX_ACC_PER_THREAD) or (keep and acc * a.element_size() > _KEEP_ACC_BYTES)
-
-        kept = [c for c in _prune_fused_configs(pool, named_args) if smem(c) <= smem_limit and not spills(c)]
-        return kept or [min(pool, key=smem)]
-
-    def _thin_configs_for_launch(configs, named_args, **kwargs):
-        """As above for the thin kernel, whose pools are three: tensor cores (at most _ACC_BYTES of accumulator per
-        thread), with dropout at ranks from 64 its own small tiles, and on the FMA units those with at most
-        _FMA_MAX_OPERANDS_PER_THREAD elements of the X, Y and output tiles per thread."""
-        x = named_args["x_ptr"]
-        tensor_cores = _tensor_cores(x, kwargs["INPUT_PRECISION"])
-        _, smem_limit, _ = target_limits()
-        keep, block_r = kwargs["HAS_KEEP"], kwargs["BLOCK_R"]
-
-        def smem(c):
-            return _thin_smem(c, x.element_size(), block_r, keep, tensor_cores)
-
-        def fma_operands(c):
-            bp, bq = c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
-            return (bp * bq + bq * block_r + bp * block_r) / (32 * c.num_warps)
-
-        if not tensor_cores:
-            fp32 = [c for c in configs if c in _THIN_FP32_CONFIGS]
-            pool = [c for c in fp32 if fma_operands(c) <= _FMA_MAX_OPERANDS_PER_THREAD] or fp32
-        elif keep and block_r >= 64:
-            pool = [c for c in configs if c in _THIN_KEEP_WIDE_RANK_CONFIGS]
-        else:
-            tiles = [c for c in configs if c in _THIN_CONFIGS]
-            pool = [c for c in tiles if _acc_per_thread(c.kwargs["BLOCK_P"], block_r, c.num_warps) * x.element_size()
-                    <= _ACC_BYTES] or tiles
-        kept = [c for c in _prune_thin_configs(pool, named_args) if smem(c) <= smem_limit]
-        return kept or [min(pool, key=smem)]
-
-    # Layout strides are in the keys because the same kernel reads its operands row-major or transposed (fused: W^T in
-    # forward, W for dX, which have the same sizes for square layers; thin: x/dY for t, dt, their transposes for dA,
-    # dB), and those want different tiles. BLOCK_R: the rank changes the tiles' register and shared-memory footprint;
-    # INPUT_PRECISION: fp32 in TF32 takes the other pool. cache_results: the chosen config of a key is stored beside
-    # the compiled binaries in Triton's cache directory (TRITON_CACHE_DIR, default ~/.triton/cache), so a process
-    # that finds it there neither benchmarks the configs again nor compiles the ones it does not use.
-    _fused_lora_matmul_autotuned = triton.autotune(
-        configs=_FUSED_CONFIGS + _FUSED_FP32_CONFIGS,
-        key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_KEEP", "stride_bk", "INPUT_PRECISION"],
-        prune_configs_by={"early_config_prune": _fused_configs_for_launch}, cache_results=True,
-    )(_fused_lora_matmul_kernel)
-    _thin_matmul_autotuned = triton.autotune(
-        configs=_THIN_CONFIGS + _THIN_KEEP_WIDE_RANK_CONFIGS + _THIN_FP32_CONFIGS,
-        key=["P_BUCKET", "Q_BUCKET", "BLOCK_R", "stride_xq", "HAS_KEEP", "INPUT_PRECISION"],
-        prune_configs_by={"early_config_prune": _thin_configs_for_launch}, cache_results=True,
-    )(_thin_matmul_kernel)
-
-# Under the interpreter autotuning measures nothing, so one small fixed config (blocks of 16 are tl.dot's minimum;
-# GROUP_M = 2 still exercises the grouped launch order on test-sized problems).
-_INTERPRET_FUSED_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+# Under the interpreter autotuning measures nothing, so one small fixed config (INTERPRET_FUSED_CONFIG in _common).
 _INTERPRET_THIN_CONFIG = {"BLOCK_P": 16, "BLOCK_Q": 16}
 _INTERPRET_Q_PER_SPLIT = 32  # small, so test shapes exercise the split reduction
 
@@ -547,7 +529,7 @@ def _fused_lora_matmul(
         BLOCK_R=rank_block(R),
     )
     if interpret:
-        cfg = _INTERPRET_FUSED_CONFIG
+        cfg = INTERPRET_FUSED_CONFIG
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         interpreted(_fused_lora_matmul_kernel)[grid](*args, **meta, **cfg)
     else:

@@ -18,9 +18,9 @@ Dispatch (:func:`rms_norm`): the caller's :class:`lora_mem.kernels.policy.Kernel
 ``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover take the
 reference too.
 
-Status: tested against the reference under Triton's CPU interpreter only. Block sizes, masks and ``num_warps`` are
-written for CUDA, but the kernels have never been compiled or timed on a GPU (no GPU was available to the session
-that wrote them); ``python -m bench.perf.kernels`` on a GPU is the first check to run.
+Checks: the kernels are held against the reference under Triton's CPU interpreter (tests/test_fused_kernels.py) and
+compiled for sm_80 and sm_90 without a GPU (``python -m bench.perf.compile_check``); ``python -m bench.perf.kernels``
+times them on a GPU.
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ import torch
 from lora_mem.kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting, target_limits
 from lora_mem.kernels.policy import KernelPolicy
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
+from lora_mem.kernels._common import tl, triton
 
 __all__ = ["rms_norm", "rms_norm_reference", "rms_norm_triton", "RMSNormFunction", "MAX_HIDDEN"]
 
@@ -61,87 +59,86 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------------
 
-if HAS_TRITON:
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr,  # X (M, N) input rows, any strides
+    w_ptr,  # weight (N)
+    y_ptr,  # Y (M, N) output, contiguous, in the promoted dtype of x and w
+    rstd_ptr,  # (M) fp32: 1 / sqrt(mean(x^2) + eps) per row, saved for backward
+    N,  # row length (hidden size)
+    stride_xm, stride_xn,  # strides of X
+    stride_w,  # stride of the weight
+    stride_ym,  # row stride of Y (column stride 1)
+    eps,  # added to the mean square
+    BLOCK_N: tl.constexpr,  # next power of two >= N: the whole row in one block
+):
+    """One row per program: y = w * (x * rstd).to(x.dtype), rstd = rsqrt(sum(x^2) / N + eps), fp32 math."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
 
-    @triton.jit
-    def _rms_norm_fwd_kernel(
-        x_ptr,  # X (M, N) input rows, any strides
-        w_ptr,  # weight (N)
-        y_ptr,  # Y (M, N) output, contiguous, in the promoted dtype of x and w
-        rstd_ptr,  # (M) fp32: 1 / sqrt(mean(x^2) + eps) per row, saved for backward
-        N,  # row length (hidden size)
-        stride_xm, stride_xn,  # strides of X
-        stride_w,  # stride of the weight
-        stride_ym,  # row stride of Y (column stride 1)
-        eps,  # added to the mean square
-        BLOCK_N: tl.constexpr,  # next power of two >= N: the whole row in one block
-    ):
-        """One row per program: y = w * (x * rstd).to(x.dtype), rstd = rsqrt(sum(x^2) / N + eps), fp32 math."""
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_N)
-        mask = cols < N
+    x = tl.load(x_ptr + row * stride_xm + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)  # masked lanes are 0 and add nothing
+    tl.store(rstd_ptr + row, rstd)
 
-        x = tl.load(x_ptr + row * stride_xm + cols * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)  # masked lanes are 0 and add nothing
-        tl.store(rstd_ptr + row, rstd)
+    n = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # the reference's cast back to x's dtype
+    tl.store(y_ptr + row * stride_ym + cols, (w * n).to(y_ptr.dtype.element_ty), mask=mask)
 
-        n = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # the reference's cast back to x's dtype
-        tl.store(y_ptr + row * stride_ym + cols, (w * n).to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _rms_norm_bwd_kernel(
-        dy_ptr,  # dY (M, N) upstream gradient, any strides
-        x_ptr,  # X (M, N) the forward input, any strides
-        w_ptr,  # weight (N)
-        rstd_ptr,  # (M) fp32 from the forward
-        dx_ptr,  # dX (M, N) output, contiguous, x's dtype; unused unless HAS_DX
-        dw_ptr,  # dW partials (programs, N) fp32, one row per program; unused unless HAS_DW
-        M, N,  # rows, row length
-        ROWS_PER_PROGRAM,  # rows handled by one program (the last program may get fewer)
-        stride_dym, stride_dyn,  # strides of dY
-        stride_xm, stride_xn,  # strides of X
-        stride_w,  # stride of the weight
-        stride_dxm,  # row stride of dX (column stride 1)
-        stride_dwp,  # row stride of the dW partials
-        HAS_DX: tl.constexpr,  # compute dX
-        HAS_DW: tl.constexpr,  # compute dW
-        BLOCK_N: tl.constexpr,  # next power of two >= N
-    ):
-        """dX = rstd * (dn - n * mean(dn * n)) with dn = dy * w, n = x * rstd;  dW partial = sum_rows dy * n_cast.
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr,  # dY (M, N) upstream gradient, any strides
+    x_ptr,  # X (M, N) the forward input, any strides
+    w_ptr,  # weight (N)
+    rstd_ptr,  # (M) fp32 from the forward
+    dx_ptr,  # dX (M, N) output, contiguous, x's dtype; unused unless HAS_DX
+    dw_ptr,  # dW partials (programs, N) fp32, one row per program; unused unless HAS_DW
+    M, N,  # rows, row length
+    ROWS_PER_PROGRAM,  # rows handled by one program (the last program may get fewer)
+    stride_dym, stride_dyn,  # strides of dY
+    stride_xm, stride_xn,  # strides of X
+    stride_w,  # stride of the weight
+    stride_dxm,  # row stride of dX (column stride 1)
+    stride_dwp,  # row stride of the dW partials
+    HAS_DX: tl.constexpr,  # compute dX
+    HAS_DW: tl.constexpr,  # compute dW
+    BLOCK_N: tl.constexpr,  # next power of two >= N
+):
+    """dX = rstd * (dn - n * mean(dn * n)) with dn = dy * w, n = x * rstd;  dW partial = sum_rows dy * n_cast.
 
-        A program walks ROWS_PER_PROGRAM consecutive rows, keeping its dW partial in fp32 registers.
-        """
-        pid = tl.program_id(0)
-        row_start = pid * ROWS_PER_PROGRAM
-        row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, M)
-        cols = tl.arange(0, BLOCK_N)
-        mask = cols < N
+    A program walks ROWS_PER_PROGRAM consecutive rows, keeping its dW partial in fp32 registers.
+    """
+    pid = tl.program_id(0)
+    row_start = pid * ROWS_PER_PROGRAM
+    row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
 
-        w = tl.load(w_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
-        first = row_start.to(tl.int64)  # int64 row offsets: M * N can pass 2^31
-        dy_ptrs = dy_ptr + first * stride_dym + cols * stride_dyn
-        x_ptrs = x_ptr + first * stride_xm + cols * stride_xn
-        dx_ptrs = dx_ptr + first * stride_dxm + cols
-        rstd_ptrs = rstd_ptr + first
-        dw = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
-        for _ in range(row_start, row_end):
-            dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptrs)
-            n = x * rstd
-            if HAS_DX:
-                dn = dy * w
-                dx = rstd * (dn - n * (tl.sum(dn * n, axis=0) / N))
-                tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            if HAS_DW:
-                dw += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)  # the weight multiplied the cast n
-            dy_ptrs += stride_dym
-            x_ptrs += stride_xm
-            dx_ptrs += stride_dxm
-            rstd_ptrs += 1
+    w = tl.load(w_ptr + cols * stride_w, mask=mask, other=0.0).to(tl.float32)
+    first = row_start.to(tl.int64)  # int64 row offsets: M * N can pass 2^31
+    dy_ptrs = dy_ptr + first * stride_dym + cols * stride_dyn
+    x_ptrs = x_ptr + first * stride_xm + cols * stride_xn
+    dx_ptrs = dx_ptr + first * stride_dxm + cols
+    rstd_ptrs = rstd_ptr + first
+    dw = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
+    for _ in range(row_start, row_end):
+        dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptrs)
+        n = x * rstd
+        if HAS_DX:
+            dn = dy * w
+            dx = rstd * (dn - n * (tl.sum(dn * n, axis=0) / N))
+            tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_DW:
-            tl.store(dw_ptr + pid.to(tl.int64) * stride_dwp + cols, dw, mask=mask)
+            dw += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)  # the weight multiplied the cast n
+        dy_ptrs += stride_dym
+        x_ptrs += stride_xm
+        dx_ptrs += stride_dxm
+        rstd_ptrs += 1
+    if HAS_DW:
+        tl.store(dw_ptr + pid.to(tl.int64) * stride_dwp + cols, dw, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -294,7 +291,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, policy: KernelPolicy = KernelPolicy()) -> torch.Tensor:
     """RMSNorm of the last dimension: the kernels where ``policy.use_fused_ops(x)`` says so and they cover the inputs,
-    else :func:`rms_norm_reference` (the CPU default, identical to the pre-kernel model code)."""
+    else :func:`rms_norm_reference` (the CPU default)."""
     if policy.use_fused_ops(x) and triton_supports(x, weight):
         return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)

@@ -18,8 +18,9 @@ Dispatch (:func:`apply_rotary_qk`): the caller's :class:`lora_mem.kernels.policy
 ``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover take the
 reference too.
 
-Status: tested against the reference under Triton's CPU interpreter only; never compiled or timed on a GPU (no GPU
-was available to the session that wrote it).
+Checks: the kernels are held against the reference under Triton's CPU interpreter (tests/test_fused_kernels.py) and
+compiled for sm_80 and sm_90 without a GPU (``python -m bench.perf.compile_check``); ``python -m bench.perf.kernels``
+times them on a GPU.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ import torch
 from lora_mem.kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting
 from lora_mem.kernels.policy import KernelPolicy
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
+from lora_mem.kernels._common import tl, triton
 
 __all__ = ["rotate_half", "apply_rotary", "apply_rotary_qk", "apply_rotary_qk_reference", "apply_rotary_qk_triton",
            "RotaryFunction"]
@@ -55,7 +54,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def apply_rotary_qk_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k rotated by :func:`apply_rotary`, exactly as model/qwen2.py's attention did before the kernels."""
+    """q and k rotated by :func:`apply_rotary`: what model/qwen2.py's attention computes without the kernel."""
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
@@ -63,79 +62,77 @@ def apply_rotary_qk_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tenso
 # Kernel
 # ---------------------------------------------------------------------------------------------------------------------
 
-if HAS_TRITON:
+@triton.jit
+def _rope_kernel(
+    q_ptr,  # Q (B, H, T, D): q in forward, dq_out in backward; any strides
+    k_ptr,  # K (B, Hkv, T, D): k in forward, dk_out in backward; any strides
+    cos_ptr,  # cos (B, T, D), broadcast dimensions with stride 0
+    sin_ptr,  # sin (B, T, D), likewise
+    q_out_ptr,  # rotated Q, (B, H, T, D) with the strides of a contiguous (B, T, H, D) tensor
+    k_out_ptr,  # rotated K, likewise
+    T,  # tokens per sequence (programs are b * T + t)
+    H, HKV,  # query heads, key/value heads
+    D_HALF,  # head_dim / 2
+    stride_qb, stride_qh, stride_qt, stride_qd,  # strides of Q
+    stride_kb, stride_kh, stride_kt, stride_kd,  # strides of K
+    stride_cb, stride_ct, stride_cd,  # strides of cos
+    stride_sb, stride_st, stride_sd,  # strides of sin
+    stride_qob, stride_qoh, stride_qot,  # strides of the Q output (head_dim stride 1)
+    stride_kob, stride_koh, stride_kot,  # strides of the K output (head_dim stride 1)
+    BACKWARD: tl.constexpr,  # apply the transposed rotation (the gradient)
+    BLOCK_H: tl.constexpr,  # next power of two >= H
+    BLOCK_HKV: tl.constexpr,  # next power of two >= Hkv
+    BLOCK_D: tl.constexpr,  # next power of two >= D / 2
+):
+    """Forward:  o1 = x1 c1 - x2 s1,  o2 = x2 c2 + x1 s2   (fp32 math, one rounding to the output dtype).
+    Backward: the transpose, dx1 = do1 c1 + do2 s2,  dx2 = do2 c2 - do1 s1."""
+    pid = tl.program_id(0)
+    b = (pid // T).to(tl.int64)
+    t = (pid % T).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D_HALF
 
-    @triton.jit
-    def _rope_kernel(
-        q_ptr,  # Q (B, H, T, D): q in forward, dq_out in backward; any strides
-        k_ptr,  # K (B, Hkv, T, D): k in forward, dk_out in backward; any strides
-        cos_ptr,  # cos (B, T, D), broadcast dimensions with stride 0
-        sin_ptr,  # sin (B, T, D), likewise
-        q_out_ptr,  # rotated Q, (B, H, T, D) with the strides of a contiguous (B, T, H, D) tensor
-        k_out_ptr,  # rotated K, likewise
-        T,  # tokens per sequence (programs are b * T + t)
-        H, HKV,  # query heads, key/value heads
-        D_HALF,  # head_dim / 2
-        stride_qb, stride_qh, stride_qt, stride_qd,  # strides of Q
-        stride_kb, stride_kh, stride_kt, stride_kd,  # strides of K
-        stride_cb, stride_ct, stride_cd,  # strides of cos
-        stride_sb, stride_st, stride_sd,  # strides of sin
-        stride_qob, stride_qoh, stride_qot,  # strides of the Q output (head_dim stride 1)
-        stride_kob, stride_koh, stride_kot,  # strides of the K output (head_dim stride 1)
-        BACKWARD: tl.constexpr,  # apply the transposed rotation (the gradient)
-        BLOCK_H: tl.constexpr,  # next power of two >= H
-        BLOCK_HKV: tl.constexpr,  # next power of two >= Hkv
-        BLOCK_D: tl.constexpr,  # next power of two >= D / 2
-    ):
-        """Forward:  o1 = x1 c1 - x2 s1,  o2 = x2 c2 + x1 s2   (fp32 math, one rounding to the output dtype).
-        Backward: the transpose, dx1 = do1 c1 + do2 s2,  dx2 = do2 c2 - do1 s1."""
-        pid = tl.program_id(0)
-        b = (pid // T).to(tl.int64)
-        t = (pid % T).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        d_mask = d < D_HALF
+    # This token's cos/sin, both halves.
+    c_row = cos_ptr + b * stride_cb + t * stride_ct
+    s_row = sin_ptr + b * stride_sb + t * stride_st
+    c1 = tl.load(c_row + d * stride_cd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(c_row + (d + D_HALF) * stride_cd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(s_row + d * stride_sd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(s_row + (d + D_HALF) * stride_sd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
 
-        # This token's cos/sin, both halves.
-        c_row = cos_ptr + b * stride_cb + t * stride_ct
-        s_row = sin_ptr + b * stride_sb + t * stride_st
-        c1 = tl.load(c_row + d * stride_cd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        c2 = tl.load(c_row + (d + D_HALF) * stride_cd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        s1 = tl.load(s_row + d * stride_sd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        s2 = tl.load(s_row + (d + D_HALF) * stride_sd, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    # --- q: all H heads of this token as two (BLOCK_H, BLOCK_D) halves ------------------------------------------
+    h = tl.arange(0, BLOCK_H)
+    mask = (h < H)[:, None] & d_mask[None, :]
+    h = h.to(tl.int64)  # head offsets in int64: H * stride_qh passes 2^31 for long contiguous (B, H, T, D) grads
+    src = q_ptr + b * stride_qb + t * stride_qt + h[:, None] * stride_qh + d[None, :] * stride_qd
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + D_HALF * stride_qd, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        o1 = x1 * c1 + x2 * s2
+        o2 = x2 * c2 - x1 * s1
+    else:
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+    dst = q_out_ptr + b * stride_qob + t * stride_qot + h[:, None] * stride_qoh + d[None, :]
+    tl.store(dst, o1.to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + D_HALF, o2.to(q_out_ptr.dtype.element_ty), mask=mask)
 
-        # --- q: all H heads of this token as two (BLOCK_H, BLOCK_D) halves ------------------------------------------
-        h = tl.arange(0, BLOCK_H)
-        mask = (h < H)[:, None] & d_mask[None, :]
-        h = h.to(tl.int64)  # head offsets in int64: H * stride_qh passes 2^31 for long contiguous (B, H, T, D) grads
-        src = q_ptr + b * stride_qb + t * stride_qt + h[:, None] * stride_qh + d[None, :] * stride_qd
-        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + D_HALF * stride_qd, mask=mask, other=0.0).to(tl.float32)
-        if BACKWARD:
-            o1 = x1 * c1 + x2 * s2
-            o2 = x2 * c2 - x1 * s1
-        else:
-            o1 = x1 * c1 - x2 * s1
-            o2 = x2 * c2 + x1 * s2
-        dst = q_out_ptr + b * stride_qob + t * stride_qot + h[:, None] * stride_qoh + d[None, :]
-        tl.store(dst, o1.to(q_out_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + D_HALF, o2.to(q_out_ptr.dtype.element_ty), mask=mask)
-
-        # --- k: all Hkv heads, the same rotation --------------------------------------------------------------------
-        hk = tl.arange(0, BLOCK_HKV)
-        mask_k = (hk < HKV)[:, None] & d_mask[None, :]
-        hk = hk.to(tl.int64)
-        src_k = k_ptr + b * stride_kb + t * stride_kt + hk[:, None] * stride_kh + d[None, :] * stride_kd
-        y1 = tl.load(src_k, mask=mask_k, other=0.0).to(tl.float32)
-        y2 = tl.load(src_k + D_HALF * stride_kd, mask=mask_k, other=0.0).to(tl.float32)
-        if BACKWARD:
-            p1 = y1 * c1 + y2 * s2
-            p2 = y2 * c2 - y1 * s1
-        else:
-            p1 = y1 * c1 - y2 * s1
-            p2 = y2 * c2 + y1 * s2
-        dst_k = k_out_ptr + b * stride_kob + t * stride_kot + hk[:, None] * stride_koh + d[None, :]
-        tl.store(dst_k, p1.to(k_out_ptr.dtype.element_ty), mask=mask_k)
-        tl.store(dst_k + D_HALF, p2.to(k_out_ptr.dtype.element_ty), mask=mask_k)
+    # --- k: all Hkv heads, the same rotation --------------------------------------------------------------------
+    hk = tl.arange(0, BLOCK_HKV)
+    mask_k = (hk < HKV)[:, None] & d_mask[None, :]
+    hk = hk.to(tl.int64)
+    src_k = k_ptr + b * stride_kb + t * stride_kt + hk[:, None] * stride_kh + d[None, :] * stride_kd
+    y1 = tl.load(src_k, mask=mask_k, other=0.0).to(tl.float32)
+    y2 = tl.load(src_k + D_HALF * stride_kd, mask=mask_k, other=0.0).to(tl.float32)
+    if BACKWARD:
+        p1 = y1 * c1 + y2 * s2
+        p2 = y2 * c2 - y1 * s1
+    else:
+        p1 = y1 * c1 - y2 * s1
+        p2 = y2 * c2 + y1 * s2
+    dst_k = k_out_ptr + b * stride_kob + t * stride_kot + hk[:, None] * stride_koh + d[None, :]
+    tl.store(dst_k, p1.to(k_out_ptr.dtype.element_ty), mask=mask_k)
+    tl.store(dst_k + D_HALF, p2.to(k_out_ptr.dtype.element_ty), mask=mask_k)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -248,7 +245,7 @@ def apply_rotary_qk_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     policy: KernelPolicy = KernelPolicy()) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, k) rotated: the kernel where ``policy.use_fused_ops(q)`` says so and it covers the inputs, else
-    :func:`apply_rotary_qk_reference` (the CPU default, identical to the pre-kernel model code)."""
+    :func:`apply_rotary_qk_reference` (the CPU default)."""
     if policy.use_fused_ops(q) and triton_supports(q, k, cos, sin):
         return apply_rotary_qk_triton(q, k, cos, sin)
     return apply_rotary_qk_reference(q, k, cos, sin)

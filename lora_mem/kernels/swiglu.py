@@ -14,8 +14,9 @@ Dispatch (:func:`swiglu`): the caller's :class:`lora_mem.kernels.policy.KernelPo
 ``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover take the
 reference too.
 
-Status: tested against the reference under Triton's CPU interpreter only; never compiled or timed on a GPU (no GPU
-was available to the session that wrote it).
+Checks: the kernels are held against the reference under Triton's CPU interpreter (tests/test_fused_kernels.py) and
+compiled for sm_80 and sm_90 without a GPU (``python -m bench.perf.compile_check``); ``python -m bench.perf.kernels``
+times them on a GPU.
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ import torch.nn.functional as F
 from lora_mem.kernels._common import HAS_TRITON, SUPPORTED_DTYPES, interpreted, interpreting
 from lora_mem.kernels.policy import KernelPolicy
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
+from lora_mem.kernels._common import tl, triton
 
 __all__ = ["swiglu", "swiglu_reference", "swiglu_triton", "SwiGLUFunction"]
 
@@ -39,7 +38,7 @@ __all__ = ["swiglu", "swiglu_reference", "swiglu_triton", "SwiGLUFunction"]
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``F.silu(gate) * up``, as model/qwen2.py's MLP computed it before the kernels."""
+    """``F.silu(gate) * up``: what model/qwen2.py's MLP computes without the kernel."""
     return F.silu(gate) * up
 
 
@@ -47,43 +46,42 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------------
 
-if HAS_TRITON:
+@triton.jit
+def _swiglu_fwd_kernel(
+    g_ptr,  # gate (n_elements), contiguous
+    u_ptr,  # up (n_elements), contiguous
+    y_ptr,  # out (n_elements), contiguous
+    n_elements,  # total number of elements
+    BLOCK: tl.constexpr,  # elements per program
+):
+    """y = g / (1 + exp(-g)) * u in fp32 (torch's silu formula), one rounding to the output dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _swiglu_fwd_kernel(
-        g_ptr,  # gate (n_elements), contiguous
-        u_ptr,  # up (n_elements), contiguous
-        y_ptr,  # out (n_elements), contiguous
-        n_elements,  # total number of elements
-        BLOCK: tl.constexpr,  # elements per program
-    ):
-        """y = g / (1 + exp(-g)) * u in fp32 (torch's silu formula), one rounding to the output dtype."""
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_elements
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = g / (1.0 + tl.exp(-g)) * u
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _swiglu_bwd_kernel(
-        dy_ptr,  # upstream gradient (n_elements), contiguous
-        g_ptr,  # gate from the forward
-        u_ptr,  # up from the forward
-        dg_ptr,  # out: gradient of gate
-        du_ptr,  # out: gradient of up
-        n_elements,  # total number of elements
-        BLOCK: tl.constexpr,  # elements per program
-    ):
-        """du = dy silu(g);  dg = dy u sigmoid(g) (1 + g (1 - sigmoid(g))), fp32 math."""
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_elements
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        sig = 1.0 / (1.0 + tl.exp(-g))
-        tl.store(du_ptr + offs, (dy * g * sig).to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(dg_ptr + offs, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=mask)
+@triton.jit
+def _swiglu_bwd_kernel(
+    dy_ptr,  # upstream gradient (n_elements), contiguous
+    g_ptr,  # gate from the forward
+    u_ptr,  # up from the forward
+    dg_ptr,  # out: gradient of gate
+    du_ptr,  # out: gradient of up
+    n_elements,  # total number of elements
+    BLOCK: tl.constexpr,  # elements per program
+):
+    """du = dy silu(g);  dg = dy u sigmoid(g) (1 + g (1 - sigmoid(g))), fp32 math."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    tl.store(du_ptr + offs, (dy * g * sig).to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + offs, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -162,7 +160,7 @@ def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, policy: KernelPolicy = KernelPolicy()) -> torch.Tensor:
     """``silu(gate) * up``: the kernels where ``policy.use_fused_ops(gate)`` says so and they cover the inputs, else
-    :func:`swiglu_reference` (the CPU default, identical to the pre-kernel model code)."""
+    :func:`swiglu_reference` (the CPU default)."""
     if policy.use_fused_ops(gate) and triton_supports(gate, up):
         return swiglu_triton(gate, up)
     return swiglu_reference(gate, up)

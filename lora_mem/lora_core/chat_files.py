@@ -26,8 +26,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from lora_mem.files import file_sha256
-from lora_mem.home import safe_name
-from lora_mem.lora_core.conversation import Conversation, ConversationError, Session, Turn, parse_session_datetime
+from lora_mem.lora_core.conversation import (
+    Conversation,
+    ConversationError,
+    Session,
+    Turn,
+    nothing_to_remember,
+    parse_session_datetime,
+)
+from lora_mem.untrusted import parse_json, read_json, slug
 
 SESSION_SPLITS = ("day", "gap")
 LAYOUTS = ("locomo", "chat")
@@ -60,32 +67,12 @@ class ChatFile:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# JSON, read with one error line for every way it can fail
+# Fields, checked one by one (the JSON itself is read strictly by lora_mem.untrusted)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def data_error(path: Path, where: str, msg: str) -> ConversationError:
     return ConversationError(f"{path}: {where}: {msg}")
-
-
-def read_json(path: str | os.PathLike):
-    """The JSON value in ``path``; a missing, unreadable, non-UTF-8, malformed or too deeply nested file raises
-    one :class:`ConversationError` naming it (and the line and column of a syntax error)."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversationError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ConversationError(f"{path}: is a directory, not a file") from None
-    except OSError as e:
-        raise ConversationError(f"{path}: cannot be read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise ConversationError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ConversationError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except RecursionError:
-        raise ConversationError(f"{path}: JSON nested too deeply to read") from None
 
 
 def required_str(obj: dict, key: str, path: Path, where: str, *, allow_number: bool = False) -> str:
@@ -112,6 +99,8 @@ def locomo_turn(t, path: Path, where: str) -> Turn:
     speaker = required_str(t, "speaker", path, where)
     text = required_str(t, "text", path, where)
     dia_id = t.get("dia_id", "")
+    if isinstance(dia_id, bool) or not isinstance(dia_id, (str, int)):
+        raise data_error(path, where, f"field 'dia_id' must be a string, got {type(dia_id).__name__} {dia_id!r:.80}")
     cap = t.get("blip_caption")
     if cap is not None and not isinstance(cap, str):
         raise data_error(path, where, f"field 'blip_caption' must be a string, got {type(cap).__name__} {cap!r:.80}")
@@ -120,13 +109,20 @@ def locomo_turn(t, path: Path, where: str) -> Turn:
 
 def locomo_conversation(conv, path: Path, sid: str) -> tuple[str, str, list[Session]]:
     """(speaker_a, speaker_b, sessions) of a LoCoMo ``conversation`` object, validated field by field; a
-    conversation with no sessions or no text is an error ("nothing to remember")."""
+    conversation with no sessions or no text is an error (:func:`nothing_to_remember`)."""
     where = f"sample {sid!r}"
     if not isinstance(conv, dict):
         raise data_error(path, where, f"field 'conversation' must be an object, got {type(conv).__name__}")
     speaker_a = required_str(conv, "speaker_a", path, f"{where} conversation")
     speaker_b = required_str(conv, "speaker_b", path, f"{where} conversation")
-    indices = sorted(int(m.group(1)) for k in conv if (m := _SESSION_RE.fullmatch(k)))
+    indices = []
+    for key in conv:
+        if m := _SESSION_RE.fullmatch(key):
+            if m.group(1) != str(int(m.group(1)[:9])):  # session_01 would be a second session 1
+                raise data_error(path, f"{where} field {key!r}", "session numbers are written without leading zeros, "
+                                                                 "at most 9 digits")
+            indices.append(int(m.group(1)))
+    indices.sort()
     sessions = []
     for n in indices:
         key = f"session_{n}"
@@ -140,18 +136,16 @@ def locomo_conversation(conv, path: Path, sid: str) -> tuple[str, str, list[Sess
                                                                        f"{dt!r:.80}")
         parsed = [locomo_turn(t, path, f"{where} {key} turn {i}") for i, t in enumerate(turns)]
         sessions.append(Session(index=n, date_time=dt, turns=parsed))
-    if not sessions:
-        raise data_error(path, f"{where} conversation", "no sessions (no field session_<n>): nothing to remember")
-    if not any(t.text.strip() or t.blip_caption for s in sessions for t in s.turns):
-        raise data_error(path, f"{where} conversation",
-                         f"no text in any of its {len(sessions)} sessions: nothing to remember")
+    why = nothing_to_remember(Conversation(sid, speaker_a, speaker_b, sessions))
+    if why is not None:
+        raise data_error(path, f"{where} conversation", why + ("" if sessions else " (no field session_<n>)"))
     return speaker_a, speaker_b, sessions
 
 
 def _locomo_samples(raw, path: Path) -> list[tuple[str, object]]:
     """(sample_id, conversation object) of each sample in a LoCoMo-layout value."""
     if isinstance(raw, dict) and "speaker_a" in raw:  # a bare conversation object
-        return [(safe_name(path.stem, "chat"), raw)]
+        return [(slug(path.stem, "chat"), raw)]
     samples = [raw] if isinstance(raw, dict) else raw
     out, seen = [], set()
     for k, s in enumerate(samples):
@@ -233,22 +227,9 @@ def _message(obj, path: Path, line: int) -> Message:
 
 
 def _jsonl_messages(path: Path) -> list[Message]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ConversationError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    messages = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise data_error(path, f"line {n}", f"malformed JSON at column {e.colno}: {e.msg}") from None
-        except RecursionError:
-            raise data_error(path, f"line {n}", "JSON nested too deeply to read") from None
-        messages.append(_message(obj, path, n))
-    return messages
+    lines = path.read_bytes().splitlines()
+    return [_message(parse_json(line, f"{path}: line {n}", ConversationError), path, n)
+            for n, line in enumerate(lines, start=1) if line.strip()]
 
 
 def locomo_date_time(t: datetime) -> str:
@@ -305,11 +286,11 @@ def is_locomo(raw) -> bool:
 def read_chat(path: str | os.PathLike, split: SessionSplit = SessionSplit(),
               conversation: str | None = None) -> ChatFile:
     """The conversation in ``path`` (either layout). A LoCoMo file with several samples needs ``conversation``,
-    the sample_id to read. A chat's sample_id is its file name (as :func:`lora_mem.home.safe_name` makes it safe)."""
+    the sample_id to read. A chat's sample_id is its file name (as :func:`lora_mem.untrusted.slug` makes it safe)."""
     path = Path(path)
     if not path.is_file():
         raise ConversationError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    raw = None if path.suffix.lower() == ".jsonl" else read_json(path)
+    raw = None if path.suffix.lower() == ".jsonl" else read_json(path, ConversationError)
     layout = "locomo" if is_locomo(raw) else "chat"
     if layout == "chat":
         if conversation is not None:
@@ -323,7 +304,7 @@ def read_chat(path: str | os.PathLike, split: SessionSplit = SessionSplit(),
         else:
             raise data_error(path, "top level", f"must be a list of messages {{speaker, text, time}} or LoCoMo's "
                                                 f"layout, got {type(raw).__name__}")
-        conv = chat_conversation(messages, path, split, safe_name(path.stem, "chat"))
+        conv = chat_conversation(messages, path, split, slug(path.stem, "chat"))
     else:
         samples = _locomo_samples(raw, path)
         ids = [sid for sid, _ in samples]
@@ -336,5 +317,5 @@ def read_chat(path: str | os.PathLike, split: SessionSplit = SessionSplit(),
                                     f"{' ...' if len(ids) > 6 else ''})")
         sid, raw_conv = chosen
         a, b, sessions = locomo_conversation(raw_conv, path, sid)
-        conv = Conversation(safe_name(sid, "chat"), a, b, sessions)
+        conv = Conversation(slug(sid, "chat"), a, b, sessions)
     return ChatFile(conv, path, file_sha256(path), layout)

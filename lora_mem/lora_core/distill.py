@@ -33,13 +33,14 @@ from pathlib import Path
 
 import torch
 
+from lora_mem.home import cache_dir as lora_mem_cache
 from lora_mem.lora_core.conversation import Conversation, conversation_only, session_texts
 from lora_mem.lora_core.inject import lora_disabled
 from lora_mem.lora_core.losses import SoftTargets
 from lora_mem.lora_core.queries import Query
 from lora_mem.lora_core.recipes import pack_chat_windows
 from lora_mem.model.generate import Prefix, batch_prefix, common_prefix_len, compute_prefix, generate_batch
-from lora_mem.home import cache_dir as lora_mem_cache, safe_name
+from lora_mem.untrusted import slug
 
 TEACHER_CONTEXT = "Here is part of a conversation between {a} and {b}, with the date of each message:\n\n{context}\n\n"
 CACHE_VERSION = 1  # bump when what the teacher computes changes
@@ -130,7 +131,7 @@ def teacher_examples(lm, conv: Conversation, queries: list[Query], settings: Dis
     tok = lm.tokenizer
     end = tok.encode("<|im_end|>")
     model_id = f"{lm.name}@{lm.path}"
-    cache = (Path(cache_dir) if cache_dir is not None else lora_mem_cache("teacher")) / safe_name(lm.name)
+    cache = (Path(cache_dir) if cache_dir is not None else lora_mem_cache("teacher")) / slug(lm.name, "model")
     contexts = dict(zip((s.index for s in source.sessions), session_texts(source, format="timestamped+dates")))
     by_session: dict[int, list[Query]] = {}
     for q in queries:
@@ -138,7 +139,7 @@ def teacher_examples(lm, conv: Conversation, queries: list[Query], settings: Dis
     examples = []
     for index, qs in by_session.items():
         context = contexts[index]
-        path = cache / f"{safe_name(source.sample_id)}-s{index}-{_cache_key(model_id, settings, question_template, context, qs)}.pt"
+        path = cache / f"{slug(source.sample_id, 'model')}-s{index}-{_cache_key(model_id, settings, question_template, context, qs)}.pt"
         if path.is_file():
             examples += [TeacherExample(**e) for e in torch.load(path, weights_only=False)]
             continue

@@ -38,9 +38,10 @@ from pathlib import Path
 from lora_mem.lora_core.conversation import Conversation, conversation_only, parsed_date_time, photo_note, \
     session_date
 from lora_mem.files import atomic_write_json
-from lora_mem.home import cache_dir, safe_name
+from lora_mem.home import cache_dir
 from lora_mem.lora_core.parser import PIPELINE_SHA256, english
 from lora_mem.lora_core.queries import MAX_MERGED_ANSWERS, Query
+from lora_mem.untrusted import slug
 
 ANSWER_WORDS = 12  # a constituent longer than this is cut at its first clause or phrase boundary past it
 PHRASE_WORDS = 8  # the longest noun phrase put into a question
@@ -861,7 +862,7 @@ def conversation_facts(conv: Conversation, *, cache: bool = True) -> list[Fact]:
     if cache:
         key = hashlib.sha256(json.dumps(dataclasses.asdict(source), sort_keys=True).encode() + b"\0" +
                              Path(__file__).read_bytes() + PIPELINE_SHA256.encode()).hexdigest()[:16]
-        path = cache_dir("questions") / f"{safe_name(source.sample_id, 'conversation')}-{key}.json"
+        path = cache_dir("questions") / f"{slug(source.sample_id, 'conversation')}-{key}.json"
         if path.is_file():
             try:
                 return [Fact(**f) for f in json.loads(path.read_text())]

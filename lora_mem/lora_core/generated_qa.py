@@ -28,12 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lora_mem.files import atomic_write_json
+from lora_mem.home import cache_dir as lora_mem_cache
 from lora_mem.lora_core.conversation import Conversation, Turn, conversation_only, photo_note, session_date
 from lora_mem.lora_core.inject import lora_disabled
 from lora_mem.lora_core.queries import STOP_WORDS
 from lora_mem.lora_core.recipes import ANSWER_WORDS, QAPair
 from lora_mem.model.generate import generate
-from lora_mem.home import cache_dir as lora_mem_cache, safe_name
+from lora_mem.untrusted import slug
 
 CACHE_VERSION = 1  # bump when what is generated changes (parsing and filtering are redone on every read)
 ONE_SHOT = (
@@ -141,7 +142,7 @@ def generate_qa(conv: Conversation, lm, settings: GenerationSettings = Generatio
     turns = askable_turns(source)[:max_turns]
     model_id = f"{lm.name}@{lm.path}"
     cache = Path(cache_dir) if cache_dir is not None else lora_mem_cache("generated-qa")
-    path = cache / safe_name(lm.name) / f"{safe_name(conv.sample_id)}-{_key(model_id, settings, turns)}.json"
+    path = cache / slug(lm.name, "model") / f"{slug(conv.sample_id, 'model')}-{_key(model_id, settings, turns)}.json"
     if path.is_file():
         raws = json.loads(path.read_text())["raw"]
     else:

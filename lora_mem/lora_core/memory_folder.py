@@ -34,9 +34,10 @@ from pathlib import Path
 
 from lora_mem.files import atomic_write_json
 from lora_mem.lora_core.adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter_config
-from lora_mem.lora_core.chat_files import ChatFile, locomo_conversation, read_json
+from lora_mem.lora_core.chat_files import ChatFile, locomo_conversation
 from lora_mem.lora_core.conversation import Conversation, ConversationError, Session
 from lora_mem.lora_core.memory import Memory, MemoryConfig, WriteResult
+from lora_mem.untrusted import read_json
 
 MANIFEST_NAME = "manifest.json"
 ADAPTER_DIR = "adapter"
@@ -237,10 +238,10 @@ def parse_manifest(raw, path: Path) -> Manifest:
 
 
 def _read(path: Path):
-    try:
-        return read_json(path)
-    except ConversationError as e:
-        raise MemoryFolderError(str(e)) from None
+    if not path.is_file():
+        raise MemoryFolderError(f"{path}: missing (a memory folder holds {MANIFEST_NAME}, {ADAPTER_DIR}/ and "
+                                f"{CONVERSATION_NAME})")
+    return read_json(path, MemoryFolderError)
 
 
 def read_memory_folder(folder: str | os.PathLike) -> MemoryFolder:
@@ -251,8 +252,6 @@ def read_memory_folder(folder: str | os.PathLike) -> MemoryFolder:
         raise MemoryFolderError(f"{folder}: no such memory folder" if not folder.exists()
                                 else f"{folder}: not a folder (a memory is a folder written by lora-mem write)")
     manifest_path = folder / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise MemoryFolderError(f"{manifest_path}: missing (not a memory folder written by lora-mem)")
     manifest = parse_manifest(_read(manifest_path), manifest_path)
     adapter = folder / ADAPTER_DIR
     for name in (CONFIG_NAME, WEIGHTS_NAME):

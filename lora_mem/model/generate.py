@@ -422,7 +422,7 @@ def cli_parser(description: str, prog: str = "python -m lora_mem.model.generate"
     ap.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, local checkpoint dir or hub id")
     ap.add_argument("--prompt", action="append", required=True, help="a user message; repeat for a batch")
     ap.add_argument("--system", default=None, help="system prompt (default: the model family's own)")
-    ap.add_argument("--max-new-tokens", type=positive_int, default=64)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=64, help="the longest answer, in tokens")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                     help="default: float32 on CPU, bfloat16 on CUDA")

@@ -23,7 +23,6 @@ Runtime code must not depend on transformers/peft, and this module does not.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -580,12 +579,14 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    from lora_mem.cli import Parser
+
+    parser = Parser(
         prog="python -m lora_mem.model.packaged",
         description="Build (once) and print the Hugging Face directory of a packaged model.",
     )
     parser.add_argument("--name", default=DEFAULT_MODEL, help=f"one of: {', '.join(sorted(PACKAGED_MODELS))}")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="default: $LORA_MEM_HOME or ~/.cache/lora-mem")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="the cache folder (default: $LORA_MEM_HOME or ~/.cache/lora-mem)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--rebuild", action="store_true", help="build it again even if a build is in the cache")
     args = parser.parse_args(argv)
