@@ -11,8 +11,9 @@ import torch
 import lora_mem
 from lora_mem import MemoryConfig, MemoryFolderError, Recipe, read_chat, read_memory_folder
 from lora_mem.lora_core.inject import LoRAConfig
+from lora_mem.lora_core.growth import open_memory
 from lora_mem.lora_core.memory_folder import (ADAPTER_DIR, CONVERSATION_NAME, MANIFEST_NAME, new_manifest,
-                                              open_memory, save_memory_folder, session_sha256)
+                                              save_memory_folder, session_sha256)
 from lora_mem.lora_core.train import TrainConfig
 from tests.tiny_models import make_tiny_checkpoint
 
@@ -135,7 +136,7 @@ def break_rank(folder):
     (break_manifest("config", {"lora": {"rank": 4}}), "field 'config': train: must be an object of settings"),
     (break_manifest("writes", [1]), "field 'writes' must be a list of objects"),
     (lambda f: (f / ADAPTER_DIR / "adapter_model.safetensors").unlink(), "adapter_model.safetensors: missing"),
-    (lambda f: (f / CONVERSATION_NAME).unlink(), "conversation.json: no such file"),
+    (lambda f: (f / CONVERSATION_NAME).unlink(), "conversation.json: missing"),
     (break_session, "conversation.json: session(s) 2 differ from the sha256 in"),
     (break_rank, "adapter_config.json: r=8, but"),
 ])
