@@ -17,15 +17,16 @@ The command line is ``lora-mem`` (``lora-mem --help``; lora_mem.command). Caches
 from lora_mem.lora_core.chat_files import ChatFile, SessionSplit, read_chat
 from lora_mem.lora_core.conversation import Conversation, ConversationError, Session, Turn
 from lora_mem.lora_core.inject import LoRAConfig
-from lora_mem.lora_core.memory import AnswerConfig, Memory, MemoryConfig, WriteResult
-from lora_mem.lora_core.memory_folder import (MemoryFolder, MemoryFolderError, new_manifest, open_memory,
-                                              read_memory_folder, save_memory_folder)
+from lora_mem.lora_core.memory import AnswerConfig, GrowthConfig, Memory, MemoryConfig, WriteResult
+from lora_mem.lora_core.growth import AppendResult, new_memory, open_memory
+from lora_mem.lora_core.memory_folder import (MemoryFolder, MemoryFolderError, new_manifest, read_memory_folder,
+                                              save_memory_folder)
 from lora_mem.lora_core.recipes import Recipe
 from lora_mem.lora_core.train import TrainConfig
 from lora_mem.model.loader import LoadedModel, load_model
 
 __all__ = [
-    "AnswerConfig", "ChatFile", "Conversation", "ConversationError", "LoRAConfig", "LoadedModel", "Memory",
+    "AnswerConfig", "AppendResult", "GrowthConfig", "new_memory", "ChatFile", "Conversation", "ConversationError", "LoRAConfig", "LoadedModel", "Memory",
     "MemoryConfig", "MemoryFolder", "MemoryFolderError", "Recipe", "Session", "SessionSplit", "Turn", "TrainConfig",
     "WriteResult", "load_model", "new_manifest", "open_memory", "read_chat", "read_memory_folder",
     "save_memory_folder",

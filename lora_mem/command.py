@@ -1,6 +1,7 @@
 """The ``lora-mem`` command: write one's own chat into a memory, ask it, see what it holds.
 
     lora-mem write chat.jsonl --out memories/ana       # a chat export, or a file in LoCoMo's layout
+    lora-mem append memories/ana later.jsonl           # its sessions written into the memory after the others
     lora-mem ask memories/ana "When did Ana adopt Rex?"
     lora-mem ask memories/ana --interactive
     lora-mem info memories/ana
@@ -76,6 +77,22 @@ def build_parser() -> Parser:
     w.add_argument("--threads", type=threads, help="torch CPU threads (default: torch's, all cores)")
     w.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    g = sub.add_parser("append", help="write more sessions into a memory folder",
+                       description="Write the sessions of a chat file into a memory folder, after the sessions it "
+                                   "holds, the way the memory grows (its manifest's growth settings: by default "
+                                   "its adapter trained further on the new sessions and a replay sample of the "
+                                   "earlier ones). A session the memory already holds is refused.")
+    g.add_argument("memory", metavar="MEMORY_DIR", help="a memory folder written by lora-mem write")
+    g.add_argument("chat", metavar="CHAT", help="the sessions to append: a chat export (JSON list or JSON Lines of "
+                                                "{speaker, text, time}) or a file in LoCoMo's layout")
+    g.add_argument("--conversation", metavar="ID", help="LoCoMo files with several conversations: the sample_id "
+                                                        "to append from")
+    g.add_argument("--session-gap", type=positive_float, metavar="HOURS", help="a chat's sessions: a new one after "
+                   "a silence of more than HOURS (default: a new session each calendar day)")
+    g.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    g.add_argument("--threads", type=threads, help="torch CPU threads (default: torch's, all cores)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
     a = sub.add_parser("ask", help="answer questions from a memory's weights",
                        description="Answer questions from a memory folder's adapter alone: no retrieval, no "
                                    "context.")
@@ -129,6 +146,25 @@ def check_memory(ap: Parser, folder: str) -> MemoryFolder:
         ap.error(str(e))
 
 
+def check_append(ap: Parser, args: argparse.Namespace, folder: MemoryFolder) -> tuple[ChatFile, list]:
+    """The chat's sessions, numbered after the memory's last one; refused (one line) if the memory already holds
+    one of them, or if the memory's parts do not read."""
+    from lora_mem.lora_core.growth import GrowingMemory, after
+
+    split = SessionSplit() if args.session_gap is None else SessionSplit("gap", args.session_gap)
+    try:
+        growing = GrowingMemory.of(folder)
+        chat = read_chat(args.chat, split, args.conversation)
+    except (ConversationError, MemoryFolderError) as e:
+        ap.error(str(e))
+    sessions = after(chat.conversation.sessions, folder)
+    try:
+        growing.check_sessions(sessions)
+    except MemoryFolderError as e:
+        ap.error(f"{args.chat}: {e}")
+    return chat, sessions
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The commands
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,6 +210,27 @@ def write(args: argparse.Namespace, chat: ChatFile, config: MemoryConfig) -> Pat
     return folder
 
 
+def append(args: argparse.Namespace, folder: MemoryFolder, chat: ChatFile, sessions: list) -> Path:
+    import torch
+
+    from lora_mem.lora_core.growth import open_memory
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load(folder.manifest.base_model, args.device, args.quiet)
+    memory = open_memory(folder, lm)
+    result = memory.append(sessions, progress=not args.quiet, source=chat)
+    if result.error is not None:
+        fail(f"appending {chat.path} failed: {result.error}; the memory is as it was", status=1)
+    losses = result.train.epochs_loss
+    growth = memory.config.growth
+    print(f"appended {len(sessions)} session(s) to {folder.path} (now {len(folder.manifest.sessions) + len(sessions)}"
+          f", {growth.strategy}): {result.windows} windows"
+          + (f" and {len(result.replay['indices'])} replayed" if result.replay else "")
+          + f"; loss {losses[0]:.3f} -> {losses[-1]:.3f} in {result.seconds:.0f} s")
+    return folder.path
+
+
 def questions_from_terminal():
     while True:
         try:
@@ -186,7 +243,7 @@ def questions_from_terminal():
 
 
 def ask(args: argparse.Namespace, folder: MemoryFolder) -> list[str]:
-    from lora_mem.lora_core.memory_folder import open_memory
+    from lora_mem.lora_core.growth import open_memory
 
     lm = load(folder.manifest.base_model, args.device, args.quiet,
               named_by=f"the base model of {folder.path / MANIFEST_NAME}:")
@@ -239,6 +296,9 @@ def main(argv: list[str] | None = None):
         chat, config = check_write(ap, args)
         return write(args, chat, config)
     folder = check_memory(ap, args.memory)
+    if args.command == "append":
+        chat, sessions = check_append(ap, args, folder)
+        return append(args, folder, chat, sessions)
     if args.command == "info":
         print(json.dumps(folder.manifest.to_dict(), indent=2) if args.json else "\n".join(info_lines(folder)))
         return folder

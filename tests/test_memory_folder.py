@@ -11,8 +11,9 @@ import torch
 import lora_mem
 from lora_mem import MemoryConfig, MemoryFolderError, Recipe, read_chat, read_memory_folder
 from lora_mem.lora_core.inject import LoRAConfig
+from lora_mem.lora_core.growth import open_memory
 from lora_mem.lora_core.memory_folder import (ADAPTER_DIR, CONVERSATION_NAME, MANIFEST_NAME, new_manifest,
-                                              open_memory, save_memory_folder, session_sha256)
+                                              save_memory_folder, session_sha256)
 from lora_mem.lora_core.train import TrainConfig
 from tests.tiny_models import make_tiny_checkpoint
 

@@ -29,6 +29,8 @@ def test_quick_start_runs(tmp_path, monkeypatch, capsys):
     written = names["written"]
     assert written.error is None and written.windows > 0 and written.target_tokens > 0
     assert written.train.epochs_loss and all(math.isfinite(loss) for loss in written.train.epochs_loss)
+    grown = names["lora_mem"].read_memory_folder(tmp_path / "memories" / "demo").manifest
+    assert [s.index for s in grown.sessions] == [1, 2, 3] and len(grown.writes) == 3  # grew by two sessions
 
 
 def test_readme_states_the_two_commands():

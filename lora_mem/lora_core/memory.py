@@ -9,6 +9,9 @@
     with memory.stacked(["adapters/conv-26", "adapters/conv-30"]):      # many adapters, one batch
         memory.answer(questions, adapter_ids=[0, 1, 1, 0, ...])
 
+    memory = growth.open_memory(read_memory_folder("memories/demo"), lm)  # a memory folder (memory_folder)
+    memory.append(session)                       # one more session, written as GrowthConfig says (growth)
+
 A conversation is a :class:`~lora_mem.lora_core.conversation.Conversation` (speakers and dated sessions of turns);
 what it is turned into for training is a :class:`~lora_mem.lora_core.recipes.Recipe`. :class:`MemoryConfig`
 holds every setting of the product, each default once: the adapter's shape, the training, the recipe, answering.
@@ -27,11 +30,18 @@ from pathlib import Path
 import torch
 
 from lora_mem.lora_core.adapter_io import load_adapter, save_adapter
-from lora_mem.lora_core.conversation import Conversation, check_something_to_remember, conversation_only
+from lora_mem.lora_core.conversation import Conversation, Session, check_something_to_remember, conversation_only
 from lora_mem.lora_core.distill import DistillSettings, SoftTargets, distill_windows, teacher_examples
 from lora_mem.lora_core.generated_qa import generate_qa
-from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_disabled, lora_parameters, reset_lora
-from lora_mem.lora_core.multi_adapter import stack_adapters, unstack_adapters
+from lora_mem.lora_core.inject import (
+    LoRAConfig,
+    inject_lora,
+    lora_disabled,
+    lora_modules,
+    lora_parameters,
+    reset_lora,
+)
+from lora_mem.lora_core.multi_adapter import stack_adapter_weights, stack_adapters, unstack_adapters
 from lora_mem.lora_core.recipes import RECITE_TEMPLATE, Recipe, recipe_queries, training_data
 from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, TrainResult, lora_weights_problem, train_lora
 from lora_mem.model.generate import generate
@@ -42,6 +52,11 @@ QUESTION_TEMPLATE = "Answer the question in a few words.\nQuestion: {question}"
 # Recite-then-answer: the adapter's recitation goes ahead of the question, as retrieved text would.
 RECITED_CONTEXT = "Here is a message from our conversation, with its date:\n\n{recitation}\n\n"
 RECITE_MAX_NEW_TOKENS = 96
+GROWTH_STRATEGIES = ("rewrite", "continue", "modules")
+COMPOSITIONS = ("route", "sum")
+# Composed adapters stacked into the model at once when a memory of modules answers (each of rank route_top_k x r):
+# bounds the memory the stacks take, whatever the number of modules.
+STACK_AT_ONCE = 32
 ANSWER_MODES = ("direct", "recite")
 
 
@@ -64,6 +79,30 @@ class AnswerConfig:
                              f"{self.batch_size}")
         if self.mode not in ANSWER_MODES:
             raise ValueError(f"answer mode: unknown {self.mode!r} (choose from {', '.join(ANSWER_MODES)})")
+
+
+@dataclass(frozen=True)
+class GrowthConfig:
+    """How a memory folder grows when sessions are appended (`growth`): a fresh adapter on every session so far
+    ("rewrite"), the same adapter trained further on the new sessions and a replay sample of earlier ones
+    ("continue"), or one adapter per append, composed when answering ("modules")."""
+
+    strategy: str = "continue"
+    replay_ratio: float = 1.0  # continue: earlier windows replayed per new window
+    keep_optimizer: bool = True  # continue: AdamW's moments go on from one append to the next
+    compose: str = "route"  # modules: "route" (BM25 over each module's training questions) or "sum"
+    route_top_k: int = 1  # modules, route: modules summed for each question
+
+    def __post_init__(self):
+        if self.strategy not in GROWTH_STRATEGIES:
+            raise ValueError(f"growth strategy: unknown {self.strategy!r} (choose from "
+                             f"{', '.join(GROWTH_STRATEGIES)})")
+        if self.compose not in COMPOSITIONS:
+            raise ValueError(f"compose: unknown {self.compose!r} (choose from {', '.join(COMPOSITIONS)})")
+        if not 0 <= self.replay_ratio < float("inf"):
+            raise ValueError(f"replay_ratio: must be a finite number >= 0, got {self.replay_ratio}")
+        if self.route_top_k < 1:
+            raise ValueError(f"route_top_k: must be >= 1, got {self.route_top_k}")
 
 
 def _has_type(value, hint) -> bool:
@@ -100,6 +139,12 @@ class MemoryConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     recipe: Recipe = field(default_factory=Recipe)
     answer: AnswerConfig = field(default_factory=AnswerConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+
+    def __post_init__(self):
+        if self.growth.strategy == "continue" and "distill" in self.recipe.parts:
+            raise ValueError("growth strategy 'continue' replays hard-label windows; a distill recipe grows by "
+                             "'rewrite' or 'modules'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,11 +153,14 @@ class MemoryConfig:
     def from_dict(cls, d: dict) -> MemoryConfig:
         """The config :meth:`to_dict` gave (a memory folder's manifest); an unknown, missing or bad field raises
         TypeError or ValueError naming it."""
-        parts = {"lora": LoRAConfig, "train": TrainConfig, "recipe": Recipe, "answer": AnswerConfig}
+        parts = {"lora": LoRAConfig, "train": TrainConfig, "recipe": Recipe, "answer": AnswerConfig,
+                 "growth": GrowthConfig}
         unknown = sorted(set(d) - set(parts))
         if unknown:
             raise TypeError(f"unknown part(s) {', '.join(unknown)} (expected {', '.join(parts)})")
-        return cls(**{name: settings_from_dict(kind, d.get(name), name) for name, kind in parts.items()})
+        optional = {"growth"}  # a memory written before memories grew: the default growth
+        return cls(**{name: settings_from_dict(kind, d.get(name), name) for name, kind in parts.items()
+                      if name in d or name not in optional})
 
 
 @dataclass
@@ -218,14 +266,41 @@ def soft_training(data: TrainingData, recipe: Recipe) -> tuple[SoftTargets, floa
 
 
 class Memory:
-    """A model with LoRA layers that conversations are written into, one adapter at a time."""
+    """A model with LoRA layers that conversations are written into, one adapter at a time. Bound to a memory folder
+    (``folder``: `growth.open_memory`, `growth.new_memory`), it grows one session at a time (:meth:`append`)."""
 
     def __init__(self, lm: LoadedModel, config: MemoryConfig = MemoryConfig()):
         if config.recipe.seq_len > lm.config.max_position_embeddings:
             raise ValueError(f"recipe seq_len {config.recipe.seq_len} exceeds the model's context window of "
                              f"{lm.config.max_position_embeddings} positions (max_position_embeddings)")
         self.lm, self.config = lm, config
-        inject_lora(lm.model, config.lora)
+        self.folder = None  # a growth.GrowingMemory once bound to a memory folder
+        layers = lora_modules(lm.model)
+        if not layers:
+            inject_lora(lm.model, config.lora)
+        elif any(m.rank != config.lora.rank for m in layers.values()):
+            raise ValueError(f"the model already has LoRA layers of rank {next(iter(layers.values())).rank}; "
+                             f"this memory's rank is {config.lora.rank} (load the model again)")
+
+    def append(self, sessions: Session | list[Session], *, progress: bool = False, source=None):
+        """Write one session (or several, as one block) into the memory folder, as ``config.growth`` says, and
+        save the folder's next state; returns a `growth.AppendResult`. A session the memory already holds is
+        refused before any work (`memory_folder.MemoryFolderError`). ``source``: the `chat_files.ChatFile` the
+        sessions were read from, recorded in the manifest."""
+        if self.folder is None:
+            raise ValueError("append needs a memory folder: growth.open_memory(folder, lm) or "
+                             "growth.new_memory(lm, config, path)")
+        return self.folder.append(self, [sessions] if isinstance(sessions, Session) else list(sessions),
+                                  progress=progress, source=source)
+
+    def train(self, data: TrainingData, *, desc: str = "training", optimizer: torch.optim.Optimizer | None = None,
+              progress: bool = False) -> TrainResult:
+        """Train the adapter in the model on ``data``, from where it is; ``result.error`` says if training
+        diverged or left non-finite weights."""
+        result = train_lora(self.lm.model, data.input_ids, data.labels, self.config.train, progress=progress,
+                            desc=desc, soft_targets=soft_training(data, self.config.recipe), optimizer=optimizer)
+        result.error = result.error or lora_weights_problem(lora_parameters(self.lm.model))
+        return result
 
     def training_data(self, conv: Conversation, *, progress: bool = False) -> TrainingData:
         return build_training_data(self.lm, conv, self.config.recipe, self.config.answer.question_template,
@@ -237,12 +312,10 @@ class Memory:
         check_something_to_remember(conv)
         reset_lora(self.lm.model, torch.Generator().manual_seed(self.config.train.seed))
         data = self.training_data(conv, progress=progress)
-        result = train_lora(self.lm.model, data.input_ids, data.labels, self.config.train, progress=progress,
-                            desc=f"train {conv.sample_id}", soft_targets=soft_training(data, self.config.recipe))
-        error = result.error or lora_weights_problem(lora_parameters(self.lm.model))
+        result = self.train(data, desc=f"train {conv.sample_id}", progress=progress)
         return WriteResult(conv.sample_id, windows=data.input_ids.shape[0],
                            target_tokens=int((data.labels != IGNORE_INDEX).sum()), train=result,
-                           data_seconds=data.seconds, teacher_seconds=data.teacher_seconds, error=error)
+                           data_seconds=data.seconds, teacher_seconds=data.teacher_seconds, error=result.error)
 
     def save(self, path: str | Path) -> Path:
         return save_adapter(self.lm.model, path, self.config.lora, base_model=self.lm.name)
@@ -255,12 +328,35 @@ class Memory:
         """Answers from the adapter in the model (or, inside :meth:`stacked`, each question's own adapter), in
         the configured mode."""
         cfg = self.config.answer
+        composed = self.folder is not None and self.config.growth.strategy == "modules"
         if cfg.mode == "recite":
-            if contexts is not None or adapter_ids is not None:
+            if contexts is not None or adapter_ids is not None or composed:
                 raise ValueError("recite-then-answer takes the questions alone, with the adapter in the model")
             return recite_then_answer(self.lm, questions, cfg, progress=progress)[0]
         prompts = chat_prompts(self.lm, question_messages(questions, cfg, contexts))
+        if composed:
+            if adapter_ids is not None:
+                raise ValueError("a memory of modules picks each question's modules itself (no adapter_ids)")
+            return self._answer_with_modules(prompts, self.folder.routes(questions), progress)
         return answer_prompts(self.lm, prompts, cfg, adapter_ids=adapter_ids, progress=progress)
+
+    def _answer_with_modules(self, prompts: list[list[int]], routes: list[tuple[tuple[int, ...], list[int]]],
+                             progress: bool) -> list[str]:
+        """Each prompt answered by the sum of its modules (``routes``: modules and the prompts they answer), the
+        composed adapters stacked into the model, at most STACK_AT_ONCE of them per batch."""
+        answers = [""] * len(prompts)
+        for start in range(0, len(routes), STACK_AT_ONCE):
+            chunk = routes[start:start + STACK_AT_ONCE]
+            rows = [(j, i) for j, (_, asked) in enumerate(chunk) for i in asked]
+            stack_adapter_weights(self.lm.model, [self.folder.composed_adapter(modules) for modules, _ in chunk])
+            try:
+                outs = answer_prompts(self.lm, [prompts[i] for _, i in rows], self.config.answer,
+                                      adapter_ids=[j for j, _ in rows], progress=progress)
+            finally:
+                unstack_adapters(self.lm.model)
+            for (_, i), out in zip(rows, outs):
+                answers[i] = out
+        return answers
 
     @contextmanager
     def stacked(self, adapter_dirs: list[str | Path]):

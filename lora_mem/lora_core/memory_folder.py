@@ -4,6 +4,8 @@
       manifest.json       what the memory holds and how it was made (below)
       adapter/            the LoRA adapter in PEFT format (Memory.save; peft.PeftModel.from_pretrained loads it)
       conversation.json   the sessions written, in LoCoMo's ``conversation`` layout: what a later write starts from
+      ...                 what a memory that grows keeps to go on (`growth`): replay.safetensors, optimizer.pt,
+                          modules/<n>/
 
 manifest.json:
 
@@ -12,13 +14,14 @@ manifest.json:
     base_model            the model the adapter belongs to (a packaged name, a hub id or an absolute directory)
     sessions              one record per session written: index, date_time, turns, sha256 (session_sha256)
     sources               one record per file read: path, sha256 of its bytes, layout, the sessions it gave
-    config                every setting (MemoryConfig.to_dict): adapter shape, training, recipe, answering
-    writes                one record per write: the sessions trained on and how training went (WriteResult)
+    config                every setting (MemoryConfig.to_dict): adapter shape, training, recipe, answering, growth
+    writes                one record per write or append: the sessions trained on and how training went
+    files                 every other file of the folder with its sha256
 
 A folder is written whole or not at all: everything goes into a hidden folder beside it, which is renamed into
 place last, so a reader never sees a memory without its manifest. :func:`read_memory_folder` reads and checks
-every part (each manifest field's type, the adapter's config and weights file, the conversation against the
-session digests) without a model, so a command can refuse a broken folder before anything loads.
+every part (each manifest field's type, every file against its sha256, the adapter's config, the conversation
+against the session digests) without a model, so a command can refuse a broken folder before anything loads.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from lora_mem.files import atomic_write_json
+from lora_mem.files import atomic_write_json, file_sha256
 from lora_mem.lora_core.adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter_config
 from lora_mem.lora_core.chat_files import ChatFile, locomo_conversation
 from lora_mem.lora_core.conversation import Conversation, ConversationError, Session
@@ -75,6 +79,7 @@ class Manifest:
     sources: list[SourceRecord]
     config: dict
     writes: list[dict] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # path in the folder -> sha256 (save_memory_folder fills it)
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -155,8 +160,10 @@ def new_manifest(memory: Memory, conv: Conversation, result: WriteResult, source
 
 
 def save_memory_folder(folder: str | os.PathLike, memory: Memory, conv: Conversation, manifest: Manifest, *,
-                       replace: bool = False) -> Path:
-    """Write the adapter in ``memory``'s model, ``conv`` and ``manifest`` as the memory folder ``folder``.
+                       replace: bool = False, write_parts: Callable[[Path], None] | None = None) -> Path:
+    """Write the adapter in ``memory``'s model, ``conv`` and ``manifest`` as the memory folder ``folder``;
+    ``write_parts(new_folder)`` writes whatever else the memory keeps, and ``manifest.files`` lists every file with
+    its sha256.
 
     The folder must not exist (or be empty) unless ``replace``; the new folder is built beside it and renamed into
     place, and a replaced folder is removed only once the new one is in place."""
@@ -168,6 +175,10 @@ def save_memory_folder(folder: str | os.PathLike, memory: Memory, conv: Conversa
     try:
         memory.save(staging / ADAPTER_DIR)
         atomic_write_json(staging / CONVERSATION_NAME, conversation_json(conv))
+        if write_parts is not None:
+            write_parts(staging)
+        manifest.files = {f.relative_to(staging).as_posix(): file_sha256(f) for f in sorted(staging.rglob("*"))
+                          if f.is_file()}
         atomic_write_json(staging / MANIFEST_NAME, manifest.to_dict())
         old = None
         if folder.exists():
@@ -228,8 +239,11 @@ def parse_manifest(raw, path: Path) -> Manifest:
     writes = _field(raw, "writes", list, path)
     if not all(isinstance(w, dict) for w in writes):
         raise MemoryFolderError(f"{path}: field 'writes' must be a list of objects")
+    files = _field(raw, "files", dict, path)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise MemoryFolderError(f"{path}: field 'files' must map each file to its sha256")
     manifest = Manifest(_field(raw, "sample_id", str, path), speakers, _field(raw, "base_model", str, path),
-                        sessions, sources, _field(raw, "config", dict, path), writes)
+                        sessions, sources, _field(raw, "config", dict, path), writes, files)
     try:
         manifest.memory_config
     except (TypeError, ValueError, KeyError) as e:
@@ -253,6 +267,14 @@ def read_memory_folder(folder: str | os.PathLike) -> MemoryFolder:
                                 else f"{folder}: not a folder (a memory is a folder written by lora-mem write)")
     manifest_path = folder / MANIFEST_NAME
     manifest = parse_manifest(_read(manifest_path), manifest_path)
+    for name, sha in manifest.files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise MemoryFolderError(f"{manifest_path}: field 'files' names {name!r}, outside the folder")
+        f = folder / name
+        if not f.is_file():
+            raise MemoryFolderError(f"{f}: missing (listed in {manifest_path})")
+        if file_sha256(f) != sha:
+            raise MemoryFolderError(f"{f}: corrupt (its sha256 differs from the one in {manifest_path})")
     adapter = folder / ADAPTER_DIR
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (adapter / name).is_file():
@@ -280,10 +302,3 @@ def read_memory_folder(folder: str | os.PathLike) -> MemoryFolder:
         raise MemoryFolderError(f"{conv_path}: session(s) {', '.join(map(str, differ))} differ from the sha256 in "
                                 f"{manifest_path}")
     return MemoryFolder(folder, manifest, conversation)
-
-
-def open_memory(folder: MemoryFolder, lm) -> Memory:
-    """The memory in ``folder``, its adapter loaded into ``lm``'s model, ready to answer."""
-    memory = Memory(lm, folder.manifest.memory_config)
-    memory.load(folder.adapter_dir)
-    return memory

@@ -36,10 +36,21 @@ def stack_adapters(model: nn.Module, adapter_dirs: list[str | Path]) -> list[LoR
     configs."""
     if not adapter_dirs:
         raise AdapterError("no adapters to stack")
-    unstack_adapters(model)
     dirs = [Path(d) for d in adapter_dirs]
     layers = linear_layers(model)
-    configs, weights = map(list, zip(*(read_adapter(d, layers) for d in dirs)))
+    return stack_adapter_weights(model, [(str(d), *read_adapter(d, layers)) for d in dirs])
+
+
+def stack_adapter_weights(model: nn.Module, adapters: list[tuple[str, LoRAConfig, dict[str, torch.Tensor]]]
+                          ) -> list[LoRAConfig]:
+    """:func:`stack_adapters` of adapters already in memory: (name for messages, config, weights keyed
+    `<module>.lora_A` / `<module>.lora_B` as `adapter_io.read_adapter_weights` gives them)."""
+    if not adapters:
+        raise AdapterError("no adapters to stack")
+    unstack_adapters(model)
+    dirs = [name for name, _, _ in adapters]
+    configs = [c for _, c, _ in adapters]
+    weights = [w for _, _, w in adapters]
     modules = lora_modules(model)
     if not modules:
         inject_lora(model, configs[0])

@@ -169,6 +169,11 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
+def adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """The adapter's optimizer (its learning rate is set by the schedule at every step)."""
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+
+
 def train_lora(
     model,
     input_ids: torch.Tensor,  # (N, L) windows
@@ -177,13 +182,15 @@ def train_lora(
     progress: bool = False,
     desc: str = "training",
     soft_targets: tuple[SoftTargets, float, float] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
     """Train the model's LoRA parameters in place. A non-finite loss, or an optimizer step that leaves a LoRA weight
     non-finite or beyond MAX_LORA_WEIGHT, stops training and is recorded in `result.error` (the caller decides what
     to do with the run). The model's mode (train / eval) and its
     activation checkpointing are as they were on return, and so is every random generator of torch's.
     ``soft_targets``: (targets aligned with the windows, temperature, hard-label weight): the loss is then
-    `losses.soft_target_loss` (context distillation) instead of the cross-entropy."""
+    `losses.soft_target_loss` (context distillation) instead of the cross-entropy. ``optimizer``: one made by
+    :func:`adamw` over these parameters whose state goes on (a memory that keeps training); default a fresh one."""
     params = lora_parameters(model)
     if not params:
         raise ValueError("the model has no LoRA parameters to train (inject_lora first)")
@@ -191,7 +198,7 @@ def train_lora(
         raise ValueError("no training windows: nothing to train on")
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    optimizer = optimizer if optimizer is not None else adamw(params, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)  # the window order
     n = input_ids.shape[0]
     micro_per_epoch = math.ceil(n / cfg.batch_size)
