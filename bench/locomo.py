@@ -68,7 +68,7 @@ from lora_mem.cli import (
     positive_float,
     positive_int,
 )
-from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
+from lora_mem.kernels.policy import FIELDS_ADDED_LATER, KernelPolicy, add_kernel_args
 from lora_mem.lora_core.adapter_io import AdapterError
 from lora_mem.lora_core.distill import ANSWER_SOURCES
 from lora_mem.lora_core.inject import trainable_summary
@@ -107,7 +107,7 @@ class LocomoConfig:
     adapters_from: str | None = None  # a lora run whose adapters are used instead of training
     shared_batches: bool = False
     device: str | None = None  # None: cuda if available
-    dtype: str | None = None  # None: fp32 on CPU, bf16 on CUDA
+    dtype: str | None = None  # None: the kernel policy's (bf16 on CUDA and on a CPU with bf16 instructions, else fp32)
     threads: int | None = None  # torch CPU threads; None: torch's default
     kernels: KernelPolicy = field(default_factory=KernelPolicy)  # which kernels the model runs
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -234,10 +234,15 @@ OPTIONS = (
            "recite: the adapter first recites the turn the question is about, then the base model answers with "
            "it in context (needs a recipe with the recite part)"), "answering and runtime"),
     Option("--max-new-tokens", "memory.answer.max_new_tokens", dict(type=positive_int), "answering and runtime"),
-    Option("--answer-batch-size", "memory.answer.batch_size", dict(type=positive_int), "answering and runtime"),
+    Option("--answer-batch-size", "memory.answer.batch_size", dict(type=positive_int, help="questions decoded at "
+           "once at most"), "answering and runtime"),
+    Option("--answer-memory-mb", "memory.answer.memory_budget_mb", dict(type=positive_float, help="answering's keys, "
+           "values and prefill activations stay within this many MiB (fewer rows at once, long prompts prefilled in "
+           "passes; the same answers)"), "answering and runtime"),
     Option("--device", "device", dict(choices=("cpu", "cuda"), help="default: cuda if available"),
            "answering and runtime"),
-    Option("--dtype", "dtype", dict(choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA"),
+    Option("--dtype", "dtype", dict(choices=DTYPES, help="default: bfloat16 on CUDA and on a CPU with bf16 "
+           "instructions (--cpu-bf16), else float32"),
            "answering and runtime"),
     Option("--threads", "threads", dict(type=positive_int, help="torch CPU threads (default: torch's, all cores); "
            "recorded, since CPU numerics depend on it"), "answering and runtime"),
@@ -259,7 +264,7 @@ SETTINGS_ADDED_LATER = {"train_format": "text", "context_tokens": None, "top_k":
                         "train_abstention": False, "abstention_ratio": None, "qa_source": "templates",
                         "abstention_style": "unmentioned", "queries_per_turn": None, "query_phrasings": None,
                         "distill_top_k": None, "distill_temperature": None, "distill_hard_weight": None,
-                        "distill_answers": None, "answer_mode": "direct"}
+                        "distill_answers": None, "answer_mode": "direct", "kernel_policy": FIELDS_ADDED_LATER}
 # Recorded only by newer runs; an older run_config.json that lacks them resumes without the check.
 RECORDED_LATER = ("device_type", "threads", "data_sha256", "kernel_policy")
 TRAINING_SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "epochs", "lr", "batch_size", "grad_accum",
