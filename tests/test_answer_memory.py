@@ -10,7 +10,12 @@ import torch
 import lora_mem.model.generate as gen
 from lora_mem.lora_core.memory import AnswerConfig
 from lora_mem.lora_core.multi_adapter import stack_adapters
-from lora_mem.model.generate import generate, kv_bytes_per_slot, plan_decode, prefill_groups
+from lora_mem.model.generate import (
+    generate,
+    kv_bytes_per_slot,
+    plan_decode,
+    prefill_groups,
+)
 from lora_mem.model.loader import load_model
 from tests.test_shared_batches import make_adapters, rand_tokens
 from tests.tiny_models import make_tiny_checkpoint

@@ -12,11 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench.locomo as locomo
+from bench import locomo
 from bench.common import RunConfigMismatch, check_or_write_run_config, read_jsonl
 from lora_mem.kernels.policy import FIELDS_ADDED_LATER, KernelPolicy, add_kernel_args
 from lora_mem.kernels.policy import cpu_bf16_instructions as real_cpu_bf16_instructions
-from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_disabled, lora_modules, lora_parameters
+from lora_mem.lora_core.inject import (
+    LoRAConfig,
+    inject_lora,
+    lora_disabled,
+    lora_modules,
+    lora_parameters,
+)
 from lora_mem.lora_core.train import TrainConfig, chunked_lm_loss, train_lora
 from lora_mem.model.generate import generate
 from lora_mem.model.loader import load_model
@@ -35,7 +41,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_the_policy_follows_the_cpus_bf16_instructions(monkeypatch):
-    import lora_mem.kernels.policy as policy
+    from lora_mem.kernels import policy
 
     monkeypatch.setattr(policy, "cpu_bf16_instructions", lambda: ("avx512_bf16",))
     assert KernelPolicy().cpu_bf16 and KernelPolicy.from_env({}).cpu_bf16

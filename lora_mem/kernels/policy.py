@@ -31,8 +31,8 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Mapping
 
 import torch
 
