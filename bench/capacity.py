@@ -775,7 +775,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     out = Path(args.out or Path("runs") / time.strftime("capacity-%Y%m%d-%H%M%S"))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = str(parse_dtype(args.dtype, device)).replace("torch.", "")
+    dtype = str(parse_dtype(args.dtype, device, args.policy)).replace("torch.", "")
     settings = {k: getattr(args, k) for k in RESULT_SETTINGS} | {"dtype": dtype, "preset": args.preset,
                                                                  "kernel_policy": args.policy.to_dict()}
     # a mismatch is refused before anything loads or is written

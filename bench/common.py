@@ -161,7 +161,8 @@ def check_or_write_run_config(out: Path, settings: dict, keys: tuple[str, ...], 
     """Refuse to resume `out` when a setting in `keys` differs from its run_config.json; write one if it has none.
 
     A run directory older than a setting resumes when that setting is off now: `added_later` maps the setting to
-    the value the older runs had. `recorded_later` names settings older runs did not record at all (not checked)."""
+    the value the older runs had; for a setting recorded as a dict (the kernel policy), to the values of the keys
+    its older records lack. `recorded_later` names settings older runs did not record at all (not checked)."""
     added_later = added_later or {}
     path = out / "run_config.json"
     if path.is_file():
@@ -175,6 +176,8 @@ def check_or_write_run_config(out: Path, settings: dict, keys: tuple[str, ...], 
                 return True
             if k not in old and k in added_later:  # it was off there: "off" or "not applicable" agree
                 return settings.get(k) in (None, added_later[k])
+            if isinstance(old.get(k), dict) and isinstance(added_later.get(k), dict):  # a record that gained keys
+                return {**added_later[k], **old[k]} == settings.get(k)
             return old.get(k) == settings.get(k)
 
         diffs = [f"{k}: saved {saved(k)!r} vs now {settings.get(k)!r}" for k in keys if not agrees(k)]

@@ -90,7 +90,7 @@ from lora_mem.cli import (
     train_format,
 )
 from lora_mem.files import file_sha256
-from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
+from lora_mem.kernels.policy import FIELDS_ADDED_LATER, KernelPolicy, add_kernel_args
 from lora_mem.lora_core.adapter_io import AdapterError, linear_layers, read_adapter
 from lora_mem.lora_core.conversation import conversation_only
 from lora_mem.lora_core.distill import ANSWER_SOURCES
@@ -139,7 +139,7 @@ class LocomoConfig:
     adapters_from: str | None = None  # a lora run whose adapters are used instead of training
     shared_batches: bool = False
     device: str | None = None  # None: cuda if available
-    dtype: str | None = None  # None: fp32 on CPU, bf16 on CUDA
+    dtype: str | None = None  # None: the kernel policy's (bf16 on CUDA and on a CPU with bf16 instructions, else fp32)
     threads: int | None = None  # torch CPU threads; None: torch's default
     kernels: KernelPolicy = field(default_factory=KernelPolicy)  # which kernels the model runs
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -277,10 +277,14 @@ OPTIONS = (
     Option("--max-new-tokens", "memory.answer.max_new_tokens", dict(type=positive_int,
            help="the longest answer, in tokens"), ANSWERING),
     Option("--answer-batch-size", "memory.answer.batch_size", dict(type=positive_int,
-           help="questions decoded at once"), ANSWERING, result=False),
+           help="questions decoded at once at most"), ANSWERING, result=False),
+    Option("--answer-memory-mb", "memory.answer.memory_budget_mb", dict(type=positive_float, help="answering's keys, "
+           "values and prefill activations stay within this many MiB (fewer rows at once, long prompts prefilled in "
+           "passes; the same answers)"), ANSWERING, result=False),
     Option("--device", "device", dict(type=device_name, metavar="{cpu,cuda}", help="default: cuda if available"),
            ANSWERING, result=False),
-    Option("--dtype", "dtype", dict(choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA"),
+    Option("--dtype", "dtype", dict(choices=DTYPES, help="default: bfloat16 on CUDA and on a CPU with bf16 "
+           "instructions (--cpu-bf16), else float32"),
            ANSWERING),
     Option("--threads", "threads", dict(type=threads, help="torch CPU threads (default: torch's, all cores); "
            "recorded, since CPU numerics depend on it"), ANSWERING),
@@ -306,7 +310,8 @@ SETTINGS_ADDED_LATER = {"train_format": "text", "context_tokens": None, "top_k":
                         "train_abstention": False, "abstention_ratio": None, "qa_source": "templates",
                         "abstention_style": "unmentioned", "queries_per_turn": None, "query_phrasings": None,
                         "distill_top_k": None, "distill_temperature": None, "distill_hard_weight": None,
-                        "distill_answers": None, "answer_mode": "direct", "queries_from": "rules"}
+                        "distill_answers": None, "answer_mode": "direct", "queries_from": "rules",
+                        "kernel_policy": FIELDS_ADDED_LATER}
 # What an adapter is trained with (the seed apart: every method records it, so it is never "not applicable").
 TRAINING_SETTINGS = tuple(d for d in option_dests(under=("memory.lora.", "memory.train.", "memory.recipe."))
                           if d != "seed")

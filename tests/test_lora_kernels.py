@@ -365,7 +365,8 @@ def test_kernel_policy_is_parsed_from_the_environment_and_the_command_line():
     from lora_mem.kernels.policy import add_kernel_args
 
     assert KernelPolicy.from_env({}) == KernelPolicy()
-    assert KernelPolicy().to_dict() == {"kernels": "auto", "fused_ops": False, "cpu_attention": "blocks", "tf32": False}
+    assert KernelPolicy().to_dict() == {"kernels": "auto", "fused_ops": False, "cpu_attention": "blocks", "tf32": False,
+                                        "cpu_bf16": False}  # no bf16 instructions in the tests' CPU (conftest)
     env = {"LORA_MEM_KERNELS": " Triton", "LORA_MEM_CPU_ATTENTION": "sdpa", "LORA_MEM_TF32": "1"}
     # LORA_MEM_KERNELS=triton turns the fused ops on with the LoRA kernels
     assert KernelPolicy.from_env(env) == KernelPolicy(kernels="triton", fused_ops=True, cpu_attention="sdpa", tf32=True)

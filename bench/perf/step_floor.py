@@ -24,6 +24,7 @@ reach with these kernels.
 
     python -m bench.perf.step_floor                      # the CPU setup of bench.perf.train_throughput
     python -m bench.perf.step_floor --setup gpu          # Qwen2.5-1.5B shapes, bf16, seq 2048
+    python -m bench.perf.step_floor --dtype bfloat16     # the CPU setup's floor in bf16
 
 `bench.perf.train_throughput` measures the floor in the same run as the steps and reports each side against it.
 """
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.perf.timing import SETUPS, median_seconds, model_config
+from bench.perf.timing import DTYPE_NAMES, SETUPS, median_seconds, model_config
 from lora_mem.kernels.block_causal_attention import block_causal_attention
 from lora_mem.model.config import ModelConfig
 
@@ -234,13 +235,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-len", type=positive_int, default=None, help="tokens per window (default: the setup's)")
     ap.add_argument("--rank", type=positive_int, default=8, help="LoRA rank")
     ap.add_argument("--repeats", type=positive_int, default=5, help="timed repeats of each product (median reported)")
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                    help="the products' dtype (default: the setup's: float32 on cpu, bfloat16 on gpu)")
     args = ap.parse_args(argv)
     if args.setup == "gpu" and not torch.cuda.is_available():
         ap.error("--setup gpu: no CUDA device on this machine")
     setup = SETUPS[args.setup or ("gpu" if torch.cuda.is_available() else "cpu")]
     cfg = model_config(setup["model"])
-    floor = measure_floor(cfg, args.batch, args.seq_len or setup["seq_len"], args.rank, getattr(torch, setup["dtype"]),
-                          torch.device(setup["device"]), repeats=args.repeats)
+    floor = measure_floor(cfg, args.batch, args.seq_len or setup["seq_len"], args.rank,
+                          getattr(torch, args.dtype or setup["dtype"]), torch.device(setup["device"]),
+                          repeats=args.repeats)
     for name, g in floor["groups"].items():
         print(f"{name:<10} {g['seconds']:8.3f} s  {g['share']:6.1%}  {g['flops_per_second'] / 1e9:9.1f} GFLOP/s")
     print(f"floor      {floor['floor_seconds']:8.3f} s per step, {floor['floor_flops_per_second'] / 1e9:.1f} GFLOP/s")

@@ -20,6 +20,13 @@ bench/results/train_<device>.json. Two more sides are lora-mem before a piece of
 `lora-mem-sdpa` before its CPU block-causal attention (PyTorch's SDPA kernel, a policy with `cpu_attention="sdpa"`),
 `lora-mem-unshared` before it computed a prefix shared by a micro-batch's rows once (`--targets facts`).
 
+Dtypes: a side may name its own dtype, `SIDE:DTYPE` (`--sides lora-mem,lora-mem:bfloat16,peft:bfloat16`): the model's
+weights and activations in that dtype, the LoRA weights, their gradients and AdamW's state in fp32 on both engines
+(lora-mem's LoRA layers keep fp32 weights; peft keeps its adapters in fp32 by default), the same token ids. The
+floor is then measured in each dtype the sides use, each side is set against its own dtype's floor, and a row gets
+`dtype_speedups` (a side against the same side in the run's dtype, paired by round). `--dtype` sets the run's
+dtype (default: the setup's).
+
 Workloads (`--targets`): `all`, plain text, every next token trained (the LoCoMo experiment's text recipe); `answers`, chat-QA
 windows, the last 16 of every 64 positions trained; `facts`, the capacity benchmark's one-fact chat windows
 (bench.capacity): 48 tokens whose first 24 are the same in every row (the system turn and the user header),
@@ -60,9 +67,17 @@ import torch
 from bench.capacity import PRESETS as CAPACITY_PRESETS
 from bench.common import REPO_ROOT, atomic_write_json, device_slug, hf_config, run_info
 from bench.perf.step_floor import compare_to_floor, measure_floor
+from bench.perf.timing import (  # noqa: F401
+    DTYPE_NAMES,
+    PROFILE_GROUPS,
+    classify_op,
+    format_profile,
+    model_config,
+    peak_rss_bytes,
+    profile_ops,
+    sync,
+)
 from bench.perf.timing import SETUPS as MACHINE_SETUPS
-from bench.perf.timing import (PROFILE_GROUPS, classify_op, format_profile, model_config, peak_rss_bytes,  # noqa: F401
-                               profile_ops, sync)
 from lora_mem.cli import Parser, int_at_least, non_negative_int, positive_int, positive_int_list
 from lora_mem.lora_core.inject import LoRAConfig
 from lora_mem.lora_core.train import TrainConfig
@@ -197,6 +212,12 @@ def input_ids(batch: int, seq_len: int, vocab: int, device: torch.device, target
     return x.to(device)
 
 
+def split_side(spec: str, dtype_name: str) -> tuple[str, str]:
+    """A side as --sides names it, `SIDE` or `SIDE:DTYPE`, as (side, dtype name); the run's dtype when it names none."""
+    side, _, dtype = spec.partition(":")
+    return side, dtype or dtype_name
+
+
 def prepare_side(side: str, model_name: str, dtype: torch.dtype, device: torch.device, rank: int, x, y):
     """(trainable params, one): one training step + AdamW update of `side` on ids x and targets y."""
     if side not in SIDES:
@@ -254,7 +275,8 @@ def measure_side(side: str, model_name: str, dtype_name: str, device_name: str, 
     torch.manual_seed(0)
     device = torch.device(device_name)
     x, y = step_inputs(model_name, batch, seq_len, device, targets)
-    params, one = prepare_side(side, model_name, getattr(torch, dtype_name), device, rank, x, y)
+    name, side_dtype = split_side(side, dtype_name)
+    params, one = prepare_side(name, model_name, getattr(torch, side_dtype), device, rank, x, y)
     first_loss = None  # before any optimizer step (B = 0): the base model's loss, the same on every side
     with autocast_for(device):
         for _ in range(warmup):
@@ -281,15 +303,19 @@ def measure_interleaved(sides: list[str], model_name: str, dtype_name: str, devi
     """Every side built in this one process and timed in turns, one step each per round (A B C, B C A, ...), so a
     change in a shared machine's speed hits every side alike; with floor_repeats, the step's floor
     (bench.perf.step_floor) is measured once per round too. A side's speed is its median step; a speed-up is the
-    median over rounds of the two sides' step ratio in that round (paired)."""
+    median over rounds of the two sides' step ratio in that round (paired). Sides named `SIDE:DTYPE` run in that
+    dtype, and the floor is measured in every dtype the sides use."""
     torch.manual_seed(0)
-    device, dtype = torch.device(device_name), getattr(torch, dtype_name)
+    device = torch.device(device_name)
     x, y = step_inputs(model_name, batch, seq_len, device, targets)
-    prepared = {side: prepare_side(side, model_name, dtype, device, rank, x, y) for side in sides}
+    prepared = {side: prepare_side(split_side(side, dtype_name)[0], model_name,
+                                   getattr(torch, split_side(side, dtype_name)[1]), device, rank, x, y)
+                for side in sides}
     first_loss: dict[str, float] = {}
     times: dict[str, list[float]] = {side: [] for side in sides}
     losses: dict[str, list[float]] = {side: [] for side in sides}
-    floors: list[dict] = []
+    floor_dtypes = list(dict.fromkeys([dtype_name] + [split_side(side, dtype_name)[1] for side in sides]))
+    floors: dict[str, list[dict]] = {d: [] for d in floor_dtypes}
     with autocast_for(device):
         for _ in range(warmup):
             for side, (_, one) in prepared.items():
@@ -302,17 +328,24 @@ def measure_interleaved(sides: list[str], model_name: str, dtype_name: str, devi
                 timed_step(prepared[side][1], device, times[side], losses[side])
             if floor_repeats:
                 trained = int((y != -100).sum())
-                floors.append(measure_floor(model_config(model_name), batch, seq_len, rank, dtype, device,
-                                            trained_positions=trained, repeats=floor_repeats))
+                for d in floor_dtypes:
+                    floors[d].append(measure_floor(model_config(model_name), batch, seq_len, rank, getattr(torch, d),
+                                                   device, trained_positions=trained, repeats=floor_repeats))
     out = {"method": "interleaved: all sides in one process, one step each per round, in turns",
            "rounds": steps, "sides": {}}
     for side in sides:
         out["sides"][side] = side_record(side, batch, seq_len, targets, prepared[side][0], times[side], losses[side],
                                          first_loss.get(side))
-    if floors:
-        by_time = sorted(floors, key=lambda f: f["floor_seconds"])
-        out["floor"] = {**by_time[len(by_time) // 2], "floor_seconds_all": [f["floor_seconds"] for f in floors],
-                        "rounds": len(floors)}
+    by_dtype = {}
+    for d, measured in floors.items():
+        if measured:
+            by_time = sorted(measured, key=lambda f: f["floor_seconds"])
+            by_dtype[d] = {**by_time[len(by_time) // 2], "floor_seconds_all": [f["floor_seconds"] for f in measured],
+                           "rounds": len(measured)}
+    if dtype_name in by_dtype:
+        out["floor"] = by_dtype[dtype_name]
+    if len(by_dtype) > 1:
+        out["floors_by_dtype"] = by_dtype
     return out
 
 
@@ -335,12 +368,14 @@ def run_side_subprocess(argv: list[str]) -> dict:
 
 
 def side_list(text: str) -> str:
-    """A comma-separated list of sides out of SIDES (kept as the string the worker processes are given)."""
+    """A comma-separated list of sides out of SIDES, each `SIDE` or `SIDE:DTYPE` (kept as the string the worker
+    processes are given)."""
     sides = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in sides if s not in SIDES]
+    unknown = [s for s in sides if s.partition(":")[0] not in SIDES
+               or (s.partition(":")[2] and s.partition(":")[2] not in DTYPE_NAMES)]
     if unknown or not sides:
         raise argparse.ArgumentTypeError(f"unknown --sides {', '.join(unknown) or repr(text)} (choose from "
-                                         f"{', '.join(SIDES)})")
+                                         f"{', '.join(SIDES)}, each optionally :{'|'.join(DTYPE_NAMES)})")
     return ",".join(sides)
 
 
@@ -357,8 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lora-mem; lora-mem-sdpa (lora-mem with PyTorch's SDPA instead of its CPU block-causal "
                          "attention); lora-mem-full-logits (lora-mem before the chunked loss: the profile's "
                          "'before'); lora-mem-unshared (lora-mem computing every row's copy of a shared prefix); "
-                         "peft (transformers + peft). Default: all but lora-mem-unshared on cpu, no lora-mem-sdpa "
-                         "on gpu; with --targets facts lora-mem, lora-mem-unshared and peft")
+                         "peft (transformers + peft); each may name its dtype, e.g. lora-mem:bfloat16. Default: all "
+                         "but lora-mem-unshared on cpu, no lora-mem-sdpa on gpu; with --targets facts lora-mem, "
+                         "lora-mem-unshared and peft")
     ap.add_argument("--profile", action="store_true",
                     help="also run --profile-steps steps of each side under torch.profiler; the results file gets "
                          "a 'profile' section (top ops and grouped shares of self CPU / CUDA time)")
@@ -384,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=positive_int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                    help="the run's dtype (default: the setup's: float32 on cpu, bfloat16 on gpu)")
     ap.add_argument("--device", default=None, help=argparse.SUPPRESS)
     return ap
 
@@ -427,8 +464,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     interleave = setup["interleave"] if args.interleave is None else args.interleave
     floor_repeats = args.floor_repeats if args.floor_repeats is not None else (1 if interleave else 5)
     sides = args.sides.split(",")
+    dtype_name = args.dtype or setup["dtype"]
+    floor_dtypes = list(dict.fromkeys([dtype_name] + [split_side(side, dtype_name)[1] for side in sides]))
     info = run_info(device)  # before the runs: its load average is the one they started under
-    common = ["--model", model, "--dtype", setup["dtype"], "--device", setup["device"], "--seq-len", str(seq_len),
+    common = ["--model", model, "--dtype", dtype_name, "--device", setup["device"], "--seq-len", str(seq_len),
               "--rank", str(args.rank), "--targets", args.targets]
     rows, profiles = [], []
     for batch in batch_sizes:
@@ -441,13 +480,18 @@ def main(argv: list[str] | None = None) -> dict | None:
                 "--side", "interleaved", "--sides", ",".join(sides), *common, "--batch", str(batch),
                 "--steps", str(args.steps), "--warmup", str(args.warmup), "--floor-repeats", str(floor_repeats),
                 *(["--no-floor"] if args.no_floor else [])])
-            row["timing"] = {k: v for k, v in timing.items() if k not in ("sides", "floor")}
+            row["timing"] = {k: v for k, v in timing.items() if k not in ("sides", "floor", "floors_by_dtype")}
             if "floor" in timing:
                 row["floor"] = timing["floor"]
+            if "floors_by_dtype" in timing:
+                row["floors_by_dtype"] = timing["floors_by_dtype"]
         elif not args.no_floor:
             print(f"[floor] batch {batch} ...", file=sys.stderr, flush=True)
-            row["floor"] = run_side_subprocess([
-                "--side", "floor", *common, "--batch", str(batch), "--floor-repeats", str(floor_repeats)])
+            by_dtype = {d: run_side_subprocess(["--side", "floor", *common, "--dtype", d, "--batch", str(batch),
+                                                "--floor-repeats", str(floor_repeats)]) for d in floor_dtypes}
+            row["floor"] = by_dtype[dtype_name]
+            if len(by_dtype) > 1:
+                row["floors_by_dtype"] = by_dtype
         for side in sides:
             print(f"[{side}] batch {batch} ...", file=sys.stderr, flush=True)
             # Interleaved, a side's own process is for its peak memory and profile: two steps reach the peak.
@@ -477,10 +521,21 @@ def main(argv: list[str] | None = None) -> dict | None:
             row["first_loss_difference"] = a["first_loss"] - b["first_loss"]
             row["peak_memory_ratio"] = a["peak_memory_bytes"] / b["peak_memory_bytes"]
         floor = row.get("floor", {})
+        floors = row.get("floors_by_dtype", {dtype_name: floor})
+        for side in sides:  # each side against the floor of its own dtype
+            side_floor = floors.get(split_side(side, dtype_name)[1], {})
+            if "step_seconds_median" in row[side] and "floor_seconds" in side_floor:
+                row[side].update(compare_to_floor(row[side]["step_seconds_median"], side_floor))
+        dtype_speedups = {}  # a side in another dtype against the same side in the run's dtype
+        for side in sides:
+            name, side_dtype = split_side(side, dtype_name)
+            if side_dtype != dtype_name and "tokens_per_second" in row[side] and \
+                    "tokens_per_second" in row.get(name, {}):
+                dtype_speedups[side] = (paired_speedup(row[side], row[name]) if interleave else
+                                        row[side]["tokens_per_second"] / row[name]["tokens_per_second"])
+        if dtype_speedups:
+            row["dtype_speedups"] = dtype_speedups
         if "floor_seconds" in floor:
-            for side in sides:
-                if "step_seconds_median" in row[side]:
-                    row[side].update(compare_to_floor(row[side]["step_seconds_median"], floor))
             if "step_seconds_median" in b:  # no engine on these kernels beats peft by more than this
                 row["speedup_ceiling_vs_peft"] = b["step_seconds_median"] / floor["floor_seconds"]
         for before_side, name in (("lora-mem-full-logits", "full_logits"), ("lora-mem-sdpa", "sdpa"),
@@ -497,7 +552,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     info["loadavg_end"] = os.getloadavg()
     results = {"benchmark": "lora training throughput, lora-mem vs transformers+peft", "setup": setup_name,
-               "model": model, "dtype": setup["dtype"], "seq_len": seq_len, "rank": args.rank,
+               "model": model, "dtype": dtype_name, "seq_len": seq_len, "rank": args.rank,
                "alpha": LoRAConfig(rank=args.rank).alpha, "targets": TARGETS, "trained_positions": args.targets,
                "trained_positions_note": "all: every next token (plain text); answers: the last "
                                          f"{ANSWER_SPAN} of every {ANSWER_BLOCK} positions (chat-QA windows); facts: "
@@ -514,6 +569,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                       "name and by group (bench.perf.train_throughput.classify_op); profiler overhead included",
             "steps": args.profile_steps, "runs": profiles}
     suffix = f"_{args.targets}" if args.targets != "all" else ""
+    other_dtypes = [d for d in floor_dtypes if d != SETUPS[setup_name]["dtype"]]
+    suffix += "".join(f"_{d}" for d in other_dtypes)  # a run in other dtypes keeps the setup's results file
     out = Path(args.out or Path("bench/results") / f"train_{device_slug(device)}{suffix}.json")
     atomic_write_json(out, results)
     nan = float("nan")
@@ -525,6 +582,11 @@ def main(argv: list[str] | None = None) -> dict | None:
               f"{b.get('tokens_per_second', nan):>11.1f} {r.get('speedup_tokens_per_second', nan):>8.2f}x "
               f"{r.get('peak_memory_ratio', nan):>14.2f}x {r.get('floor', {}).get('floor_seconds', nan):>8.3f} "
               f"{a.get('step_over_floor', nan):>14.2f}x {b.get('step_over_floor', nan):>10.2f}x")
+    for r in rows:
+        for side, speedup in r.get("dtype_speedups", {}).items():
+            print(f"batch {r['batch']}: {side} {r[side]['tokens_per_second']:.1f} tok/s, {speedup:.3f}x "
+                  f"{split_side(side, dtype_name)[0]} in {dtype_name}"
+                  + (f", {r[side]['step_over_floor']:.2f}x its dtype's floor" if "step_over_floor" in r[side] else ""))
     for p in profiles:
         print(f"profile {p['side']} batch {p['batch']} ({p['steps']} steps, self time by group):\n{format_profile(p)}")
     print(f"results: {out}")

@@ -15,18 +15,24 @@ Fields (the defaults are what runs when nothing is said):
   ``sdpa`` (PyTorch's kernel).
 * ``tf32``: fp32 products inside the Triton kernels in TF32 (about 1e-3 relative error; off keeps fp32 exact to
   fp32 rounding, as cuBLAS does by default). Torch's own matmuls keep torch's switch.
+* ``cpu_bf16``: a model on a CPU is built in bf16 when no dtype is asked for (base weights, activations and the KV
+  cache in bf16; the LoRA A/B, their gradients, the optimizer state and the loss reductions stay fp32, as on CUDA).
+  By default on exactly when the CPU has bf16 instructions (avx512_bf16 or AMX, :func:`cpu_bf16_instructions`):
+  without them torch runs bf16 GEMMs tens of times slower than fp32 (``bench.perf.cpu_bf16`` measures both). An
+  explicit dtype (``load_model(dtype=...)``, ``--dtype``) always wins.
 
-The environment (``LORA_MEM_KERNELS``, ``LORA_MEM_FUSED_OPS``, ``LORA_MEM_CPU_ATTENTION``, ``LORA_MEM_TF32``) is read
-by :meth:`KernelPolicy.from_env` only, which command lines call through :meth:`KernelPolicy.from_args`; the library
-itself never reads it.
+The environment (``LORA_MEM_KERNELS``, ``LORA_MEM_FUSED_OPS``, ``LORA_MEM_CPU_ATTENTION``, ``LORA_MEM_TF32``,
+``LORA_MEM_CPU_BF16``) is read by :meth:`KernelPolicy.from_env` only, which command lines call through
+:meth:`KernelPolicy.from_args`; the library itself never reads it. The CPU's instructions are read once per process.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -34,6 +40,28 @@ from lora_mem.kernels._common import HAS_TRITON, interpreting
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
 CPU_ATTENTION_CHOICES = ("blocks", "sdpa")
+CPU_BF16_CHOICES = ("auto", "on", "off")  # auto: on where the CPU has bf16 instructions
+# What a recorded policy without a field ran with (a run of code older than the field): the CPU path was fp32.
+FIELDS_ADDED_LATER = {"cpu_bf16": False}
+
+
+@functools.cache
+def cpu_bf16_instructions() -> tuple[str, ...]:
+    """The bf16 matrix instructions this CPU has, as torch's cpuinfo reports them: "avx512_bf16", "amx" (AMX tiles,
+    which come with AMX-BF16); empty where it has none (bf16 GEMMs are then converted to fp32 and run slower)."""
+    checks = {"avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
+    return tuple(name for name, check in checks.items() if getattr(torch.cpu, check, lambda: False)())
+
+
+def cpu_has_bf16() -> bool:
+    return bool(cpu_bf16_instructions())
+
+
+def resolve_cpu_bf16(choice: str) -> bool:
+    """A --cpu-bf16 / LORA_MEM_CPU_BF16 choice as the policy's flag: auto follows the CPU's instructions."""
+    if choice not in CPU_BF16_CHOICES:
+        raise ValueError(f"cpu_bf16 must be one of {', '.join(CPU_BF16_CHOICES)}, got {choice!r}")
+    return cpu_has_bf16() if choice == "auto" else choice == "on"
 
 
 @dataclass(frozen=True)
@@ -42,6 +70,8 @@ class KernelPolicy:
     fused_ops: bool = False  # RMSNorm / RoPE / SwiGLU kernels where the LoRA linears run kernels
     cpu_attention: str = "blocks"  # CPU training's causal attention: blocks | sdpa
     tf32: bool = False  # fp32 products of the Triton kernels in TF32
+    # CPU models in bf16 unless a dtype is asked for; default: whether the CPU has bf16 instructions
+    cpu_bf16: bool = field(default_factory=lambda: cpu_has_bf16())
 
     def __post_init__(self):
         if self.kernels not in KERNEL_CHOICES:
@@ -61,6 +91,11 @@ class KernelPolicy:
     def use_fused_ops(self, x: torch.Tensor) -> bool:
         """Whether RMSNorm / RoPE / SwiGLU on ``x`` take their kernels (each also checks that it covers the inputs)."""
         return self.fused_ops and self.use_triton(x)
+
+    def default_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype a model on ``device`` is built in when none is asked for: bf16 on CUDA, and on a CPU where
+        ``cpu_bf16`` says so; fp32 otherwise."""
+        return torch.bfloat16 if device.type == "cuda" or self.cpu_bf16 else torch.float32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,23 +118,26 @@ class KernelPolicy:
                 raise ValueError(f"{name} must be 0 or 1, got {value!r}")
             return value == "1"
 
-        default = cls()
+        default = cls(cpu_bf16=False)  # the string defaults; cpu_bf16's is resolved below, once
         kernels = choice("LORA_MEM_KERNELS", default.kernels, KERNEL_CHOICES)
         return cls(kernels=kernels, fused_ops=flag("LORA_MEM_FUSED_OPS") or kernels == "triton",
                    cpu_attention=choice("LORA_MEM_CPU_ATTENTION", default.cpu_attention, CPU_ATTENTION_CHOICES),
-                   tf32=flag("LORA_MEM_TF32"))
+                   tf32=flag("LORA_MEM_TF32"),
+                   cpu_bf16=resolve_cpu_bf16(choice("LORA_MEM_CPU_BF16", "auto", CPU_BF16_CHOICES)))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> KernelPolicy:
         """The environment's policy with the options of :func:`add_kernel_args` that were given on top."""
         given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        if "cpu_bf16" in given:  # the option is a choice (auto / on / off), the field its outcome
+            given["cpu_bf16"] = resolve_cpu_bf16(given["cpu_bf16"])
         return replace(cls.from_env(environ), **given)
 
 
 def add_kernel_args(parser: argparse.ArgumentParser) -> None:
     """The kernel policy's options; unset ones fall back to the environment, then to the defaults."""
     group = parser.add_argument_group("kernels", "which kernels run (default: LORA_MEM_* variables, else auto, "
-                                                 "no fused ops, blocks, no tf32)")
+                                                 "no fused ops, blocks, no tf32, cpu-bf16 auto)")
     group.add_argument("--kernels", choices=KERNEL_CHOICES, default=None,
                        help="LoRA linears: auto (Triton on CUDA, reference on CPU), triton (CPU too, under "
                             "TRITON_INTERPRET=1) or reference")
@@ -109,3 +147,6 @@ def add_kernel_args(parser: argparse.ArgumentParser) -> None:
                        help="CPU training's causal attention: block GEMMs or PyTorch's SDPA")
     group.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                        help="fp32 products of the Triton kernels in TF32")
+    group.add_argument("--cpu-bf16", choices=CPU_BF16_CHOICES, default=None,
+                       help="a CPU model in bf16 (LoRA, optimizer and loss in fp32) when no --dtype is given: auto "
+                            "where the CPU has bf16 instructions (avx512_bf16, AMX), on, or off (fp32)")

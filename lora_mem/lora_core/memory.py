@@ -44,7 +44,7 @@ from lora_mem.lora_core.inject import (
 from lora_mem.lora_core.multi_adapter import stack_adapter_weights, stack_adapters, unstack_adapters
 from lora_mem.lora_core.recipes import RECITE_TEMPLATE, Recipe, recipe_queries, training_data
 from lora_mem.lora_core.train import IGNORE_INDEX, TrainConfig, TrainResult, lora_weights_problem, train_lora
-from lora_mem.model.generate import generate
+from lora_mem.model.generate import MEMORY_BUDGET_MB, generate
 from lora_mem.model.loader import LoadedModel
 
 # The instruction that turns a question into a chat turn: the same in training data and at answer time.
@@ -68,8 +68,11 @@ class AnswerConfig:
 
     question_template: str = QUESTION_TEMPLATE
     max_new_tokens: int = 32
-    batch_size: int = 64  # questions decoded at once (greedy, continuous batching)
+    batch_size: int = 64  # questions decoded at once at most (greedy, continuous batching)
     mode: str = "direct"
+    # keys, values and prefill activations of answering stay within it (fewer rows, prefill in passes; the same
+    # answers); None: no limit (batch_size rows)
+    memory_budget_mb: float | None = MEMORY_BUDGET_MB
 
     def __post_init__(self):
         if "{question}" not in self.question_template:
@@ -77,6 +80,8 @@ class AnswerConfig:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {self.max_new_tokens}, "
                              f"{self.batch_size}")
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb: must be > 0 (or None: no limit), got {self.memory_budget_mb}")
         if self.mode not in ANSWER_MODES:
             raise ValueError(f"answer mode: unknown {self.mode!r} (choose from {', '.join(ANSWER_MODES)})")
 
@@ -206,7 +211,7 @@ def answer_prompts(lm: LoadedModel, prompts: list[list[int]], cfg: AnswerConfig 
                          f"window of {window} positions (max_position_embeddings)")
     tok = lm.tokenizer
     outs = generate(lm.model, prompts, cfg.max_new_tokens, tok.stop_ids, tok.pad_id, batch_size=cfg.batch_size,
-                    progress=progress, adapter_ids=adapter_ids)
+                    progress=progress, adapter_ids=adapter_ids, memory_budget_mb=cfg.memory_budget_mb)
     return [tok.decode(o).strip() for o in outs]
 
 

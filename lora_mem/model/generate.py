@@ -5,6 +5,11 @@ attention and each row's rotary positions count only its real tokens, so every r
 as it would alone. With adapters stacked (lora_mem.lora_core.multi_adapter), `adapter_ids` gives each
 prompt its own: every forward call carries the rows' adapters (`Qwen2Model.forward(..., adapter_ids=...)`).
 
+Memory: `generate` answers within a budget (`memory_budget_mb`, default MEMORY_BUDGET_MB) of keys and values plus
+prefill activations. `plan_decode` turns it into how many rows decode at once (each holds its slots' keys and values
+in every layer) and how many prompt tokens one prefill pass takes: the prompts being admitted are prefilled in groups
+of at most that many tokens, and a longer prompt in chunks of its columns. Rows still decode as they would alone.
+
 CLI:  python -m lora_mem.model.generate --model smollm2-135m-instruct --prompt "What is the capital of France?"
       (with LoRA adapters: python -m lora_mem.lora_core.generate ... --adapter DIR)
 """
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 
 from lora_mem.cli import Parser, fail, positive_int
 from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
+from lora_mem.model.config import ModelConfig
 from lora_mem.model.qwen2 import KVCache, Qwen2ForCausalLM
 
 
@@ -110,26 +116,43 @@ def adapter_tensor(adapter_ids: list[int] | None, device) -> torch.Tensor | None
     return torch.tensor(adapter_ids, dtype=torch.long, device=device) if adapter_ids is not None else None
 
 
+def columns_per_pass(rows: int, columns: int, max_tokens: int | None) -> int:
+    """How many of `columns` prompt columns of `rows` rows one forward pass takes: all of them, or as many as keep
+    the pass within `max_tokens` tokens (at least one)."""
+    return columns if max_tokens is None else max(1, min(columns, max_tokens // rows))
+
+
+def is_cascade(n_rows: int, prefix_len: int, cascade_min_tokens: int = CASCADE_MIN_TOKENS) -> bool:
+    """Whether a prefix of this many tokens, computed for this many adapters, is attended in place."""
+    return n_rows == 1 and prefix_len >= cascade_min_tokens
+
+
 def compute_prefix(model: Qwen2ForCausalLM, tokens: list[int], adapter_ids: list[int] | None = None,
-                   cascade_min_tokens: int = CASCADE_MIN_TOKENS) -> Prefix:
-    """Run the shared prompt head once per adapter (batch = distinct adapters) and keep its KV."""
+                   cascade_min_tokens: int = CASCADE_MIN_TOKENS, max_tokens: int | None = None) -> Prefix:
+    """Run the shared prompt head once per adapter (batch = distinct adapters) and keep its KV; at most `max_tokens`
+    tokens per forward pass (None: all in one)."""
     device = model.lm_head.weight.device
     distinct = sorted(set(adapter_ids)) if adapter_ids is not None else None
     n = len(distinct) if distinct is not None else 1
     caches = model.new_kv_caches(n, len(tokens))
-    model.model(torch.tensor([tokens] * n, device=device), kv_caches=caches,
-                adapter_ids=adapter_tensor(distinct, device))
-    return Prefix(tokens, caches, distinct, cascade=n == 1 and len(tokens) >= cascade_min_tokens)
+    ids = torch.tensor([tokens] * n, device=device)
+    step = columns_per_pass(n, len(tokens), max_tokens)
+    for start in range(0, len(tokens), step):  # a later chunk attends the keys the earlier ones cached
+        model.model(ids[:, start:start + step], kv_caches=caches, cache_start=start,
+                    adapter_ids=adapter_tensor(distinct, device))
+    return Prefix(tokens, caches, distinct, cascade=is_cascade(n, len(tokens), cascade_min_tokens))
 
 
 def prefill(model: Qwen2ForCausalLM, prompts: list[list[int]], pad_id: int, kv_caches: list[KVCache],
-            prefix: Prefix | None = None, adapter_ids: list[int] | None = None):
+            prefix: Prefix | None = None, adapter_ids: list[int] | None = None, max_tokens: int | None = None):
     """Fill the caches with the prompts; return the greedy next token (B,), positions (B,), slot mask (B, S),
     and the next free slot.
 
     Slot layout: [prefix copy | left-padded suffixes], or with a cascade prefix just the suffixes
     (the prefix is shared, outside the rows). Pad slots sit before each suffix, masked out, and
-    rotary positions count real tokens only, so each row sees exactly its own prompt."""
+    rotary positions count real tokens only, so each row sees exactly its own prompt. `max_tokens`: at most this
+    many tokens per forward pass, the columns taken in chunks, each attending the keys the earlier ones cached
+    (None: all in one pass)."""
     device = model.lm_head.weight.device
     P = len(prefix) if prefix is not None else 0
     ids, suffix_mask = left_pad([p[P:] for p in prompts], pad_id, device)  # (B, S)
@@ -146,10 +169,13 @@ def prefill(model: Qwen2ForCausalLM, prompts: list[list[int]], pad_id: int, kv_c
                 cache.update(0, prefix_cache.k[rows], prefix_cache.v[rows])
         mask = torch.cat([torch.ones((B, P), dtype=torch.bool, device=device), suffix_mask], dim=1)  # (B, P+S)
         cache_start = P
-    # No prefix and no padding: no mask, SDPA's causal fast path.
+    # No prefix and no padding: no mask, SDPA's causal fast path (for the first chunk; later ones get a causal mask).
     attention_mask = None if cache_start == 0 and bool(suffix_mask.all()) else mask
-    hidden = model.model(ids, position_ids, attention_mask, kv_caches, cache_start,
-                         adapter_tensor(adapter_ids, device))  # (B, S, C)
+    adapters = adapter_tensor(adapter_ids, device)
+    step = columns_per_pass(B, ids.shape[1], max_tokens)
+    for start in range(0, ids.shape[1], step):
+        hidden = model.model(ids[:, start:start + step], position_ids[:, start:start + step], attention_mask,
+                             kv_caches, cache_start + start, adapters)  # (B, chunk, C)
     head = model.lm_head.weight
     next_token = greedy_tokens(hidden[:, -1], head, vocab_slice_for(head.device, B))  # only the last slot is needed
     return next_token, position_ids[:, -1], mask, cache_start + ids.shape[1]
@@ -164,10 +190,16 @@ def decode_step(model, token, positions, mask, kv_caches, cache_start: int,
     return greedy_tokens(hidden[:, -1], head, vocab_slice_for(head.device, len(token)))
 
 
-def batch_prefix(model, prompts: list[list[int]], adapter_ids: list[int] | None) -> Prefix | None:
-    """The prompts' common head, computed once (None if they share none)."""
-    P = common_prefix_len(prompts) if len(prompts) > 1 else 0
-    return compute_prefix(model, prompts[0][:P], adapter_ids) if P else None
+def shared_head_len(prompts: list[list[int]]) -> int:
+    """Tokens of the head all prompts share that is computed once (0 for a single prompt)."""
+    return common_prefix_len(prompts) if len(prompts) > 1 else 0
+
+
+def batch_prefix(model, prompts: list[list[int]], adapter_ids: list[int] | None,
+                 max_tokens: int | None = None) -> Prefix | None:
+    """The prompts' common head, computed once (None if they share none), at most `max_tokens` per pass."""
+    P = shared_head_len(prompts)
+    return compute_prefix(model, prompts[0][:P], adapter_ids, max_tokens=max_tokens) if P else None
 
 
 # Continuous batching: a row whose answer is complete gives its place to the next prompt instead of
@@ -185,6 +217,89 @@ def row_slots(prefix: Prefix | None, prompt_len: int) -> int:
     """Slots a prompt of this many tokens takes in its row: all of them, unless the prefix is a cascade
     one (attended in place, outside the rows)."""
     return prompt_len - (len(prefix) if prefix is not None and prefix.cascade else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: how many rows decode at once and how many tokens a prefill pass takes
+# ---------------------------------------------------------------------------------------------
+
+# The default working memory of answering: the rows' keys and values and a prefill pass (the model's weights are
+# not in it). Peak resident memory is about the weights, plus torch's own (~0.3 GB), plus this.
+MEMORY_BUDGET_MB = 1024
+# The share of the budget a prefill pass may take (its caches, activations and attention scores); the rows' caches
+# get the rest. Passes of a few hundred tokens already run the GEMMs at full rate on a CPU.
+PREFILL_SHARE = 1 / 4
+
+
+def kv_bytes_per_slot(cfg: ModelConfig, itemsize: int) -> int:
+    """Bytes of one cache slot of one row: its key and value in every layer."""
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+
+def prefill_bytes_per_token(cfg: ModelConfig, itemsize: int, keys: int) -> int:
+    """Transient bytes one prompt token costs in a prefill pass, besides its cached keys and values. Nothing is kept
+    for autograd, so one layer's tensors live at a time: the larger of attention's (input, norm, q, k, v, the
+    rotated q and k, output) and the MLP's (input, norm, gate, up, silu(gate), their product), the layer's output,
+    and the token's attention scores and probabilities over `keys` slots (fp32, the most any attention path makes)."""
+    C, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    attention = 2 * C + 3 * H * D + 4 * Hkv * D
+    mlp = 2 * C + 4 * I
+    return (max(attention, mlp) + C) * itemsize + 2 * H * keys * 4
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    rows: int  # prompts decoded at once
+    prefill_tokens: int | None  # tokens per prefill pass (None: each admission in one pass)
+    budget_bytes: int | None = None
+    planned_bytes: int | None = None  # what the plan holds at most: rows' caches + a prefill pass + the prefix
+
+
+def plan_decode(cfg: ModelConfig, itemsize: int, prompt_lens: list[int], prefix_len: int, prefix_rows: int,
+                max_new_tokens: int, batch_size: int, budget_mb: float | None) -> DecodePlan:
+    """Rows and prefill pass size that keep answering within `budget_mb` (None: `batch_size` rows, no limit).
+
+    A row holds `widest + max_new_tokens + TRIM_COLUMNS` slots (the pool's columns, `decode_queue`) of keys and
+    values, and, for one layer at a time, its keys and values repeated to every query head (attention's copy). A
+    prefill pass of n tokens holds their keys and values (a prompt's whole width when it is prefilled alone, in
+    chunks) and n tokens' transient activations (`prefill_bytes_per_token`). The shared prefix's keys and values
+    are held throughout. Rows never go below one: a budget too small for a single row is exceeded, not refused."""
+    n_prompts = len(prompt_lens)
+    if budget_mb is None:
+        return DecodePlan(rows=max(1, min(batch_size, n_prompts)), prefill_tokens=None)
+    budget = int(budget_mb * 2**20)
+    cascade = is_cascade(prefix_rows, prefix_len)
+    widest = max(prompt_lens) - (prefix_len if cascade else 0)  # the widest prompt's slots in its row
+    kv = kv_bytes_per_slot(cfg, itemsize)
+    per_token = kv + prefill_bytes_per_token(cfg, itemsize, keys=max(prompt_lens))
+    prefill_tokens = max(1, int(budget * PREFILL_SHARE) // per_token)
+    prefill = max(prefill_tokens, widest) * kv + prefill_tokens * (per_token - kv)
+    prefix = prefix_rows * prefix_len * kv if prefix_len else 0
+    capacity = widest + max_new_tokens + TRIM_COLUMNS
+    attention_copy = 2 * cfg.num_attention_heads * cfg.head_dim * itemsize  # one layer, k and v at every head
+    row = capacity * (kv + attention_copy + 1)  # + the row's slot mask
+    rows = max(1, min(batch_size, n_prompts, (budget - prefill - prefix) // row))
+    return DecodePlan(rows=rows, prefill_tokens=prefill_tokens, budget_bytes=budget,
+                      planned_bytes=rows * row + prefill + prefix)
+
+
+def prefill_groups(widths: list[int], max_tokens: int | None) -> list[list[int]]:
+    """Consecutive runs of prompts (indices) prefilled together: each run, padded to its widest, holds at most
+    `max_tokens` tokens, or is one prompt (prefilled in chunks). None: all in one."""
+    if max_tokens is None:
+        return [list(range(len(widths)))]
+    groups: list[list[int]] = []
+    widest = 0
+    for i, w in enumerate(widths):
+        if groups and (len(groups[-1]) + 1) * max(widest, w) <= max_tokens:
+            groups[-1].append(i)
+            widest = max(widest, w)
+        else:
+            groups.append([i])
+            widest = w
+    return groups
+
 
 
 class RowPool:
@@ -256,29 +371,37 @@ class RowPool:
         self.mask = mask
 
     def admit(self, rows: list[int], prompt_ids: list[int], prompts: list[list[int]],
-              adapter_ids: list[int] | None) -> torch.Tensor:
-        """Prefill these prompts (one batch) into these free rows; returns their first tokens (n,)."""
-        width = row_slots(self.prefix, max(len(p) for p in prompts))  # the widest prompt's slots
+              adapter_ids: list[int] | None, prefill_tokens: int | None = None) -> torch.Tensor:
+        """Prefill these prompts into these free rows, in groups of at most `prefill_tokens` tokens per pass
+        (`prefill_groups`; None: one batch); returns their first tokens (n,)."""
+        widths = [row_slots(self.prefix, len(p)) for p in prompts]
         self.make_room(0)  # cut dead columns first: the prompts may then fit before `end`
-        if width > self.end:  # the prompts must end at `end`: move the rows right to make space before it
-            by = width - self.end
+        if max(widths) > self.end:  # the prompts must end at `end`: move the rows right to make space before it
+            by = max(widths) - self.end
             if self.end + by > self.capacity:
                 self.grow(self.end + by)
             self.shift(by)
-        caches = self.model.new_kv_caches(len(rows), width)
-        first, positions, mask, _ = prefill(self.model, prompts, self.pad_id, caches, self.prefix, adapter_ids)
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        lo = self.end - width
-        for cache, new in zip(self.caches, caches):
-            cache.k[index, :, lo:self.end] = new.k
-            cache.v[index, :, lo:self.end] = new.v
-        self.mask[index, :lo] = False
-        self.mask[index, lo:self.end] = mask
-        self.positions[index] = positions
-        self.token[index] = first
-        for i, r in enumerate(rows):
-            self.prompt[r], self.adapter[r] = prompt_ids[i], adapter_ids[i] if adapter_ids is not None else 0
-            self.start[r] = lo + int(mask[i].int().argmax())  # its first real slot (left pads are dead)
+        first = torch.empty(len(rows), dtype=torch.long, device=self.device)
+        for group in prefill_groups(widths, prefill_tokens):
+            width = max(widths[i] for i in group)  # the group's widest prompt's slots
+            caches = self.model.new_kv_caches(len(group), width)
+            tokens, positions, mask, _ = prefill(
+                self.model, [prompts[i] for i in group], self.pad_id, caches, self.prefix,
+                [adapter_ids[i] for i in group] if adapter_ids is not None else None, prefill_tokens)
+            index = torch.tensor([rows[i] for i in group], dtype=torch.long, device=self.device)
+            lo = self.end - width
+            for cache, new in zip(self.caches, caches):
+                cache.k[index, :, lo:self.end] = new.k
+                cache.v[index, :, lo:self.end] = new.v
+            self.mask[index, :lo] = False
+            self.mask[index, lo:self.end] = mask
+            self.positions[index] = positions
+            self.token[index] = tokens
+            first[group] = tokens
+            for j, i in enumerate(group):
+                r = rows[i]
+                self.prompt[r], self.adapter[r] = prompt_ids[i], adapter_ids[i] if adapter_ids is not None else 0
+                self.start[r] = lo + int(mask[j].int().argmax())  # its first real slot (left pads are dead)
         return first
 
     def keep(self, rows: list[int]) -> None:
@@ -303,12 +426,13 @@ class RowPool:
 def decode_queue(
     model: Qwen2ForCausalLM, prompts: list[list[int]], order: list[int], max_new_tokens: int,
     stop_ids: list[int], pad_id: int, batch_size: int, adapter_ids: list[int] | None = None,
-    prefix: Prefix | None = None, on_done=None,
+    prefix: Prefix | None = None, on_done=None, prefill_tokens: int | None = None,
 ) -> list[list[int]]:
     """Greedy continuations (without the stop token) of `prompts`, taken in `order`, at most `batch_size`
     decoding at once: a finished row's place goes to the next prompt in the queue (continuous
     batching; see REFILL_FRACTION); once the queue is empty finished rows leave the batch when a
-    quarter of it has finished. `on_done(n)` is told each time n more answers are complete."""
+    quarter of it has finished. Prompts are prefilled at most `prefill_tokens` tokens per pass (None: each
+    admission in one). `on_done(n)` is told each time n more answers are complete."""
     if max_new_tokens < 1 or not order:
         return [[] for _ in prompts]
     stop = set(stop_ids)
@@ -341,7 +465,7 @@ def decode_queue(
             rows = pool.free()[:len(queue)]
             take = [queue.pop() for _ in rows]
             first = pool.admit(rows, take, [prompts[i] for i in take],
-                               [adapter_ids[i] for i in take] if adapter_ids is not None else None)
+                               [adapter_ids[i] for i in take] if adapter_ids is not None else None, prefill_tokens)
             record(rows, first.tolist())
             adapters_changed = True
         live = pool.live()
@@ -388,6 +512,7 @@ def generate(
     batch_size: int = 64,
     progress: bool = False,
     adapter_ids: list[int] | None = None,
+    memory_budget_mb: float | None = MEMORY_BUDGET_MB,
 ) -> list[list[int]]:
     """Greedy continuations of many prompts, at most `batch_size` at once, in input order.
 
@@ -395,21 +520,30 @@ def generate(
     row is given to the next prompt (continuous batching). The head all prompts share (system
     prompt, instruction; for in-context answering the whole context) is computed once for the call.
     `adapter_ids` (one per prompt) answers each prompt with its own adapter from a stacked set, in
-    shared batches."""
+    shared batches. `memory_budget_mb`: the keys, values and prefill activations of the call stay within it
+    (`plan_decode`: fewer rows, prefill in passes; None: `batch_size` rows, each admission prefilled in one pass);
+    the answers are the same."""
     if adapter_ids is not None and len(adapter_ids) != len(prompts):
         raise ValueError(f"{len(adapter_ids)} adapter ids for {len(prompts)} prompts")
+    if memory_budget_mb is not None and not memory_budget_mb > 0:
+        raise ValueError(f"memory_budget_mb must be > 0 (or None: no limit), got {memory_budget_mb}")
     if not prompts:
         return []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    prefix = batch_prefix(model, prompts, adapter_ids)
+    head = shared_head_len(prompts)
+    plan = plan_decode(model.config, model.lm_head.weight.element_size(), [len(p) for p in prompts], head,
+                       len(set(adapter_ids)) if adapter_ids is not None else 1, max_new_tokens, batch_size,
+                       memory_budget_mb)
+    prefix = batch_prefix(model, prompts, adapter_ids, plan.prefill_tokens)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(prompts), desc="answering", unit="q", leave=False)
     try:
-        return decode_queue(model, prompts, order, max_new_tokens, stop_ids or [], pad_id, batch_size,
-                            adapter_ids, prefix, on_done=bar.update if bar else None)
+        return decode_queue(model, prompts, order, max_new_tokens, stop_ids or [], pad_id, plan.rows,
+                            adapter_ids, prefix, on_done=bar.update if bar else None,
+                            prefill_tokens=plan.prefill_tokens)
     finally:
         if bar:
             bar.close()

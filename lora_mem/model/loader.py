@@ -43,13 +43,11 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+def parse_dtype(name: str | None, device: torch.device, policy: KernelPolicy | None = None) -> torch.dtype:
+    """A dtype name; None or "auto": the kernel policy's default for the device (bf16 on CUDA and on a CPU with bf16
+    instructions, else fp32: KernelPolicy.default_dtype)."""
     if name is None or name == "auto":
-        return default_dtype(device)
+        return (policy or KernelPolicy()).default_dtype(device)
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
@@ -313,13 +311,15 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     progress: bool = False,
-    policy: KernelPolicy = KernelPolicy(),
+    policy: KernelPolicy | None = None,
 ) -> LoadedModel:
-    """Load model + tokenizer. fp32 on CPU and bf16 on CUDA unless `dtype` says otherwise; `policy`: which kernels
-    the model runs (lora_mem.kernels.policy). Every file is checked before memory is allocated for the weights."""
+    """Load model + tokenizer. `policy` (default: KernelPolicy()): which kernels the model runs, and its dtype when
+    `dtype` names none (bf16 on CUDA and on a CPU with bf16 instructions, else fp32; lora_mem.kernels.policy). Every
+    file is checked before memory is allocated for the weights."""
+    policy = policy or KernelPolicy()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not isinstance(dtype, torch.dtype):
-        dtype = parse_dtype(dtype, device)
+        dtype = parse_dtype(dtype, device, policy)
     ckpt = inspect_checkpoint(name_or_path, policy)
     model = build_model(ckpt.config, device, dtype, policy)
     load_weights(model, ckpt.path, progress=progress)
