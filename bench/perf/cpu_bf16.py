@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, atomic_write_json, run_info
-from bench.perf.timing import loadavg, positive_int_list, saved_ms, timed
-from lora_mem.cli import Parser, positive_int
+from bench.perf.timing import loadavg, saved_ms, timed
+from lora_mem.cli import Parser, positive_int, positive_int_list
 from lora_mem.kernels.policy import KernelPolicy, cpu_bf16_instructions
 
 
