@@ -22,7 +22,8 @@ import torch
 from bench.common import RESULTS_DIR, atomic_write_json, run_info
 from bench.perf.timing import loadavg, saved_ms, timed
 from lora_mem.cli import Parser, positive_int, positive_int_list
-from lora_mem.kernels.policy import KernelPolicy, cpu_bf16_instructions
+from lora_mem.kernels import policy as kernel_policy
+from lora_mem.kernels.policy import KernelPolicy
 
 
 def gemm_rates(m: int, k: int, n: int, repeats: int, device: torch.device) -> dict:
@@ -66,14 +67,14 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "fp32 against bf16 torch.mm on this CPU, and what the kernel policy chose from its instructions",
         **run_info(device, policy), "loadavg_end": loadavg(), "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_bf16_instructions": list(cpu_bf16_instructions()),
+        "cpu_bf16_instructions": list(kernel_policy.cpu_bf16_instructions()),
         "policy_cpu_bf16": policy.cpu_bf16, "default_cpu_dtype": str(policy.default_dtype(device)).removeprefix("torch."),
         "repeats": args.repeats, "gemms": rows,
         "bf16_speedup_median": statistics.median(r["bf16_speedup"] for r in rows),
     }
     out = args.out or RESULTS_DIR / "cpu_bf16.json"
     atomic_write_json(out, results)
-    print(f"bf16 instructions: {', '.join(cpu_bf16_instructions()) or 'none'} (torch capability "
+    print(f"bf16 instructions: {', '.join(kernel_policy.cpu_bf16_instructions()) or 'none'} (torch capability "
           f"{results['torch_cpu_capability']}); policy: CPU models in {results['default_cpu_dtype']}")
     print(f"results: {out}")
     return results
