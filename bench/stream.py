@@ -105,7 +105,7 @@ class StreamConfig:
 # ---------------------------------------------------------------------------------------------
 
 def build_parser() -> Parser:
-    ap = Parser(prog="python -m bench.stream", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    ap = Parser(prog="python -m bench.stream",
                 description="LoCoMo as a stream: sessions appended one at a time, questions asked along the way.")
     ap.add_argument("--data", default=None, help="a LoCoMo-layout JSON file (else $LOCOMO_DATA, the cache, or a "
                                                   "pinned download of locomo10.json)")

@@ -136,7 +136,7 @@ BAD_WRITES = [
     ("locomo, unknown", lambda t: (LOCOMO, ["--conversation", "conv-1"]), "no conversation 'conv-1'"),
     ("recipe", lambda t: (CHAT, ["--recipe", "text+facts"]), "argument --recipe: parts joined by '+'"),
     ("rank", lambda t: (CHAT, ["--rank", "0"]), "argument --rank: must be an integer >= 1, got 0"),
-    ("gap", lambda t: (CHAT, ["--session-gap", "0"]), "argument --session-gap: must be a finite number in (0, inf)"),
+    ("gap", lambda t: (CHAT, ["--session-gap", "0"]), "argument --session-gap: must be a finite number in (0, 3.40282e+38], got 0"),
     ("seq-len", lambda t: (CHAT, ["--seq-len", "8"]), "argument --seq-len: must be an integer >= 16"),
 ]
 

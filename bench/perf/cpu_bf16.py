@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=positive_int_list, default=[2048], help="GEMM rows (tokens of a pass)")
     ap.add_argument("--hidden", type=positive_int, default=576, help="the default model's hidden size")
     ap.add_argument("--intermediate", type=positive_int, default=1536, help="the default model's MLP width")
-    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timed repeats of each product (median)")
     ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/cpu_bf16.json")
     args = ap.parse_args(argv)

@@ -96,14 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--after", type=Path, default=REPO_ROOT, help="the code measured (default: this checkout)")
     ap.add_argument("--methods", type=id_list, default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     ap.add_argument("--conversations", type=id_list, default="conv-26,conv-30", help="default: the dev split")
-    ap.add_argument("--data", type=Path, default=Path("../shared/data/locomo/locomo10.json"))
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/locomo/locomo10.json"), help="LoCoMo file")
     ap.add_argument("--adapters", default=None, help="lora+rag: a finished lora run whose adapters both sides use")
     ap.add_argument("--lora-args", default="", help="lora+rag: the adapters' training options, as bench.locomo "
                                                      "takes them (its --adapters-from takes the rest over)")
     ap.add_argument("--extra", default="", help="more bench.locomo options for every run")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of every run (default: torch's)")
     ap.add_argument("--runs", default="runs/answer-memory", help="where the run directories are kept")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "answer_memory_cpu.json")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "answer_memory_cpu.json", help="the results file")
     args = ap.parse_args(argv)
     args.methods, args.conversations = args.methods.split(","), args.conversations.split(",")
     unknown = [m for m in args.methods if m not in METHODS]
