@@ -4,6 +4,7 @@ refused, the replay sample is seeded, recorded and trained on, and each strategy
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -272,5 +273,7 @@ def test_growth_settings_are_checked():
         GrowthConfig("grow")
     with pytest.raises(ValueError, match="replay_ratio"):
         GrowthConfig(replay_ratio=-1)
+    distill = MemoryConfig(recipe=Recipe("text+distill"))  # a memory written once may distill
     with pytest.raises(ValueError, match="distill"):
-        MemoryConfig(recipe=Recipe("text+distill"), growth=GrowthConfig("continue"))
+        growth_module.check_growth(distill)  # but it cannot grow by replaying hard-label windows
+    growth_module.check_growth(dataclasses.replace(distill, growth=GrowthConfig("modules")))

@@ -469,6 +469,13 @@ def link_tree(src: Path, dst: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_growth(config: MemoryConfig) -> None:
+    """A ValueError if ``config`` cannot grow: 'continue' replays hard-label windows, which a distill recipe has not."""
+    if config.growth.strategy == "continue" and "distill" in config.recipe.parts:
+        raise ValueError("growth strategy 'continue' replays hard-label windows; a distill recipe grows by "
+                         "'rewrite' or 'modules'")
+
+
 def new_memory(lm: LoadedModel, config: MemoryConfig, path: str | os.PathLike, *, name: str | None = None,
                speakers: tuple[str, str] | None = None) -> Memory:
     """A memory that its first append writes into the folder ``path`` (which must not exist, or be empty);
@@ -478,6 +485,7 @@ def new_memory(lm: LoadedModel, config: MemoryConfig, path: str | os.PathLike, *
         raise MemoryFolderError(f"{path}: already exists and is not empty (open it to append to it)")
     if speakers is not None and len(speakers) != 2:
         raise MemoryFolderError(f"speakers: a memory has two, got {speakers!r}")
+    check_growth(config)
     memory = Memory(lm, config)
     memory.folder = GrowingMemory(path, None, name or path.name, tuple(speakers) if speakers else None)
     memory.folder.restore(memory)
@@ -487,6 +495,7 @@ def new_memory(lm: LoadedModel, config: MemoryConfig, path: str | os.PathLike, *
 def open_memory(folder: MemoryFolder, lm: LoadedModel) -> Memory:
     """The memory in ``folder`` (`memory_folder.read_memory_folder`), its adapter loaded into ``lm``'s model, ready
     to answer and to grow."""
+    check_growth(folder.manifest.memory_config)
     memory = Memory(lm, folder.manifest.memory_config)
     memory.folder = GrowingMemory.of(folder)
     memory.folder.restore(memory)

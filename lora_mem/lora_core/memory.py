@@ -146,11 +146,6 @@ class MemoryConfig:
     answer: AnswerConfig = field(default_factory=AnswerConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
 
-    def __post_init__(self):
-        if self.growth.strategy == "continue" and "distill" in self.recipe.parts:
-            raise ValueError("growth strategy 'continue' replays hard-label windows; a distill recipe grows by "
-                             "'rewrite' or 'modules'")
-
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -37,6 +37,7 @@ def stack_adapters(model: nn.Module, adapter_dirs: list[str | Path]) -> list[LoR
     if not adapter_dirs:
         raise AdapterError("no adapters to stack")
     dirs = [Path(d) for d in adapter_dirs]
+    unstack_adapters(model)  # the layers adapters are checked against are the model's own, not stacks of earlier ones
     layers = linear_layers(model)
     return stack_adapter_weights(model, [(str(d), *read_adapter(d, layers)) for d in dirs])
 
