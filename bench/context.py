@@ -129,9 +129,6 @@ class BM25Retriever:
         docs, _scores = self.index.retrieve(queries, k=k, show_progress=False, n_threads=1)
         return [sorted(int(i) for i in row) for row in docs]
 
-    def context(self, doc_ids: list[int]) -> str:
-        return "\n".join(self.docs[i] for i in doc_ids)
-
 
 def cut_to_fit(docs: list[str], tok: Tokenizer, budget: int) -> tuple[list[str], int]:
     """The documents, joined by newlines, within ``budget`` tokens: when they are longer together, every document is
