@@ -45,6 +45,9 @@ def parser_for(module: str):
     if module == "bench.perf.random_checkpoint":
         from bench.perf.random_checkpoint import build_parser
         return build_parser().parse_args
+    if module == "bench.perf.cpu_bf16":
+        from bench.perf.cpu_bf16 import build_parser
+        return build_parser().parse_args
     if module == "bench.capacity":
         from bench.capacity import parse_args
         return parse_args
@@ -54,7 +57,8 @@ def parser_for(module: str):
 def test_every_step_parses_and_the_limits_fit_one_device_command():
     steps = suite_steps()
     assert {name for _, name, _ in steps} >= {"kernel-tests", "bench-kernels", "train-throughput",
-                                              "decode-synthetic", "project-locomo"}
+                                              "decode-synthetic", "project-locomo",
+                                              "cpu-bf16-gemm", "cpu-bf16-train"}
     assert sum(limit for limit, _, _ in steps) <= 600  # the device tool's limit for one command
     for _, name, argv in steps:
         assert argv[:2] == ["python", "-m"], name
@@ -88,7 +92,8 @@ def test_steps_run_in_order_and_write_under_out():
     is written before; every results file goes under $OUT (what the device tool returns), the checkpoint does not."""
     steps = suite_steps()
     names = [name for _, name, _ in steps]
-    order = ["random-checkpoint", "kernel-tests", "bench-kernels", "train-throughput", "capacity-cell"]
+    order = ["random-checkpoint", "kernel-tests", "bench-kernels", "train-throughput", "capacity-cell",
+             "decode-synthetic", "project-locomo", "cpu-bf16-gemm", "cpu-bf16-train"]  # the GPU's first
     assert [n for n in names if n in order] == order
     for _, name, argv in steps:
         for option in ("--out", "--results-file"):
@@ -103,6 +108,10 @@ def test_steps_run_in_order_and_write_under_out():
     assert kernels[kernels.index("--shapes") + 1] == "qo,kv,gate_up,down"
     train = next(argv for _, name, argv in steps if name == "train-throughput")
     assert "--setup" in train and train[train.index("--setup") + 1] == "gpu"  # bf16, Qwen2.5-1.5B shapes, random
+    host = next(argv for _, name, argv in steps if name == "cpu-bf16-train")
+    assert host[host.index("--setup") + 1] == "cpu" and host[host.index("--model") + 1] == \
+        checkpoint[checkpoint.index("--out") + 1]  # no weights there: the default model's shapes, random
+    assert host[host.index("--sides") + 1].split(",") == ["lora-mem", "lora-mem:bfloat16", "peft:bfloat16"]
 
 
 def test_dry_run_finishes_every_step_with_its_results(tmp_path):
@@ -125,3 +134,8 @@ def test_dry_run_finishes_every_step_with_its_results(tmp_path):
     assert list((tmp_path / "capacity-cell" / "cells").glob("r8-n*.json"))
     for name in ("decode_cuda_synthetic.json", "locomo_projection_cuda.json"):
         assert json.loads((tmp_path / name).read_text())
+    host = json.loads((tmp_path / "cpu_bf16_host.json").read_text())
+    assert host["gemms"] and all(g["fp32_gflops"] > 0 and g["bf16_gflops"] > 0 for g in host["gemms"])
+    assert "cpu_bf16_instructions" in host and host["default_cpu_dtype"] in ("float32", "bfloat16")
+    bf16 = json.loads((tmp_path / "train_cpu_host_bf16.json").read_text())["rows"][0]
+    assert bf16["lora-mem:bfloat16"]["tokens_per_second"] > 0 and bf16["peft:bfloat16"]["tokens_per_second"] > 0

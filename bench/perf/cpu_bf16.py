@@ -43,7 +43,7 @@ def gemm_rates(m: int, k: int, n: int, repeats: int, device: torch.device) -> di
             "bf16_ms_all": [saved_ms(t) for t in t16]}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> Parser:
     ap = Parser(prog="python -m bench.perf.cpu_bf16", description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=positive_int_list, default=[2048], help="GEMM rows (tokens of a pass)")
     ap.add_argument("--hidden", type=positive_int, default=576, help="the default model's hidden size")
@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=positive_int, default=3, help="timed repeats of each product (median)")
     ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/cpu_bf16.json")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
