@@ -64,6 +64,11 @@ def test_runs_with_one_label_are_told_apart_by_their_recipe_settings(runs):
     assert [r["method"] for r in reports] == ["LoRA-Mem (r=8, text+queries) [query_phrasings=1]",
                                               "LoRA-Mem (r=8, text+queries) [query_phrasings=3]"]
     assert splits.distinct_labels(["a", "b"], [{"x": 1}, {"x": 2}]) == ["a", "b"]
+    # the dtype a run computed in changes its numbers, so it tells runs apart
+    # and a setting one run does not record (its code predates it) does not
+    assert splits.distinct_labels(["m", "m"], [{"dtype": "float32", "queries_from": None},
+                                               {"dtype": "bfloat16", "queries_from": "rules"}]) == \
+        ["m [dtype=float32]", "m [dtype=bfloat16]"]
 
 
 def test_runs_of_the_same_settings_are_told_apart_by_their_code():

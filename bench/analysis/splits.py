@@ -67,9 +67,10 @@ def render(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# Settings that say where or how fast a run ran, not what it measured: never used to tell two labels apart.
-NOT_RECIPE = {"conversations", "data_sha256", "device", "device_type", "threads", "kernel_policy", "dtype",
-              "adapters_from", "shared_batches", "max_questions"}
+# Settings that say where or how fast a run ran, not what it measured: never used to tell two labels apart. The
+# dtype does tell them apart (bf16 changes the numbers); main() puts the one the run computed in into its settings.
+NOT_RECIPE = {"conversations", "data_sha256", "device", "device_type", "threads", "kernel_policy",
+              "adapters_from", "shared_batches", "max_questions", "answer_memory_mb"}
 
 
 def _shared(labels: list[str]) -> list[list[int]]:
@@ -82,11 +83,12 @@ def _shared(labels: list[str]) -> list[list[int]]:
 
 def distinct_labels(labels: list[str], settings: list[dict], commits: list[str | None] | None = None) -> list[str]:
     """Runs that share a method label get the settings that tell them apart appended, e.g. "[query_phrasings=3]";
-    runs still alike, the code that ran them ("[code 7047ae1]")."""
+    runs still alike, the code that ran them ("[code 7047ae1]"). A setting a run does not record (None: its code
+    predates the option, so it ran as the option's default) tells nothing apart."""
     out = list(labels)
     for group in _shared(labels):
         keys = sorted({k for i in group for k in settings[i]} - NOT_RECIPE)
-        differ = [k for k in keys if len({repr(settings[i].get(k)) for i in group}) > 1]
+        differ = [k for k in keys if len({repr(settings[i][k]) for i in group if settings[i].get(k) is not None}) > 1]
         for i in group:
             if differ:
                 out[i] = f"{out[i]} [{', '.join(f'{k}={settings[i].get(k)}' for k in differ)}]"
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for path in args.runs:
         results, run_dir = load_run(Path(path))
         rows = read_jsonl(run_dir / "predictions.jsonl")
-        settings.append(results.get("settings", {}))
+        run_settings = results.get("settings", {})
+        settings.append({**run_settings, "dtype": results.get("dtype") or run_settings.get("dtype")})
         commits.append(results.get("git_commit"))
         reports.append({"run": str(path), "method": results["method"],
                         "splits": {s: split_report(results, rows, s, args.seeds) for s in SPLITS}})
