@@ -93,7 +93,7 @@ class GrowthConfig:
     ("continue"), or one adapter per append, composed when answering ("modules")."""
 
     strategy: str = "continue"
-    replay_ratio: float = 1.0  # continue: earlier windows replayed per new window
+    replay_ratio: float = 0.5  # continue: earlier windows replayed per new window (chosen on dev: docs/growth.md)
     keep_optimizer: bool = True  # continue: AdamW's moments go on from one append to the next
     compose: str = "route"  # modules: "route" (BM25 over each module's training questions) or "sum"
     route_top_k: int = 1  # modules, route: modules summed for each question
