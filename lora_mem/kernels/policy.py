@@ -57,6 +57,14 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_bf16_instructions())
 
 
+def env_cpu_bf16_choice(environ: Mapping[str, str] | None = None) -> str:
+    """LORA_MEM_CPU_BF16 (auto, on or off; unset: auto)."""
+    value = (os.environ if environ is None else environ).get("LORA_MEM_CPU_BF16", "").strip().lower() or "auto"
+    if value not in CPU_BF16_CHOICES:
+        raise ValueError(f"LORA_MEM_CPU_BF16 must be one of {', '.join(CPU_BF16_CHOICES)}, got {value!r}")
+    return value
+
+
 def resolve_cpu_bf16(choice: str) -> bool:
     """A --cpu-bf16 / LORA_MEM_CPU_BF16 choice as the policy's flag: auto follows the CPU's instructions."""
     if choice not in CPU_BF16_CHOICES:
@@ -70,8 +78,9 @@ class KernelPolicy:
     fused_ops: bool = False  # RMSNorm / RoPE / SwiGLU kernels where the LoRA linears run kernels
     cpu_attention: str = "blocks"  # CPU training's causal attention: blocks | sdpa
     tf32: bool = False  # fp32 products of the Triton kernels in TF32
-    # CPU models in bf16 unless a dtype is asked for; default: whether the CPU has bf16 instructions
-    cpu_bf16: bool = field(default_factory=lambda: cpu_has_bf16())
+    # CPU models in bf16 unless a dtype is asked for; default: LORA_MEM_CPU_BF16 (auto: the CPU's bf16 instructions),
+    # so that a library call and a command line in the same environment build the same model
+    cpu_bf16: bool = field(default_factory=lambda: resolve_cpu_bf16(env_cpu_bf16_choice()))
 
     def __post_init__(self):
         if self.kernels not in KERNEL_CHOICES:
@@ -123,7 +132,7 @@ class KernelPolicy:
         return cls(kernels=kernels, fused_ops=flag("LORA_MEM_FUSED_OPS") or kernels == "triton",
                    cpu_attention=choice("LORA_MEM_CPU_ATTENTION", default.cpu_attention, CPU_ATTENTION_CHOICES),
                    tf32=flag("LORA_MEM_TF32"),
-                   cpu_bf16=resolve_cpu_bf16(choice("LORA_MEM_CPU_BF16", "auto", CPU_BF16_CHOICES)))
+                   cpu_bf16=resolve_cpu_bf16(env_cpu_bf16_choice(env)))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> KernelPolicy:

@@ -47,7 +47,7 @@ def parse_dtype(name: str | None, device: torch.device, policy: KernelPolicy | N
     """A dtype name; None or "auto": the kernel policy's default for the device (bf16 on CUDA and on a CPU with bf16
     instructions, else fp32: KernelPolicy.default_dtype)."""
     if name is None or name == "auto":
-        return (policy or KernelPolicy.from_env()).default_dtype(device)
+        return (policy or KernelPolicy()).default_dtype(device)
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
@@ -313,10 +313,10 @@ def load_model(
     progress: bool = False,
     policy: KernelPolicy | None = None,
 ) -> LoadedModel:
-    """Load model + tokenizer. `policy` (default: KernelPolicy.from_env()): which kernels the model runs, and its
-    dtype when `dtype` names none (bf16 on CUDA and on a CPU with bf16 instructions, else fp32; lora_mem.kernels.policy). Every
+    """Load model + tokenizer. `policy` (default: KernelPolicy()): which kernels the model runs, and its dtype when
+    `dtype` names none (bf16 on CUDA and on a CPU with bf16 instructions, else fp32; lora_mem.kernels.policy). Every
     file is checked before memory is allocated for the weights."""
-    policy = policy or KernelPolicy.from_env()  # the LORA_MEM_* variables, as on a command line
+    policy = policy or KernelPolicy()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not isinstance(dtype, torch.dtype):
         dtype = parse_dtype(dtype, device, policy)
