@@ -364,13 +364,14 @@ def test_kernel_policy_is_parsed_from_the_environment_and_the_command_line():
 
     from lora_mem.kernels.policy import add_kernel_args
 
-    assert KernelPolicy.from_env({}) == KernelPolicy()
+    # from_env resolves cpu_bf16 (the tests' CPU has no bf16 instructions: conftest); KernelPolicy() leaves it unsaid
+    assert KernelPolicy.from_env({}) == KernelPolicy(cpu_bf16=False) and KernelPolicy().cpu_bf16 is None
     assert KernelPolicy().to_dict() == {"kernels": "auto", "fused_ops": False, "cpu_attention": "blocks", "tf32": False,
                                         "cpu_bf16": False}  # no bf16 instructions in the tests' CPU (conftest)
     env = {"LORA_MEM_KERNELS": " Triton", "LORA_MEM_CPU_ATTENTION": "sdpa", "LORA_MEM_TF32": "1"}
     # LORA_MEM_KERNELS=triton turns the fused ops on with the LoRA kernels
-    assert KernelPolicy.from_env(env) == KernelPolicy(kernels="triton", fused_ops=True, cpu_attention="sdpa", tf32=True)
-    assert KernelPolicy.from_env({"LORA_MEM_FUSED_OPS": "1"}) == KernelPolicy(fused_ops=True)
+    assert KernelPolicy.from_env(env) == KernelPolicy(kernels="triton", fused_ops=True, cpu_attention="sdpa", tf32=True, cpu_bf16=False)
+    assert KernelPolicy.from_env({"LORA_MEM_FUSED_OPS": "1"}) == KernelPolicy(fused_ops=True, cpu_bf16=False)
     for name, value in (("LORA_MEM_CPU_ATTENTION", "flash"), ("LORA_MEM_TF32", "yes"), ("LORA_MEM_FUSED_OPS", "2")):
         with pytest.raises(ValueError, match=name):
             KernelPolicy.from_env({name: value})
@@ -381,10 +382,10 @@ def test_kernel_policy_is_parsed_from_the_environment_and_the_command_line():
 
     ap = argparse.ArgumentParser()
     add_kernel_args(ap)
-    assert KernelPolicy.from_args(ap.parse_args([]), environ={}) == KernelPolicy()
+    assert KernelPolicy.from_args(ap.parse_args([]), environ={}) == KernelPolicy(cpu_bf16=False)
     assert KernelPolicy.from_args(ap.parse_args([]), environ=env) == KernelPolicy.from_env(env)
     args = ap.parse_args(["--kernels", "reference", "--no-fused-ops", "--no-tf32"])  # flags given win
-    assert KernelPolicy.from_args(args, environ=env) == KernelPolicy(kernels="reference", cpu_attention="sdpa")
+    assert KernelPolicy.from_args(args, environ=env) == KernelPolicy(kernels="reference", cpu_attention="sdpa", cpu_bf16=False)
     with pytest.raises(SystemExit):
         ap.parse_args(["--cpu-attention", "flash"])
 

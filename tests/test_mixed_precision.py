@@ -44,19 +44,27 @@ def test_the_policy_follows_the_cpus_bf16_instructions(monkeypatch):
     from lora_mem.kernels import policy
 
     monkeypatch.setattr(policy, "cpu_bf16_instructions", lambda: ("avx512_bf16",))
-    # the library's default policy reads LORA_MEM_CPU_BF16 as the command lines do (the tests set it off)
-    assert not KernelPolicy().cpu_bf16 and not KernelPolicy.from_env().cpu_bf16
+    # a policy that leaves cpu_bf16 unsaid reads LORA_MEM_CPU_BF16 when a dtype is chosen, as command lines do
+    # (the tests set it off), and not when it is built
+    unsaid = KernelPolicy()
+    assert unsaid.cpu_bf16 is None and not unsaid.bf16_on_cpu() and not KernelPolicy.from_env().cpu_bf16
     monkeypatch.delenv("LORA_MEM_CPU_BF16")
-    assert KernelPolicy().cpu_bf16 and KernelPolicy.from_env({}).cpu_bf16
-    assert KernelPolicy().default_dtype(CPU) == torch.bfloat16
+    assert unsaid.bf16_on_cpu() and KernelPolicy.from_env({}).cpu_bf16 is True
+    assert unsaid.default_dtype(CPU) == torch.bfloat16 and unsaid.to_dict()["cpu_bf16"] is True
     assert not KernelPolicy.from_env({"LORA_MEM_CPU_BF16": "off"}).cpu_bf16
+    assert not unsaid.bf16_on_cpu({"LORA_MEM_CPU_BF16": "off"})
+    monkeypatch.setenv("LORA_MEM_CPU_BF16", "yes")
+    unsaid_bad = KernelPolicy()  # built without reading the variable; choosing a dtype names it
+    with pytest.raises(ValueError, match="LORA_MEM_CPU_BF16 must be one of auto, on, off, got 'yes'"):
+        unsaid_bad.default_dtype(CPU)
+    monkeypatch.delenv("LORA_MEM_CPU_BF16")
     monkeypatch.setattr(policy, "cpu_bf16_instructions", lambda: ())
-    assert not KernelPolicy().cpu_bf16 and KernelPolicy().default_dtype(CPU) == torch.float32
+    assert not unsaid.bf16_on_cpu() and unsaid.default_dtype(CPU) == torch.float32
     assert KernelPolicy.from_env({"LORA_MEM_CPU_BF16": " On"}).cpu_bf16  # forced on where it would be slow
     assert KernelPolicy(cpu_bf16=False).default_dtype(torch.device("cuda")) == torch.bfloat16
     with pytest.raises(ValueError, match="LORA_MEM_CPU_BF16"):
         KernelPolicy.from_env({"LORA_MEM_CPU_BF16": "yes"})
-    assert KernelPolicy().to_dict()["cpu_bf16"] is False and BF16_ON.to_dict()["cpu_bf16"] is True
+    assert KernelPolicy(cpu_bf16=False).to_dict()["cpu_bf16"] is False and BF16_ON.to_dict()["cpu_bf16"] is True
 
     ap = argparse.ArgumentParser()
     add_kernel_args(ap)

@@ -22,8 +22,11 @@ Fields (the defaults are what runs when nothing is said):
   explicit dtype (``load_model(dtype=...)``, ``--dtype``) always wins.
 
 The environment (``LORA_MEM_KERNELS``, ``LORA_MEM_FUSED_OPS``, ``LORA_MEM_CPU_ATTENTION``, ``LORA_MEM_TF32``,
-``LORA_MEM_CPU_BF16``) is read by :meth:`KernelPolicy.from_env` only, which command lines call through
-:meth:`KernelPolicy.from_args`; the library itself never reads it. The CPU's instructions are read once per process.
+``LORA_MEM_CPU_BF16``) is read by :meth:`KernelPolicy.from_env`, which command lines call through
+:meth:`KernelPolicy.from_args`. One exception, so that a library call and a command line in the same environment
+build the same model: a policy that leaves ``cpu_bf16`` unsaid (None, ``KernelPolicy()``) reads
+``LORA_MEM_CPU_BF16`` when a dtype is chosen (:meth:`KernelPolicy.bf16_on_cpu`), never when it is built, so the
+policies built as default arguments at import read nothing. The CPU's instructions are read once per process.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import argparse
 import functools
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -57,11 +60,11 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_bf16_instructions())
 
 
-def env_cpu_bf16_choice(environ: Mapping[str, str] | None = None) -> str:
-    """LORA_MEM_CPU_BF16 (auto, on or off; unset: auto)."""
-    value = (os.environ if environ is None else environ).get("LORA_MEM_CPU_BF16", "").strip().lower() or "auto"
-    if value not in CPU_BF16_CHOICES:
-        raise ValueError(f"LORA_MEM_CPU_BF16 must be one of {', '.join(CPU_BF16_CHOICES)}, got {value!r}")
+def env_choice(name: str, default: str, allowed: tuple[str, ...], environ: Mapping[str, str] | None = None) -> str:
+    """One LORA_MEM_* variable, lower-cased, checked against `allowed` (unset or blank: `default`)."""
+    value = (os.environ if environ is None else environ).get(name, "").strip().lower() or default
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
     return value
 
 
@@ -78,9 +81,8 @@ class KernelPolicy:
     fused_ops: bool = False  # RMSNorm / RoPE / SwiGLU kernels where the LoRA linears run kernels
     cpu_attention: str = "blocks"  # CPU training's causal attention: blocks | sdpa
     tf32: bool = False  # fp32 products of the Triton kernels in TF32
-    # CPU models in bf16 unless a dtype is asked for; default: LORA_MEM_CPU_BF16 (auto: the CPU's bf16 instructions),
-    # so that a library call and a command line in the same environment build the same model
-    cpu_bf16: bool = field(default_factory=lambda: resolve_cpu_bf16(env_cpu_bf16_choice()))
+    # CPU models in bf16 unless a dtype is asked for; None: LORA_MEM_CPU_BF16 when a dtype is chosen (bf16_on_cpu)
+    cpu_bf16: bool | None = None
 
     def __post_init__(self):
         if self.kernels not in KERNEL_CHOICES:
@@ -101,13 +103,20 @@ class KernelPolicy:
         """Whether RMSNorm / RoPE / SwiGLU on ``x`` take their kernels (each also checks that it covers the inputs)."""
         return self.fused_ops and self.use_triton(x)
 
+    def bf16_on_cpu(self, environ: Mapping[str, str] | None = None) -> bool:
+        """``cpu_bf16``, or where it is unsaid, what LORA_MEM_CPU_BF16 says now (auto: the CPU's instructions)."""
+        if self.cpu_bf16 is not None:
+            return self.cpu_bf16
+        return resolve_cpu_bf16(env_choice("LORA_MEM_CPU_BF16", "auto", CPU_BF16_CHOICES, environ))
+
     def default_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype a model on ``device`` is built in when none is asked for: bf16 on CUDA, and on a CPU where
-        ``cpu_bf16`` says so; fp32 otherwise."""
-        return torch.bfloat16 if device.type == "cuda" or self.cpu_bf16 else torch.float32
+        :meth:`bf16_on_cpu` says so; fp32 otherwise."""
+        return torch.bfloat16 if device.type == "cuda" or self.bf16_on_cpu() else torch.float32
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The policy as a results file records it: ``cpu_bf16`` resolved to what a model would be built with."""
+        return {**asdict(self), "cpu_bf16": self.bf16_on_cpu()}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> KernelPolicy:
@@ -115,24 +124,14 @@ class KernelPolicy:
         turns the fused ops on, as it always has."""
         env = os.environ if environ is None else environ
 
-        def choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
-            value = env.get(name, "").strip().lower() or default
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-            return value
-
         def flag(name: str) -> bool:
-            value = env.get(name, "").strip().lower() or "0"
-            if value not in ("0", "1"):
-                raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-            return value == "1"
+            return env_choice(name, "0", ("0", "1"), env) == "1"
 
-        default = cls(cpu_bf16=False)  # the string defaults; cpu_bf16's is resolved below, once
-        kernels = choice("LORA_MEM_KERNELS", default.kernels, KERNEL_CHOICES)
+        default = cls()  # the string defaults
+        kernels = env_choice("LORA_MEM_KERNELS", default.kernels, KERNEL_CHOICES, env)
         return cls(kernels=kernels, fused_ops=flag("LORA_MEM_FUSED_OPS") or kernels == "triton",
-                   cpu_attention=choice("LORA_MEM_CPU_ATTENTION", default.cpu_attention, CPU_ATTENTION_CHOICES),
-                   tf32=flag("LORA_MEM_TF32"),
-                   cpu_bf16=resolve_cpu_bf16(env_cpu_bf16_choice(env)))
+                   cpu_attention=env_choice("LORA_MEM_CPU_ATTENTION", default.cpu_attention, CPU_ATTENTION_CHOICES, env),
+                   tf32=flag("LORA_MEM_TF32"), cpu_bf16=default.bf16_on_cpu(env))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> KernelPolicy:
