@@ -84,14 +84,25 @@ class Fact:
     verb: str | None = None  # the lemma of an object's verb ("paint"), for "What has Melanie painted?"
 
 
+@dataclass(frozen=True)
+class Named:
+    """A noun phrase a pronoun may stand for: "the" + phrase, where it ends, its grammatical number, and whether it
+    names people (whom "they" may mean, but who are never asked as a thing)."""
+
+    end: int
+    phrase: str
+    plural: bool
+    people: bool = False
+
+
 @dataclass
 class _Context:
     speaker: str
     other: str
     names: tuple[str, ...]  # everyone who speaks
     when: datetime | None  # the session's date and time
-    antecedents: list[str] = field(default_factory=list)  # things named in the turns before, the last last
-    chunks: list[tuple[int, str]] = field(default_factory=list)  # things named in this turn: (end token, phrase)
+    antecedents: list[Named] = field(default_factory=list)  # things named in the turns before, the last last
+    chunks: list[Named] = field(default_factory=list)  # things named in this turn
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,10 +229,7 @@ def _noun_phrase(token, ctx: _Context, *, for_question: bool = True) -> str | No
         if low in ("you", "yourself"):
             return ctx.other
         if low in ("it", "this", "that", "these", "those", "they", "them"):
-            before = [text for end, text in ctx.chunks if end <= token.i]
-            if before:
-                return before[-1]
-            return ctx.antecedents[-1] if ctx.antecedents else None
+            return _antecedent(token, ctx)
         return None
     if token.ent_type_ in ("PERSON", "GPE", "LOC", "FAC", "ORG") and token.dep_ != "compound":
         return _name_words(token)
@@ -630,10 +638,11 @@ def _on_date(resolved: str) -> str:
 
 def _copula_facts(verb, subj_token, subject: str, ctx: _Context, add) -> None:
     """ "X is Y", "it was so powerful", "I'm a fan of Bach": what X is, how X was, and Y asked the other way."""
-    aux = "was" if verb.tag_ == "VBD" else "is"
+    person = subject in ctx.names
+    plural = not person and verb.lower_ in ("are", "were", "'re")  # "they're comfy": how are the boots?
+    aux = ("were" if plural else "was") if verb.tag_ == "VBD" else "are" if plural else "is"
     if any(c.dep_ == "neg" for c in verb.children):
         return
-    person = subject in ctx.names
     thing = _definite(subject)
     for c in verb.children:
         if c.dep_ == "prep" and person and c.lower_ in ("from", "in", "at") and _prep_object(c) is not None:
@@ -801,16 +810,37 @@ def _frequency_facts(doc, ctx: _Context, dia_id: str, session: int) -> list[Fact
 _CLAUSE_DEPS = ("ROOT", "conj", "ccomp", "xcomp", "pcomp", "advcl", "relcl", "parataxis", "dep")
 
 
-def _things_named(doc, ctx: _Context) -> list[tuple[int, str]]:
-    """The things a turn names, (end token, "the" + phrase), that "it" and "they" can stand for."""
+def _things_named(doc, ctx: _Context) -> list[Named]:
+    """The noun phrases of a turn that "it" and "they" can stand for: things, and people (kept so that "they" after
+    "my kids" is not read as the thing named before them)."""
     named = []
     for chunk in doc.noun_chunks:
         root = chunk.root
-        if root.pos_ in ("NOUN", "PROPN") and not _is_date(root) and root.dep_ != "appos" and \
-                root.ent_type_ not in ("PERSON", "GPE", "LOC", "NORP", "ORG") and \
-                root.lemma_.lower() not in PEOPLE_WORDS and root.lemma_.lower() not in CHAT_WORDS:
-            named.append((chunk.end, _definite(_render(list(chunk), ctx))))
+        if root.pos_ not in ("NOUN", "PROPN") or _is_date(root) or root.dep_ == "appos" or \
+                root.lemma_.lower() in CHAT_WORDS:
+            continue
+        plural = root.tag_ in ("NNS", "NNPS") or any(c.dep_ == "conj" for c in root.children)
+        people = root.ent_type_ in ("PERSON", "NORP") or root.lemma_.lower() in PEOPLE_WORDS
+        if people or root.ent_type_ not in ("GPE", "LOC", "ORG"):
+            phrase = _render(list(chunk), ctx)
+            if root.pos_ == "NOUN" and chunk[0].dep_ not in ("det", "poss") and plural:
+                phrase = f"the {phrase}"  # "new boots ... they are comfy": how are the new boots?
+            named.append(Named(chunk.end, _definite(phrase), plural, people))
     return named
+
+
+def _antecedent(pronoun, ctx: _Context) -> str | None:
+    """The thing ``pronoun`` (it, this, they, them, ...) stands for: the last phrase named before it in the turn,
+    else in the turns before, of the pronoun's number ("they" after "the kids" is the kids, "it" is not); None when
+    that phrase names people, or no phrase agrees."""
+    plural = pronoun.lower_ in ("these", "those", "they", "them")
+    before = ctx.antecedents + [n for n in ctx.chunks if n.end <= pronoun.i]
+    for named in reversed(before):
+        if named.people and plural:
+            return None  # "my kids ... they were scared": people, not a thing to ask about
+        if named.plural == plural and not named.people:
+            return named.phrase
+    return None
 
 
 def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
@@ -826,7 +856,7 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
         facts += _name_facts(sentence, ctx, turn.dia_id, session)
         facts += _count_facts(sentence, ctx, turn.dia_id, session)
         facts += _frequency_facts(sentence, ctx, turn.dia_id, session)
-    ctx.antecedents = (ctx.antecedents + [text for _, text in ctx.chunks])[-8:]
+    ctx.antecedents = (ctx.antecedents + ctx.chunks)[-8:]
     if turn.blip_caption:
         shown = photo_note(turn.blip_caption)[len("[shares "):-1]
         for prefix in ("a photo of ", "a picture of ", "a photo: "):
