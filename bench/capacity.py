@@ -84,7 +84,7 @@ from lora_mem.cli import (
     positive_int_list,
     seed,
 )
-from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
+from lora_mem.kernels.policy import DTYPE_DEFAULT_HELP, KernelPolicy, add_kernel_args
 from lora_mem.lora_core.conversation import Conversation, Session, Turn
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_parameters, remove_lora, reset_lora
 from lora_mem.lora_core.memory import (
@@ -694,7 +694,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--device", type=device_name, metavar="{cpu,cuda}", default=None,
                    help="default: cuda if available")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="default: float32 on CPU, bfloat16 on CUDA")
+                   help=DTYPE_DEFAULT_HELP)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--no-plot", action="store_true", help="write no capacity.png (the plot needs matplotlib)")
     add_kernel_args(ap)

@@ -90,7 +90,7 @@ from lora_mem.cli import (
     train_format,
 )
 from lora_mem.files import file_sha256
-from lora_mem.kernels.policy import FIELDS_ADDED_LATER, KernelPolicy, add_kernel_args
+from lora_mem.kernels.policy import DTYPE_DEFAULT_HELP, FIELDS_ADDED_LATER, KernelPolicy, add_kernel_args
 from lora_mem.lora_core.adapter_io import AdapterError, linear_layers, read_adapter
 from lora_mem.lora_core.conversation import conversation_only
 from lora_mem.lora_core.distill import ANSWER_SOURCES
@@ -283,8 +283,7 @@ OPTIONS = (
            "passes; the same answers)"), ANSWERING, result=False),
     Option("--device", "device", dict(type=device_name, metavar="{cpu,cuda}", help="default: cuda if available"),
            ANSWERING, result=False),
-    Option("--dtype", "dtype", dict(choices=DTYPES, help="default: bfloat16 on CUDA and on a CPU with bf16 "
-           "instructions (--cpu-bf16), else float32"),
+    Option("--dtype", "dtype", dict(choices=DTYPES, help=DTYPE_DEFAULT_HELP),
            ANSWERING),
     Option("--threads", "threads", dict(type=threads, help="torch CPU threads (default: torch's, all cores); "
            "recorded, since CPU numerics depend on it"), ANSWERING),

@@ -31,6 +31,7 @@ from bench.locomo_data import iter_samples, load_locomo, resolve_data_path, sele
 from lora_mem.lora_core.adapter_io import load_adapter, save_adapter
 from lora_mem.lora_core.inject import LoRAConfig, inject_lora, lora_modules
 from lora_mem.cli import Parser, device_name, id_list, positive_int
+from lora_mem.kernels.policy import DTYPE_DEFAULT_HELP
 from lora_mem.lora_core.memory import QUESTION_TEMPLATE
 from lora_mem.lora_core.multi_adapter import stack_adapters, unstack_adapters
 from lora_mem.model.generate import generate
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=positive_int, default=64, help="questions decoded at once")
     ap.add_argument("--max-new-tokens", type=positive_int, default=32, help="the longest answer, in tokens")
     ap.add_argument("--device", type=device_name, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    ap.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help=DTYPE_DEFAULT_HELP)
     ap.add_argument("--out", default=None, help="results file (default bench/results/shared_batches_<device>.json)")
     return ap.parse_args(argv)
 

@@ -44,6 +44,9 @@ from lora_mem.kernels._common import HAS_TRITON, interpreting
 KERNEL_CHOICES = ("auto", "triton", "reference")
 CPU_ATTENTION_CHOICES = ("blocks", "sdpa")
 CPU_BF16_CHOICES = ("auto", "on", "off")  # auto: on where the CPU has bf16 instructions
+# The --dtype help of every command line: what a model is built in when no dtype is asked for (default_dtype)
+DTYPE_DEFAULT_HELP = ("default: bfloat16 on CUDA and on a CPU with bf16 instructions (--cpu-bf16, "
+                      "LORA_MEM_CPU_BF16), else float32")
 # What a recorded policy without a field ran with (a run of code older than the field): the CPU path was fp32.
 FIELDS_ADDED_LATER = {"cpu_bf16": False}
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_mem.cli import Parser, fail, positive_int
-from lora_mem.kernels.policy import KernelPolicy, add_kernel_args
+from lora_mem.kernels.policy import DTYPE_DEFAULT_HELP, KernelPolicy, add_kernel_args
 from lora_mem.model.config import ModelConfig
 from lora_mem.model.qwen2 import KVCache, Qwen2ForCausalLM
 
@@ -559,7 +559,7 @@ def cli_parser(description: str, prog: str = "python -m lora_mem.model.generate"
     ap.add_argument("--max-new-tokens", type=positive_int, default=64, help="the longest answer, in tokens")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                    help="default: float32 on CPU, bfloat16 on CUDA")
+                    help=DTYPE_DEFAULT_HELP)
     add_kernel_args(ap)
     return ap
 
