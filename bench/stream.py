@@ -4,6 +4,7 @@ the way.
     python -m bench.stream --strategy continue --train-format text+queries --query-phrasings 1 --out runs/stream
     python -m bench.stream --strategy rewrite --block 5 ...       # a fresh adapter on all sessions every 5 sessions
     python -m bench.stream --strategy modules --compose route ...
+    python -m bench.stream --strategy modules --route-top-k 4 --modules-from runs/stream-modules ...   # answer only
 
 For each conversation, in session order: append (``--block`` sessions at a time), and after every ``--every``-th
 session, after the first quarter of the sessions and after the last, ask the questions whose evidence lies wholly in
@@ -16,6 +17,10 @@ askable (an analysis, as `bench.analysis.shuffle_control` is); training sees the
                   every later checkpoint
     cost          training tokens and seconds per append and in total, beside the all-at-once write (``--reference``,
                   a bench.locomo run of the same training settings)
+
+``--modules-from RUN_DIR`` (modules only) trains nothing: it asks the modules an earlier modules run wrote (same
+training settings, read in place) at the same checkpoints, composed as this run says, so compositions compare on
+the same modules; the cost reported is that run's.
 
 Outputs land under ``--out`` as they are made (atomically) and a rerun resumes, as bench.locomo's do:
 
@@ -82,7 +87,9 @@ LOCOMO_OPTIONS = tuple(o for o in locomo.OPTIONS if o.group in ("adapter and tra
                        or o.dest in ("model", "max_questions"))
 GROWTH_OPTIONS = {"strategy": "strategy", "replay_ratio": "replay_ratio", "reset_optimizer": "keep_optimizer",
                   "compose": "compose", "route_top_k": "route_top_k"}  # option dest -> GrowthConfig field
-STREAM_SETTINGS = tuple(GROWTH_OPTIONS) + ("every", "block")
+STREAM_SETTINGS = tuple(GROWTH_OPTIONS) + ("every", "block", "modules_from")
+# What a --modules-from run must share with this one: all that makes its modules what they are.
+MODULES_FROM_SETTINGS = ("model", "dtype", "seed", "block", "data_sha256") + locomo.TRAINING_SETTINGS
 EVIDENCE_SESSION = re.compile(r"D:?(\d+):")  # "D8:6", and the file's few "D:11:26"
 
 
@@ -93,6 +100,7 @@ class StreamConfig:
 
     every: int = 5  # ask after every k-th session (and after the first quarter and the last)
     block: int = 1  # sessions per append
+    modules_from: str | None = None  # modules: answer with an earlier run's modules, train nothing
     locomo: locomo.LocomoConfig = field(default_factory=locomo.LocomoConfig)
 
     @property
@@ -132,6 +140,8 @@ def build_parser() -> Parser:
                    "summed for each question")
     g.add_argument("--every", type=positive_int, default=stream.every, help="ask after every k-th session")
     g.add_argument("--block", type=positive_int, default=stream.block, help="sessions written per append")
+    g.add_argument("--modules-from", metavar="RUN_DIR", default=None, help="modules: train nothing; ask the modules "
+                   "an earlier modules run of the same training settings wrote, composed as this run says")
     defaults = locomo.LocomoConfig()
     groups: dict[str, argparse._ArgumentGroup] = {}
     for o in LOCOMO_OPTIONS:
@@ -152,7 +162,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Strea
         config = dataclasses.replace(config, memory=memory, kernels=KernelPolicy.from_args(args))
     except ValueError as e:
         ap.error(str(e))
-    return args, StreamConfig(args.every, args.block, config)
+    if args.modules_from is not None and args.strategy != "modules":
+        ap.error(f"--modules-from {args.modules_from}: only with --strategy modules, not {args.strategy}")
+    return args, StreamConfig(args.every, args.block, args.modules_from, config)
 
 
 def settings_of(config: StreamConfig) -> dict:
@@ -163,7 +175,7 @@ def settings_of(config: StreamConfig) -> dict:
         "reset_optimizer": not g.keep_optimizer if g.strategy == "continue" else None,
         "compose": g.compose if g.strategy == "modules" else None,
         "route_top_k": g.route_top_k if g.strategy == "modules" and g.compose == "route" else None,
-        "every": config.every, "block": config.block}
+        "every": config.every, "block": config.block, "modules_from": config.modules_from}
     for k in ("method", "context_tokens", "top_k", "rag_unit", "adapters_from", "shared_batches", "with_adversarial",
               "answer_mode"):
         settings.pop(k, None)
@@ -248,16 +260,20 @@ def conversation_state(out: Path, sample_id: str) -> str:
     return "failed" if read_run_file(conv_dir / "result.json").get("error") else "finished"
 
 
-def ask(memory: Memory, sample: Sample, questions: list, written: int, conv_dir: Path, quiet: bool) -> dict:
-    """Answer the questions askable after ``written`` sessions; write their predictions, then the marker."""
+def ask(memory: Memory, sample: Sample, questions: list, written: int, conv_dir: Path, quiet: bool,
+        compose: dict | None = None) -> dict:
+    """Answer the questions askable after ``written`` sessions; write their predictions, then the marker.
+    ``compose``: a memory of modules answers as Memory.answer's ``modules`` and ``route_top_k`` say."""
     idx = askable(sample, questions, written)
     asked = [questions[i].question for i in idx]
+    compose = compose or {}
     t0 = time.perf_counter()
-    answers = memory.answer(asked, progress=not quiet) if asked else []
+    answers = memory.answer(asked, progress=not quiet, **compose) if asked else []
     seconds = time.perf_counter() - t0
     routed = {}
     if memory.config.growth.strategy == "modules" and asked:
-        routed = {i: list(modules) for modules, rows in memory.folder.routes(asked) for i in rows}
+        routes = memory.folder.routes(asked, modules=compose.get("modules"), top_k=compose.get("route_top_k"))
+        routed = {i: list(modules) for modules, rows in routes for i in rows}
     rows = []
     for j, (i, pred) in enumerate(zip(idx, answers)):
         qa = questions[i]
@@ -280,7 +296,45 @@ def stream_memory(lm, config: StreamConfig, sample: Sample, mem_dir: Path) -> Me
                       speakers=(sample.speaker_a, sample.speaker_b))
 
 
+def modules_written(manifest, sessions: list, written: int) -> int:
+    """How many appends of a memory's manifest lie wholly in the first ``written`` sessions (a RunFileError where
+    an append runs past them: the memory never stood there)."""
+    last = sessions[written - 1].index
+    ends = [max(w["sessions"]) for w in manifest.writes]
+    if last not in ends:
+        raise RunFileError(f"no append of the memory ends at session {last} (its appends end at {ends}): "
+                           "--modules-from needs a run with this run's checkpoints among its append ends")
+    return ends.index(last) + 1
+
+
+def ask_modules_from(sample: Sample, lm, config: StreamConfig, out: Path, quiet: bool) -> dict:
+    """The conversation's checkpoints asked of the modules another run wrote (--modules-from), none trained."""
+    conv_dir = conversation_dir(out, sample.sample_id)
+    questions = select_questions(sample, False, config.locomo.max_questions)
+    sessions = conversation_only(sample).sessions
+    source = conversation_dir(Path(config.modules_from), sample.sample_id) / "memory"
+    folder = read_memory_folder(source)
+    if len(folder.manifest.sessions) != len(sessions):
+        raise RunFileError(f"{source}: holds {len(folder.manifest.sessions)} of the {len(sessions)} sessions; "
+                           "finish that run first")
+    memory = open_memory(folder, lm)
+    done = {int(p.stem) for p in (conv_dir / "checkpoints").glob("*.json")}
+    g = config.growth
+    for written in checkpoints(len(sessions), config.every):
+        if written not in done:
+            k = modules_written(folder.manifest, sessions, written)
+            ask(memory, sample, questions, written, conv_dir, quiet,
+                {"modules": k, "route_top_k": k if g.compose == "sum" else g.route_top_k})
+    result = {"sample_id": sample.sample_id, "n_sessions": len(sessions), "n_questions": len(questions),
+              "error": None, "modules_from": str(source)}
+    result.update(conversation_summary(sample, questions, folder.manifest, conv_dir))
+    atomic_write_json(conv_dir / "result.json", result)
+    return result
+
+
 def run_conversation(sample: Sample, lm, config: StreamConfig, out: Path, quiet: bool) -> dict:
+    if config.modules_from is not None:
+        return ask_modules_from(sample, lm, config, out, quiet)
     conv_dir = conversation_dir(out, sample.sample_id)
     questions = select_questions(sample, False, config.locomo.max_questions)
     sessions = conversation_only(sample).sessions  # what is written: the sessions alone
@@ -377,6 +431,23 @@ def read_reference(run_dir: str, settings: dict, samples: list[Sample]) -> dict:
             "train_tokens": sum(c["train_tokens"] for c in convs.values()),
             "train_seconds": sum(c["train_seconds"] for c in convs.values()),
             "data_seconds": sum(c.get("data_seconds", 0.0) for c in convs.values())}
+
+
+def check_modules_from(run_dir: str, settings: dict) -> None:
+    """A --modules-from run: a modules stream of the same training settings on the same data, every conversation
+    asked here finished there. Refused before the model loads."""
+    theirs = read_run_file(Path(run_dir) / "run_config.json")
+    if theirs.get("strategy") != "modules" or theirs.get("modules_from"):
+        raise RunConfigMismatch(f"--modules-from {run_dir}: not a modules run that trained its own modules "
+                                f"(strategy {theirs.get('strategy')!r}, modules_from {theirs.get('modules_from')!r})")
+    diffs = [f"{k}: {theirs.get(k)!r} there, {settings.get(k)!r} here" for k in MODULES_FROM_SETTINGS
+             if theirs.get(k) != settings.get(k)]
+    if diffs:
+        raise RunConfigMismatch(f"--modules-from {run_dir}: other training settings ({'; '.join(diffs)})")
+    missing = [c for c in settings["conversations"]
+               if not (conversation_dir(Path(run_dir), c) / "result.json").is_file()]
+    if missing:
+        raise RunConfigMismatch(f"--modules-from {run_dir}: has not finished {', '.join(missing)}")
 
 
 def ratio(a, b):
@@ -542,6 +613,8 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "kernel_policy": config.locomo.kernels.to_dict(), "conversations": [s.sample_id for s in samples]}
     reference = read_reference(args.reference, settings, samples) if args.reference else None
+    if config.modules_from is not None:
+        check_modules_from(config.modules_from, settings)
     check_or_write_run_config(out, settings, RESULT_SETTINGS, write=False)
     states = {s.sample_id: conversation_state(out, s.sample_id) for s in samples}
     out.mkdir(parents=True, exist_ok=True)

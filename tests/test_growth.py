@@ -239,6 +239,13 @@ def test_modules_route_each_question_to_the_module_that_trained_on_it(ckpt, conv
     asked = [per_module[0][0], per_module[2][0], per_module[1][-1]]
     routes = dict(memory.folder.routes(asked))
     assert routes == {(1,): [0], (3,): [1], (2,): [2]}
+    # as the memory stood after two appends: module 3's question goes to one of the two that exist
+    assert {m for ms, _ in memory.folder.routes(asked, modules=2) for m in ms} <= {1, 2}
+    before = dict(memory.folder.routes(asked, modules=2))
+    assert 0 in before[(1,)] and 2 in before[(2,)]  # the questions of modules 1 and 2 still go to them
+    assert dict(memory.folder.routes(asked, top_k=3)) == {(1, 2, 3): [0, 1, 2]}
+    with pytest.raises(ValueError, match="first 4"):
+        memory.folder.routes(asked, modules=4)
     answers = memory.answer(asked)
     for n, i in ((1, 0), (3, 1), (2, 2)):  # each answered as its module alone would answer it
         alone = Memory(load_model(str(ckpt)), config("modules"))

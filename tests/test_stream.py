@@ -157,3 +157,28 @@ def test_a_damaged_memory_in_out_is_named_before_the_model_loads(ckpt, tmp_path,
     code, err = run_cli(monkeypatch, capsys, args(ckpt, out, "--conversations", "tiny-1"))
     assert code == 2 and err.count("\n") == 1 and str(replay) in err
     assert snapshot(out) == before
+
+
+def test_modules_from_asks_another_runs_modules_without_training(ckpt, tmp_path, monkeypatch, capsys):
+    source = tmp_path / "modules"
+    trained = stream.main(args(ckpt, source, "--strategy", "modules"))
+    monkeypatch.setattr(Memory, "append", lambda *a, **k: pytest.fail("a --modules-from run trained"))
+    again = stream.main(args(ckpt, tmp_path / "same", "--strategy", "modules", "--modules-from", str(source)))
+    for s in ("tiny-1", "tiny-2"):  # the same composition of the same modules: the same answers, at every checkpoint
+        for n in (1, 2):
+            rows = stream.checkpoint_rows(tmp_path / "same", s, n)
+            assert rows == stream.checkpoint_rows(source, s, n) and rows
+    assert again["cost"]["train_tokens"] == trained["cost"]["train_tokens"] > 0  # the cost is the source run's
+    assert not (tmp_path / "same" / "conversations" / "tiny-1" / "memory").exists()
+    stream.main(args(ckpt, tmp_path / "top2", "--strategy", "modules", "--route-top-k", "2",
+                     "--modules-from", str(source)))
+    for s in ("tiny-1", "tiny-2"):  # after one session one module exists; after two, both answer every question
+        assert {tuple(r["modules"]) for r in stream.checkpoint_rows(tmp_path / "top2", s, 1)} == {(1,)}
+        assert {tuple(r["modules"]) for r in stream.checkpoint_rows(tmp_path / "top2", s, 2)} == {(1, 2)}
+    for extra, needle in ((["--rank", "2"], "rank: 4 there, 2 here"), (["--strategy", "continue"], "--modules-from")):
+        out = tmp_path / "refused"
+        capsys.readouterr()
+        code, err = run_cli(monkeypatch, capsys, args(ckpt, out, "--strategy", "modules", "--modules-from",
+                                                      str(source), *extra))
+        assert code == 2 and err.count("\n") == 1 and needle in err, err
+        assert not out.exists()

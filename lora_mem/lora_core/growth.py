@@ -427,19 +427,26 @@ class GrowingMemory:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise MemoryFolderError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
-    def routes(self, questions: list[str]) -> list[tuple[tuple[int, ...], list[int]]]:
+    def routes(self, questions: list[str], *, modules: int | None = None,
+               top_k: int | None = None) -> list[tuple[tuple[int, ...], list[int]]]:
         """Which modules (1-based, oldest first) answer which questions: [(modules, indices of their questions)],
-        in order of first use."""
-        modules = self.module_dirs()
-        if not modules:
+        in order of first use. ``modules``: only the first n, the memory as it stood after its n-th append (default:
+        all); ``top_k``: route each question to its k best modules whatever the memory's own composition says
+        (default: its ``compose`` and ``route_top_k``)."""
+        dirs = self.module_dirs()
+        if not dirs:
             raise MemoryFolderError(f"{self.path}: the memory holds no session yet")
+        n = len(dirs) if modules is None else modules
+        if not 1 <= n <= len(dirs) or (top_k is not None and top_k < 1):
+            raise ValueError(f"{self.path}: holds {len(dirs)} modules; asked to route among the first {modules} "
+                             f"to the best {top_k}")
         config = MemoryConfig.from_dict(self.folder.manifest.config)
-        if config.growth.compose == "sum":
-            return [(tuple(range(1, len(modules) + 1)), list(range(len(questions))))]
-        if self._router is None or self._router[0] != len(modules):
-            self._router = (len(modules), BM25Router([self.module_questions(m, config) for m in modules]))
+        if top_k is None and config.growth.compose == "sum":
+            return [(tuple(range(1, n + 1)), list(range(len(questions))))]
+        if self._router is None or self._router[0] != n:
+            self._router = (n, BM25Router([self.module_questions(m, config) for m in dirs[:n]]))
         groups: dict[tuple[int, ...], list[int]] = {}
-        for i, top in enumerate(self._router[1].top(questions, config.growth.route_top_k)):
+        for i, top in enumerate(self._router[1].top(questions, top_k or config.growth.route_top_k)):
             groups.setdefault(tuple(m + 1 for m in top), []).append(i)
         return list(groups.items())
 

@@ -324,11 +324,15 @@ class Memory:
         load_adapter(self.lm.model, path)
 
     def answer(self, questions: list[str], *, contexts: list[str] | None = None,
-               adapter_ids: list[int] | None = None, progress: bool = False) -> list[str]:
+               adapter_ids: list[int] | None = None, progress: bool = False, modules: int | None = None,
+               route_top_k: int | None = None) -> list[str]:
         """Answers from the adapter in the model (or, inside :meth:`stacked`, each question's own adapter), in
-        the configured mode."""
+        the configured mode. A memory of modules may answer as it stood after its first ``modules`` appends, and
+        send each question to its ``route_top_k`` best modules instead of what its config says."""
         cfg = self.config.answer
         composed = self.folder is not None and self.config.growth.strategy == "modules"
+        if (modules is not None or route_top_k is not None) and not composed:
+            raise ValueError("modules and route_top_k apply to a memory of modules (growth strategy 'modules')")
         if cfg.mode == "recite":
             if contexts is not None or adapter_ids is not None or composed:
                 raise ValueError("recite-then-answer takes the questions alone, with the adapter in the model")
@@ -337,7 +341,8 @@ class Memory:
         if composed:
             if adapter_ids is not None:
                 raise ValueError("a memory of modules picks each question's modules itself (no adapter_ids)")
-            return self._answer_with_modules(prompts, self.folder.routes(questions), progress)
+            routes = self.folder.routes(questions, modules=modules, top_k=route_top_k)
+            return self._answer_with_modules(prompts, routes, progress)
         return answer_prompts(self.lm, prompts, cfg, adapter_ids=adapter_ids, progress=progress)
 
     def _answer_with_modules(self, prompts: list[list[int]], routes: list[tuple[tuple[int, ...], list[int]]],
