@@ -92,7 +92,7 @@ class Named:
     end: int
     phrase: str
     plural: bool
-    people: bool = False
+    people: bool
 
 
 @dataclass
