@@ -231,7 +231,7 @@ def test_a_diverged_append_writes_nothing_and_keeps_the_adapter(ckpt, conversati
 
 
 def test_modules_route_each_question_to_the_module_that_trained_on_it(ckpt, conversation, tmp_path):
-    memory = grow(ckpt, tmp_path / "mem", config("modules"), conversation.sessions)
+    memory = grow(ckpt, tmp_path / "mem", config("modules", route_top_k=1), conversation.sessions)
     per_module = [json.loads((tmp_path / "mem" / "modules" / f"{n:04d}" / "questions.json").read_text())
                   for n in (1, 2, 3)]
     assert (tmp_path / "mem" / "adapter" / "adapter_model.safetensors").read_bytes() == \
@@ -248,7 +248,7 @@ def test_modules_route_each_question_to_the_module_that_trained_on_it(ckpt, conv
         memory.folder.routes(asked, modules=4)
     answers = memory.answer(asked)
     for n, i in ((1, 0), (3, 1), (2, 2)):  # each answered as its module alone would answer it
-        alone = Memory(load_model(str(ckpt)), config("modules"))
+        alone = Memory(load_model(str(ckpt)), config("modules", route_top_k=1))
         alone.load(tmp_path / "mem" / "modules" / f"{n:04d}")
         assert alone.answer([asked[i]]) == [answers[i]]
 

@@ -161,9 +161,10 @@ def test_a_damaged_memory_in_out_is_named_before_the_model_loads(ckpt, tmp_path,
 
 def test_modules_from_asks_another_runs_modules_without_training(ckpt, tmp_path, monkeypatch, capsys):
     source = tmp_path / "modules"
-    trained = stream.main(args(ckpt, source, "--strategy", "modules"))
+    trained = stream.main(args(ckpt, source, "--strategy", "modules", "--route-top-k", "1"))
     monkeypatch.setattr(Memory, "append", lambda *a, **k: pytest.fail("a --modules-from run trained"))
-    again = stream.main(args(ckpt, tmp_path / "same", "--strategy", "modules", "--modules-from", str(source)))
+    again = stream.main(args(ckpt, tmp_path / "same", "--strategy", "modules", "--route-top-k", "1",
+                             "--modules-from", str(source)))
     for s in ("tiny-1", "tiny-2"):  # the same composition of the same modules: the same answers, at every checkpoint
         for n in (1, 2):
             rows = stream.checkpoint_rows(tmp_path / "same", s, n)

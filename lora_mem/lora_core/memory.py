@@ -96,7 +96,7 @@ class GrowthConfig:
     replay_ratio: float = 0.5  # continue: earlier windows replayed per new window (chosen on dev: docs/growth.md)
     keep_optimizer: bool = True  # continue: AdamW's moments go on from one append to the next
     compose: str = "route"  # modules: "route" (BM25 over each module's training questions) or "sum"
-    route_top_k: int = 1  # modules, route: modules summed for each question
+    route_top_k: int = 2  # modules, route: modules summed for each question (chosen on dev: docs/growth.md)
 
     def __post_init__(self):
         if self.strategy not in GROWTH_STRATEGIES:
