@@ -80,8 +80,8 @@ def build_parser() -> Parser:
     g = sub.add_parser("append", help="write more sessions into a memory folder",
                        description="Write the sessions of a chat file into a memory folder, after the sessions it "
                                    "holds, the way the memory grows (its manifest's growth settings: by default "
-                                   "its adapter trained further on the new sessions and a replay sample of the "
-                                   "earlier ones). A session the memory already holds is refused.")
+                                   "a new adapter for the new sessions, the best two routed to each question). "
+                                   "A session the memory already holds is refused.")
     g.add_argument("memory", metavar="MEMORY_DIR", help="a memory folder written by lora-mem write")
     g.add_argument("chat", metavar="CHAT", help="the sessions to append: a chat export (JSON list or JSON Lines of "
                                                 "{speaker, text, time}) or a file in LoCoMo's layout")

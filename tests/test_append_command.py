@@ -65,14 +65,15 @@ def memory_dir(ckpt, chats, tmp_path):
 
 def test_append_grows_the_memory_by_the_next_session(memory_dir, chats, monkeypatch, capsys):
     code, out, err = run(monkeypatch, capsys, ["append", str(memory_dir), str(chats[1]), "--quiet"])
-    assert code == 0 and out.startswith(f"appended 1 session(s) to {memory_dir} (now 2, continue)")
+    assert code == 0 and out.startswith(f"appended 1 session(s) to {memory_dir} (now 2, modules)")
     folder = lora_mem.read_memory_folder(memory_dir)
     assert [s.index for s in folder.manifest.sessions] == [1, 2]
     assert [w["sessions"] for w in folder.manifest.writes] == [[1], [2]]
     assert [s.sessions for s in folder.manifest.sources] == [[1], [2]]
     assert folder.conversation.sessions[1].turns[0].text == "Rex chewed my running shoes this morning."
     assert folder.conversation.sessions[1].turns[0].dia_id == "D2:1"
-    assert {"replay.safetensors", "optimizer.pt"} <= set(folder.manifest.files)
+    assert {"modules/0001/adapter_model.safetensors", "modules/0002/adapter_model.safetensors"} <= \
+        set(folder.manifest.files)  # the default growth: an adapter per append
     code, out, err = run(monkeypatch, capsys, ["ask", str(memory_dir), "What did Rex chew?", "--quiet"])
     assert code == 0 and len(out.splitlines()) == 1
 

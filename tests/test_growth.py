@@ -280,7 +280,7 @@ def test_growth_settings_are_checked():
         GrowthConfig("grow")
     with pytest.raises(ValueError, match="replay_ratio"):
         GrowthConfig(replay_ratio=-1)
-    distill = MemoryConfig(recipe=Recipe("text+distill"))  # a memory written once may distill
+    distill = MemoryConfig(recipe=Recipe("text+distill"), growth=GrowthConfig("continue"))  # written once: fine
     with pytest.raises(ValueError, match="distill"):
         growth_module.check_growth(distill)  # but it cannot grow by replaying hard-label windows
     growth_module.check_growth(dataclasses.replace(distill, growth=GrowthConfig("modules")))

@@ -146,7 +146,7 @@ def test_bad_input_is_one_line_before_any_work(ckpt, tmp_path, monkeypatch, caps
 
 def test_a_damaged_memory_in_out_is_named_before_the_model_loads(ckpt, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    stream.main(args(ckpt, out, "--conversations", "tiny-1"))
+    stream.main(args(ckpt, out, "--conversations", "tiny-1", "--strategy", "continue"))
     shutil.rmtree(out / "conversations" / "tiny-1" / "checkpoints")  # as if killed before asking anything
     (out / "conversations" / "tiny-1" / "result.json").unlink()
     replay = out / "conversations" / "tiny-1" / "memory" / "replay.safetensors"
@@ -154,7 +154,7 @@ def test_a_damaged_memory_in_out_is_named_before_the_model_loads(ckpt, tmp_path,
     before = snapshot(out)
     capsys.readouterr()
     monkeypatch.setattr(stream, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
-    code, err = run_cli(monkeypatch, capsys, args(ckpt, out, "--conversations", "tiny-1"))
+    code, err = run_cli(monkeypatch, capsys, args(ckpt, out, "--conversations", "tiny-1", "--strategy", "continue"))
     assert code == 2 and err.count("\n") == 1 and str(replay) in err
     assert snapshot(out) == before
 

@@ -92,7 +92,7 @@ class GrowthConfig:
     ("rewrite"), the same adapter trained further on the new sessions and a replay sample of earlier ones
     ("continue"), or one adapter per append, composed when answering ("modules")."""
 
-    strategy: str = "continue"
+    strategy: str = "modules"  # chosen on dev, held on all ten (docs/growth.md)
     replay_ratio: float = 0.5  # continue: earlier windows replayed per new window (chosen on dev: docs/growth.md)
     keep_optimizer: bool = True  # continue: AdamW's moments go on from one append to the next
     compose: str = "route"  # modules: "route" (BM25 over each module's training questions) or "sum"
