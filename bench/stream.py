@@ -261,19 +261,18 @@ def conversation_state(out: Path, sample_id: str) -> str:
 
 
 def ask(memory: Memory, sample: Sample, questions: list, written: int, conv_dir: Path, quiet: bool,
-        compose: dict | None = None) -> dict:
+        modules: int | None = None, route_top_k: int | None = None) -> dict:
     """Answer the questions askable after ``written`` sessions; write their predictions, then the marker.
-    ``compose``: a memory of modules answers as Memory.answer's ``modules`` and ``route_top_k`` say."""
+    ``modules``, ``route_top_k``: a memory of modules answers as Memory.answer takes them."""
     idx = askable(sample, questions, written)
     asked = [questions[i].question for i in idx]
-    compose = compose or {}
     t0 = time.perf_counter()
-    answers = memory.answer(asked, progress=not quiet, **compose) if asked else []
+    answers = memory.answer(asked, progress=not quiet, modules=modules, route_top_k=route_top_k) if asked else []
     seconds = time.perf_counter() - t0
     routed = {}
     if memory.config.growth.strategy == "modules" and asked:
-        routes = memory.folder.routes(asked, modules=compose.get("modules"), top_k=compose.get("route_top_k"))
-        routed = {i: list(modules) for modules, rows in routes for i in rows}
+        routes = memory.folder.routes(asked, modules=modules, top_k=route_top_k)
+        routed = {i: list(m) for m, rows in routes for i in rows}
     rows = []
     for j, (i, pred) in enumerate(zip(idx, answers)):
         qa = questions[i]
@@ -323,8 +322,8 @@ def ask_modules_from(sample: Sample, lm, config: StreamConfig, out: Path, quiet:
     for written in checkpoints(len(sessions), config.every):
         if written not in done:
             k = modules_written(folder.manifest, sessions, written)
-            ask(memory, sample, questions, written, conv_dir, quiet,
-                {"modules": k, "route_top_k": k if g.compose == "sum" else g.route_top_k})
+            ask(memory, sample, questions, written, conv_dir, quiet, modules=k,
+                route_top_k=k if g.compose == "sum" else g.route_top_k)
     result = {"sample_id": sample.sample_id, "n_sessions": len(sessions), "n_questions": len(questions),
               "error": None, "modules_from": str(source)}
     result.update(conversation_summary(sample, questions, folder.manifest, conv_dir))
@@ -405,6 +404,11 @@ def checkpoint_rows(out: Path, sample_id: str, written: int) -> list[dict]:
     return read_jsonl(conversation_dir(out, sample_id) / "checkpoints" / f"{written}.jsonl")
 
 
+def setting_diffs(theirs: dict, settings: dict, keys: tuple[str, ...]) -> list[str]:
+    """Each of ``keys`` on which another run's settings differ from this run's, as "key: X there, Y here"."""
+    return [f"{k}: {theirs.get(k)!r} there, {settings.get(k)!r} here" for k in keys if theirs.get(k) != settings.get(k)]
+
+
 def read_reference(run_dir: str, settings: dict, samples: list[Sample]) -> dict:
     """The all-at-once write of the same conversations with the same training settings (a bench.locomo run): its
     final rows and training cost. Any mismatch is refused before the model loads."""
@@ -413,8 +417,7 @@ def read_reference(run_dir: str, settings: dict, samples: list[Sample]) -> dict:
     if theirs.get("method") != "lora":
         raise RunConfigMismatch(f"--reference {run_dir}: a {theirs.get('method')!r} run, not an all-at-once write "
                                 "(method lora)")
-    diffs = [f"{k}: {theirs.get(k)!r} there, {settings.get(k)!r} here" for k in REFERENCE_SETTINGS
-             if theirs.get(k) != settings.get(k)]
+    diffs = setting_diffs(theirs, settings, REFERENCE_SETTINGS)
     if diffs:
         raise RunConfigMismatch(f"--reference {run_dir}: other training settings ({'; '.join(diffs)})")
     if theirs.get("data_sha256") not in (None, settings["data_sha256"]):
@@ -440,8 +443,7 @@ def check_modules_from(run_dir: str, settings: dict) -> None:
     if theirs.get("strategy") != "modules" or theirs.get("modules_from"):
         raise RunConfigMismatch(f"--modules-from {run_dir}: not a modules run that trained its own modules "
                                 f"(strategy {theirs.get('strategy')!r}, modules_from {theirs.get('modules_from')!r})")
-    diffs = [f"{k}: {theirs.get(k)!r} there, {settings.get(k)!r} here" for k in MODULES_FROM_SETTINGS
-             if theirs.get(k) != settings.get(k)]
+    diffs = setting_diffs(theirs, settings, MODULES_FROM_SETTINGS)
     if diffs:
         raise RunConfigMismatch(f"--modules-from {run_dir}: other training settings ({'; '.join(diffs)})")
     missing = [c for c in settings["conversations"]

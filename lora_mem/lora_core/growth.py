@@ -438,8 +438,8 @@ class GrowingMemory:
             raise MemoryFolderError(f"{self.path}: the memory holds no session yet")
         n = len(dirs) if modules is None else modules
         if not 1 <= n <= len(dirs) or (top_k is not None and top_k < 1):
-            raise ValueError(f"{self.path}: holds {len(dirs)} modules; asked to route among the first {modules} "
-                             f"to the best {top_k}")
+            raise ValueError(f"{self.path}: holds {len(dirs)} modules; cannot route among the first {n} to the "
+                             f"best {top_k}")
         config = MemoryConfig.from_dict(self.folder.manifest.config)
         if top_k is None and config.growth.compose == "sum":
             return [(tuple(range(1, n + 1)), list(range(len(questions))))]
