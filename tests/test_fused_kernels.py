@@ -175,18 +175,48 @@ def test_cpu_default_ops_are_bit_identical_to_pre_change_code(monkeypatch, dtype
     mlp = MLP(SimpleNamespace(hidden_size=24, intermediate_size=40)).to(dtype)  # MLP reads only these two fields
     h = randn(2, 3, 24, seed=6).to(dtype)
 
+    # In 16 bits a norm that needs a gradient has its backward written out (RMSNormNarrowBackward, its own test
+    # below): its output stays the former code's; in fp32 its gradients too.
+    norm_pair = (both(norm, x, module=norm), both(lambda x: pre_change_rms_norm_forward(norm, x), x, module=norm))
+    if dtype != torch.float32:
+        norm_pair = (norm_pair[0][:1], norm_pair[1][:1])
     pairs = [
-        (both(norm, x, module=norm), both(lambda x: pre_change_rms_norm_forward(norm, x), x, module=norm)),
+        norm_pair,
         (both(lambda q, k: apply_rotary_qk(q, k, cos, sin), q, k),
          both(lambda q, k: (pre_change_apply_rotary(q, cos, sin), pre_change_apply_rotary(k, cos, sin)), q, k)),
         (both(lambda q: apply_rotary(q, cos, sin), q), both(lambda q: pre_change_apply_rotary(q, cos, sin), q)),
         (both(mlp, h, module=mlp), both(lambda h: pre_change_mlp_forward(mlp, h), h, module=mlp)),
     ]
     for now, before in pairs:
-        assert len(now) == len(before) >= 2
+        assert len(now) == len(before) >= (1 if now is norm_pair[0] else 2)
         for a, b in zip(now, before):
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    assert [calls for calls in spies] == [["reference"], ["reference"], ["reference"]]
+    assert [calls for calls in spies] == [["reference"] if dtype == torch.float32 else [], ["reference"], ["reference"]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rms_norm_narrow_backward(dtype):
+    """16-bit RMSNorm with a gradient takes the written-out backward: the reference's output bit for bit, and x and
+    weight gradients as close to an fp64 reference (of the same 16-bit inputs) as autograd's through the reference."""
+    x = randn(4, 5, 576, seed=1, scale=3.0).to(dtype)
+    w = randn(576, seed=0, scale=0.1, shift=1.0).to(dtype)
+    dy = randn(4, 5, 576, seed=2).to(dtype)
+
+    def grads(fn, cast):
+        xl, wl = x.to(cast, copy=True).requires_grad_(), w.to(cast, copy=True).requires_grad_()
+        y = fn(xl, wl, 1e-5)
+        y.backward(dy.to(cast))
+        return y.detach(), xl.grad.double(), wl.grad.double()
+
+    exact = grads(rms_norm_reference, torch.float64)
+    autograd = grads(rms_norm_reference, dtype)
+    written = grads(lambda x, w, eps: rms_norm(x, w, eps), dtype)
+    assert torch.equal(written[0], autograd[0])
+    for i in (1, 2):  # the x and weight gradients
+        err_written = (written[i] - exact[i]).norm() / exact[i].norm()
+        err_autograd = (autograd[i] - exact[i]).norm() / exact[i].norm()
+        assert err_written < 1e-2 and err_written <= 1.5 * err_autograd, (i, err_written, err_autograd)
+    assert not torch.equal(written[1], autograd[1])  # the other path did run
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +255,8 @@ def logits_and_lora_grads(model, ids):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_cpu_default_model_is_bit_identical_to_pre_change_model(monkeypatch, tiny_dirs, dtype):
     """The whole tiny model with LoRA (default path, CPU): logits and every LoRA gradient equal, bit for bit, to the
-    model running the former code for RMSNorm, rope and the MLP."""
+    model running the former code for RMSNorm, rope and the MLP; in bf16 the gradients within rounding (the norms'
+    backward is written out there, tests above)."""
     from lora_mem.model import qwen2
 
     ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -240,7 +271,10 @@ def test_cpu_default_model_is_bit_identical_to_pre_change_model(monkeypatch, tin
     assert torch.equal(now[0], before[0])
     assert len(now[1]) == 28 and now[1].keys() == before[1].keys()
     for name, g in now[1].items():
-        assert torch.equal(g, before[1][name]), name
+        if dtype == "fp32":
+            assert torch.equal(g, before[1][name]), name
+        else:
+            assert (g.double() - before[1][name].double()).norm() <= 2e-2 * before[1][name].double().norm(), name
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -122,9 +122,11 @@ def test_mixed_training_keeps_the_adapter_and_optimizer_in_fp32(tiny_dir, monkey
     assert grads and set(grads) == {torch.float32}
     state = [s for s in optimizer.state.values()]
     assert state and {s["exp_avg"].dtype for s in state} | {s["exp_avg_sq"].dtype for s in state} == {torch.float32}
+    assert optimizer.defaults["fused"] is True  # one pass over all the adapter's tensors, over a 16-bit model
 
-    ref, ref_result, _, _ = train_once(tiny_dir, KernelPolicy(), monkeypatch)
+    ref, ref_result, ref_optimizer, _ = train_once(tiny_dir, KernelPolicy(), monkeypatch)
     assert ref.model.lm_head.weight.dtype == torch.float32
+    assert not ref_optimizer.defaults["fused"]  # fp32 keeps torch's per-tensor loop, and its numbers
     # bf16 products change the numbers (it ran in bf16), by little: the loss curve follows fp32's (here within
     # 1e-4, where training moves it by 0.04) and so does every layer's update (here within 5%; an untrained or
     # wrongly trained adapter is off by about 100%)

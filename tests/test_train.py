@@ -86,12 +86,14 @@ def test_chunked_loss_matches_cross_entropy(dtype, atol, rtol, chunk_size):
     assert torch.count_nonzero(h_ours.grad[targets == IGNORE_INDEX]) == 0
 
 
+# 600 rows: the 16-bit path's own chunks; the worst of many rows is further off (products of 32 bf16 terms)
+@pytest.mark.parametrize("length,chunk_size,worst_row", [(8, 5, 5e-2), (300, 1024, 1e-1)])
 @pytest.mark.parametrize("margin", [0.0, 12.0])  # 12: the target's probability ~0.9999 (a well-fitted token)
-def test_chunked_loss_bfloat16_gradient(margin):
+def test_chunked_loss_bfloat16_gradient(margin, length, chunk_size, worst_row):
     """bf16 hidden states and head: loss and gradient within bf16 rounding of an fp64 reference on the same
     inputs, also when softmax - onehot cancels (p_target near 1), where rounding before the subtraction would
     leave nothing of the gradient."""
-    hidden, weight, targets = loss_inputs(torch.float64, batch=2, length=8, channels=32, vocab=64)
+    hidden, weight, targets = loss_inputs(torch.float64, batch=2, length=length, channels=32, vocab=64)
     labelled = targets != IGNORE_INDEX
     with torch.no_grad():  # push each labelled row's logit of its target `margin` above the others
         w_t = weight[targets.clamp(min=0)]
@@ -101,14 +103,15 @@ def test_chunked_loss_bfloat16_gradient(margin):
     ref = reference_loss(h_ref, w16.double(), targets)
     ref.backward()
     h_ours = h16.clone().requires_grad_(True)
-    ours = chunked_lm_loss(h_ours, w16, targets, chunk_size=5)
+    ours = chunked_lm_loss(h_ours, w16, targets, chunk_size=chunk_size)
     ours.backward()
     assert ours.dtype == torch.float32 and h_ours.grad.dtype == torch.bfloat16
     torch.testing.assert_close(ours.double(), ref.detach(), rtol=2e-2, atol=1e-3)
     g, g_ref = h_ours.grad.double(), h_ref.grad
     assert g_ref[labelled].abs().max() > 0
     rel = (g - g_ref)[labelled].norm(dim=-1) / g_ref[labelled].norm(dim=-1)
-    assert rel.max() < 5e-2, rel.max()  # bf16 products round to 2^-8; a cancelling formula is off by ~1
+    assert rel.max() < worst_row, rel.max()  # bf16 products round to 2^-8; a cancelling formula is off by ~1
+    assert rel.median() < 2e-2, rel.median()
 
 
 def test_chunked_loss_gradcheck_float64():

@@ -12,7 +12,8 @@ one after the other compare moments of the machine. A speed-up is then the media
 runs alone in a fresh subprocess, so its peak memory (CUDA max allocated on GPU, peak RSS on CPU) and its
 profile are its own (`step_seconds_alone` records that run's step). The gpu setup times each side alone, one
 after the other (`--no-interleave`). Same LoRA targets (q,k,v,o,gate,up,down), rank, alpha, dropout 0,
-sequence length, batch, dtype, optimizer (AdamW) and token ids on both sides (their own seeded generator:
+sequence length, batch, dtype, optimizer (AdamW: lora-mem's own, `lora_mem.lora_core.train.adamw`, fused over a
+16-bit model; torch's default for peft) and token ids on both sides (their own seeded generator:
 `input_ids`); each side's `first_loss`, before any update, is the base model's loss, and a row's
 `first_loss_difference` shows both sides computed the same thing. Writes
 bench/results/train_<device>.json. Two more sides are lora-mem before a piece of its speed work:
@@ -80,7 +81,7 @@ from bench.perf.timing import (  # noqa: F401
 from bench.perf.timing import SETUPS as MACHINE_SETUPS
 from lora_mem.cli import Parser, int_at_least, non_negative_int, positive_int, positive_int_list
 from lora_mem.lora_core.inject import LoRAConfig
-from lora_mem.lora_core.train import TrainConfig
+from lora_mem.lora_core.train import TrainConfig, adamw
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIDES = ("lora-mem", "lora-mem-sdpa", "lora-mem-full-logits", "lora-mem-unshared", "peft")
@@ -228,7 +229,9 @@ def prepare_side(side: str, model_name: str, dtype: torch.dtype, device: torch.d
         params, step = build_lora_mem(model_name, dtype, device, rank, full_logits=side == "lora-mem-full-logits",
                                       attention="sdpa" if side == "lora-mem-sdpa" else None,
                                       share_prefix=side != "lora-mem-unshared")
-    optimizer = torch.optim.AdamW(params, lr=TrainConfig().lr)
+    # lora-mem's sides step as lora-mem trains (lora_mem.lora_core.train.adamw); peft's as torch's default AdamW
+    optimizer = (torch.optim.AdamW(params, lr=TrainConfig().lr) if side == "peft"
+                 else adamw(params, TrainConfig(), dtype))
 
     def one():
         loss = step(x, y)

@@ -15,7 +15,8 @@ Saved for backward: x (a view of the input, no copy) and 1/rms. Never y or n.
 
 Dispatch (:func:`rms_norm`): the caller's :class:`lora_mem.kernels.policy.KernelPolicy` decides
 (``use_fused_ops``). Opt-in until timed on a GPU: ``fused_ops`` on CUDA (on CPU with ``kernels="triton"`` under
-``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference. Inputs the kernels do not cover take the
+``TRITON_INTERPRET=1``, how the tests run them); otherwise the reference, whose backward is written out
+(:class:`RMSNormNarrowBackward`) for 16-bit inputs that need a gradient. Inputs the kernels do not cover take the
 reference too.
 
 Checks: the kernels are held against the reference under Triton's CPU interpreter (tests/test_fused_kernels.py) and
@@ -32,7 +33,8 @@ from lora_mem.kernels.policy import KernelPolicy
 
 from lora_mem.kernels._common import tl, triton
 
-__all__ = ["rms_norm", "rms_norm_reference", "rms_norm_triton", "RMSNormFunction", "MAX_HIDDEN"]
+__all__ = ["rms_norm", "rms_norm_reference", "rms_norm_triton", "RMSNormFunction", "RMSNormNarrowBackward",
+           "MAX_HIDDEN"]
 
 MAX_HIDDEN = 8192  # one row fits one block (registers); larger rows take the reference. Wider rows spill: the
 # backward holds about seven row-wide fp32 values per thread (bench/perf/compile_check.py compiles this width)
@@ -53,6 +55,32 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     x = x.to(torch.promote_types(dtype, torch.float32))
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
+
+
+class RMSNormNarrowBackward(torch.autograd.Function):
+    """:func:`rms_norm_reference` with its backward written out (the formula of :class:`RMSNormFunction`), for
+    16-bit x on a device without the kernels: the CPU bf16 training path. The forward is the reference's, bit for
+    bit; the gradient is the same math in fp32 from x and 1/rms alone, where autograd's chain of the reference keeps
+    and walks several fp32 (M, N) temporaries (1.5x the time of this at 512 x 576 on a 2-core EPYC)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.float() * rstd
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dn = dy.float() * weight
+            dx = ((dn - n * (dn * n).mean(-1, keepdim=True)) * rstd).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (dy.float() * n.to(x.dtype)).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+        return dx, dw, None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,7 +319,10 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, policy: KernelPolicy = KernelPolicy()) -> torch.Tensor:
     """RMSNorm of the last dimension: the kernels where ``policy.use_fused_ops(x)`` says so and they cover the inputs,
-    else :func:`rms_norm_reference` (the CPU default)."""
+    else :func:`rms_norm_reference` (the CPU default), with its backward written out for 16-bit x that needs a
+    gradient (:class:`RMSNormNarrowBackward`, the same forward)."""
     if policy.use_fused_ops(x) and triton_supports(x, weight):
         return rms_norm_triton(x, weight, eps)
+    if x.element_size() < 4 and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return RMSNormNarrowBackward.apply(x, weight, float(eps))
     return rms_norm_reference(x, weight, eps)

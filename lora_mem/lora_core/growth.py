@@ -343,7 +343,7 @@ class GrowingMemory:
             replay = {"seed": seed, "indices": indices}
             train_data = dataclasses.replace(data, input_ids=torch.cat([data.input_ids, buffer.input_ids[indices]]),
                                              labels=torch.cat([data.labels, buffer.labels[indices]]))
-            optimizer = adamw(lora_parameters(model), config.train)
+            optimizer = adamw(lora_parameters(model), config.train, model.lm_head.weight.dtype)
             if growth.keep_optimizer and self.optimizer_state is not None:
                 optimizer.load_state_dict(self.optimizer_state)
         train = memory.train(train_data, desc=f"append {n}", optimizer=optimizer, progress=progress)
