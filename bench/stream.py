@@ -306,18 +306,24 @@ def modules_written(manifest, sessions: list, written: int) -> int:
     return ends.index(last) + 1
 
 
-def ask_modules_from(sample: Sample, lm, config: StreamConfig, out: Path, quiet: bool) -> dict:
-    """The conversation's checkpoints asked of the modules another run wrote (--modules-from), none trained."""
+def conversation_start(sample: Sample, config: StreamConfig, out: Path) -> tuple[Path, list, list, set[int]]:
+    """(the conversation's run folder, its questions, its sessions alone, the checkpoints already asked)."""
     conv_dir = conversation_dir(out, sample.sample_id)
     questions = select_questions(sample, False, config.locomo.max_questions)
-    sessions = conversation_only(sample).sessions
+    sessions = conversation_only(sample).sessions  # what is written: the sessions alone
+    done = {int(p.stem) for p in (conv_dir / "checkpoints").glob("*.json")}
+    return conv_dir, questions, sessions, done
+
+
+def ask_modules_from(sample: Sample, lm, config: StreamConfig, out: Path, quiet: bool) -> dict:
+    """The conversation's checkpoints asked of the modules another run wrote (--modules-from), none trained."""
+    conv_dir, questions, sessions, done = conversation_start(sample, config, out)
     source = conversation_dir(Path(config.modules_from), sample.sample_id) / "memory"
     folder = read_memory_folder(source)
     if len(folder.manifest.sessions) != len(sessions):
         raise RunFileError(f"{source}: holds {len(folder.manifest.sessions)} of the {len(sessions)} sessions; "
                            "finish that run first")
     memory = open_memory(folder, lm)
-    done = {int(p.stem) for p in (conv_dir / "checkpoints").glob("*.json")}
     g = config.growth
     for written in checkpoints(len(sessions), config.every):
         if written not in done:
@@ -334,14 +340,11 @@ def ask_modules_from(sample: Sample, lm, config: StreamConfig, out: Path, quiet:
 def run_conversation(sample: Sample, lm, config: StreamConfig, out: Path, quiet: bool) -> dict:
     if config.modules_from is not None:
         return ask_modules_from(sample, lm, config, out, quiet)
-    conv_dir = conversation_dir(out, sample.sample_id)
-    questions = select_questions(sample, False, config.locomo.max_questions)
-    sessions = conversation_only(sample).sessions  # what is written: the sessions alone
+    conv_dir, questions, sessions, done = conversation_start(sample, config, out)
     n = len(sessions)
     asks = checkpoints(n, config.every)
     memory = stream_memory(lm, config, sample, conv_dir / "memory")
     written = len(memory.folder.folder.manifest.sessions) if memory.folder.folder else 0
-    done = {int(p.stem) for p in (conv_dir / "checkpoints").glob("*.json")}
     if any(c < written and c not in done for c in asks):
         raise RunFileError(f"{conv_dir}: the memory holds {written} sessions but a checkpoint before that has no "
                            "predictions; move the conversation's folder away to redo it")
