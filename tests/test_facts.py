@@ -48,6 +48,26 @@ def facts_of(*texts: str, speakers=("Dana", "Eli")):
      [("What is Dana a big fan of?", "jazz piano")]),
     ("I went to a pottery workshop and it was so relaxing.",
      [("How was the pottery workshop?", "so relaxing"), ("What workshop did Dana go to?", "pottery workshop")]),
+    # a noun's prepositional modifier, asked with the noun
+    ("I ran a bake sale for the animal shelter.", [("What was the bake sale for?", "animal shelter")]),
+    # the means, "by" + a gerund
+    ("I stay calm by breathing slowly.", [("How does Dana stay calm?", "by breathing slowly")]),
+    # an imperative is advice to the other speaker
+    ("Try a cooking class and bring a friend.",
+     [("What advice did Dana give Eli?", "try a cooking class and bring a friend")]),
+    # what happened to someone else, the predicate as said
+    ("My sister broke her arm last week.", [("What happened to Dana's sister?", "broke her arm")]),
+    # a dated event with its conjoined verbs
+    ("Yesterday I slipped and had to see a doctor.",
+     [("What did Dana do on 13 March 2024?", "slipped and had to see a doctor")]),
+    ("I'm fixing up my bike and painting the frame.",
+     [("What is Dana doing?", "fixing up bike and painting the frame")]),
+    # a feeling caused: "X makes Y feel Z"
+    ("The garden makes my parents feel calm.", [("How does the garden make Dana's parents feel?", "calm")]),
+    # a gerund as the subject of "is"
+    ("Cooking for friends is my favorite hobby.", [("What is cooking for friends?", "favorite hobby")]),
+    # an object made for a purpose
+    ("I baked something to cheer up my neighbor.", [("Why did Dana bake something?", "to cheer up neighbor")]),
 ])
 def test_questions_asked_of_a_turn(text, expected):
     _, asked = facts_of(text)
@@ -91,3 +111,18 @@ def test_they_and_it_stand_for_a_thing_of_their_own_number_and_never_for_people(
     # "they" after the kids means the kids, not the trip named before them: nothing is asked of "the road trip"
     _, asked = facts_of("The road trip was long, but my kids loved it. They were scared at first.")
     assert not [q for q, a in asked if "scared" in a and "trip" in q], sorted(asked)
+
+
+def test_a_photo_is_asked_by_what_the_turn_calls_it():
+    turn = Turn("Dana", "D1:1", "Here's my new quilt, finished it last night!", "a photo of a quilt with blue squares")
+    conv = Conversation("test", "Dana", "Eli", [Session(1, SESSION, [turn])])
+    asked = {(q, f.answer) for f in conversation_facts(conv) for q in f.wordings}
+    assert ("What did Dana's photo of Dana's new quilt show?", "a quilt with blue squares") in asked, sorted(asked)
+
+
+def test_each_of_several_answers_is_also_asked_on_its_day():
+    turns = [Turn("Dana", "D1:1", "I felt so proud of my garden."), Turn("Dana", "D2:1", "I felt tired.")]
+    conv = Conversation("test", "Dana", "Eli", [Session(1, SESSION, turns[:1]),
+                                                 Session(2, "10:00 am on 2 April, 2024", turns[1:])])
+    asked = {(q.question, q.answer) for q in fact_queries(conv, across_turns=False)}
+    assert ("How did Dana feel on 2 April 2024?", "tired") in asked, sorted(asked)

@@ -172,9 +172,13 @@ def _third_person(token, ctx: _Context) -> str:
         return swaps[low]
     if low == "'s" and token.dep_ == "case":
         return "'s"
-    if low in ("n't",):
+    if low == "n't":
         return "not"
     return token.text
+
+
+def _is_contracted_not(token) -> bool:
+    return token.lower_ == "n't"
 
 
 def _render(tokens, ctx: _Context) -> str:
@@ -185,6 +189,8 @@ def _render(tokens, ctx: _Context) -> str:
         if i == 0 and t.i == t.sent.start and t.pos_ != "PROPN" and word == t.text:
             word = word[:1].lower() + word[1:]  # a sentence's first word, asked about mid-question
         last = i == len(tokens) - 1 or tokens[i + 1].i != t.i + 1
+        if _is_contracted_not(t) and out and not out[-1].endswith(" "):
+            out[-1] += " "  # "don't" -> "do not"
         out.append(word + ("" if last else t.whitespace_))
     text = "".join(out)
     text = re.sub(r"'s's\b", "'s", text)
@@ -208,11 +214,42 @@ def _span_tokens(head, *, drop_det: bool = False, max_words: int = ANSWER_WORDS,
         tokens.pop(0)
     if drop_det and tokens and tokens[0].lower_ in _DETERMINERS and tokens[0].head == head:
         tokens = tokens[1:]
-    if len(tokens) > max_words:  # cut back to the last phrase or clause boundary that fits
+    return _cut(tokens, head, max_words)
+
+
+def _cut(tokens: list, head, max_words: int) -> list:
+    """Tokens cut back to the last phrase or clause boundary past ``head`` that keeps at most ``max_words``."""
+    if len(tokens) > max_words:
         bounds = [i for i, t in enumerate(tokens[:max_words + 1]) if i >= 2 and t.i > head.i and
                   t.dep_ in ("relcl", "acl", "prep", "cc", "punct", "advcl", "conj", "mark")]
         tokens = tokens[:bounds[-1]] if bounds else tokens[:max_words]
+    while tokens and (tokens[-1].is_punct or tokens[-1].dep_ == "cc"):
+        tokens.pop()
     return tokens
+
+
+# A verb's dependents that are not part of what its subject did: the subject, how the sentence hangs together,
+# other clauses (a reason, a relative clause on the verb), the date (asked on its own).
+_NOT_PREDICATE = ("nsubj", "nsubjpass", "csubj", "aux", "mark", "advcl", "parataxis", "punct", "intj", "cc", "advmod",
+                  "npadvmod", "discourse", "dep", "expl")
+
+
+def _predicate(verb, ctx: _Context) -> str:
+    """What the subject did, as said, with the verbs conjoined to it: "I got hurt and had to take a break from
+    pottery" -> "got hurt and had to take a break from pottery"."""
+    keep = {verb.i}
+    for c in verb.children:
+        if c.dep_ == "auxpass" and c.lemma_ == "get":  # "got hurt"
+            keep.add(c.i)
+        elif c.dep_ == "conj" and not any(d.dep_ in ("nsubj", "nsubjpass") for d in c.children):
+            keep |= {t.i for t in c.subtree} - {u.i for d in c.children if d.dep_ in ("mark", "advcl", "punct")
+                                                for u in d.subtree}
+        elif c.dep_ == "cc" and any(d.dep_ == "conj" for d in verb.children):
+            keep.add(c.i)
+        elif (c.dep_ not in _NOT_PREDICATE or c.dep_ == "advmod" and c.i > verb.i) and not _is_time_of(c):
+            keep |= {t.i for t in c.subtree}
+    tokens = [t for t in verb.subtree if t.i in keep]
+    return _render(_cut(tokens, verb, ANSWER_WORDS), ctx)
 
 
 def _phrase(head, ctx: _Context, **kwargs) -> str:
@@ -230,12 +267,15 @@ def _noun_phrase(token, ctx: _Context, *, for_question: bool = True) -> str | No
             return ctx.other
         if low in ("it", "this", "that", "these", "those", "they", "them"):
             return _antecedent(token, ctx)
+        if low in INDEFINITE_PRONOUNS:  # "I made something to catch the eye": asked as said
+            return _phrase(token, ctx, max_words=PHRASE_WORDS, skip_relcl=True)
         return None
     if token.ent_type_ in ("PERSON", "GPE", "LOC", "FAC", "ORG") and token.dep_ != "compound":
         return _name_words(token)
     return _phrase(token, ctx, max_words=PHRASE_WORDS if for_question else ANSWER_WORDS, skip_relcl=for_question)
 
 
+INDEFINITE_PRONOUNS = frozenset("something someone somebody everything everyone everybody".split())
 _VAGUE = frozenset("""thing things stuff lot lots bit part best one ones time times way much many more most some
 all something anything everything nothing kind sort ton tons bunch world""".split())
 
@@ -257,10 +297,14 @@ huge big blast success best awful bad wild rough stunning gorgeous neat perfect 
 such a an the and too just lot""".split())
 
 
+def _names_people(token) -> bool:
+    return token.ent_type_ == "PERSON" or token.lemma_.lower() in PEOPLE_WORDS
+
+
 def _particular(token) -> bool:
     """Whether a subject names a particular thing: a name, a pronoun standing for one, or a noun with a determiner,
     possessor, number or modifier ("the charity race", "my pottery class"), not a bare abstraction ("dance")."""
-    if token.pos_ in ("PRON", "PROPN"):
+    if token.pos_ in ("PRON", "PROPN") or token.dep_ == "csubj":  # "Creating a space for customers is key"
         return True
     return any(c.dep_ in ("det", "poss", "nummod", "compound", "amod") for c in token.children)
 
@@ -305,7 +349,8 @@ def _no_article(phrase: str) -> str:
 def _subject(verb):
     """The clause's subject: the nearest before the verb ("Hey Caroline, I went": I), else its governing verb's
     for a conjoined or non-finite verb ("I'm thinking about going": I)."""
-    subjects = [c for c in verb.children if c.dep_ in ("nsubj", "nsubjpass")]
+    subjects = [c for c in verb.children if c.dep_ in ("nsubj", "nsubjpass")] or \
+        [c for c in verb.children if c.dep_ == "csubj"]
     before = [c for c in subjects if c.i < verb.i]
     if before or subjects:
         return (before or subjects)[-1]
@@ -375,6 +420,12 @@ def _verb_form(verb, *, negated_ok: bool = False) -> _VerbForm | None:
         if modal is not None:
             word = {"'ll": "will", "wo": "will", "'d": "would", "ca": "can"}.get(modal.lower_, modal.lower_)
             return _VerbForm(word, lemma, f"{word} {lemma}", "future")
+    # a bare verb conjoined to another is asked like it: "wanted to make the place cozy and make my customers feel"
+    if verb.dep_ == "conj" and verb.tag_ == "VB" and verb.head.tag_ == "VB" and not auxes:
+        head = _verb_form(verb.head)
+        if head is not None and head.main.split()[-1] == verb.head.lemma_.lower():
+            main = " ".join(head.main.split()[:-1] + [lemma])
+            return _VerbForm(head.aux, main, " ".join(head.past.split()[:-1] + [verb.lower_]), head.tense)
     # a non-finite verb asked with its governing verb: "starting to realize", "thinking about going"
     if verb.dep_ == "xcomp" and verb.tag_ == "VB" and verb.head.pos_ in ("VERB", "AUX") and verb.head.lemma_ != "be":
         head = _verb_form(verb.head)
@@ -412,6 +463,12 @@ def _prep_object(prep):
 
 def _is_date(token) -> bool:
     return token.ent_type_ in ("DATE", "TIME")
+
+
+def _is_time_of(dependent) -> bool:
+    """Whether a verb's dependent says when: "yesterday", "last week", "on Friday"."""
+    pobj = _prep_object(dependent) if dependent.dep_ == "prep" else None
+    return _is_date(dependent) or pobj is not None and _is_date(pobj)
 
 
 def _date_phrase(verb):
@@ -538,6 +595,25 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
             add("which", [_question("What", head, form.aux, subject, form.main, rest),
                           _question("What kind of", head, form.aux, subject, form.main, rest)],
                 _no_article(answer))
+    for adjective in (c for c in verb.children if c.dep_ == "acomp"):
+        by = next((p for p in adjective.children if p.dep_ == "prep" and p.lower_ == "by"), None)
+        means = _prep_object(by) if by is not None else None
+        if means is not None and means.tag_ == "VBG":
+            rest = _complements(verb, ctx, {adjective.i})
+            add("how", [_question("How", form.aux, subject, form.main, adjective.lower_,
+                                  rest if "\0" not in rest else "")], f"by {_phrase(means, ctx)}")
+    # what happened to someone other than the speakers: "my son got into an accident"
+    if person is None and subj_token is not None and _names_people(subj_token) and rest_all and \
+            form.tense == "past" and (subj_token.ent_type_ == "PERSON" or
+                                      any(c.dep_ == "poss" for c in subj_token.children)) and \
+            not any(c.dep_ == "conj" for c in subj_token.children):
+        add("happened", [_question("What happened to", subject)], _predicate(verb, ctx))
+    # an object made for a purpose: "I made something to catch the eye" -> why did Melanie make something?
+    for c in (c for c in verb.children if c.dep_ == "dobj"):
+        purpose = next((r for r in c.children if r.dep_ == "relcl" and
+                        any(m.dep_ == "aux" and m.lower_ == "to" for m in r.children)), None)
+        if purpose is not None and rest_all:
+            add("why", [_question("Why", form.aux, subject, form.main, rest_all)], _phrase(purpose, ctx))
     # the subject, when it is a thing: "What spoke to Caroline?" -> their inclusivity and support
     if person is None and subj_token is not None and subj_token.pos_ in ("NOUN", "PROPN") and rest_all:
         add("what", [_question("What", form.past, rest_all)], _phrase(subj_token, ctx, skip_relcl=True))
@@ -555,9 +631,12 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
         if "\0" in rest:
             continue
         prep = c.lower_
+        if prep == "by" and pobj.tag_ == "VBG":  # "I stay motivated by reminding myself": how?
+            add("how", [_question("How", form.aux, subject, form.main, rest)], f"by {answer}")
+            continue
         place = pobj.ent_type_ in ("GPE", "LOC", "FAC") or (prep in ("to", "at", "in", "into", "from")
                                                               and lemma in MOTION_VERBS)
-        people = pobj.ent_type_ == "PERSON" or pobj.lemma_.lower() in PEOPLE_WORDS
+        people = _names_people(pobj)
         if prep == "with" and people:
             add("with", [_question("Who", form.aux, subject, form.main, "with", rest),
                          _question("With whom", form.aux, subject, form.main, rest)], answer, "people")
@@ -581,12 +660,14 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
             add("when", [_question("When", form.aux, subject, form.main, rest_all),
                          _question("On what date", form.aux, subject, form.main, rest_all)], resolved)
             if form.tense == "past" and person:
-                add("did_on", [_question("What did", subject, "do", _on_date(resolved))],
-                    f"{form.past} {rest_all}", "did")
+                add("did_on", [_question("What did", subject, "do", _on_date(resolved))], _predicate(verb, ctx),
+                    "did")
     elif form.tense in ("past",) and ctx.when is not None and rest_all and person:
         add("when", [_question("When", form.aux, subject, form.main, rest_all)], session_date_text(ctx.when))
     if form.tense == "past" and person and rest_all and date is None:
-        add("did_on", [], f"{form.past} {rest_all}", "did")  # feeds "What has X done?" only
+        add("did_on", [], _predicate(verb, ctx), "did")  # feeds "What has X done?" only
+    if form.tense == "progressive" and form.aux == "is" and person and rest_all:
+        add("doing", [_question("What", form.aux, subject, "doing")], _predicate(verb, ctx))
     # why
     for c in verb.children:
         if c.dep_ == "advcl" and any(m.dep_ == "mark" and m.lower_ in REASON_MARKERS for m in c.children):
@@ -617,6 +698,14 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
             said = re.sub(r"^that\s+", "", said)
             add("think", [_question("What", form.aux, subject, form.main)], said)
     # feelings: "I felt tiny", "it made me feel relaxed"
+    for c in verb.children:  # "make my customers feel cozy": how did Gina want to make her customers feel?
+        if c.dep_ == "ccomp" and c.lemma_.lower() == "feel" and lemma in ("make", "let", "help"):
+            feeler = next((t for t in c.children if t.dep_ == "nsubj"), None)
+            feeling = next((t for t in c.children if t.dep_ in ("acomp", "oprd")), None)
+            who = _noun_phrase(feeler, ctx) if feeler is not None else None
+            if who is not None and feeling is not None:
+                add("feel", [_question("How", form.aux, subject, form.main, who, "feel")],
+                    _phrase(feeling, ctx, max_words=6))
     if lemma in ("feel", "become", "seem", "look", "sound"):
         for c in verb.children:
             if c.dep_ in ("acomp", "attr", "oprd"):
@@ -803,6 +892,73 @@ def _frequency_facts(doc, ctx: _Context, dia_id: str, session: int) -> list[Fact
     return facts
 
 
+# Imperatives of chat that give no advice ("Thank you!", "Let me know", "Take care").
+CHAT_IMPERATIVES = frozenset("thank let take have enjoy hang congrats hug keep check look show".split())
+# Verbs of a first-person remark whose "I" chat drops ("Love that color!", "Can't wait", "Bet it was great").
+REMARK_VERBS = LIKE_VERBS | COGNITION_VERBS | frozenset("appreciate bet miss guess agree wait".split())
+
+
+def _advice_facts(sentence, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
+    """An imperative sentence is advice to the other speaker: "Do your research and find an agency" ->
+    What advice did Caroline give Melanie? -> do research and find an agency."""
+    root = sentence.root
+    first = next((t for t in sentence if not t.is_punct and t.pos_ not in ("INTJ", "ADV", "CCONJ")), None)
+    opens = first is not None and (first.i == root.i or first.head.i == root.i and first.lemma_ == "do")
+    if root.pos_ != "VERB" or root.tag_ != "VB" or not opens or root.lemma_.lower() in CHAT_IMPERATIVES | REMARK_VERBS \
+            or any(c.dep_ in ("nsubj", "nsubjpass", "expl") for c in root.children):
+        return []
+    if not any(c.dep_ in ("prep", "xcomp", "ccomp", "acomp") or c.dep_ == "dobj" and not _is_pronoun(c)
+               for c in root.children):
+        return []  # "Go for it!", "Do it!": cheering, not advice
+    answer = _unowned(_phrase(root, ctx, max_words=ANSWER_WORDS + 4), ctx)
+    if not _specific(answer) or not _content(answer):
+        return []
+    return [Fact("advice", [f"What advice did {ctx.speaker} give {ctx.other}?",
+                            f"What did {ctx.speaker} tell {ctx.other} to do?"], answer, dia_id, session)]
+
+
+# Prepositions of a noun's modifier asked as "What was the <noun> <prep>?" ("a charity race for mental health").
+MODIFIER_PREPS = frozenset("for about from with by on".split())
+
+
+def _modifier_facts(sentence, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
+    """A noun's prepositional modifier, asked with the noun: "I ran a charity race for mental health" ->
+    What was the charity race for? -> mental health; "a gift from my grandma" -> Who was the gift from?"""
+    facts = []
+    for prep in sentence:
+        noun = prep.head
+        pobj = _prep_object(prep)
+        if prep.dep_ != "prep" or prep.lower_ not in MODIFIER_PREPS or noun.pos_ != "NOUN" or pobj is None or \
+                _is_date(pobj) or _is_idiom(prep) or not _worth_asking(pobj) and pobj.tag_ != "VBG" or \
+                noun.lemma_.lower() in _VAGUE | _QUANTITIES | CHAT_WORDS or not _particular(noun):
+            continue
+        before = [t for t in noun.subtree if t.i <= noun.i]
+        thing = _definite(_render(before, ctx))
+        answer = _noun_phrase(pobj, ctx, for_question=False)
+        if answer is None or not _content(thing) or answer in ctx.names:
+            continue
+        verb = next((a for a in noun.ancestors if a.pos_ in ("VERB", "AUX")), None)
+        past = verb is not None and (verb.tag_ in ("VBD", "VBN") or any(c.tag_ == "VBD" for c in verb.children))
+        plural = noun.tag_ == "NNS"
+        be = ("were" if plural else "was") if past else "are" if plural else "is"
+        asked = "Who" if _names_people(pobj) else "What"
+        facts.append(Fact("modifier", [_question(asked, be, thing, prep.lower_)],
+                          _no_article(_unowned(answer, ctx)), dia_id, session))
+    return facts
+
+
+def _shown_thing(doc):
+    """What a turn that shares a photo points at: "Here's our latest work", "this bowl", "a pic of my garden"."""
+    for t in doc:
+        if t.lower_ == "here" and t.head.lemma_ == "be":
+            shown = next((c for c in t.head.children if c.dep_ in ("nsubj", "attr") and c.pos_ == "NOUN"), None)
+            if shown is not None:
+                of = next((c for c in shown.children if c.dep_ == "prep" and c.lower_ == "of"), None)
+                return _prep_object(of) if of is not None and _prep_object(of) is not None else shown
+    return next((t.head for t in doc if t.dep_ == "det" and t.lower_ in ("this", "these") and t.head.pos_ == "NOUN"
+                 and t.head.lemma_.lower() not in CHAT_WORDS), None)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A turn, a conversation
 # ----------------------------------------------------------------------------------------------------------------
@@ -856,6 +1012,8 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
         facts += _name_facts(sentence, ctx, turn.dia_id, session)
         facts += _count_facts(sentence, ctx, turn.dia_id, session)
         facts += _frequency_facts(sentence, ctx, turn.dia_id, session)
+        facts += _advice_facts(sentence, ctx, turn.dia_id, session)
+        facts += _modifier_facts(sentence, ctx, turn.dia_id, session)
     ctx.antecedents = (ctx.antecedents + ctx.chunks)[-8:]
     if turn.blip_caption:
         shown = photo_note(turn.blip_caption)[len("[shares "):-1]
@@ -866,6 +1024,11 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
         facts.append(Fact("photo", [f"What did {turn.speaker} share a photo of{day}?",
                                     f"What was in the photo {turn.speaker} shared{day}?"], shown, turn.dia_id,
                           session, turn.speaker))
+        pointed = _shown_thing(doc)
+        thing = _noun_phrase(pointed, ctx) if pointed is not None else None
+        if thing and _content(thing):  # the photo asked by what the turn calls it: one answer per photo
+            facts.append(Fact("photo", [f"What did {turn.speaker}'s photo of {_definite(thing)} show?"], shown,
+                              turn.dia_id, session))
     return facts
 
 
@@ -960,7 +1123,8 @@ def person_queries(facts: list[Fact], wordings: int) -> list[Query]:
 
 # Kinds whose question, when several turns answer it, is also asked with each turn's day: events and things,
 # not feelings or qualities (every turn has one, and the day does not tell them apart in how people ask).
-DATED_KINDS = frozenset("what which want is did_on where think why with".split())
+DATED_KINDS = frozenset("""what which want is did_on where think why with feel how count how_long how_often name
+advice doing happened modifier""".split())
 
 
 def fact_queries(conv: Conversation, *, wordings: int = 1, per_turn: int | None = None,
