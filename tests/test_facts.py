@@ -68,6 +68,10 @@ def facts_of(*texts: str, speakers=("Dana", "Eli")):
     ("Cooking for friends is my favorite hobby.", [("What is cooking for friends?", "favorite hobby")]),
     # an object made for a purpose
     ("I baked something to cheer up my neighbor.", [("Why did Dana bake something?", "to cheer up neighbor")]),
+    # what a turn tells of the place it named before; a feeling asked with what it is about
+    ("I went to a pottery class on Sunday. I made a blue mug and I was so proud of it.",
+     [("What did Dana make at the pottery class?", "blue mug"),
+      ("How did Dana feel about the blue mug?", "so proud")]),
 ])
 def test_questions_asked_of_a_turn(text, expected):
     _, asked = facts_of(text)

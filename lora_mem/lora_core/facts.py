@@ -103,6 +103,7 @@ class _Context:
     when: datetime | None  # the session's date and time
     antecedents: list[Named] = field(default_factory=list)  # things named in the turns before, the last last
     chunks: list[Named] = field(default_factory=list)  # things named in this turn
+    setting: str | None = None  # where this turn's speaker says they went ("at the pottery workshop")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -544,6 +545,10 @@ def _objects(verb) -> list:
     return found
 
 
+# Kinds also asked with the place the turn's speaker said they went to, when their clause names none.
+SET_KINDS = frozenset("what which feel doing why how is".split())
+
+
 def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
     """The facts of one clause headed by ``verb``."""
     subj_token = _subject(verb)
@@ -563,8 +568,14 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
             return  # "How was the party?" -> "awesome": said of everything, it tells nothing apart
         if answer and _content(answer) and len(answer.split()) <= ANSWER_WORDS + 4:
             facts.append(Fact(kind, list(wordings), answer, dia_id, session, person, relation, verb_lemma))
+            setting = ctx.setting
+            if kind in SET_KINDS and setting and wordings[0] and not rest_has_place and \
+                    setting.split()[-1] not in wordings[0]:
+                # what the turn tells of a place it named before: "What did Melanie make at the pottery workshop?"
+                facts.append(Fact(kind, [f"{wordings[0][:-1]} {setting}?"], answer, dia_id, session))
 
     lemma = verb.lemma_.lower()
+    rest_has_place = any(c.dep_ == "prep" and c.lower_ in ("at", "in", "to") for c in verb.children)
     if lemma == "be":
         if subj_token is not None:
             _copula_facts(verb, subj_token, subject, ctx, add)
@@ -641,6 +652,8 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
             add("with", [_question("Who", form.aux, subject, form.main, "with", rest),
                          _question("With whom", form.aux, subject, form.main, rest)], answer, "people")
         elif place and prep != "with":
+            if person == ctx.speaker and prep in ("to", "at", "in") and lemma in MOTION_VERBS:
+                ctx.setting = f"{'in' if pobj.ent_type_ in ('GPE', 'LOC') else 'at'} {_definite(answer)}"
             add("where", [_question("Where", form.aux, subject, form.main, "from" if prep == "from" else "", rest),
                           _question("What place", form.aux, subject, form.main, rest, prep)], answer, "places")
             head = pobj.lemma_.lower() if pobj.pos_ == "NOUN" else None
@@ -744,7 +757,12 @@ def _copula_facts(verb, subj_token, subject: str, ctx: _Context, add) -> None:
             quality = _phrase(c, ctx, max_words=6)
             about = _xcomp_of(c, ctx)
             if person:
-                add("feel", [_question("How", "did" if aux == "was" else "does", subject, "feel")], quality)
+                how_feel = _question("How", "did" if aux == "was" else "does", subject, "feel")
+                add("feel", [how_feel], quality)
+                # the feeling asked with what it is about, named in the clause or last before it
+                topic = about if about and _xcomp_of_is_thing(c) else _topic(c, ctx)
+                if topic:
+                    add("feel", [f"{how_feel[:-1]} about {_definite(topic)}?"], _adjective_alone(c, ctx))
                 if about:
                     add("feel", [_question("What", aux, subject, c.text.lower(), _prep_word(c)),
                                  _question("What", aux, subject, "excited about")
@@ -778,6 +796,24 @@ def _category_question(name, aux: str, subject: str, prep: str) -> str:
 def _prep_word(adjective) -> str:
     prep = next((c for c in adjective.children if c.dep_ == "prep"), None)
     return prep.lower_ if prep is not None else "about"
+
+
+def _xcomp_of_is_thing(adjective) -> bool:
+    """Whether what an adjective is about is a thing ("excited about the trip"), not a clause ("excited to go")."""
+    return not any(c.dep_ == "xcomp" for c in adjective.children)
+
+
+def _adjective_alone(adjective, ctx: _Context) -> str:
+    """"so excited about the trip" -> "so excited": the feeling, without what it is about."""
+    dropped = {u.i for c in adjective.children if c.dep_ in ("prep", "xcomp", "ccomp") for u in c.subtree}
+    return _render([t for t in adjective.subtree if t.i not in dropped], ctx)
+
+
+def _topic(token, ctx: _Context) -> str | None:
+    """The thing last named before ``token`` (in this turn, else the turns before): what a remark is about."""
+    before = ctx.antecedents + [n for n in ctx.chunks if n.end <= token.i]
+    named = next((n for n in reversed(before) if not n.people), None)
+    return named.phrase if named is not None and len(named.phrase.split()) > 1 else None  # not a bare "need"
 
 
 def _xcomp_of(adjective, ctx: _Context) -> str | None:
@@ -1003,6 +1039,7 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
     """Every fact of one parsed turn, in the order they are said."""
     facts: list[Fact] = []
     ctx.chunks = _things_named(doc, ctx)
+    ctx.setting = None
     for sentence in doc.sents:
         if sentence.text.rstrip().endswith("?") or any(t.lower_ in HEDGES for t in sentence):
             continue
