@@ -72,6 +72,9 @@ def facts_of(*texts: str, speakers=("Dana", "Eli")):
     ("I went to a pottery class on Sunday. I made a blue mug and I was so proud of it.",
      [("What did Dana make at the pottery class?", "blue mug"),
       ("How did Dana feel about the blue mug?", "so proud")]),
+    # "he" and "she" stand for the last person or name named, not a speaker
+    ("My dog Biscuit is so naughty. He hid my sock under the bed.",
+     [("What did Dana's dog hide under the bed?", "sock")]),
 ])
 def test_questions_asked_of_a_turn(text, expected):
     _, asked = facts_of(text)
@@ -122,6 +125,7 @@ def test_a_photo_is_asked_by_what_the_turn_calls_it():
     conv = Conversation("test", "Dana", "Eli", [Session(1, SESSION, [turn])])
     asked = {(q, f.answer) for f in conversation_facts(conv) for q in f.wordings}
     assert ("What did Dana's photo of Dana's new quilt show?", "a quilt with blue squares") in asked, sorted(asked)
+    assert ("When did Dana share a photo of Dana's new quilt?", "14 March 2024") in asked, sorted(asked)
 
 
 def test_each_of_several_answers_is_also_asked_on_its_day():

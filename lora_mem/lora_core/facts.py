@@ -93,6 +93,7 @@ class Named:
     phrase: str
     plural: bool
     people: bool
+    proper: bool = False  # a name ("Oliver", "my dog Max"): "he" or "she" may mean it, a person or not
 
 
 @dataclass
@@ -268,6 +269,8 @@ def _noun_phrase(token, ctx: _Context, *, for_question: bool = True) -> str | No
             return ctx.other
         if low in ("it", "this", "that", "these", "those", "they", "them"):
             return _antecedent(token, ctx)
+        if low in ("he", "him", "she") or low == "her" and token.tag_ == "PRP":
+            return _person_antecedent(token, ctx)
         if low in INDEFINITE_PRONOUNS:  # "I made something to catch the eye": asked as said
             return _phrase(token, ctx, max_words=PHRASE_WORDS, skip_relcl=True)
         return None
@@ -546,7 +549,7 @@ def _objects(verb) -> list:
 
 
 # Kinds also asked with the place the turn's speaker said they went to, when their clause names none.
-SET_KINDS = frozenset("what which feel doing why how is".split())
+SET_KINDS = frozenset("what which feel doing why how is want".split())
 
 
 def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
@@ -1017,7 +1020,8 @@ def _things_named(doc, ctx: _Context) -> list[Named]:
             phrase = _render(list(chunk), ctx)
             if root.pos_ == "NOUN" and chunk[0].dep_ not in ("det", "poss") and plural:
                 phrase = f"the {phrase}"  # "new boots ... they are comfy": how are the new boots?
-            named.append(Named(chunk.end, _definite(phrase), plural, people))
+            proper = root.pos_ == "PROPN" or any(c.dep_ == "appos" and c.pos_ == "PROPN" for c in root.children)
+            named.append(Named(chunk.end, _definite(phrase), plural, people, proper))
     return named
 
 
@@ -1033,6 +1037,14 @@ def _antecedent(pronoun, ctx: _Context) -> str | None:
         if named.plural == plural and not named.people:
             return named.phrase
     return None
+
+
+def _person_antecedent(pronoun, ctx: _Context) -> str | None:
+    """The one ``pronoun`` (he, she, him, her) stands for: the last person or name named before it, not a speaker
+    ("my son ... he was okay": Melanie's son; "Oliver's hilarious! He hid his bone": Oliver)."""
+    before = ctx.antecedents + [n for n in ctx.chunks if n.end <= pronoun.i]
+    named = next((n for n in reversed(before) if (n.people or n.proper) and not n.plural), None)
+    return named.phrase if named is not None and named.phrase not in ctx.names else None
 
 
 def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
@@ -1062,10 +1074,13 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
                                     f"What was in the photo {turn.speaker} shared{day}?"], shown, turn.dia_id,
                           session, turn.speaker))
         pointed = _shown_thing(doc)
-        thing = _noun_phrase(pointed, ctx) if pointed is not None else None
+        thing = _noun_phrase(pointed, ctx) if pointed is not None else _topic(doc[-1], ctx)
         if thing and _content(thing):  # the photo asked by what the turn calls it: one answer per photo
             facts.append(Fact("photo", [f"What did {turn.speaker}'s photo of {_definite(thing)} show?"], shown,
                               turn.dia_id, session))
+            if ctx.when is not None:
+                facts.append(Fact("when", [f"When did {turn.speaker} share a photo of {_definite(thing)}?"],
+                                  _dmy(ctx.when), turn.dia_id, session))
     return facts
 
 
