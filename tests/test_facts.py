@@ -74,7 +74,7 @@ def facts_of(*texts: str, speakers=("Dana", "Eli")):
       ("How did Dana feel about the blue mug?", "so proud")]),
     # "he" and "she" stand for the last person or name named, not a speaker
     ("My dog Biscuit is so naughty. He hid my sock under the bed.",
-     [("What did Dana's dog hide under the bed?", "sock")]),
+     [("What did Dana's dog hide under the bed?", "sock"), ("Where did Dana's dog hide Dana's sock?", "bed")]),
 ])
 def test_questions_asked_of_a_turn(text, expected):
     _, asked = facts_of(text)
@@ -134,3 +134,9 @@ def test_each_of_several_answers_is_also_asked_on_its_day():
                                                  Session(2, "10:00 am on 2 April, 2024", turns[1:])])
     asked = {(q.question, q.answer) for q in fact_queries(conv, across_turns=False)}
     assert ("How did Dana feel on 2 April 2024?", "tired") in asked, sorted(asked)
+
+
+def test_a_pronoun_possessor_tells_nothing_of_which_one():
+    _, asked = facts_of("I lost my keys at the gym.")
+    assert ("Where did Dana lose Dana's keys?", "gym") in asked, sorted(asked)
+    assert not [q for q, _ in asked if q.startswith("What keys")], sorted(asked)

@@ -469,6 +469,12 @@ def _is_date(token) -> bool:
     return token.ent_type_ in ("DATE", "TIME")
 
 
+def _is_location(prep, pobj) -> bool:
+    """A particular thing something is in, at or under: "hid his bone in my slipper", "left it at the studio"."""
+    return prep.lower_ in ("in", "at", "into", "under", "inside") and pobj.pos_ == "NOUN" and \
+        any(c.dep_ in ("det", "poss") for c in pobj.children) and pobj.lemma_.lower() not in _VAGUE | CHAT_WORDS
+
+
 def _is_time_of(dependent) -> bool:
     """Whether a verb's dependent says when: "yesterday", "last week", "on Friday"."""
     pobj = _prep_object(dependent) if dependent.dep_ == "prep" else None
@@ -599,7 +605,9 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
         if "\0" in rest:
             continue
         head = c.text.lower() if c.pos_ == "NOUN" and c.ent_type_ == "" else None
-        modified = head is not None and any(m.dep_ in ("compound", "amod", "nmod", "poss") for m in c.children)
+        # "a dance studio", "my daughter's birthday" tell which; "his bone" does not
+        modified = head is not None and any(m.dep_ in ("compound", "amod", "nmod") or m.dep_ == "poss" and
+                                            m.pos_ != "PRON" for m in c.children)
         relation = "likes" if lemma in LIKE_VERBS else "owns" if lemma in OWN_VERBS and person else None
         add("what", [_question("What", form.aux, subject, form.main, rest)], answer, relation,
             lemma if person and form.tense in ("past", "perfect") else None)
@@ -654,11 +662,12 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
         if prep == "with" and people:
             add("with", [_question("Who", form.aux, subject, form.main, "with", rest),
                          _question("With whom", form.aux, subject, form.main, rest)], answer, "people")
-        elif place and prep != "with":
+        elif place and prep != "with" or _is_location(c, pobj):
             if person == ctx.speaker and prep in ("to", "at", "in") and lemma in MOTION_VERBS:
                 ctx.setting = f"{'in' if pobj.ent_type_ in ('GPE', 'LOC') else 'at'} {_definite(answer)}"
             add("where", [_question("Where", form.aux, subject, form.main, "from" if prep == "from" else "", rest),
-                          _question("What place", form.aux, subject, form.main, rest, prep)], answer, "places")
+                          _question("What place", form.aux, subject, form.main, rest, prep)], answer,
+                "places" if place else None)
             head = pobj.lemma_.lower() if pobj.pos_ == "NOUN" else None
             if head and any(m.dep_ in ("compound", "amod") for m in pobj.children):
                 add("which", [_question("What", head, form.aux, subject, form.main, prep, rest),
