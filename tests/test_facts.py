@@ -72,6 +72,9 @@ def facts_of(*texts: str, speakers=("Dana", "Eli")):
     ("I went to a pottery class on Sunday. I made a blue mug and I was so proud of it.",
      [("What did Dana make at the pottery class?", "blue mug"),
       ("How did Dana feel about the blue mug?", "so proud")]),
+    # a "when" clause asked with the event it belongs to
+    ("I'll always remember our camping trip when we saw the northern lights.",
+     [("What did Dana see during Dana's camping trip?", "northern lights")]),
     # "he" and "she" stand for the last person or name named, not a speaker
     ("My dog Biscuit is so naughty. He hid my sock under the bed.",
      [("What did Dana's dog hide under the bed?", "sock"), ("Where did Dana's dog hide Dana's sock?", "bed")]),

@@ -469,6 +469,19 @@ def _is_date(token) -> bool:
     return token.ent_type_ in ("DATE", "TIME")
 
 
+def _event_of(verb, ctx: _Context) -> str | None:
+    """The event a "when" clause belongs to: "our camping trip last year when we saw the meteor shower" ->
+    "during the camping trip"."""
+    if verb.dep_ not in ("relcl", "advcl") or not any(c.dep_ == "advmod" and c.lower_ == "when"
+                                                      for c in verb.children):
+        return None
+    head = verb.head
+    if head.pos_ != "NOUN":  # "I remember our trip when we saw ...": the event is the governing verb's object
+        head = next((c for c in head.children if c.dep_ == "dobj" and c.pos_ == "NOUN" and c.i < verb.i), None)
+    event = _noun_phrase(head, ctx) if head is not None and not _is_date(head) else None
+    return f"during {_definite(event)}" if event else None
+
+
 def _is_location(prep, pobj) -> bool:
     """A particular thing something is in, at or under: "hid his bone in my slipper", "left it at the studio"."""
     return prep.lower_ in ("in", "at", "into", "under", "inside") and pobj.pos_ == "NOUN" and \
@@ -577,7 +590,7 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
             return  # "How was the party?" -> "awesome": said of everything, it tells nothing apart
         if answer and _content(answer) and len(answer.split()) <= ANSWER_WORDS + 4:
             facts.append(Fact(kind, list(wordings), answer, dia_id, session, person, relation, verb_lemma))
-            setting = ctx.setting
+            setting = _event_of(verb, ctx) or ctx.setting
             if kind in SET_KINDS and setting and wordings[0] and not rest_has_place and \
                     setting.split()[-1] not in wordings[0]:
                 # what the turn tells of a place it named before: "What did Melanie make at the pottery workshop?"
@@ -826,6 +839,12 @@ def _topic(token, ctx: _Context) -> str | None:
     before = ctx.antecedents + [n for n in ctx.chunks if n.end <= token.i]
     named = next((n for n in reversed(before) if not n.people), None)
     return named.phrase if named is not None and len(named.phrase.split()) > 1 else None  # not a bare "need"
+
+
+def _turn_topic(ctx: _Context) -> str | None:
+    """The thing this turn named last (not one of the turns before): what a photo shared with it is about."""
+    named = next((n for n in reversed(ctx.chunks) if not n.people), None)
+    return named.phrase if named is not None and len(named.phrase.split()) > 1 else None
 
 
 def _xcomp_of(adjective, ctx: _Context) -> str | None:
@@ -1083,7 +1102,7 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
                                     f"What was in the photo {turn.speaker} shared{day}?"], shown, turn.dia_id,
                           session, turn.speaker))
         pointed = _shown_thing(doc)
-        thing = _noun_phrase(pointed, ctx) if pointed is not None else _topic(doc[-1], ctx)
+        thing = _noun_phrase(pointed, ctx) if pointed is not None else _turn_topic(ctx)
         if thing and _content(thing):  # the photo asked by what the turn calls it: one answer per photo
             facts.append(Fact("photo", [f"What did {turn.speaker}'s photo of {_definite(thing)} show?"], shown,
                               turn.dia_id, session))
