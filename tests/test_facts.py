@@ -118,6 +118,9 @@ def test_wordings_and_per_turn_size_the_set():
 def test_they_and_it_stand_for_a_thing_of_their_own_number_and_never_for_people():
     _, asked = facts_of("I bought new hiking boots and a tent. They are so comfy.")
     assert ("How are the new hiking boots?", "so comfy") in asked, sorted(asked)
+    # "it" stands for the last sentence's subject or object sooner than for a place named after them
+    _, asked = facts_of("I knitted this scarf in my evening class. It took three weeks.")
+    assert ("How long did the scarf take?", "three weeks") in asked, sorted(asked)
     # "they" after the kids means the kids, not the trip named before them: nothing is asked of "the road trip"
     _, asked = facts_of("The road trip was long, but my kids loved it. They were scared at first.")
     assert not [q for q, a in asked if "scared" in a and "trip" in q], sorted(asked)

@@ -94,6 +94,8 @@ class Named:
     plural: bool
     people: bool
     proper: bool = False  # a name ("Oliver", "my dog Max"): "he" or "she" may mean it, a person or not
+    sentence: tuple[int, int] = (0, 0)  # (turn, sentence start) where it was named
+    role: int = 2  # 0 a subject, 1 an object, 2 else: a pronoun stands for the subject sooner than the rest
 
 
 @dataclass
@@ -105,6 +107,7 @@ class _Context:
     antecedents: list[Named] = field(default_factory=list)  # things named in the turns before, the last last
     chunks: list[Named] = field(default_factory=list)  # things named in this turn
     setting: str | None = None  # where this turn's speaker says they went ("at the pottery workshop")
+    turn: int = 0  # how many turns were read before this one
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1049,7 +1052,9 @@ def _things_named(doc, ctx: _Context) -> list[Named]:
             if root.pos_ == "NOUN" and chunk[0].dep_ not in ("det", "poss") and plural:
                 phrase = f"the {phrase}"  # "new boots ... they are comfy": how are the new boots?
             proper = root.pos_ == "PROPN" or any(c.dep_ == "appos" and c.pos_ == "PROPN" for c in root.children)
-            named.append(Named(chunk.end, _definite(phrase), plural, people, proper))
+            role = 0 if root.dep_ in ("nsubj", "nsubjpass") else 1 if root.dep_ in ("dobj", "attr") else 2
+            named.append(Named(chunk.end, _definite(phrase), plural, people, proper, (ctx.turn, root.sent.start),
+                               role))
     return named
 
 
@@ -1059,12 +1064,18 @@ def _antecedent(pronoun, ctx: _Context) -> str | None:
     that phrase names people, or no phrase agrees."""
     plural = pronoun.lower_ in ("these", "those", "they", "them")
     before = ctx.antecedents + [n for n in ctx.chunks if n.end <= pronoun.i]
+    agreeing = []
     for named in reversed(before):
-        if named.people and plural:
+        if named.people and plural and not agreeing:
             return None  # "my kids ... they were scared": people, not a thing to ask about
         if named.plural == plural and not named.people:
-            return named.phrase
-    return None
+            agreeing.append(named)
+    if not agreeing:
+        return None
+    # of the last sentence that named one, its subject before its object before the rest ("I made this bowl in my
+    # class. It took some work": the bowl), the later first among equals
+    latest = [n for n in agreeing if n.sentence == agreeing[0].sentence]
+    return min(latest, key=lambda n: n.role).phrase
 
 
 def _person_antecedent(pronoun, ctx: _Context) -> str | None:
@@ -1092,6 +1103,7 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
         facts += _advice_facts(sentence, ctx, turn.dia_id, session)
         facts += _modifier_facts(sentence, ctx, turn.dia_id, session)
     ctx.antecedents = (ctx.antecedents + ctx.chunks)[-8:]
+    ctx.turn += 1
     if turn.blip_caption:
         shown = photo_note(turn.blip_caption)[len("[shares "):-1]
         for prefix in ("a photo of ", "a picture of ", "a photo: "):
