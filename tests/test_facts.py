@@ -75,6 +75,16 @@ def facts_of(*texts: str, speakers=("Dana", "Eli")):
     # a "when" clause asked with the event it belongs to
     ("I'll always remember our camping trip when we saw the northern lights.",
      [("What did Dana see during Dana's camping trip?", "northern lights")]),
+    # "Let's ..." is a suggestion
+    ("Let's grab lunch and plan the trip tomorrow.",
+     [("What did Dana suggest to Eli?", "grab lunch and plan the trip")]),
+    # a "when" clause as what something was
+    ("My best memory was when my team won the final.", [("What was Dana's best memory?", "team won the final")]),
+    # an adjective with no subject is how the speaker feels
+    ("The festival was fun. Glad to be part of it.", [("How does Dana feel about the festival?", "glad")]),
+    # how often, said with "once" or "twice", of a negated verb
+    ("We don't go to the lake often, usually only once or twice a year.",
+     [("How often does Dana go to the lake?", "once or twice a year")]),
     # "he" and "she" stand for the last person or name named, not a speaker
     ("My dog Biscuit is so naughty. He hid my sock under the bed.",
      [("What did Dana's dog hide under the bed?", "sock"), ("Where did Dana's dog hide Dana's sock?", "bed")]),

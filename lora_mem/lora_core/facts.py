@@ -401,6 +401,11 @@ def _verb_form(verb, *, negated_ok: bool = False) -> _VerbForm | None:
     lemma = verb.lemma_.lower()
     if any(c.dep_ == "neg" for c in verb.children) and not negated_ok:
         return None
+    do = next((c for c in verb.children if c.dep_ == "aux" and c.lower_ in ("do", "does", "did")), None)
+    if negated_ok and do is not None and verb.tag_ == "VB":  # "we don't go often": how often does she go?
+        past = do.lower_ == "did"
+        return _VerbForm("did" if past else "does", lemma, _inflect(lemma, "VBD" if past else "VBZ"),
+                         "past" if past else "present")
     if not auxes and (verb.tag_ == "VBD" or _dropped_subject(verb)):
         lemma = _past_lemma(verb) or lemma
         return _VerbForm("did", lemma, verb.text.lower(), "past")
@@ -797,6 +802,11 @@ def _copula_facts(verb, subj_token, subject: str, ctx: _Context, add) -> None:
                                  if c.lemma_.lower() in ("thrilled", "stoked", "pumped", "excited") else ""], about)
             elif subj_token.pos_ in ("PRON", "NOUN", "PROPN"):
                 add("how", [_question("How", aux, thing), _question("What", aux, thing, "like")], quality)
+        if c.dep_ == "advcl" and not any(d.dep_ in ("attr", "acomp") for d in verb.children) and \
+                any(m.lower_ in ("when", "where") for m in c.children if m.dep_ == "advmod") and \
+                not _is_pronoun(subj_token):
+            said = re.sub(r"^(when|where)\s+", "", _phrase(c, ctx), flags=re.I)
+            add("is", [_question("What", aux, thing)], said)
         if c.dep_ == "attr" and _worth_asking(c):
             value = _noun_phrase(c, ctx, for_question=False)
             if value is None or value == subject:
@@ -833,7 +843,7 @@ def _xcomp_of_is_thing(adjective) -> bool:
 
 def _adjective_alone(adjective, ctx: _Context) -> str:
     """"so excited about the trip" -> "so excited": the feeling, without what it is about."""
-    dropped = {u.i for c in adjective.children if c.dep_ in ("prep", "xcomp", "ccomp") for u in c.subtree}
+    dropped = {u.i for c in adjective.children if c.dep_ in ("prep", "xcomp", "ccomp", "punct") for u in c.subtree}
     return _render([t for t in adjective.subtree if t.i not in dropped], ctx)
 
 
@@ -941,12 +951,20 @@ def _count_facts(doc, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
     return facts
 
 
+def _frequencies(sentence) -> list:
+    """How often things happen: a date entity that says so ("every Sunday"), or "once" / "twice" and what follows
+    it ("only once or twice a year"), which the tagger does not always read as a date."""
+    spans = [e for e in sentence.ents if e.label_ == "DATE" and
+             re.search(r"\b(every|once|twice|times|daily|weekly|usually)\b", e.text, re.I)]
+    for t in sentence:
+        if t.lower_ in ("once", "twice") and t.dep_ == "advmod" and not any(e.start <= t.i < e.end for e in spans):
+            spans.append(sentence.doc[t.i:max(u.i for u in t.subtree) + 1])
+    return spans
+
+
 def _frequency_facts(doc, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
     facts = []
-    for ent in doc.ents:
-        if ent.label_ != "DATE" or not re.search(r"\b(every|once|twice|times|daily|weekly|usually)\b", ent.text,
-                                                re.I):
-            continue
+    for ent in _frequencies(doc):
         verb = ent.root.head
         while verb.pos_ not in ("VERB", "AUX") and verb.head != verb:
             verb = verb.head
@@ -972,6 +990,13 @@ def _advice_facts(sentence, ctx: _Context, dia_id: str, session: int) -> list[Fa
     """An imperative sentence is advice to the other speaker: "Do your research and find an agency" ->
     What advice did Caroline give Melanie? -> do research and find an agency."""
     root = sentence.root
+    suggested = next((c for c in root.children if c.dep_ == "ccomp" and
+                      any(s.dep_ == "nsubj" and s.lower_ in ("'s", "us") for s in c.children)), None)
+    if root.lemma_.lower() == "let" and suggested is not None:  # "Let's live it up": a suggestion
+        dropped = {u.i for c in suggested.children if c.dep_ == "nsubj" for u in c.subtree}
+        answer = _render([t for t in suggested.subtree if t.i not in dropped and not _is_date(t)], ctx)
+        return [Fact("advice", [f"What did {ctx.speaker} suggest to {ctx.other}?"], answer, dia_id, session,
+                     ctx.speaker)] if _content(answer) else []
     first = next((t for t in sentence if not t.is_punct and t.pos_ not in ("INTJ", "ADV", "CCONJ")), None)
     opens = first is not None and (first.i == root.i or first.head.i == root.i and first.lemma_ == "do")
     if root.pos_ != "VERB" or root.tag_ != "VB" or not opens or root.lemma_.lower() in CHAT_IMPERATIVES | REMARK_VERBS \
@@ -984,7 +1009,24 @@ def _advice_facts(sentence, ctx: _Context, dia_id: str, session: int) -> list[Fa
     if not _specific(answer) or not _content(answer):
         return []
     return [Fact("advice", [f"What advice did {ctx.speaker} give {ctx.other}?",
-                            f"What did {ctx.speaker} tell {ctx.other} to do?"], answer, dia_id, session)]
+                            f"What did {ctx.speaker} tell {ctx.other} to do?"], answer, dia_id, session,
+                 ctx.speaker)]
+
+
+def _fragment_feeling(sentence, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
+    """"Glad to be part of it!": an adjective with no subject is how the speaker feels."""
+    root = sentence.root
+    if root.pos_ != "ADJ" or any(c.dep_ in ("nsubj", "nsubjpass", "expl") for c in root.children):
+        return []
+    feeling = _adjective_alone(root, ctx)
+    if not _specific(feeling):
+        return []  # "Awesome!": said of everything
+    facts = [Fact("feel", [f"How does {ctx.speaker} feel?"], feeling, dia_id, session, ctx.speaker)]
+    topic = _topic(root, ctx)
+    if topic:
+        facts.append(Fact("feel", [f"How does {ctx.speaker} feel about {_definite(topic)}?"], feeling, dia_id,
+                          session, ctx.speaker))
+    return facts
 
 
 # Prepositions of a noun's modifier asked as "What was the <noun> <prep>?" ("a charity race for mental health").
@@ -1101,6 +1143,7 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
         facts += _count_facts(sentence, ctx, turn.dia_id, session)
         facts += _frequency_facts(sentence, ctx, turn.dia_id, session)
         facts += _advice_facts(sentence, ctx, turn.dia_id, session)
+        facts += _fragment_feeling(sentence, ctx, turn.dia_id, session)
         facts += _modifier_facts(sentence, ctx, turn.dia_id, session)
     ctx.antecedents = (ctx.antecedents + ctx.chunks)[-8:]
     ctx.turn += 1
