@@ -85,6 +85,9 @@ def facts_of(*texts: str, speakers=("Dana", "Eli")):
     # how often, said with "once" or "twice", of a negated verb
     ("We don't go to the lake often, usually only once or twice a year.",
      [("How often does Dana go to the lake?", "once or twice a year")]),
+    # an event's date asked with its purpose
+    ("Last Friday I went to a book fair to find a gift for my dad.",
+     [("When did Dana go to a book fair to find a gift for Dana's dad?", "the Friday before 14 March 2024")]),
     # "he" and "she" stand for the last person or name named, not a speaker
     ("My dog Biscuit is so naughty. He hid my sock under the bed.",
      [("What did Dana's dog hide under the bed?", "sock"), ("Where did Dana's dog hide Dana's sock?", "bed")]),
@@ -156,3 +159,10 @@ def test_a_pronoun_possessor_tells_nothing_of_which_one():
     _, asked = facts_of("I lost my keys at the gym.")
     assert ("Where did Dana lose Dana's keys?", "gym") in asked, sorted(asked)
     assert not [q for q, _ in asked if q.startswith("What keys")], sorted(asked)
+
+
+def test_a_question_of_the_other_speaker_is_answered_by_the_turn_after_it():
+    _, asked = facts_of("Thanks! What got you into running?", "Thanks! I've been running to clear my mind.")
+    assert ("What got Eli into running?", "Eli has been running to clear Eli's mind") in asked, sorted(asked)
+    _, asked = facts_of("How are you?", "I'm good, thanks for asking.")
+    assert not [q for q, _ in asked if q.startswith("How are")], sorted(asked)  # asks after nothing in particular

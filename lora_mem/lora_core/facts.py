@@ -108,6 +108,7 @@ class _Context:
     chunks: list[Named] = field(default_factory=list)  # things named in this turn
     setting: str | None = None  # where this turn's speaker says they went ("at the pottery workshop")
     turn: int = 0  # how many turns were read before this one
+    asked: str | None = None  # the question the turn before ended with, its speakers resolved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,7 +180,21 @@ def _third_person(token, ctx: _Context) -> str:
         return "'s"
     if low == "n't":
         return "not"
+    if token.pos_ == "AUX" and _of_a_speaker(token):  # "I'm" -> "Caroline is", "do you" -> "does Melanie"
+        return _THIRD_PERSON_AUX.get(low, token.text)
     return token.text
+
+
+# Auxiliaries as they agree with a speaker's name in place of I, we or you.
+_THIRD_PERSON_AUX = {"am": "is", "'m": "is", "are": "is", "'re": "is", "were": "was", "have": "has", "'ve": "has",
+                     "do": "does"}
+
+
+def _of_a_speaker(aux) -> bool:
+    """Whether an auxiliary's subject is I, we or you (whom a question or answer names in the third person)."""
+    verb = aux.head if aux.dep_ in ("aux", "auxpass") else aux
+    subject = next((c for c in verb.children if c.dep_ in ("nsubj", "nsubjpass")), None)
+    return subject is not None and subject.lower_ in ("i", "we", "you")
 
 
 def _is_contracted_not(token) -> bool:
@@ -194,8 +209,9 @@ def _render(tokens, ctx: _Context) -> str:
         if i == 0 and t.i == t.sent.start and t.pos_ != "PROPN" and word == t.text:
             word = word[:1].lower() + word[1:]  # a sentence's first word, asked about mid-question
         last = i == len(tokens) - 1 or tokens[i + 1].i != t.i + 1
-        if _is_contracted_not(t) and out and not out[-1].endswith(" "):
-            out[-1] += " "  # "don't" -> "do not"
+        if (_is_contracted_not(t) or word != t.text and t.text.startswith("'") and not word.startswith("'")) \
+                and out and not out[-1].endswith(" "):
+            out[-1] += " "  # "don't" -> "do not", "I'm" -> "Caroline is"
         out.append(word + ("" if last else t.whitespace_))
     text = "".join(out)
     text = re.sub(r"'s's\b", "'s", text)
@@ -699,17 +715,20 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
                 if lemma == "work" and prep == "as" and person else []
             add("what", [_question("Who" if people else "What", form.aux, subject, form.main, prep, rest)] + job,
                 answer)
-    # when, and the event asked from its date
+    # when, and the event asked from its date, with the event's purpose ("went to a fair to get more exposure")
+    purpose = next((c for c in verb.children if c.dep_ in ("advcl", "xcomp") and c.i > verb.i and
+                    lemma not in INTENT_VERBS and any(m.dep_ == "aux" and m.lower_ == "to" for m in c.children)), None)
+    event = f"{rest_all} {_phrase(purpose, ctx, max_words=PHRASE_WORDS)}" if purpose is not None else rest_all
     if date is not None and ctx.when is not None and (rest_all or not _objects(verb)):
         resolved = resolve_date(date.text, ctx.when)
         if resolved:
-            add("when", [_question("When", form.aux, subject, form.main, rest_all),
+            add("when", [_question("When", form.aux, subject, form.main, event),
                          _question("On what date", form.aux, subject, form.main, rest_all)], resolved)
             if form.tense == "past" and person:
                 add("did_on", [_question("What did", subject, "do", _on_date(resolved))], _predicate(verb, ctx),
                     "did")
     elif form.tense in ("past",) and ctx.when is not None and rest_all and person:
-        add("when", [_question("When", form.aux, subject, form.main, rest_all)], session_date_text(ctx.when))
+        add("when", [_question("When", form.aux, subject, form.main, event)], session_date_text(ctx.when))
     if form.tense == "past" and person and rest_all and date is None:
         add("did_on", [], _predicate(verb, ctx), "did")  # feeds "What has X done?" only
     if form.tense == "progressive" and form.aux == "is" and person and rest_all:
@@ -1128,6 +1147,37 @@ def _person_antecedent(pronoun, ctx: _Context) -> str | None:
     return named.phrase if named is not None and named.phrase not in ctx.names else None
 
 
+# Words of a question that ask nothing in particular ("How are you?", "What's up?", "How about you?").
+_NOT_ASKING = frozenset("be do have go get up about doing".split())
+
+
+def _question_asked(doc, ctx: _Context) -> str | None:
+    """The last wh-question of a turn, speakers resolved ("What got you into running?" -> "What got Melanie into
+    running?"), if it asks about something in particular; else None."""
+    for sentence in reversed(list(doc.sents)):
+        words = [t for t in sentence if not t.is_punct and t.pos_ != "INTJ"]
+        if not sentence.text.rstrip().endswith("?") or not words or words[0].tag_ not in ("WDT", "WP", "WRB"):
+            continue
+        if words[0].lower_ == "when" or words[0].lower_ == "how" and words[1].lemma_ in ("be", "go"):
+            return None  # a reply's date is asked from its own clause; "How's it going?" asks after nothing
+        if not any(t.pos_ in ("NOUN", "PROPN", "VERB", "ADJ") and t.lemma_.lower() not in _NOT_ASKING | CHAT_WORDS
+                   for t in words[1:]):
+            return None
+        return _question(_render(words, ctx))
+    return None
+
+
+def _reply(doc, ctx: _Context) -> str | None:
+    """A turn's answer to the question before it: its first sentence that states something, not a thanks or a
+    question ("Thanks! It was Matt Patterson, he is so talented!" -> "It was Matt Patterson, he is so talented")."""
+    for sentence in doc.sents:
+        words = [t for t in sentence if not t.is_punct]
+        if sentence.text.rstrip().endswith("?") or len(words) < 3 or sentence.root.pos_ not in ("VERB", "AUX"):
+            continue
+        return _render(_cut(list(sentence), sentence.root, ANSWER_WORDS + 4), ctx)
+    return None
+
+
 def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
     """Every fact of one parsed turn, in the order they are said."""
     facts: list[Fact] = []
@@ -1145,6 +1195,10 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
         facts += _advice_facts(sentence, ctx, turn.dia_id, session)
         facts += _fragment_feeling(sentence, ctx, turn.dia_id, session)
         facts += _modifier_facts(sentence, ctx, turn.dia_id, session)
+    reply = _reply(doc, ctx) if ctx.asked else None
+    if reply:  # the other speaker asked, this turn answers: "What got Melanie into running?" -> ...
+        facts.append(Fact("reply", [ctx.asked], reply, turn.dia_id, session, ctx.speaker))
+    ctx.asked = _question_asked(doc, ctx)
     ctx.antecedents = (ctx.antecedents + ctx.chunks)[-8:]
     ctx.turn += 1
     if turn.blip_caption:
@@ -1258,8 +1312,8 @@ def person_queries(facts: list[Fact], wordings: int) -> list[Query]:
 
 # Kinds whose question, when several turns answer it, is also asked with each turn's day: events and things,
 # not feelings or qualities (every turn has one, and the day does not tell them apart in how people ask).
-DATED_KINDS = frozenset("""what which want is did_on where think why with feel how count how_long how_often name
-advice doing happened modifier""".split())
+DATED_KINDS = frozenset("""what which want is did_on where think why with feel count how_long how_often name
+advice doing happened modifier reply""".split())
 
 
 def fact_queries(conv: Conversation, *, wordings: int = 1, per_turn: int | None = None,
