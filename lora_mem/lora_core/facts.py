@@ -1167,14 +1167,28 @@ def _question_asked(doc, ctx: _Context) -> str | None:
     return None
 
 
-def _reply(doc, ctx: _Context) -> str | None:
-    """A turn's answer to the question before it: its first sentence that states something, not a thanks or a
-    question ("Thanks! It was Matt Patterson, he is so talented!" -> "It was Matt Patterson, he is so talented")."""
+# Names that answer a question asking which thing or who ("What's your favorite book?" -> "Charlotte's Web").
+_ANSWER_NAMES = {"who": ("PERSON", "ORG"), "where": ("GPE", "LOC", "FAC", "ORG"),
+                 "what": ("WORK_OF_ART", "PRODUCT", "EVENT", "PERSON", "ORG", "FAC", "GPE", "LOC"),
+                 "which": ("WORK_OF_ART", "PRODUCT", "EVENT", "PERSON", "ORG", "FAC", "GPE", "LOC")}
+
+
+def _reply(doc, ctx: _Context, asked: str) -> str | None:
+    """A turn's answer to the question before it, from its first sentence that states something (not a thanks
+    or a question): the name it gives when the question asks who, where or which thing ("It was Matt Patterson,
+    he is so talented!" -> "Matt Patterson"), else the sentence."""
+    wh = re.sub(r"'s$", "", asked.split()[0].lower())
     for sentence in doc.sents:
         words = [t for t in sentence if not t.is_punct]
         if sentence.text.rstrip().endswith("?") or len(words) < 3 or sentence.root.pos_ not in ("VERB", "AUX"):
             continue
-        return _render(_cut(list(sentence), sentence.root, ANSWER_WORDS + 4), ctx)
+        name = next((e for e in sentence.ents if e.label_ in _ANSWER_NAMES.get(wh, ()) and e.text not in ctx.names),
+                    None)
+        if name is not None and (wh != "what" or asked.split()[1].lower() not in ("do", "does", "did")):
+            return name.text.strip("\"“” ")  # not for "What did you do?": an act, not a name
+        start = next((t for t in sentence if t.pos_ not in ("INTJ", "PUNCT") and t.dep_ != "discourse"), None)
+        kept = [t for t in sentence if start is not None and t.i >= start.i]
+        return _render(_cut(kept, sentence.root, ANSWER_WORDS + 4), ctx)
     return None
 
 
@@ -1195,7 +1209,7 @@ def turn_facts(doc, turn, ctx: _Context, session: int) -> list[Fact]:
         facts += _advice_facts(sentence, ctx, turn.dia_id, session)
         facts += _fragment_feeling(sentence, ctx, turn.dia_id, session)
         facts += _modifier_facts(sentence, ctx, turn.dia_id, session)
-    reply = _reply(doc, ctx) if ctx.asked else None
+    reply = _reply(doc, ctx, ctx.asked) if ctx.asked else None
     if reply:  # the other speaker asked, this turn answers: "What got Melanie into running?" -> ...
         facts.append(Fact("reply", [ctx.asked], reply, turn.dia_id, session, ctx.speaker))
     ctx.asked = _question_asked(doc, ctx)
