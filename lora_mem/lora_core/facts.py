@@ -14,6 +14,11 @@ constituent, as people ask about what was said:
     Melanie: "we got another cat named Bailey."            What is the name of Melanie's cat?  -> Bailey
     Caroline: "I chose them 'cause they help LGBTQ+ folks" Why did Caroline choose the agencies? -> they help ...
 
+A turn also answers the wh-question the other speaker ended the turn before with ("What got you into running?" ->
+the reply's first statement, or the name it gives); an imperative is advice to the other speaker; a noun's
+prepositional modifier is asked with the noun ("What was the charity race for?"); what a turn tells after naming
+where its speaker went is also asked at that place ("What did Melanie make at the pottery workshop?").
+
 Relative dates are resolved against the session's date with dateparser, and written as LoCoMo's annotators write
 them ("last Friday" -> "the Friday before 15 July 2023", "yesterday" -> "14 July 2023", "last year" -> "2022").
 Across turns, each person's likes, plans, places, companions and belongings are asked as one question whose answer
@@ -74,7 +79,7 @@ class Fact:
     """One statement of one turn, asked in several wordings (``wordings[0]`` the plainest), with one answer."""
 
     kind: str  # what, which, where, who, with, when, did_on, why, how, feel, want, think, name, count, how_long,
-    #            how_often, is, photo
+    #            how_often, is, photo, modifier, advice, happened, doing, reply
     wordings: list[str]
     answer: str
     dia_id: str
@@ -1185,7 +1190,7 @@ def _reply(doc, ctx: _Context, asked: str) -> str | None:
         name = next((e for e in sentence.ents if e.label_ in _ANSWER_NAMES.get(wh, ()) and e.text not in ctx.names),
                     None)
         if name is not None and (wh != "what" or asked.split()[1].lower() not in ("do", "does", "did")):
-            return name.text.strip("\"“” ")  # not for "What did you do?": an act, not a name
+            return re.sub(r"'s$", "", name.text).strip("\"“” ")  # not for "What did you do?": an act, not a name
         start = next((t for t in sentence if t.pos_ not in ("INTJ", "PUNCT") and t.dep_ != "discourse"), None)
         kept = [t for t in sentence if start is not None and t.i >= start.i]
         return _render(_cut(kept, sentence.root, ANSWER_WORDS + 4), ctx)
