@@ -1192,7 +1192,11 @@ def _reply(doc, ctx: _Context, asked: str) -> str | None:
         if name is not None and (wh != "what" or asked.split()[1].lower() not in ("do", "does", "did")):
             return re.sub(r"'s$", "", name.text).strip("\"“” ")  # not for "What did you do?": an act, not a name
         start = next((t for t in sentence if t.pos_ not in ("INTJ", "PUNCT") and t.dep_ != "discourse"), None)
-        kept = [t for t in sentence if start is not None and t.i >= start.i]
+        # the first clause: "They were scared but we reassured them" -> "They were scared"
+        other_clauses = [c for c in sentence.root.children if c.dep_ == "conj" and
+                         any(d.dep_ in ("nsubj", "nsubjpass") for d in c.children)]
+        end = min((min(u.i for u in c.subtree) for c in other_clauses), default=sentence.end)
+        kept = [t for t in sentence if start is not None and start.i <= t.i < end]
         return _render(_cut(kept, sentence.root, ANSWER_WORDS + 4), ctx)
     return None
 
