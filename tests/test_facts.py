@@ -47,7 +47,7 @@ def facts_of(*texts: str, speakers=("Dana", "Eli")):
     ("I'm a big fan of jazz piano.",
      [("What is Dana a big fan of?", "jazz piano")]),
     ("I went to a pottery workshop and it was so relaxing.",
-     [("How was the pottery workshop?", "so relaxing"), ("What workshop did Dana go to?", "pottery workshop")]),
+     [("How was the pottery workshop?", "relaxing"), ("What workshop did Dana go to?", "pottery workshop")]),
     # a noun's prepositional modifier, asked with the noun
     ("I ran a bake sale for the animal shelter.", [("What was the bake sale for?", "animal shelter")]),
     # the means, "by" + a gerund
@@ -71,7 +71,7 @@ def facts_of(*texts: str, speakers=("Dana", "Eli")):
     # what a turn tells of the place it named before; a feeling asked with what it is about
     ("I went to a pottery class on Sunday. I made a blue mug and I was so proud of it.",
      [("What did Dana make at the pottery class?", "blue mug"),
-      ("How did Dana feel about the blue mug?", "so proud")]),
+      ("How did Dana feel about the blue mug?", "proud")]),
     # a "when" clause asked with the event it belongs to
     ("I'll always remember our camping trip when we saw the northern lights.",
      [("What did Dana see during Dana's camping trip?", "northern lights")]),
@@ -130,7 +130,7 @@ def test_wordings_and_per_turn_size_the_set():
 
 def test_they_and_it_stand_for_a_thing_of_their_own_number_and_never_for_people():
     _, asked = facts_of("I bought new hiking boots and a tent. They are so comfy.")
-    assert ("How are the new hiking boots?", "so comfy") in asked, sorted(asked)
+    assert ("How are the new hiking boots?", "comfy") in asked, sorted(asked)
     # "it" stands for the last sentence's subject or object sooner than for a place named after them
     _, asked = facts_of("I knitted this scarf in my evening class. It took three weeks.")
     assert ("How long did the scarf take?", "three weeks") in asked, sorted(asked)

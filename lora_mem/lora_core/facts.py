@@ -9,7 +9,7 @@ constituent, as people ask about what was said:
         What group did Caroline go to?                           -> LGBTQ support group
         When did Caroline go to a LGBTQ support group?           -> 7 May 2023
         What did Caroline do on 7 May 2023?                      -> went to a LGBTQ support group
-        How was the LGBTQ support group?                         -> so powerful
+        How was the LGBTQ support group?                         -> powerful
     Caroline: "I've been researching adoption agencies."  What has Caroline been researching? -> adoption agencies
     Melanie: "we got another cat named Bailey."            What is the name of Melanie's cat?  -> Bailey
     Caroline: "I chose them 'cause they help LGBTQ+ folks" Why did Caroline choose the agencies? -> they help ...
@@ -779,7 +779,7 @@ def _clause_facts(verb, ctx: _Context, dia_id: str, session: int) -> list[Fact]:
     if lemma in ("feel", "become", "seem", "look", "sound"):
         for c in verb.children:
             if c.dep_ in ("acomp", "attr", "oprd"):
-                feeling = _phrase(c, ctx, max_words=ANSWER_WORDS)
+                feeling = _render(_without_intensifiers(_span_tokens(c), c), ctx)
                 about = _complements(verb, ctx, {c.i})
                 add("feel", [_question("How", form.aux, subject, form.main, about if "\0" not in about else "")],
                     feeling)
@@ -811,7 +811,7 @@ def _copula_facts(verb, subj_token, subject: str, ctx: _Context, add) -> None:
                 add("where", [_question("Where", aux, subject, "from" if c.lower_ == "from" else ""),
                               _category_question(place, aux, subject, c.lower_)], where, "places")
         if c.dep_ == "acomp":
-            quality = _phrase(c, ctx, max_words=6)
+            quality = _render(_without_intensifiers(_span_tokens(c, max_words=6), c), ctx)
             about = _xcomp_of(c, ctx)
             if person:
                 how_feel = _question("How", "did" if aux == "was" else "does", subject, "feel")
@@ -868,7 +868,16 @@ def _xcomp_of_is_thing(adjective) -> bool:
 def _adjective_alone(adjective, ctx: _Context) -> str:
     """"so excited about the trip" -> "so excited": the feeling, without what it is about."""
     dropped = {u.i for c in adjective.children if c.dep_ in ("prep", "xcomp", "ccomp", "punct") for u in c.subtree}
-    return _render([t for t in adjective.subtree if t.i not in dropped], ctx)
+    return _render(_without_intensifiers([t for t in adjective.subtree if t.i not in dropped], adjective), ctx)
+
+
+# Degree words a feeling or quality is said with ("so excited"), which a short answer leaves out ("excited").
+INTENSIFIERS = frozenset("so very really super pretty totally extra quite incredibly truly".split())
+
+
+def _without_intensifiers(tokens: list, head) -> list:
+    kept = [t for t in tokens if not (t.head.i == head.i and t.dep_ == "advmod" and t.lower_ in INTENSIFIERS)]
+    return kept or tokens
 
 
 def _topic(token, ctx: _Context) -> str | None:
