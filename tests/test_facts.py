@@ -85,6 +85,8 @@ def facts_of(*texts: str, speakers=("Dana", "Eli")):
     # how often, said with "once" or "twice", of a negated verb
     ("We don't go to the lake often, usually only once or twice a year.",
      [("How often does Dana go to the lake?", "once or twice a year")]),
+    # what a thing is for
+    ("I got new boots last week. They are for hiking.", [("What are the new boots for?", "hiking")]),
     # an event's date asked with its purpose
     ("Last Friday I went to a book fair to find a gift for my dad.",
      [("When did Dana go to a book fair to find a gift for Dana's dad?", "the Friday before 14 March 2024")]),

@@ -810,6 +810,10 @@ def _copula_facts(verb, subj_token, subject: str, ctx: _Context, add) -> None:
             if where and (place.ent_type_ in ("GPE", "LOC", "FAC") or c.lower_ == "from"):
                 add("where", [_question("Where", aux, subject, "from" if c.lower_ == "from" else ""),
                               _category_question(place, aux, subject, c.lower_)], where, "places")
+        if c.dep_ == "prep" and not person and c.lower_ in ("for", "about") and _prep_object(c) is not None:
+            purpose = _noun_phrase(_prep_object(c), ctx, for_question=False)  # "These are for running"
+            if purpose:
+                add("is", [_question("What", aux, thing, c.lower_)], purpose)
         if c.dep_ == "acomp":
             quality = _render(_without_intensifiers(_span_tokens(c, max_words=6), c), ctx)
             about = _xcomp_of(c, ctx)
