@@ -1203,6 +1203,9 @@ def _reply(doc, ctx: _Context, asked: str) -> str | None:
         name = next((e for e in sentence.ents if e.label_ in _ANSWER_NAMES.get(wh, ()) and e.text not in ctx.names),
                     None)
         if name is not None and (wh != "what" or asked.split()[1].lower() not in ("do", "does", "did")):
+            if name.root.dep_ == "poss":  # a name inside a title or a thing: "Charlotte's Web", "Nina's band"
+                whole = list(name.root.head.subtree)
+                name = sentence.doc[whole[0].i:whole[-1].i + 1]
             return re.sub(r"'s$", "", name.text).strip("\"“” ")  # not for "What did you do?": an act, not a name
         start = next((t for t in sentence if t.pos_ not in ("INTJ", "PUNCT") and t.dep_ != "discourse"), None)
         # the first clause: "They were scared but we reassured them" -> "They were scared"
