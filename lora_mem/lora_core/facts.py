@@ -202,10 +202,6 @@ def _of_a_speaker(aux) -> bool:
     return subject is not None and subject.lower_ in ("i", "we", "you")
 
 
-def _is_contracted_not(token) -> bool:
-    return token.lower_ == "n't"
-
-
 def _render(tokens, ctx: _Context) -> str:
     """Tokens as the turn wrote them (its own spacing), pronouns of the speakers resolved."""
     out = []
@@ -214,7 +210,7 @@ def _render(tokens, ctx: _Context) -> str:
         if i == 0 and t.i == t.sent.start and t.pos_ != "PROPN" and word == t.text:
             word = word[:1].lower() + word[1:]  # a sentence's first word, asked about mid-question
         last = i == len(tokens) - 1 or tokens[i + 1].i != t.i + 1
-        if (_is_contracted_not(t) or word != t.text and t.text.startswith("'") and not word.startswith("'")) \
+        if (t.lower_ == "n't" or word != t.text and t.text.startswith("'") and not word.startswith("'")) \
                 and out and not out[-1].endswith(" "):
             out[-1] += " "  # "don't" -> "do not", "I'm" -> "Caroline is"
         out.append(word + ("" if last else t.whitespace_))

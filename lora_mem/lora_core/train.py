@@ -216,7 +216,7 @@ def adamw(params: list[torch.nn.Parameter], cfg: TrainConfig, base_dtype: torch.
     """The adapter's optimizer (its learning rate is set by the schedule at every step). Fused, one pass over all
     the parameters, where the base model is 16-bit (2.5x faster than the per-tensor loop on a CPU: a few hundred
     small tensors); over an fp32 model torch's per-tensor loop, whose numbers earlier fp32 runs give."""
-    fused = True if torch.empty((), dtype=base_dtype).element_size() < 4 else None
+    fused = True if base_dtype.itemsize < 4 else None
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused)
 
 
