@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from lora_mem.kernels.cpu_allocator import keeps_freed_memory
 from lora_mem.kernels.policy import KernelPolicy
 from lora_mem.files import atomic_write_json, atomic_write_text  # noqa: F401  (the benchmarks write through here)
 from lora_mem.untrusted import JSONFileError, read_json, read_json_lines, validated
@@ -96,6 +97,7 @@ def run_info(device: torch.device, policy: KernelPolicy = KernelPolicy()) -> dic
         "loadavg_start": os.getloadavg(),
         "cpu": cpu_details(),
         "kernel_policy": policy.to_dict(),  # which kernels the run's model was built with
+        "cpu_keeps_freed_memory": keeps_freed_memory(),  # glibc's malloc tuned by load_model (cpu_allocator)
     }
 
 

@@ -12,6 +12,7 @@ from lora_mem.kernels.block_causal_attention import (
     BLOCK_CAUSAL_MIN_T,
     block_causal_attention,
     causal_bias,
+    grouped_causal_bias,
 )
 from tests.kernel_testing import assert_close_scaled
 
@@ -80,6 +81,23 @@ def test_causal_bias():
     expected = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(torch.isinf(bias), expected.bool())
     assert torch.all(bias[~expected] == 0)
+
+
+def test_grouped_causal_bias_is_one_tensor_per_block_shape():
+    bias = grouped_causal_bias(3, 2, 5, 2, torch.float32, torch.device("cpu"))
+    assert torch.equal(bias, causal_bias(3, 2, 5, torch.float32, "cpu").repeat(2, 1))
+    assert grouped_causal_bias(3, 2, 5, 2, torch.float32, torch.device("cpu")) is bias  # every layer reads the same
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 384, 512), (2, 7, 33), (1, 1, 1)])
+def test_softmax_16bit_is_fp32_rounded(dtype, shape):
+    # the forward's softmax of 16-bit scores relies on the CPU kernel accumulating in fp32
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(*shape, generator=g) * 8).to(dtype)
+    scores[..., 1::5] = float("-inf")
+    scores[..., 0] = 0.0  # every row keeps a finite entry, as the causal diagonal does
+    assert torch.equal(torch.softmax(scores, dim=-1), torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype))
 
 
 @pytest.mark.parametrize("shapes, match", [

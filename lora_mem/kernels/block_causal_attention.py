@@ -24,6 +24,8 @@ tests/test_block_causal_attention.py holds the two together, forward and gradien
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from lora_mem.kernels.policy import KernelPolicy
@@ -52,6 +54,14 @@ def causal_bias(rows: int, start: int, end: int, dtype: torch.dtype, device) -> 
     key = torch.arange(end, device=device)[None, :]
     bias = torch.zeros(rows, end, dtype=dtype, device=device)
     return bias.masked_fill_(key > query, float("-inf"))
+
+
+@lru_cache(maxsize=64)
+def grouped_causal_bias(rows: int, start: int, end: int, groups: int, dtype: torch.dtype,
+                        device: torch.device) -> torch.Tensor:
+    """`causal_bias` repeated for ``groups`` stacked query heads, (groups*rows, end); every layer's block of the same
+    shape reads the same one (never written: baddbmm takes it as input)."""
+    return causal_bias(rows, start, end, dtype, device).repeat(groups, 1)
 
 
 class BlockCausalAttention(torch.autograd.Function):
@@ -84,12 +94,11 @@ class BlockCausalAttention(torch.autograd.Function):
                 rows = min(block, T - start)
                 end = start + rows  # keys [0, end): everything at or before this block's last query
                 q_block = query_block(q, Hkv, start, end)  # (B*Hkv, g*rows, D): a group's heads stacked
-                bias = causal_bias(rows, start, end, q.dtype, q.device).repeat(g, 1)  # (g*rows, end)
+                bias = grouped_causal_bias(rows, start, end, g, q.dtype, q.device)  # (g*rows, end)
                 scores = torch.baddbmm(bias.unsqueeze(0), q_block, k_all[:, :end].transpose(1, 2), alpha=scale)
-                if scores.element_size() < 4:  # bf16 / fp16: the softmax in fp32, as SDPA's kernels do
-                    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-                else:
-                    p = torch.softmax(scores, dim=-1)  # (B*Hkv, g*rows, end)
+                # the CPU kernel accumulates 16-bit inputs in fp32, as SDPA's do: the same bits as a softmax
+                # computed in fp32 and rounded (test_softmax_16bit_is_fp32_rounded), without the two copies
+                p = torch.softmax(scores, dim=-1)  # (B*Hkv, g*rows, end)
                 out[:, :, :, start:end] = torch.bmm(p, v_all[:, :end]).view(B, Hkv, g, rows, D)
                 probs.append(p)
         ctx.save_for_backward(q, k_all, v_all, out, *probs)
@@ -116,7 +125,7 @@ class BlockCausalAttention(torch.autograd.Function):
             q_block = query_block(q, Hkv, start, end)
             accumulate(dv[:, :end], p.transpose(1, 2), d_out_block, 1.0)
             d_scores = torch.bmm(d_out_block, v_all[:, :end].transpose(1, 2))  # dP (B*Hkv, g*rows, end)
-            d_scores = d_scores.to(acc).sub_(delta_block).mul_(p).to(q.dtype)  # dS, in dP's buffer (fp32 inputs)
+            d_scores = torch.sub(d_scores, delta_block).mul_(p).to(q.dtype)  # dS: 16-bit dP minus fp32 delta in fp32
             dq_block = torch.bmm(d_scores, k_all[:, :end]).mul_(scale)  # (B*Hkv, g*rows, D)
             dq[:, :, :, start:end] = dq_block.view(B, Hkv, g, rows, D)
             accumulate(dk[:, :end], d_scores.transpose(1, 2), q_block, scale)

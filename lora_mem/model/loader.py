@@ -16,6 +16,7 @@ from typing import Annotated
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lora_mem.kernels.cpu_allocator import keep_freed_memory
 from lora_mem.kernels.policy import KernelPolicy
 from lora_mem.model.config import ModelConfig
 from lora_mem.model.qwen2 import Qwen2ForCausalLM
@@ -314,13 +315,16 @@ def load_model(
     policy: KernelPolicy | None = None,
 ) -> LoadedModel:
     """Load model + tokenizer. `policy` (default: KernelPolicy()): which kernels the model runs, and its dtype when
-    `dtype` names none (bf16 on CUDA and on a CPU with bf16 instructions, else fp32; lora_mem.kernels.policy). Every
-    file is checked before memory is allocated for the weights."""
+    `dtype` names none (bf16 on CUDA and on a CPU with bf16 instructions, else fp32; lora_mem.kernels.policy). On a
+    CPU, glibc is told to keep freed memory for reuse (lora_mem.kernels.cpu_allocator). Every file is checked before
+    memory is allocated for the weights."""
     policy = policy or KernelPolicy()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not isinstance(dtype, torch.dtype):
         dtype = parse_dtype(dtype, device, policy)
     ckpt = inspect_checkpoint(name_or_path, policy)
+    if device.type == "cpu":
+        keep_freed_memory()
     model = build_model(ckpt.config, device, dtype, policy)
     load_weights(model, ckpt.path, progress=progress)
     model.requires_grad_(False)
