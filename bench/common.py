@@ -97,7 +97,8 @@ def run_info(device: torch.device, policy: KernelPolicy = KernelPolicy()) -> dic
         "loadavg_start": os.getloadavg(),
         "cpu": cpu_details(),
         "kernel_policy": policy.to_dict(),  # which kernels the run's model was built with
-        "cpu_keeps_freed_memory": keeps_freed_memory(),  # glibc's malloc tuned by load_model (cpu_allocator)
+        # glibc's malloc tuned by load_model, which does it for CPU models only (cpu_allocator)
+        "cpu_keeps_freed_memory": device.type == "cpu" and keeps_freed_memory(),
     }
 
 

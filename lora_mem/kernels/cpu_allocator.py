@@ -3,10 +3,9 @@
 A training step on a CPU allocates and frees thousands of activation-sized temporaries ((tokens x hidden) casts,
 norms, softmax blocks). By default glibc serves blocks above its mmap threshold with fresh pages and gives memory
 at the heap's top back to the kernel past its trim threshold, so the same buffers are mapped, zeroed by page
-faults and unmapped on every use: memory-bound ops then run several times slower than their arithmetic
-(`bench.perf.train_throughput` with and without, `docs/speed.md`). Raising both thresholds keeps freed blocks in
-the heap, as the caching allocators PyTorch recommends for CPUs (jemalloc, tcmalloc) do. Numbers are unchanged:
-only where memory comes from. Resident memory then stays at its high-water mark until the process ends.
+faults and unmapped on every use (`bench.perf.train_throughput` with and without: `docs/speed.md`). Raising
+both thresholds keeps freed blocks in the heap, as the caching allocators PyTorch recommends for CPUs (jemalloc,
+tcmalloc) do. Numbers are unchanged: only where memory comes from. Resident memory then stays at its high-water mark until the process ends.
 
 `lora_mem.model.loader.load_model` applies it when it builds a model on a CPU, unless LORA_MEM_CPU_KEEP_FREED=0;
 anywhere but glibc it does nothing. Every bench results file records whether it applies (`bench.common.run_info`).
